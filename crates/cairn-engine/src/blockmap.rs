@@ -1,0 +1,331 @@
+//! The block map: a fixed-fanout copy-on-write radix tree from virtual block number to data block.
+//!
+//! Trees are shared between a volume's head, its checkpoints and its clones by reference counting
+//! (Rodeh, "B-trees, Shadowing, and Clones"): taking a checkpoint adds one reference to the head's
+//! root and touches nothing else. A write first makes its path private: a node whose count is above
+//! one is *shadowed* (copied, its children each gain a reference, the original loses one). Sharing is
+//! therefore broken only along paths that are written, and a read is one descent whatever the number
+//! of checkpoints. The same code stores the catalog (record id -> record block).
+
+use crate::error::Result;
+use crate::format::{entry, level as page_level, new_page, set_entry, span, PageKind, FANOUT};
+use crate::meta::{child_level, Meta};
+
+/// How the rest of a block must be filled before a partial write lands in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// The block is written in place: read it, merge, write back.
+    InPlace,
+    /// A fresh block for a previously unmapped range: the rest is zeros.
+    Zero,
+    /// A fresh copy of a shared block: the rest comes from this block.
+    CopyFrom(u64),
+}
+
+/// A node in a diff walk: a real page, nothing, or a tree of lower depth seen from a higher level
+/// (a volume that grew later has its old root as child 0 of a chain of new roots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Node {
+    Null,
+    Page(u64),
+    Lifted { root: u64, root_level: u32 },
+}
+
+impl Meta {
+    /// The leaf page covering `vbn`, or 0 if that part of the tree is empty.
+    pub fn leaf_of(&mut self, root: u64, depth: u32, vbn: u64) -> Result<u64> {
+        let mut p = root;
+        for level in (1..depth).rev() {
+            if p == 0 {
+                return Ok(0);
+            }
+            let idx = (vbn / span(level)) % FANOUT;
+            p = entry(self.cache.get(&*self.dev, p, PageKind::Tree)?, idx);
+        }
+        Ok(p)
+    }
+
+    /// Appends the data block of each of `count` blocks from `vbn` (0 where unmapped).
+    pub fn lookup_range(
+        &mut self,
+        root: u64,
+        depth: u32,
+        mut vbn: u64,
+        count: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<()> {
+        let end = vbn + count;
+        while vbn < end {
+            let leaf_end = (vbn / FANOUT + 1) * FANOUT;
+            let stop = leaf_end.min(end);
+            let leaf = self.leaf_of(root, depth, vbn)?;
+            if leaf == 0 {
+                out.extend(std::iter::repeat_n(0, (stop - vbn) as usize));
+            } else {
+                let page = self.cache.get(&*self.dev, leaf, PageKind::Tree)?;
+                out.extend((vbn..stop).map(|v| entry(page, v % FANOUT)));
+            }
+            vbn = stop;
+        }
+        Ok(())
+    }
+
+    /// A node at `level` that only the caller's pointer references, shadowing or creating it.
+    fn private_node(&mut self, node: u64, level: u32) -> Result<u64> {
+        if node == 0 {
+            return self.alloc_page(new_page(PageKind::Tree, level as u8));
+        }
+        if self.rc(node)? == 1 {
+            return Ok(node);
+        }
+        let copy = Box::new(*self.cache.get(&*self.dev, node, PageKind::Tree)?);
+        for i in 0..FANOUT {
+            let e = entry(&copy, i);
+            if e != 0 {
+                self.incref(e)?;
+            }
+        }
+        let shadow = self.alloc_page(copy)?;
+        self.decref(node, Some(level))?;
+        Ok(shadow)
+    }
+
+    /// Makes the path to `vbn` private and returns its leaf page; `root` may change.
+    pub fn leaf_for_write(&mut self, root: &mut u64, depth: u32, vbn: u64) -> Result<u64> {
+        *root = self.private_node(*root, depth - 1)?;
+        let mut p = *root;
+        for level in (1..depth).rev() {
+            let idx = (vbn / span(level)) % FANOUT;
+            let c = entry(self.cache.get(&*self.dev, p, PageKind::Tree)?, idx);
+            let c2 = self.private_node(c, level - 1)?;
+            if c2 != c {
+                set_entry(self.cache.get_mut(&*self.dev, p, PageKind::Tree)?, idx, c2);
+            }
+            p = c2;
+        }
+        Ok(p)
+    }
+
+    /// Maps `vbn` of a private `leaf` to a block the caller may write, allocating or breaking
+    /// sharing as needed. `mapped` counts the tree's mapped blocks.
+    pub fn map_for_write(&mut self, leaf: u64, vbn: u64, mapped: &mut u64) -> Result<(u64, Fill)> {
+        let idx = vbn % FANOUT;
+        let x = entry(self.cache.get(&*self.dev, leaf, PageKind::Tree)?, idx);
+        if x != 0 && self.rc(x)? == 1 && !self.decremented.contains(&x) {
+            return Ok((x, Fill::InPlace));
+        }
+        let y = self.alloc()?;
+        set_entry(
+            self.cache.get_mut(&*self.dev, leaf, PageKind::Tree)?,
+            idx,
+            y,
+        );
+        if x == 0 {
+            *mapped += 1;
+            Ok((y, Fill::Zero))
+        } else {
+            // Either shared, or its sharing ended in this transaction: copy it. A freed `x` stays
+            // quarantined, so its bytes are still there to copy.
+            self.decref(x, None)?;
+            Ok((y, Fill::CopyFrom(x)))
+        }
+    }
+
+    /// Number of mapped data blocks under `node` (a page at `level`).
+    pub fn count_mapped(&mut self, node: u64, level: u32) -> Result<u64> {
+        let mut n = 0;
+        let mut stack = vec![(node, level)];
+        while let Some((p, l)) = stack.pop() {
+            let page = self.cache.get(&*self.dev, p, PageKind::Tree)?;
+            for i in 0..FANOUT {
+                let e = entry(page, i);
+                if e != 0 {
+                    if l == 0 {
+                        n += 1;
+                    } else {
+                        stack.push((e, l - 1));
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Unmaps blocks `[start, end)`, releasing whatever no one else references; whole subtrees in
+    /// the range are dropped without visiting their leaves when they are private. Returns the number
+    /// of blocks that were mapped.
+    pub fn unmap(&mut self, root: &mut u64, depth: u32, start: u64, end: u64) -> Result<u64> {
+        let (new_root, n) = self.unmap_node(*root, depth - 1, 0, start, end)?;
+        *root = new_root;
+        Ok(n)
+    }
+
+    fn unmap_node(
+        &mut self,
+        node: u64,
+        level: u32,
+        base: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<(u64, u64)> {
+        if node == 0 {
+            return Ok((0, 0));
+        }
+        let width = span(level + 1);
+        if start <= base && base.saturating_add(width) <= end {
+            let n = self.count_mapped(node, level)?;
+            self.decref(node, Some(level))?;
+            return Ok((0, n));
+        }
+        let p = self.private_node(node, level)?;
+        let child_span = span(level);
+        let first = (start.max(base) - base) / child_span;
+        let last = ((end.min(base.saturating_add(width)) - base).div_ceil(child_span)).min(FANOUT);
+        let mut n = 0;
+        for idx in first..last {
+            let c = entry(self.cache.get(&*self.dev, p, PageKind::Tree)?, idx);
+            if c == 0 {
+                continue;
+            }
+            let c2 = if level == 0 {
+                self.decref(c, None)?;
+                n += 1;
+                0
+            } else {
+                let (c2, k) = self.unmap_node(c, level - 1, base + idx * child_span, start, end)?;
+                n += k;
+                c2
+            };
+            if c2 != c {
+                set_entry(self.cache.get_mut(&*self.dev, p, PageKind::Tree)?, idx, c2);
+            }
+        }
+        let page = self.cache.get(&*self.dev, p, PageKind::Tree)?;
+        if (0..FANOUT).all(|i| entry(page, i) == 0) {
+            self.decref(p, Some(level))?;
+            return Ok((0, n));
+        }
+        Ok((p, n))
+    }
+
+    /// Adds levels on top of a tree so that it has depth `to`; the old root becomes child 0.
+    pub fn grow(&mut self, root: &mut u64, from: u32, to: u32) -> Result<()> {
+        for level in from..to {
+            if *root != 0 {
+                let mut page = new_page(PageKind::Tree, level as u8);
+                set_entry(&mut page, 0, *root);
+                *root = self.alloc_page(page)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Virtual block ranges whose mapping differs between two trees, walking only what differs:
+    /// identical subtree pointers are skipped, so the cost follows the size of the change.
+    pub fn diff(
+        &mut self,
+        a: (u64, u32),
+        b: (u64, u32),
+        limit: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let depth = a.1.max(b.1);
+        let node = |(root, d): (u64, u32)| {
+            if root == 0 {
+                Node::Null
+            } else if d == depth {
+                Node::Page(root)
+            } else {
+                Node::Lifted {
+                    root,
+                    root_level: d - 1,
+                }
+            }
+        };
+        self.diff_node(node(a), node(b), depth - 1, 0, limit, out)
+    }
+
+    fn child(&mut self, n: Node, level: u32, idx: u64) -> Result<Node> {
+        Ok(match n {
+            Node::Null => Node::Null,
+            Node::Page(p) => match entry(self.cache.get(&*self.dev, p, PageKind::Tree)?, idx) {
+                0 => Node::Null,
+                e => Node::Page(e),
+            },
+            Node::Lifted { root, root_level } => {
+                if idx != 0 {
+                    Node::Null
+                } else if level - 1 == root_level {
+                    Node::Page(root)
+                } else {
+                    n
+                }
+            }
+        })
+    }
+
+    fn diff_node(
+        &mut self,
+        a: Node,
+        b: Node,
+        level: u32,
+        base: u64,
+        limit: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        if a == b || base >= limit {
+            return Ok(());
+        }
+        let child_span = span(level);
+        for idx in 0..FANOUT {
+            let cbase = base + idx * child_span;
+            if cbase >= limit {
+                break;
+            }
+            let ca = self.child(a, level, idx)?;
+            let cb = self.child(b, level, idx)?;
+            if ca == cb {
+                continue;
+            }
+            if level == 0 {
+                match out.last_mut() {
+                    Some((s, l)) if *s + *l == cbase => *l += 1,
+                    _ => out.push((cbase, 1)),
+                }
+            } else {
+                self.diff_node(ca, cb, level - 1, cbase, limit, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks (data, metadata) that dropping one reference to `root` would free: the exact space
+    /// unique to a tree. Visits only what it counts.
+    pub fn unique(&mut self, root: u64, depth: u32) -> Result<(u64, u64)> {
+        let (mut data, mut meta) = (0, 0);
+        if root == 0 {
+            return Ok((0, 0));
+        }
+        let mut stack = vec![(root, Some(depth - 1))];
+        while let Some((b, level)) = stack.pop() {
+            if self.rc(b)? != 1 {
+                continue;
+            }
+            match level {
+                None => data += 1,
+                Some(l) => {
+                    meta += 1;
+                    let page = self.cache.get(&*self.dev, b, PageKind::Tree)?;
+                    debug_assert_eq!(page_level(page) as u32, l);
+                    for i in 0..FANOUT {
+                        let e = entry(page, i);
+                        if e != 0 {
+                            stack.push((e, child_level(l)));
+                        }
+                    }
+                }
+            }
+        }
+        Ok((data, meta))
+    }
+}

@@ -1,0 +1,137 @@
+//! A bounded cache of metadata pages. Dirty pages stay until the next commit writes them; clean ones
+//! are evicted in insertion order once the cache is over its budget, which bounds memory whatever the
+//! store holds.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::format::{verify, Page, PageKind, BLOCK_SIZE};
+use std::collections::{HashMap, VecDeque};
+
+struct Cached {
+    page: Box<Page>,
+    dirty: bool,
+}
+
+/// Metadata pages by block number.
+pub struct PageCache {
+    map: HashMap<u64, Cached>,
+    order: VecDeque<u64>,
+    capacity: usize,
+    dirty: usize,
+    path: String,
+}
+
+impl PageCache {
+    /// A cache holding at most `capacity` clean pages (dirty pages may exceed it until commit).
+    pub fn new(capacity: usize, path: &str) -> Self {
+        PageCache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(16),
+            dirty: 0,
+            path: path.into(),
+        }
+    }
+
+    fn load(&mut self, dev: &dyn Device, b: u64, kind: PageKind) -> Result<()> {
+        if self.map.contains_key(&b) {
+            return Ok(());
+        }
+        let mut page = Box::new([0u8; BLOCK_SIZE]);
+        dev.read_at(&mut page[..], b * BLOCK_SIZE as u64)
+            .map_err(Error::io("metadata read", &self.path))?;
+        verify(&page, b, kind)?;
+        self.evict();
+        self.map.insert(b, Cached { page, dirty: false });
+        self.order.push_back(b);
+        Ok(())
+    }
+
+    fn evict(&mut self) {
+        let mut budget = self.order.len();
+        while self.map.len() >= self.capacity && budget > 0 {
+            budget -= 1;
+            let Some(b) = self.order.pop_front() else {
+                break;
+            };
+            match self.map.get(&b) {
+                Some(c) if c.dirty => self.order.push_back(b),
+                Some(_) => {
+                    self.map.remove(&b);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// The page in block `b`, read and verified if not cached.
+    pub fn get(&mut self, dev: &dyn Device, b: u64, kind: PageKind) -> Result<&Page> {
+        self.load(dev, b, kind)?;
+        Ok(&self.map[&b].page)
+    }
+
+    /// The page in block `b` for modification; it becomes dirty.
+    pub fn get_mut(&mut self, dev: &dyn Device, b: u64, kind: PageKind) -> Result<&mut Page> {
+        self.load(dev, b, kind)?;
+        let c = self
+            .map
+            .get_mut(&b)
+            .ok_or_else(|| Error::corrupt(b, "page vanished"))?;
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty += 1;
+        }
+        Ok(&mut c.page)
+    }
+
+    /// Installs a freshly built page for block `b`, dirty.
+    pub fn insert(&mut self, b: u64, page: Box<Page>) {
+        self.evict();
+        match self.map.insert(b, Cached { page, dirty: true }) {
+            Some(old) if old.dirty => {}
+            _ => self.dirty += 1,
+        }
+        self.order.push_back(b);
+    }
+
+    /// Forgets block `b` (it was freed).
+    pub fn remove(&mut self, b: u64) {
+        if let Some(c) = self.map.remove(&b) {
+            if c.dirty {
+                self.dirty -= 1;
+            }
+        }
+    }
+
+    /// Number of dirty pages.
+    pub fn dirty_count(&self) -> usize {
+        self.dirty
+    }
+
+    /// Dirty pages in block order, for the commit to seal and write.
+    pub fn dirty_pages_mut(&mut self) -> Vec<(u64, &mut Page)> {
+        let mut v: Vec<(u64, &mut Page)> = self
+            .map
+            .iter_mut()
+            .filter(|(_, c)| c.dirty)
+            .map(|(b, c)| (*b, &mut *c.page))
+            .collect();
+        v.sort_by_key(|(b, _)| *b);
+        v
+    }
+
+    /// Marks every page clean after a commit.
+    pub fn mark_clean(&mut self) {
+        for c in self.map.values_mut() {
+            c.dirty = false;
+        }
+        self.dirty = 0;
+    }
+
+    /// Drops every clean page (used by fsck to force reads from disk).
+    pub fn drop_clean(&mut self) {
+        self.map.retain(|_, c| c.dirty);
+        let map = &self.map;
+        self.order.retain(|b| map.contains_key(b));
+    }
+}

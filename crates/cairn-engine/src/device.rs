@@ -1,0 +1,260 @@
+//! Block devices the engine stores its files on: a real file, or a simulated disk for crash tests.
+//!
+//! The engine never assumes more of a device than a disk gives: a write may sit in a volatile cache
+//! until `sync`, unsynced writes may be lost, reordered or torn at sector granularity on power loss.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Positional I/O with explicit durability, as the engine needs it from a file or a disk.
+pub trait Device: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end of the device read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the device if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every write completed before this call durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Releases the storage behind a range; it then reads as zeros.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Bytes the device really occupies on the host (sparse files count only allocated extents).
+    fn allocated_bytes(&self) -> io::Result<u64>;
+}
+
+/// A device backed by a host file.
+pub struct FileDevice {
+    file: File,
+}
+
+impl FileDevice {
+    /// Wraps an open read-write file.
+    pub fn new(file: File) -> Self {
+        FileDevice { file }
+    }
+}
+
+impl Device for FileDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .map_err(io::Error::from)
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+}
+
+/// Sector size at which the simulated disk tears writes on power loss.
+pub const SIM_SECTOR: usize = 512;
+
+/// Shared power supply of a set of simulated disks: counts I/O operations and cuts power at a chosen one.
+#[derive(Default)]
+pub struct PowerSupply {
+    state: Mutex<PowerState>,
+}
+
+#[derive(Default)]
+struct PowerState {
+    ops: u64,
+    cut_at: Option<u64>,
+    off: bool,
+}
+
+impl PowerSupply {
+    /// A supply that never fails.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Cuts power just before the `op`-th write or sync from now (counting from 0).
+    pub fn cut_after(&self, op: u64) {
+        let mut s = lock(&self.state);
+        s.cut_at = Some(s.ops + op);
+    }
+
+    /// Whether power has been cut.
+    pub fn is_off(&self) -> bool {
+        lock(&self.state).off
+    }
+
+    /// Number of writes and syncs seen so far.
+    pub fn ops(&self) -> u64 {
+        lock(&self.state).ops
+    }
+
+    fn tick(&self) -> io::Result<()> {
+        let mut s = lock(&self.state);
+        if !s.off && s.cut_at == Some(s.ops) {
+            s.off = true;
+        }
+        if s.off {
+            return Err(io::Error::other("simulated power loss"));
+        }
+        s.ops += 1;
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a simulator lock leaves plain bytes behind; they stay usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An in-memory disk that keeps what is durable apart from what is only cached, to simulate power loss.
+pub struct SimDevice {
+    power: Arc<PowerSupply>,
+    state: Mutex<SimState>,
+}
+
+struct SimState {
+    live: Vec<u8>,
+    durable: Vec<u8>,
+    pending: Vec<(u64, Vec<u8>)>,
+}
+
+fn apply(img: &mut Vec<u8>, offset: u64, data: &[u8]) {
+    let end = offset as usize + data.len();
+    if img.len() < end {
+        img.resize(end, 0);
+    }
+    img[offset as usize..end].copy_from_slice(data);
+}
+
+impl SimDevice {
+    /// A disk holding `image` durably, on the given power supply.
+    pub fn new(image: Vec<u8>, power: Arc<PowerSupply>) -> Arc<Self> {
+        Arc::new(SimDevice {
+            power,
+            state: Mutex::new(SimState {
+                live: image.clone(),
+                durable: image,
+                pending: Vec::new(),
+            }),
+        })
+    }
+
+    /// What the disk holds after a power cut: the durable image plus an arbitrary subset of the
+    /// unsynced writes, applied in arbitrary order, each possibly torn at sector boundaries.
+    pub fn crash_image(&self, rng: &mut dyn FnMut(u32) -> u32) -> Vec<u8> {
+        let s = lock(&self.state);
+        let mut img = s.durable.clone();
+        let mut order: Vec<usize> = (0..s.pending.len()).collect();
+        for i in (1..order.len()).rev() {
+            let j = rng(i as u32 + 1) as usize;
+            order.swap(i, j);
+        }
+        for i in order {
+            let (off, data) = &s.pending[i];
+            match rng(4) {
+                0 => {} // lost entirely
+                1 => {
+                    // torn: each sector independently
+                    for (k, chunk) in data.chunks(SIM_SECTOR).enumerate() {
+                        if rng(2) == 0 {
+                            apply(&mut img, off + (k * SIM_SECTOR) as u64, chunk);
+                        }
+                    }
+                }
+                _ => apply(&mut img, *off, data),
+            }
+        }
+        img
+    }
+
+    /// The image as the running system sees it (including unsynced writes).
+    pub fn live_image(&self) -> Vec<u8> {
+        lock(&self.state).live.clone()
+    }
+}
+
+impl Device for SimDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.power.is_off() {
+            return Err(io::Error::other("simulated power loss"));
+        }
+        let s = lock(&self.state);
+        let start = (offset as usize).min(s.live.len());
+        let end = (offset as usize + buf.len()).min(s.live.len());
+        let n = end - start;
+        buf[..n].copy_from_slice(&s.live[start..end]);
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.power.tick()?;
+        let mut s = lock(&self.state);
+        apply(&mut s.live, offset, buf);
+        s.pending.push((offset, buf.to_vec()));
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.power.tick()?;
+        let mut s = lock(&self.state);
+        let pending = std::mem::take(&mut s.pending);
+        for (off, data) in pending {
+            apply(&mut s.durable, off, &data);
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(lock(&self.state).live.len() as u64)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let cur = self.len()?;
+        let end = (offset + len).min(cur);
+        if end > offset {
+            self.write_at(&vec![0; (end - offset) as usize], offset)?;
+        }
+        Ok(())
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        let s = lock(&self.state);
+        Ok(s.live
+            .chunks(4096)
+            .filter(|c| c.iter().any(|&b| b != 0))
+            .count() as u64
+            * 4096)
+    }
+}

@@ -1,0 +1,365 @@
+//! The on-disk format: block geometry, page headers with checksums, the superblock and catalog records.
+//! docs/design.md explains the layout; this module is its single source of truth in code.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Every block in the data file, data or metadata, is this many bytes.
+pub const BLOCK_SIZE: usize = 4096;
+/// Bytes at the start of every metadata page: magic, kind, level, checksum.
+pub const HEADER_SIZE: usize = 16;
+/// Child pointers per mapping-tree page (8 bytes each after the header).
+pub const FANOUT: u64 = ((BLOCK_SIZE - HEADER_SIZE) / 8) as u64;
+/// Reference counts per refcount page (4 bytes each after the header).
+pub const REFS_PER_PAGE: u64 = ((BLOCK_SIZE - HEADER_SIZE) / 4) as u64;
+/// A group is one refcount page followed by the blocks it counts.
+pub const GROUP_BLOCKS: u64 = REFS_PER_PAGE + 1;
+/// Block holding the superblock; block 0 is group 0's refcount page, so address 0 can mean "none".
+pub const SUPERBLOCK: u64 = 1;
+/// Format version written by this code.
+pub const FORMAT_VERSION: u32 = 1;
+
+const MAGIC: u32 = 0x4341_4952; // "CAIR"
+
+/// One block in memory.
+pub type Page = [u8; BLOCK_SIZE];
+
+/// What a metadata page holds; stored in its header so a misdirected read is caught.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageKind {
+    /// The superblock.
+    Super = 1,
+    /// A node of a mapping tree (volume, checkpoint or catalog).
+    Tree = 2,
+    /// Reference counts of one group.
+    Refcount = 3,
+    /// One catalog record (a volume or a checkpoint), JSON encoded.
+    Record = 4,
+    /// Journal header.
+    JournalHeader = 5,
+    /// Journal transaction descriptor.
+    JournalDesc = 6,
+}
+
+impl PageKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Super,
+            2 => Self::Tree,
+            3 => Self::Refcount,
+            4 => Self::Record,
+            5 => Self::JournalHeader,
+            6 => Self::JournalDesc,
+            _ => return None,
+        })
+    }
+}
+
+/// A zeroed page with a header of the given kind and level.
+pub fn new_page(kind: PageKind, level: u8) -> Box<Page> {
+    let mut p = Box::new([0u8; BLOCK_SIZE]);
+    p[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    p[4] = kind as u8;
+    p[5] = level;
+    p
+}
+
+fn checksum(p: &Page) -> u32 {
+    let c = crc32c::crc32c(&p[0..8]);
+    let c = crc32c::crc32c_append(c, &[0u8; 4]);
+    crc32c::crc32c_append(c, &p[12..])
+}
+
+/// Stamps the checksum into the header; done just before a page is written.
+pub fn seal(p: &mut Page) {
+    let c = checksum(p);
+    p[8..12].copy_from_slice(&c.to_le_bytes());
+}
+
+/// The level stored in a page header (0 = leaf).
+pub fn level(p: &Page) -> u8 {
+    p[5]
+}
+
+/// Checks magic, checksum and kind of a page read from `block`.
+pub fn verify(p: &Page, block: u64, kind: PageKind) -> Result<()> {
+    if get_u32(p, 0) != MAGIC {
+        return Err(Error::corrupt(
+            block,
+            format!("not a Cairn metadata page (expected {kind:?})"),
+        ));
+    }
+    if get_u32(p, 8) != checksum(p) {
+        return Err(Error::corrupt(
+            block,
+            format!("checksum mismatch in {kind:?} page"),
+        ));
+    }
+    match PageKind::from_u8(p[4]) {
+        Some(k) if k == kind => Ok(()),
+        other => Err(Error::corrupt(
+            block,
+            format!("expected a {kind:?} page, found {other:?}"),
+        )),
+    }
+}
+
+/// Little-endian u64 at a byte offset.
+pub fn get_u64(p: &Page, off: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&p[off..off + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// Stores a little-endian u64 at a byte offset.
+pub fn put_u64(p: &mut Page, off: usize, v: u64) {
+    p[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Little-endian u32 at a byte offset.
+pub fn get_u32(p: &Page, off: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&p[off..off + 4]);
+    u32::from_le_bytes(b)
+}
+
+/// Stores a little-endian u32 at a byte offset.
+pub fn put_u32(p: &mut Page, off: usize, v: u32) {
+    p[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Child pointer `idx` of a tree page.
+pub fn entry(p: &Page, idx: u64) -> u64 {
+    get_u64(p, HEADER_SIZE + idx as usize * 8)
+}
+
+/// Sets child pointer `idx` of a tree page.
+pub fn set_entry(p: &mut Page, idx: u64, v: u64) {
+    put_u64(p, HEADER_SIZE + idx as usize * 8, v)
+}
+
+/// Reference count `idx` of a refcount page.
+pub fn refcount(p: &Page, idx: u64) -> u32 {
+    get_u32(p, HEADER_SIZE + idx as usize * 4)
+}
+
+/// Sets reference count `idx` of a refcount page.
+pub fn set_refcount(p: &mut Page, idx: u64, v: u32) {
+    put_u32(p, HEADER_SIZE + idx as usize * 4, v)
+}
+
+/// Whether block `b` is a group's refcount page (never allocated for anything else).
+pub fn is_refcount_block(b: u64) -> bool {
+    b % GROUP_BLOCKS == 0
+}
+
+/// The refcount page covering block `b`, and `b`'s index in it.
+pub fn refcount_slot(b: u64) -> (u64, u64) {
+    let page = b - b % GROUP_BLOCKS;
+    (page, b - page - 1)
+}
+
+/// Leaves needed to address `blocks` blocks: the tree depth, at least 1.
+pub fn depth_for(blocks: u64) -> u32 {
+    let mut d = 1;
+    let mut cap = FANOUT;
+    while cap < blocks {
+        d += 1;
+        cap = cap.saturating_mul(FANOUT);
+    }
+    d
+}
+
+/// Blocks covered by one entry of a page at `level` (FANOUT^level).
+pub fn span(level: u32) -> u64 {
+    FANOUT.saturating_pow(level)
+}
+
+/// Store-wide state, kept in block 1 and committed with every transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    /// Root of the catalog tree (record id -> record block), 0 if empty.
+    pub catalog_root: u64,
+    /// Depth of the catalog tree.
+    pub catalog_depth: u32,
+    /// Next record id to hand out.
+    pub next_id: u64,
+    /// Blocks at or past this number have never been allocated.
+    pub high_water: u64,
+    /// Allocation scans for free blocks from here.
+    pub alloc_cursor: u64,
+    /// Bumped on every commit.
+    pub generation: u64,
+    /// Blocks with a non-zero reference count (superblock included).
+    pub allocated: u64,
+}
+
+impl Superblock {
+    /// Encodes into a sealed page.
+    pub fn encode(&self) -> Box<Page> {
+        let mut p = new_page(PageKind::Super, 0);
+        put_u32(&mut p, 16, FORMAT_VERSION);
+        put_u32(&mut p, 20, BLOCK_SIZE as u32);
+        put_u64(&mut p, 24, self.catalog_root);
+        put_u32(&mut p, 32, self.catalog_depth);
+        put_u64(&mut p, 40, self.next_id);
+        put_u64(&mut p, 48, self.high_water);
+        put_u64(&mut p, 56, self.alloc_cursor);
+        put_u64(&mut p, 64, self.generation);
+        put_u64(&mut p, 72, self.allocated);
+        seal(&mut p);
+        p
+    }
+
+    /// Decodes and validates a superblock page.
+    pub fn decode(p: &Page, path: &str) -> Result<Self> {
+        verify(p, SUPERBLOCK, PageKind::Super)?;
+        let version = get_u32(p, 16);
+        let bs = get_u32(p, 20);
+        if version != FORMAT_VERSION || bs as usize != BLOCK_SIZE {
+            return Err(Error::Format {
+                path: path.into(),
+                what: format!("format version {version} block size {bs}, this build reads version {FORMAT_VERSION} with {BLOCK_SIZE}-byte blocks"),
+            });
+        }
+        Ok(Superblock {
+            catalog_root: get_u64(p, 24),
+            catalog_depth: get_u32(p, 32),
+            next_id: get_u64(p, 40),
+            high_water: get_u64(p, 48),
+            alloc_cursor: get_u64(p, 56),
+            generation: get_u64(p, 64),
+            allocated: get_u64(p, 72),
+        })
+    }
+}
+
+/// A volume as stored in the catalog: its head is the writable tree.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeRecord {
+    /// Catalog id.
+    pub id: u64,
+    /// User-visible name.
+    pub name: String,
+    /// Logical size in bytes.
+    pub size: u64,
+    /// Root of the head's mapping tree (0 = nothing mapped).
+    pub root: u64,
+    /// Blocks mapped in the head.
+    pub mapped: u64,
+    /// Checkpoint the head was last taken or applied from.
+    pub parent: Option<u64>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// `VOLUME@CHECKPOINT` this volume was cloned from, if any.
+    pub origin: Option<String>,
+}
+
+/// A checkpoint as stored in the catalog: an immutable tree root plus its metadata.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckpointRecord {
+    /// Catalog id (also orders checkpoints by creation).
+    pub id: u64,
+    /// Owning volume id.
+    pub volume: u64,
+    /// Name, unique within its volume.
+    pub name: String,
+    /// Volume size when taken.
+    pub size: u64,
+    /// Root of its mapping tree.
+    pub root: u64,
+    /// Blocks mapped.
+    pub mapped: u64,
+    /// Parent checkpoint in the tree.
+    pub parent: Option<u64>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// Optional description.
+    pub description: Option<String>,
+}
+
+/// Any catalog record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Record {
+    /// A volume.
+    Volume(VolumeRecord),
+    /// A checkpoint.
+    Checkpoint(CheckpointRecord),
+}
+
+/// Largest encoded record that fits a block.
+pub const MAX_RECORD: usize = BLOCK_SIZE - HEADER_SIZE - 4;
+
+impl Record {
+    /// Encodes into a sealed record page; fails if too large.
+    pub fn encode(&self) -> Result<Box<Page>> {
+        let json = serde_json::to_vec(self)
+            .map_err(|e| Error::Invalid(format!("cannot encode catalog record: {e}")))?;
+        if json.len() > MAX_RECORD {
+            return Err(Error::Invalid(format!(
+                "catalog record is {} bytes, at most {MAX_RECORD} fit; shorten the description",
+                json.len()
+            )));
+        }
+        let mut p = new_page(PageKind::Record, 0);
+        put_u32(&mut p, HEADER_SIZE, json.len() as u32);
+        p[HEADER_SIZE + 4..HEADER_SIZE + 4 + json.len()].copy_from_slice(&json);
+        seal(&mut p);
+        Ok(p)
+    }
+
+    /// Decodes a record page read from `block`.
+    pub fn decode(p: &Page, block: u64) -> Result<Self> {
+        verify(p, block, PageKind::Record)?;
+        let len = get_u32(p, HEADER_SIZE) as usize;
+        if len > MAX_RECORD {
+            return Err(Error::corrupt(block, "record length out of range"));
+        }
+        serde_json::from_slice(&p[HEADER_SIZE + 4..HEADER_SIZE + 4 + len])
+            .map_err(|e| Error::corrupt(block, format!("undecodable record: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry() {
+        assert_eq!(FANOUT, 510);
+        assert_eq!(REFS_PER_PAGE, 1020);
+        assert_eq!(depth_for(1), 1);
+        assert_eq!(depth_for(510), 1);
+        assert_eq!(depth_for(511), 2);
+        assert_eq!(refcount_slot(1), (0, 0));
+        assert_eq!(refcount_slot(GROUP_BLOCKS + 5), (GROUP_BLOCKS, 4));
+        assert!(is_refcount_block(GROUP_BLOCKS * 3));
+    }
+
+    #[test]
+    fn checksum_catches_flips() {
+        let mut p = new_page(PageKind::Tree, 2);
+        set_entry(&mut p, 7, 1234);
+        seal(&mut p);
+        verify(&p, 9, PageKind::Tree).expect("sealed page verifies");
+        assert!(verify(&p, 9, PageKind::Record).is_err());
+        p[100] ^= 1;
+        assert!(verify(&p, 9, PageKind::Tree).is_err());
+    }
+
+    #[test]
+    fn superblock_roundtrip() {
+        let sb = Superblock {
+            catalog_root: 5,
+            catalog_depth: 1,
+            next_id: 9,
+            high_water: 77,
+            alloc_cursor: 3,
+            generation: 11,
+            allocated: 4,
+        };
+        assert_eq!(Superblock::decode(&sb.encode(), "x").expect("decodes"), sb);
+    }
+}

@@ -1,0 +1,20 @@
+//! Cairn's volume engine: copy-on-write virtual disks with O(1) checkpoints, exact per-checkpoint
+//! space accounting and crash safety. No async and no QEMU knowledge here; servers build on top.
+//!
+//! Start with [`Store`]; `docs/design.md` describes the on-disk format and why it is shaped so.
+
+pub mod blockmap;
+pub mod cache;
+pub mod device;
+pub mod error;
+pub mod format;
+pub mod fsck;
+pub mod journal;
+pub mod meta;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use store::{
+    validate_name, CheckpointInfo, CheckpointSpace, Extent, Options, SpaceReport, Store, Target,
+    VolumeInfo, VolumeSpace,
+};

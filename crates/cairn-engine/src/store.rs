@@ -1,0 +1,1326 @@
+//! The store: one directory with the data file, the journal and a lock file, holding volumes and
+//! their checkpoints. `Store` is the engine's public face and is safe to use from many threads.
+//!
+//! Concurrency: metadata lives behind one mutex that is held only for mapping work (microseconds);
+//! data I/O happens outside it. An I/O gate (a read-write lock) is held shared by every read and
+//! write while its data I/O is in flight, and exclusively by commits and checkpoint operations, so a
+//! checkpoint contains exactly the writes acknowledged before it, and no block is released while a
+//! request may still touch it.
+
+use crate::blockmap::Fill;
+use crate::cache::PageCache;
+use crate::device::{Device, FileDevice};
+use crate::error::{Error, Result};
+use crate::format::{
+    depth_for, entry, new_page, refcount_slot, set_refcount, CheckpointRecord, Page, PageKind,
+    Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, SUPERBLOCK,
+};
+use crate::journal::Journal;
+use crate::meta::Meta;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const BS: u64 = BLOCK_SIZE as u64;
+/// Data file name inside a store directory.
+pub const DATA_FILE: &str = "cairn.data";
+/// Journal file name inside a store directory.
+pub const JOURNAL_FILE: &str = "cairn.journal";
+/// Lock file name inside a store directory.
+pub const LOCK_FILE: &str = "cairn.lock";
+/// Longest accepted name.
+pub const MAX_NAME: usize = 128;
+/// Longest accepted checkpoint description.
+pub const MAX_DESCRIPTION: usize = 1024;
+/// Largest volume: 2^50 bytes (1 PiB).
+pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
+
+/// Tunables of an open store.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Metadata pages kept in memory (4 KiB each).
+    pub cache_pages: usize,
+    /// Dirty metadata pages that trigger a commit on the next write.
+    pub dirty_limit: usize,
+    /// Journal bytes after which a commit also resets the journal.
+    pub journal_limit: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            cache_pages: 16 * 1024,
+            dirty_limit: 8 * 1024,
+            journal_limit: 256 << 20,
+        }
+    }
+}
+
+/// A volume head (`NAME`) or one of its checkpoints (`NAME@CHECKPOINT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Volume name.
+    pub volume: String,
+    /// Checkpoint name; `None` means the head.
+    pub checkpoint: Option<String>,
+}
+
+impl Target {
+    /// Parses `NAME` or `NAME@CHECKPOINT`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let (v, c) = match s.split_once('@') {
+            Some((v, c)) => (v, Some(c)),
+            None => (s, None),
+        };
+        validate_name(v)?;
+        if let Some(c) = c {
+            validate_name(c)?;
+        }
+        Ok(Target {
+            volume: v.into(),
+            checkpoint: c.map(Into::into),
+        })
+    }
+
+    /// The head of a volume.
+    pub fn head(volume: &str) -> Self {
+        Target {
+            volume: volume.into(),
+            checkpoint: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.checkpoint {
+            Some(c) => write!(f, "{}@{}", self.volume, c),
+            None => write!(f, "{}", self.volume),
+        }
+    }
+}
+
+/// Checks a volume or checkpoint name: letters, digits, `-`, `_`, `.`; not starting with `-` or `.`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let bad = |why| {
+        Err(Error::InvalidName {
+            name: name.into(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return bad("names cannot be empty");
+    }
+    if name.len() > MAX_NAME {
+        return bad("names are at most 128 characters");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return bad("use only letters, digits, '-', '_' and '.'");
+    }
+    if name.starts_with(['-', '.']) {
+        return bad("names cannot start with '-' or '.'");
+    }
+    Ok(())
+}
+
+/// A volume as reported to users.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Name.
+    pub name: String,
+    /// Logical size in bytes.
+    pub size: u64,
+    /// Bytes mapped in the head.
+    pub referenced: u64,
+    /// Checkpoint the head was last taken or applied from.
+    pub parent: Option<String>,
+    /// Number of checkpoints.
+    pub checkpoints: usize,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// `VOLUME@CHECKPOINT` it was cloned from.
+    pub origin: Option<String>,
+}
+
+/// A checkpoint as reported to users.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// Volume name.
+    pub volume: String,
+    /// Checkpoint name.
+    pub name: String,
+    /// Volume size when taken.
+    pub size: u64,
+    /// Bytes mapped.
+    pub referenced: u64,
+    /// Parent checkpoint.
+    pub parent: Option<String>,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Description given at creation.
+    pub description: Option<String>,
+    /// Whether the volume's head was last taken or applied from it.
+    pub is_head_parent: bool,
+}
+
+/// One byte range that differs between two states of a volume.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Extent {
+    /// Start, in bytes.
+    pub offset: u64,
+    /// Length, in bytes.
+    pub length: u64,
+}
+
+/// Space held by one checkpoint.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CheckpointSpace {
+    /// Checkpoint name.
+    pub name: String,
+    /// Bytes of data it maps.
+    pub referenced: u64,
+    /// Bytes (data and metadata) that deleting it would free.
+    pub unique: u64,
+}
+
+/// Space of one volume.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VolumeSpace {
+    /// Volume name.
+    pub name: String,
+    /// Logical size.
+    pub size: u64,
+    /// Bytes mapped in the head.
+    pub head_referenced: u64,
+    /// Bytes of the head that differ from its parent checkpoint (all of it without a parent).
+    pub head_changed: u64,
+    /// Bytes (data and metadata) only the head holds.
+    pub head_unique: u64,
+    /// Per checkpoint.
+    pub checkpoints: Vec<CheckpointSpace>,
+}
+
+/// Space of the whole store.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SpaceReport {
+    /// Volumes asked for.
+    pub volumes: Vec<VolumeSpace>,
+    /// Bytes of blocks in use (data and metadata).
+    pub allocated: u64,
+    /// Bytes the data file spans.
+    pub file_size: u64,
+    /// Bytes the data and journal files really occupy on the host.
+    pub host_used: u64,
+}
+
+struct State {
+    meta: Meta,
+    journal: Journal,
+    opts: Options,
+    volumes: BTreeMap<u64, VolumeRecord>,
+    checkpoints: BTreeMap<u64, CheckpointRecord>,
+    volume_ids: HashMap<String, u64>,
+    checkpoint_ids: HashMap<(u64, String), u64>,
+    dirty_records: BTreeSet<u64>,
+    deleted_records: BTreeSet<u64>,
+}
+
+/// An open store. Methods take `&self` and may be called from many threads.
+pub struct Store {
+    state: Mutex<State>,
+    gate: RwLock<()>,
+    data: Arc<dyn Device>,
+    journal_dev: Arc<dyn Device>,
+    stripes: Vec<Mutex<()>>,
+    dir: Option<PathBuf>,
+    _lock: Option<File>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // State is only mutated through `Result`-returning steps; a panic mid-way is a bug we would
+    // rather surface through fsck than turn into a second panic here.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn tree_depth(size: u64) -> u32 {
+    depth_for(size.div_ceil(BS).max(1))
+}
+
+/// Takes the store lock, recording our pid for whoever tries next.
+pub fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(Error::io("open lock file", path.display().to_string()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            return Err(Error::Locked {
+                path: dir.display().to_string(),
+                holder: holder.trim().to_string(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(Error::io("lock", path.display().to_string())(e))
+        }
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = write!(f, "{}", std::process::id());
+    Ok(f)
+}
+
+fn open_file(path: &Path, create: bool) -> Result<Arc<dyn Device>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(Error::io("open", path.display().to_string()))?;
+    Ok(Arc::new(FileDevice::new(f)))
+}
+
+impl Store {
+    /// Creates a new store in `dir` (created if missing) and opens it.
+    pub fn init(dir: &Path, opts: Options) -> Result<Store> {
+        std::fs::create_dir_all(dir)
+            .map_err(Error::io("create directory", dir.display().to_string()))?;
+        let lockf = lock_dir(dir)?;
+        let data_path = dir.join(DATA_FILE);
+        if data_path.exists() {
+            return Err(Error::StoreExists(dir.display().to_string()));
+        }
+        let data = open_file(&data_path, true)?;
+        let journal = open_file(&dir.join(JOURNAL_FILE), true)?;
+        Self::format(&*data, &data_path.display().to_string())?;
+        let mut s = Self::open_devices(data, journal, opts, &dir.display().to_string())?;
+        s.dir = Some(dir.to_path_buf());
+        s._lock = Some(lockf);
+        Ok(s)
+    }
+
+    /// Opens the store in `dir`, recovering from a crash if needed.
+    pub fn open(dir: &Path, opts: Options) -> Result<Store> {
+        let data_path = dir.join(DATA_FILE);
+        if !data_path.exists() {
+            return Err(Error::NoStore(dir.display().to_string()));
+        }
+        let lockf = lock_dir(dir)?;
+        let data = open_file(&data_path, false)?;
+        let journal = open_file(&dir.join(JOURNAL_FILE), true)?;
+        let mut s = Self::open_devices(data, journal, opts, &dir.display().to_string())?;
+        s.dir = Some(dir.to_path_buf());
+        s._lock = Some(lockf);
+        Ok(s)
+    }
+
+    /// Writes an empty store's first blocks to a data device (the journal starts empty).
+    pub fn format(data: &dyn Device, path: &str) -> Result<()> {
+        let sb = Superblock {
+            catalog_root: 0,
+            catalog_depth: 1,
+            next_id: 1,
+            high_water: 2,
+            alloc_cursor: 2,
+            generation: 1,
+            allocated: 1,
+        };
+        let mut rc = new_page(PageKind::Refcount, 0);
+        set_refcount(&mut rc, refcount_slot(SUPERBLOCK).1, 1);
+        crate::format::seal(&mut rc);
+        data.write_at(&rc[..], 0)
+            .map_err(Error::io("write", path))?;
+        data.write_at(&sb.encode()[..], SUPERBLOCK * BS)
+            .map_err(Error::io("write", path))?;
+        data.sync().map_err(Error::io("sync", path))
+    }
+
+    /// Opens a store on explicit devices (used for crash simulation); replays the journal first.
+    pub fn open_devices(
+        data: Arc<dyn Device>,
+        journal_dev: Arc<dyn Device>,
+        opts: Options,
+        path: &str,
+    ) -> Result<Store> {
+        let dpath = format!("{path}/{DATA_FILE}");
+        let journal = recover(&*data, journal_dev.clone(), path)?;
+        let mut page = Box::new([0u8; BLOCK_SIZE]);
+        data.read_at(&mut page[..], SUPERBLOCK * BS)
+            .map_err(Error::io("read superblock", &dpath))?;
+        let sb = Superblock::decode(&page, path)?;
+        let meta = Meta {
+            dev: data.clone(),
+            path: dpath,
+            cache: PageCache::new(opts.cache_pages, path),
+            sb,
+            quarantine: HashSet::new(),
+            decremented: HashSet::new(),
+            data_written: false,
+        };
+        let mut st = State {
+            meta,
+            journal,
+            opts,
+            volumes: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            volume_ids: HashMap::new(),
+            checkpoint_ids: HashMap::new(),
+            dirty_records: BTreeSet::new(),
+            deleted_records: BTreeSet::new(),
+        };
+        st.load_catalog()?;
+        Ok(Store {
+            state: Mutex::new(st),
+            gate: RwLock::new(()),
+            data,
+            journal_dev,
+            stripes: (0..64).map(|_| Mutex::new(())).collect(),
+            dir: None,
+            _lock: None,
+        })
+    }
+
+    /// The directory this store lives in, if it was opened from one.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes every write acknowledged so far durable.
+    pub fn flush(&self) -> Result<()> {
+        let _g = self.exclusive();
+        self.state().commit(false)
+    }
+
+    fn maybe_commit(&self) -> Result<()> {
+        let need = {
+            let st = self.state();
+            st.meta.cache.dirty_count() > st.opts.dirty_limit
+        };
+        if need {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Creates an empty volume of `size` bytes.
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        validate_name(name)?;
+        check_size(name, size)?;
+        let _g = self.exclusive();
+        let mut st = self.state();
+        if st.volume_ids.contains_key(name) {
+            return Err(Error::VolumeExists(name.into()));
+        }
+        let id = st.new_id();
+        st.volumes.insert(
+            id,
+            VolumeRecord {
+                id,
+                name: name.into(),
+                size,
+                root: 0,
+                mapped: 0,
+                parent: None,
+                created_ms: now_ms(),
+                origin: None,
+            },
+        );
+        st.volume_ids.insert(name.into(), id);
+        st.dirty_records.insert(id);
+        st.commit(false)?;
+        st.volume_info(id)
+    }
+
+    /// Every volume, by name.
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        let st = self.state();
+        let mut ids: Vec<(&String, &u64)> = st.volume_ids.iter().collect();
+        ids.sort();
+        ids.into_iter()
+            .filter_map(|(_, id)| st.volume_info(*id).ok())
+            .collect()
+    }
+
+    /// One volume.
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        let st = self.state();
+        let id = st.volume_id(name)?;
+        st.volume_info(id)
+    }
+
+    /// Grows a volume; shrinking is refused since it would silently drop data.
+    pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        check_size(name, size)?;
+        let _g = self.exclusive();
+        let mut st = self.state();
+        let id = st.volume_id(name)?;
+        let v = st.volumes[&id].clone();
+        if size < v.size {
+            return Err(Error::InvalidSize {
+                volume: name.into(),
+                size,
+                why: format!("smaller than its current {} bytes; volumes only grow (copy the data to a new smaller volume instead)", v.size),
+            });
+        }
+        let mut root = v.root;
+        st.meta
+            .grow(&mut root, tree_depth(v.size), tree_depth(size))?;
+        let vm = st.volume_mut(id);
+        vm.root = root;
+        vm.size = size;
+        st.commit(false)?;
+        st.volume_info(id)
+    }
+
+    /// Deletes a volume with all its checkpoints; clones made from it are unaffected.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let _g = self.exclusive();
+        let mut st = self.state();
+        let id = st.volume_id(name)?;
+        let cps: Vec<u64> = st
+            .checkpoints
+            .values()
+            .filter(|c| c.volume == id)
+            .map(|c| c.id)
+            .collect();
+        for c in cps {
+            st.drop_checkpoint(c)?;
+        }
+        let v = st
+            .volumes
+            .remove(&id)
+            .ok_or_else(|| Error::UnknownVolume(name.into()))?;
+        st.volume_ids.remove(&v.name);
+        if v.root != 0 {
+            st.meta.decref(v.root, Some(tree_depth(v.size) - 1))?;
+        }
+        st.dirty_records.remove(&id);
+        st.deleted_records.insert(id);
+        st.commit(true)
+    }
+
+    /// Writes `data` at byte `offset` of a volume's head. Not durable until `flush`.
+    pub fn write(&self, volume: &str, offset: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return self.check_range("write", &Target::head(volume), offset, 0);
+        }
+        self.maybe_commit()?;
+        let _g = self.shared();
+        let first = offset / BS;
+        let end = offset + data.len() as u64;
+        let last = (end - 1) / BS;
+        let partial = |vbn: u64| offset > vbn * BS || end < (vbn + 1) * BS;
+        // Partial blocks are read-modify-write: serialize them per block.
+        let mut stripe_ids: Vec<usize> = [first, last]
+            .into_iter()
+            .filter(|&v| partial(v))
+            .map(|v| self.stripe(volume, v))
+            .collect();
+        stripe_ids.sort_unstable();
+        stripe_ids.dedup();
+        let _stripes: Vec<_> = stripe_ids.iter().map(|&i| lock(&self.stripes[i])).collect();
+        let plan = self.state().plan_write(volume, offset, data.len() as u64)?;
+        let mut i = 0;
+        while i < plan.len() {
+            let vbn = first + i as u64;
+            if partial(vbn) {
+                let (phys, fill) = plan[i];
+                let mut buf = [0u8; BLOCK_SIZE];
+                match fill {
+                    Fill::Zero => {}
+                    Fill::InPlace => self.read_data(&mut buf, phys)?,
+                    Fill::CopyFrom(src) => self.read_data(&mut buf, src)?,
+                }
+                let bstart = vbn * BS;
+                let lo = offset.max(bstart);
+                let hi = end.min(bstart + BS);
+                buf[(lo - bstart) as usize..(hi - bstart) as usize]
+                    .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
+                self.write_data(&buf, phys)?;
+                i += 1;
+                continue;
+            }
+            // A run of whole blocks that are contiguous on the host goes out as one write.
+            let mut j = i + 1;
+            while j < plan.len() && plan[j].0 == plan[j - 1].0 + 1 && !partial(first + j as u64) {
+                j += 1;
+            }
+            let src_start = (vbn * BS - offset) as usize;
+            let src_end = src_start + (j - i) * BLOCK_SIZE;
+            self.write_data(&data[src_start..src_end], plan[i].0)?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn stripe(&self, volume: &str, vbn: u64) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        volume.hash(&mut h);
+        vbn.hash(&mut h);
+        (h.finish() % self.stripes.len() as u64) as usize
+    }
+
+    fn read_data(&self, buf: &mut [u8], block: u64) -> Result<()> {
+        self.data
+            .read_at(buf, block * BS)
+            .map_err(Error::io("data read", "data file"))
+    }
+
+    fn write_data(&self, buf: &[u8], block: u64) -> Result<()> {
+        self.data
+            .write_at(buf, block * BS)
+            .map_err(Error::io("data write", "data file"))
+    }
+
+    fn check_range(&self, op: &'static str, t: &Target, offset: u64, len: u64) -> Result<()> {
+        let st = self.state();
+        let (_, _, size) = st.resolve(t)?;
+        check_range(op, t, offset, len, size)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` from a head or checkpoint; unwritten ranges read as zeros.
+    pub fn read(&self, target: &Target, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        if len == 0 {
+            return self.check_range("read", target, offset, 0);
+        }
+        let _g = self.shared();
+        let first = offset / BS;
+        let nblocks = (offset + len).div_ceil(BS) - first;
+        let phys = {
+            let mut st = self.state();
+            let (root, depth, size) = st.resolve(target)?;
+            check_range("read", target, offset, len, size)?;
+            let mut v = Vec::with_capacity(nblocks as usize);
+            st.meta.lookup_range(root, depth, first, nblocks, &mut v)?;
+            v
+        };
+        if offset % BS == 0 && len % BS == 0 {
+            return self.read_blocks(&phys, buf);
+        }
+        let mut tmp = vec![0u8; nblocks as usize * BLOCK_SIZE];
+        self.read_blocks(&phys, &mut tmp)?;
+        let skip = (offset - first * BS) as usize;
+        buf.copy_from_slice(&tmp[skip..skip + len as usize]);
+        Ok(())
+    }
+
+    fn read_blocks(&self, phys: &[u64], out: &mut [u8]) -> Result<()> {
+        let mut i = 0;
+        while i < phys.len() {
+            let mut j = i + 1;
+            if phys[i] == 0 {
+                while j < phys.len() && phys[j] == 0 {
+                    j += 1;
+                }
+                out[i * BLOCK_SIZE..j * BLOCK_SIZE].fill(0);
+            } else {
+                while j < phys.len() && phys[j] == phys[j - 1] + 1 {
+                    j += 1;
+                }
+                self.read_data(&mut out[i * BLOCK_SIZE..j * BLOCK_SIZE], phys[i])?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Makes a range read as zeros and releases the whole blocks in it (trim and write-zeroes).
+    pub fn write_zeroes(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
+        self.check_range("write-zeroes", &Target::head(volume), offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let full_start = offset.div_ceil(BS);
+        let full_end = end / BS;
+        if full_start >= full_end {
+            return self.write(volume, offset, &vec![0; len as usize]);
+        }
+        if offset < full_start * BS {
+            self.write(
+                volume,
+                offset,
+                &vec![0; (full_start * BS - offset) as usize],
+            )?;
+        }
+        if full_end * BS < end {
+            self.write(
+                volume,
+                full_end * BS,
+                &vec![0; (end - full_end * BS) as usize],
+            )?;
+        }
+        self.maybe_commit()?;
+        // Exclusive: a concurrent read must not hold a block this frees.
+        let _g = self.exclusive();
+        let mut st = self.state();
+        let id = st.volume_id(volume)?;
+        let v = st.volumes[&id].clone();
+        let mut root = v.root;
+        let n = st
+            .meta
+            .unmap(&mut root, tree_depth(v.size), full_start, full_end)?;
+        let vm = st.volume_mut(id);
+        vm.root = root;
+        vm.mapped -= n;
+        Ok(())
+    }
+
+    /// Discards a range: Cairn always releases it, so it reads as zeros afterwards.
+    pub fn trim(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(volume, offset, len)
+    }
+
+    /// Takes a checkpoint of a volume's head: O(1), and durable on return (it implies a flush).
+    pub fn create_checkpoint(
+        &self,
+        volume: &str,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<CheckpointInfo> {
+        validate_name(name)?;
+        if description.is_some_and(|d| d.len() > MAX_DESCRIPTION) {
+            return Err(Error::Invalid(format!(
+                "description is longer than {MAX_DESCRIPTION} bytes"
+            )));
+        }
+        let _g = self.exclusive();
+        let mut st = self.state();
+        let id = st.checkpoint_in_memory(volume, name, description)?;
+        st.commit(false)?;
+        st.checkpoint_info(id)
+    }
+
+    /// Every checkpoint of a volume, oldest first.
+    pub fn list_checkpoints(&self, volume: &str) -> Result<Vec<CheckpointInfo>> {
+        let st = self.state();
+        let vid = st.volume_id(volume)?;
+        st.checkpoints
+            .values()
+            .filter(|c| c.volume == vid)
+            .map(|c| st.checkpoint_info(c.id))
+            .collect()
+    }
+
+    /// Makes a volume's head the state of one of its checkpoints; the head's own changes are dropped
+    /// unless `save_current` names a checkpoint to keep them in first. Newer checkpoints remain.
+    pub fn apply_checkpoint(
+        &self,
+        volume: &str,
+        checkpoint: &str,
+        save_current: Option<&str>,
+    ) -> Result<VolumeInfo> {
+        if let Some(s) = save_current {
+            validate_name(s)?;
+        }
+        let _g = self.exclusive();
+        let mut st = self.state();
+        let vid = st.volume_id(volume)?;
+        let cid = st.checkpoint_id(vid, volume, checkpoint)?;
+        if let Some(s) = save_current {
+            st.checkpoint_in_memory(volume, s, None)?;
+        }
+        let c = st.checkpoints[&cid].clone();
+        let v = st.volumes[&vid].clone();
+        if c.root != 0 {
+            st.meta.incref(c.root)?;
+        }
+        if v.root != 0 {
+            st.meta.decref(v.root, Some(tree_depth(v.size) - 1))?;
+        }
+        let vm = st.volume_mut(vid);
+        vm.root = c.root;
+        vm.size = c.size;
+        vm.mapped = c.mapped;
+        vm.parent = Some(cid);
+        st.commit(true)?;
+        st.volume_info(vid)
+    }
+
+    /// Deletes one checkpoint, freeing only what nothing else references; its children are
+    /// re-parented to its parent.
+    pub fn delete_checkpoint(&self, volume: &str, checkpoint: &str) -> Result<()> {
+        let _g = self.exclusive();
+        let mut st = self.state();
+        let vid = st.volume_id(volume)?;
+        let cid = st.checkpoint_id(vid, volume, checkpoint)?;
+        st.drop_checkpoint(cid)?;
+        st.commit(true)
+    }
+
+    /// Renames a checkpoint.
+    pub fn rename_checkpoint(&self, volume: &str, old: &str, new: &str) -> Result<CheckpointInfo> {
+        validate_name(new)?;
+        let _g = self.exclusive();
+        let mut st = self.state();
+        let vid = st.volume_id(volume)?;
+        let cid = st.checkpoint_id(vid, volume, old)?;
+        if st.checkpoint_ids.contains_key(&(vid, new.to_string())) {
+            return Err(Error::CheckpointExists {
+                volume: volume.into(),
+                name: new.into(),
+            });
+        }
+        st.checkpoint_ids.remove(&(vid, old.to_string()));
+        st.checkpoint_ids.insert((vid, new.to_string()), cid);
+        if let Some(c) = st.checkpoints.get_mut(&cid) {
+            c.name = new.into();
+        }
+        st.dirty_records.insert(cid);
+        st.commit(false)?;
+        st.checkpoint_info(cid)
+    }
+
+    /// Creates a volume whose head starts as a checkpoint of another volume, sharing every block.
+    pub fn clone_checkpoint(
+        &self,
+        volume: &str,
+        checkpoint: &str,
+        new_volume: &str,
+    ) -> Result<VolumeInfo> {
+        validate_name(new_volume)?;
+        let _g = self.exclusive();
+        let mut st = self.state();
+        let vid = st.volume_id(volume)?;
+        let cid = st.checkpoint_id(vid, volume, checkpoint)?;
+        if st.volume_ids.contains_key(new_volume) {
+            return Err(Error::VolumeExists(new_volume.into()));
+        }
+        let c = st.checkpoints[&cid].clone();
+        if c.root != 0 {
+            st.meta.incref(c.root)?;
+        }
+        let id = st.new_id();
+        st.volumes.insert(
+            id,
+            VolumeRecord {
+                id,
+                name: new_volume.into(),
+                size: c.size,
+                root: c.root,
+                mapped: c.mapped,
+                parent: None,
+                created_ms: now_ms(),
+                origin: Some(format!("{volume}@{checkpoint}")),
+            },
+        );
+        st.volume_ids.insert(new_volume.into(), id);
+        st.dirty_records.insert(id);
+        st.commit(false)?;
+        st.volume_info(id)
+    }
+
+    /// Byte ranges that differ between two states of one volume, found by walking only the parts
+    /// of the two trees that are not shared.
+    pub fn diff(&self, a: &Target, b: &Target) -> Result<Vec<Extent>> {
+        if a.volume != b.volume {
+            return Err(Error::Invalid(format!(
+                "diff compares two states of one volume; got '{}' and '{}'",
+                a.volume, b.volume
+            )));
+        }
+        let _g = self.shared();
+        let mut st = self.state();
+        let (ra, da, sa) = st.resolve(a)?;
+        let (rb, db, sb) = st.resolve(b)?;
+        let limit = sa.max(sb).div_ceil(BS);
+        let mut runs = Vec::new();
+        st.meta.diff((ra, da), (rb, db), limit, &mut runs)?;
+        let max = sa.max(sb);
+        Ok(runs
+            .into_iter()
+            .map(|(s, l)| Extent {
+                offset: s * BS,
+                length: ((s + l) * BS).min(max) - s * BS,
+            })
+            .collect())
+    }
+
+    /// Space per checkpoint and volume (all volumes if `volume` is `None`) and store totals.
+    pub fn space(&self, volume: Option<&str>) -> Result<SpaceReport> {
+        let _g = self.shared();
+        let mut st = self.state();
+        let ids: Vec<u64> = match volume {
+            Some(n) => vec![st.volume_id(n)?],
+            None => {
+                let mut v: Vec<(String, u64)> =
+                    st.volume_ids.iter().map(|(n, i)| (n.clone(), *i)).collect();
+                v.sort();
+                v.into_iter().map(|(_, i)| i).collect()
+            }
+        };
+        let mut volumes = Vec::new();
+        for vid in ids {
+            let v = st.volumes[&vid].clone();
+            let depth = tree_depth(v.size);
+            let head_changed = match v.parent.and_then(|p| st.checkpoints.get(&p)).cloned() {
+                Some(p) => {
+                    let mut runs = Vec::new();
+                    let limit = v.size.max(p.size).div_ceil(BS);
+                    st.meta.diff(
+                        (p.root, tree_depth(p.size)),
+                        (v.root, depth),
+                        limit,
+                        &mut runs,
+                    )?;
+                    runs.iter().map(|(_, l)| l * BS).sum()
+                }
+                None => v.mapped * BS,
+            };
+            let (d, m) = st.meta.unique(v.root, depth)?;
+            let cps: Vec<CheckpointRecord> = st
+                .checkpoints
+                .values()
+                .filter(|c| c.volume == vid)
+                .cloned()
+                .collect();
+            let mut checkpoints = Vec::new();
+            for c in cps {
+                let (cd, cm) = st.meta.unique(c.root, tree_depth(c.size))?;
+                checkpoints.push(CheckpointSpace {
+                    name: c.name.clone(),
+                    referenced: c.mapped * BS,
+                    unique: (cd + cm) * BS,
+                });
+            }
+            volumes.push(VolumeSpace {
+                name: v.name.clone(),
+                size: v.size,
+                head_referenced: v.mapped * BS,
+                head_changed,
+                head_unique: (d + m) * BS,
+                checkpoints,
+            });
+        }
+        let dpath = st.meta.path.clone();
+        let file_size = self.data.len().map_err(Error::io("stat", dpath.clone()))?;
+        let host_used = self
+            .data
+            .allocated_bytes()
+            .map_err(Error::io("stat", dpath))?
+            + self.journal_dev.allocated_bytes().unwrap_or(0);
+        Ok(SpaceReport {
+            volumes,
+            allocated: st.meta.sb.allocated * BS,
+            file_size,
+            host_used,
+        })
+    }
+
+    /// Checks every invariant of the store as it is on disk; see [`crate::fsck`].
+    pub fn fsck(&self) -> Result<crate::fsck::FsckReport> {
+        let _g = self.exclusive();
+        let mut st = self.state();
+        st.commit(false)?;
+        Ok(crate::fsck::check(&*self.data, &st.meta.path))
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Closing a store is a flush, as closing a disk would be; errors have nowhere to go here, and
+        // whatever was not committed is exactly what a crash would have lost.
+        let mut st = self.state();
+        let _ = st.commit(false);
+    }
+}
+
+/// Replays the journal of a store onto its data file and starts a fresh journal: after this the data
+/// file alone holds the last committed state.
+pub fn recover(data: &dyn Device, journal_dev: Arc<dyn Device>, path: &str) -> Result<Journal> {
+    let jpath = format!("{path}/{JOURNAL_FILE}");
+    let dpath = format!("{path}/{DATA_FILE}");
+    let (seq, txns) = Journal::replay(&*journal_dev, &jpath, |b, img| {
+        data.write_at(&img[..], b * BS)
+            .map_err(Error::io("journal replay write", &dpath))
+    })?;
+    if txns > 0 {
+        data.sync().map_err(Error::io("sync", &dpath))?;
+    }
+    // A torn header reads as sequence 0; records of any earlier sequence may still lie in the file,
+    // so the new sequence must not collide with them: take one from the clock if it is larger.
+    let seq = (seq + 1).max(now_ms() << 8);
+    Journal::create(journal_dev, &jpath, seq)
+}
+
+fn check_size(name: &str, size: u64) -> Result<()> {
+    let why = if size == 0 {
+        "a volume needs at least 512 bytes"
+    } else if size % 512 != 0 {
+        "sizes must be a multiple of 512 bytes"
+    } else if size > MAX_VOLUME_SIZE {
+        "the largest volume is 1 PiB"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidSize {
+        volume: name.into(),
+        size,
+        why: why.into(),
+    })
+}
+
+fn check_range(op: &'static str, t: &Target, offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange {
+            op,
+            target: t.to_string(),
+            offset,
+            len,
+            size,
+        }),
+    }
+}
+
+impl State {
+    fn new_id(&mut self) -> u64 {
+        let id = self.meta.sb.next_id;
+        self.meta.sb.next_id += 1;
+        id
+    }
+
+    fn volume_id(&self, name: &str) -> Result<u64> {
+        self.volume_ids
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::UnknownVolume(name.into()))
+    }
+
+    fn checkpoint_id(&self, vid: u64, volume: &str, name: &str) -> Result<u64> {
+        self.checkpoint_ids
+            .get(&(vid, name.to_string()))
+            .copied()
+            .ok_or_else(|| Error::UnknownCheckpoint {
+                volume: volume.into(),
+                name: name.into(),
+            })
+    }
+
+    fn volume_mut(&mut self, id: u64) -> &mut VolumeRecord {
+        self.dirty_records.insert(id);
+        self.volumes
+            .get_mut(&id)
+            .expect("volume ids come from the map")
+    }
+
+    /// Root, depth and size of a head or checkpoint.
+    fn resolve(&self, t: &Target) -> Result<(u64, u32, u64)> {
+        let vid = self.volume_id(&t.volume)?;
+        match &t.checkpoint {
+            None => {
+                let v = &self.volumes[&vid];
+                Ok((v.root, tree_depth(v.size), v.size))
+            }
+            Some(c) => {
+                let cid = self.checkpoint_id(vid, &t.volume, c)?;
+                let c = &self.checkpoints[&cid];
+                Ok((c.root, tree_depth(c.size), c.size))
+            }
+        }
+    }
+
+    fn volume_info(&self, id: u64) -> Result<VolumeInfo> {
+        let v = self
+            .volumes
+            .get(&id)
+            .ok_or_else(|| Error::Invalid(format!("no volume with id {id}")))?;
+        Ok(VolumeInfo {
+            name: v.name.clone(),
+            size: v.size,
+            referenced: v.mapped * BS,
+            parent: v
+                .parent
+                .and_then(|p| self.checkpoints.get(&p))
+                .map(|c| c.name.clone()),
+            checkpoints: self.checkpoints.values().filter(|c| c.volume == id).count(),
+            created_ms: v.created_ms,
+            origin: v.origin.clone(),
+        })
+    }
+
+    fn checkpoint_info(&self, id: u64) -> Result<CheckpointInfo> {
+        let c = self
+            .checkpoints
+            .get(&id)
+            .ok_or_else(|| Error::Invalid(format!("no checkpoint with id {id}")))?;
+        let v = &self.volumes[&c.volume];
+        Ok(CheckpointInfo {
+            volume: v.name.clone(),
+            name: c.name.clone(),
+            size: c.size,
+            referenced: c.mapped * BS,
+            parent: c
+                .parent
+                .and_then(|p| self.checkpoints.get(&p))
+                .map(|p| p.name.clone()),
+            created_ms: c.created_ms,
+            description: c.description.clone(),
+            is_head_parent: v.parent == Some(id),
+        })
+    }
+
+    fn checkpoint_in_memory(
+        &mut self,
+        volume: &str,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<u64> {
+        let vid = self.volume_id(volume)?;
+        if self.checkpoint_ids.contains_key(&(vid, name.to_string())) {
+            return Err(Error::CheckpointExists {
+                volume: volume.into(),
+                name: name.into(),
+            });
+        }
+        let v = self.volumes[&vid].clone();
+        if v.root != 0 {
+            self.meta.incref(v.root)?;
+        }
+        let id = self.new_id();
+        self.checkpoints.insert(
+            id,
+            CheckpointRecord {
+                id,
+                volume: vid,
+                name: name.into(),
+                size: v.size,
+                root: v.root,
+                mapped: v.mapped,
+                parent: v.parent,
+                created_ms: now_ms(),
+                description: description.map(Into::into),
+            },
+        );
+        self.checkpoint_ids.insert((vid, name.into()), id);
+        self.dirty_records.insert(id);
+        self.volume_mut(vid).parent = Some(id);
+        Ok(id)
+    }
+
+    fn drop_checkpoint(&mut self, cid: u64) -> Result<()> {
+        let c = self
+            .checkpoints
+            .remove(&cid)
+            .ok_or_else(|| Error::Invalid(format!("no checkpoint with id {cid}")))?;
+        self.checkpoint_ids.remove(&(c.volume, c.name.clone()));
+        let children: Vec<u64> = self
+            .checkpoints
+            .values()
+            .filter(|x| x.parent == Some(cid))
+            .map(|x| x.id)
+            .collect();
+        for ch in children {
+            if let Some(x) = self.checkpoints.get_mut(&ch) {
+                x.parent = c.parent;
+            }
+            self.dirty_records.insert(ch);
+        }
+        let heads: Vec<u64> = self
+            .volumes
+            .values()
+            .filter(|v| v.parent == Some(cid))
+            .map(|v| v.id)
+            .collect();
+        for h in heads {
+            self.volume_mut(h).parent = c.parent;
+        }
+        if c.root != 0 {
+            self.meta.decref(c.root, Some(tree_depth(c.size) - 1))?;
+        }
+        self.dirty_records.remove(&cid);
+        self.deleted_records.insert(cid);
+        Ok(())
+    }
+
+    fn plan_write(&mut self, volume: &str, offset: u64, len: u64) -> Result<Vec<(u64, Fill)>> {
+        let vid = self.volume_id(volume)?;
+        let v = &self.volumes[&vid];
+        check_range("write", &Target::head(volume), offset, len, v.size)?;
+        let (mut root, depth, mut mapped) = (v.root, tree_depth(v.size), v.mapped);
+        let first = offset / BS;
+        let last = (offset + len - 1) / BS;
+        let mut plan = Vec::with_capacity((last - first + 1) as usize);
+        let mut leaf = 0;
+        for vbn in first..=last {
+            if leaf == 0 || vbn % FANOUT == 0 {
+                leaf = self.meta.leaf_for_write(&mut root, depth, vbn)?;
+            }
+            plan.push(self.meta.map_for_write(leaf, vbn, &mut mapped)?);
+        }
+        self.meta.data_written = true;
+        let vm = self.volume_mut(vid);
+        vm.root = root;
+        vm.mapped = mapped;
+        Ok(plan)
+    }
+
+    fn load_catalog(&mut self) -> Result<()> {
+        let sb = self.meta.sb.clone();
+        let mut ids = Vec::new();
+        if sb.catalog_root != 0 {
+            let mut stack = vec![(sb.catalog_root, sb.catalog_depth - 1)];
+            while let Some((p, level)) = stack.pop() {
+                let page = self.meta.cache.get(&*self.meta.dev, p, PageKind::Tree)?;
+                for i in 0..FANOUT {
+                    let e = entry(page, i);
+                    if e != 0 {
+                        if level == 0 {
+                            ids.push(e);
+                        } else {
+                            stack.push((e, level - 1));
+                        }
+                    }
+                }
+            }
+        }
+        for b in ids {
+            let rec = Record::decode(
+                self.meta.cache.get(&*self.meta.dev, b, PageKind::Record)?,
+                b,
+            )?;
+            match rec {
+                Record::Volume(v) => {
+                    self.volume_ids.insert(v.name.clone(), v.id);
+                    self.volumes.insert(v.id, v);
+                }
+                Record::Checkpoint(c) => {
+                    self.checkpoint_ids.insert((c.volume, c.name.clone()), c.id);
+                    self.checkpoints.insert(c.id, c);
+                }
+            }
+            self.meta.cache.remove(b);
+        }
+        Ok(())
+    }
+
+    fn store_records(&mut self) -> Result<()> {
+        let needed = depth_for(self.meta.sb.next_id);
+        if needed > self.meta.sb.catalog_depth {
+            let mut root = self.meta.sb.catalog_root;
+            self.meta
+                .grow(&mut root, self.meta.sb.catalog_depth, needed)?;
+            self.meta.sb.catalog_root = root;
+            self.meta.sb.catalog_depth = needed;
+        }
+        let depth = self.meta.sb.catalog_depth;
+        for id in std::mem::take(&mut self.deleted_records) {
+            let mut root = self.meta.sb.catalog_root;
+            self.meta.unmap(&mut root, depth, id, id + 1)?;
+            self.meta.sb.catalog_root = root;
+        }
+        for id in std::mem::take(&mut self.dirty_records) {
+            let rec = match (self.volumes.get(&id), self.checkpoints.get(&id)) {
+                (Some(v), _) => Record::Volume(v.clone()),
+                (_, Some(c)) => Record::Checkpoint(c.clone()),
+                _ => continue,
+            };
+            let page = rec.encode()?;
+            let mut root = self.meta.sb.catalog_root;
+            let leaf = self.meta.leaf_for_write(&mut root, depth, id)?;
+            self.meta.sb.catalog_root = root;
+            let idx = id % FANOUT;
+            let dev = self.meta.dev.clone();
+            let b = entry(self.meta.cache.get(&*dev, leaf, PageKind::Tree)?, idx);
+            if b == 0 {
+                let nb = self.meta.alloc_page(page)?;
+                crate::format::set_entry(
+                    self.meta.cache.get_mut(&*dev, leaf, PageKind::Tree)?,
+                    idx,
+                    nb,
+                );
+            } else {
+                self.meta.cache.insert(b, page);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the current state durable: data first, then all metadata through the journal.
+    fn commit(&mut self, release_space: bool) -> Result<()> {
+        let nothing = self.meta.cache.dirty_count() == 0
+            && self.dirty_records.is_empty()
+            && self.deleted_records.is_empty()
+            && !self.meta.data_written;
+        if nothing && !release_space {
+            return Ok(());
+        }
+        let dpath = self.meta.path.clone();
+        self.meta.dev.sync().map_err(Error::io("sync", &dpath))?;
+        self.store_records()?;
+        self.meta.sb.generation += 1;
+        let sb_page = self.meta.sb.encode();
+        self.meta.cache.insert(SUPERBLOCK, sb_page);
+        let mut pages = self.meta.cache.dirty_pages_mut();
+        for (_, p) in pages.iter_mut() {
+            crate::format::seal(p);
+        }
+        let list: Vec<(u64, &Page)> = pages.iter().map(|(b, p)| (*b, &**p)).collect();
+        self.journal.append(&list)?;
+        // In place; coalesced into runs of adjacent blocks.
+        let mut i = 0;
+        while i < list.len() {
+            let mut j = i + 1;
+            while j < list.len() && list[j].0 == list[j - 1].0 + 1 {
+                j += 1;
+            }
+            let mut buf = Vec::with_capacity((j - i) * BLOCK_SIZE);
+            for (_, p) in &list[i..j] {
+                buf.extend_from_slice(&p[..]);
+            }
+            self.meta
+                .dev
+                .write_at(&buf, list[i].0 * BS)
+                .map_err(Error::io("metadata write", &dpath))?;
+            i = j;
+        }
+        drop(pages);
+        self.meta.cache.mark_clean();
+        self.meta.decremented.clear();
+        self.meta.data_written = false;
+        if release_space
+            || self.journal.used() > self.opts.journal_limit
+            || self.meta.quarantine.len() as u64 * BS > self.opts.journal_limit
+        {
+            self.meta.dev.sync().map_err(Error::io("sync", &dpath))?;
+            self.journal.reset()?;
+            self.meta.release_quarantine()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,133 @@
+//! Helpers shared by the engine's integration tests: an in-memory model of volumes and checkpoints.
+#![allow(dead_code, missing_docs)]
+
+use cairn_engine::device::{PowerSupply, SimDevice};
+use cairn_engine::{Options, Store};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub const BS: u64 = 4096;
+
+/// Small caches so that eviction and forced commits happen in tests too.
+pub fn small_opts() -> Options {
+    Options {
+        cache_pages: 64,
+        dirty_limit: 48,
+        journal_limit: 256 * 1024,
+    }
+}
+
+pub fn sim_store(power: Arc<PowerSupply>) -> (Arc<SimDevice>, Arc<SimDevice>, Store) {
+    let data = SimDevice::new(Vec::new(), power.clone());
+    let journal = SimDevice::new(Vec::new(), power);
+    Store::format(&*data, "sim").expect("format");
+    let store =
+        Store::open_devices(data.clone(), journal.clone(), small_opts(), "sim").expect("open");
+    (data, journal, store)
+}
+
+/// One state of a volume in the model: bytes, and a version per block (0 = never written or zeroed
+/// as a whole block) so that diffs can be predicted exactly.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MState {
+    pub bytes: Vec<u8>,
+    pub versions: Vec<u64>,
+    pub parent: Option<String>,
+}
+
+impl MState {
+    pub fn new(size: u64) -> Self {
+        MState {
+            bytes: vec![0; size as usize],
+            versions: vec![0; size.div_ceil(BS) as usize],
+            parent: None,
+        }
+    }
+    pub fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    pub fn mapped(&self) -> u64 {
+        self.versions.iter().filter(|&&v| v != 0).count() as u64
+    }
+    pub fn resize(&mut self, size: u64) {
+        self.bytes.resize(size as usize, 0);
+        self.versions.resize(size.div_ceil(BS) as usize, 0);
+    }
+}
+
+#[derive(Default, Debug)]
+pub struct MVolume {
+    pub head: Option<MState>,
+    pub checkpoints: BTreeMap<String, MState>,
+}
+
+#[derive(Default, Debug)]
+pub struct Model {
+    pub volumes: BTreeMap<String, MVolume>,
+    pub next_version: u64,
+}
+
+impl Model {
+    pub fn head(&mut self, v: &str) -> &mut MState {
+        self.volumes
+            .get_mut(v)
+            .and_then(|x| x.head.as_mut())
+            .expect("model volume")
+    }
+
+    pub fn write(&mut self, v: &str, off: u64, data: &[u8]) {
+        self.next_version += 1;
+        let ver = self.next_version;
+        let h = self.head(v);
+        h.bytes[off as usize..off as usize + data.len()].copy_from_slice(data);
+        if !data.is_empty() {
+            for b in off / BS..=(off + data.len() as u64 - 1) / BS {
+                h.versions[b as usize] = ver;
+            }
+        }
+    }
+
+    pub fn zero(&mut self, v: &str, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let end = off + len;
+        let fs = off.div_ceil(BS);
+        let fe = end / BS;
+        if fs >= fe {
+            self.write(v, off, &vec![0; len as usize]);
+            return;
+        }
+        if off < fs * BS {
+            self.write(v, off, &vec![0; (fs * BS - off) as usize]);
+        }
+        if fe * BS < end {
+            self.write(v, fe * BS, &vec![0; (end - fe * BS) as usize]);
+        }
+        let h = self.head(v);
+        h.bytes[(fs * BS) as usize..(fe * BS) as usize].fill(0);
+        for b in fs..fe {
+            h.versions[b as usize] = 0;
+        }
+    }
+
+    /// Blocks whose version differs, as (byte offset, byte length) runs clipped to the larger size.
+    pub fn diff(a: &MState, b: &MState) -> Vec<(u64, u64)> {
+        let n = a.versions.len().max(b.versions.len());
+        let max = a.size().max(b.size());
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for i in 0..n {
+            let va = a.versions.get(i).copied().unwrap_or(0);
+            let vb = b.versions.get(i).copied().unwrap_or(0);
+            if va != vb {
+                let s = i as u64 * BS;
+                let l = BS.min(max - s);
+                match out.last_mut() {
+                    Some((os, ol)) if *os + *ol == s => *ol += l,
+                    _ => out.push((s, l)),
+                }
+            }
+        }
+        out
+    }
+}
