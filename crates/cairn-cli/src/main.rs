@@ -1,1 +1,810 @@
-fn main() {}
+//! `cairn`: the command-line face of Cairn's checkpoint engine.
+
+mod bench;
+mod units;
+
+use anyhow::{bail, Context, Result};
+use cairn_engine::{CheckpointInfo, Options, Store, Target};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use units::{human, parse_number, parse_size};
+
+/// Copy-on-write virtual disks with O(1) checkpoints.
+#[derive(Parser)]
+#[command(name = "cairn", version, about)]
+struct Cli {
+    /// Store directory (default: $CAIRN_STORE, else $XDG_DATA_HOME/cairn or ~/.local/share/cairn).
+    #[arg(long, global = true, env = "CAIRN_STORE")]
+    store: Option<PathBuf>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an empty store.
+    Init,
+    /// Manage volumes (virtual disks).
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Manage checkpoints of a volume.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCmd),
+    /// Create a volume whose head starts as a checkpoint of another (a linked clone).
+    Clone {
+        /// Source, as VOLUME@CHECKPOINT.
+        source: String,
+        /// Name of the new volume.
+        new_name: String,
+    },
+    /// List the byte ranges that differ between two states of a volume (NAME alone is the head).
+    Diff {
+        /// First state: VOLUME or VOLUME@CHECKPOINT.
+        a: String,
+        /// Second state.
+        b: String,
+    },
+    /// Show space per checkpoint and volume, and store totals.
+    Space {
+        /// Only this volume.
+        name: Option<String>,
+    },
+    /// Verify every invariant of the store: checksums, references, records.
+    Fsck,
+    /// Run the engine benchmark and print the table.
+    Bench(bench::BenchArgs),
+    /// Walk through Cairn's main job on the store: a volume, checkpoints, a rewind, space.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create an empty volume.
+    Create {
+        /// Volume name.
+        name: String,
+        /// Logical size, e.g. 20G.
+        #[arg(long)]
+        size: String,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Info {
+        /// Volume name.
+        name: String,
+    },
+    /// Grow a volume.
+    Resize {
+        /// Volume name.
+        name: String,
+        /// New size (not smaller than the current one).
+        #[arg(long)]
+        size: String,
+    },
+    /// Delete a volume and all its checkpoints (clones made from it keep working).
+    Delete {
+        /// Volume name.
+        name: String,
+    },
+    /// Create a volume from a raw disk image; zero ranges stay unallocated.
+    Import {
+        /// New volume name.
+        name: String,
+        /// Raw image file.
+        file: PathBuf,
+    },
+    /// Write a head or checkpoint to a raw image file (sparse where unmapped).
+    Export {
+        /// VOLUME or VOLUME@CHECKPOINT.
+        source: String,
+        /// Raw image file to create or overwrite.
+        file: PathBuf,
+    },
+    /// Write bytes to a volume's head (for scripts and tests).
+    Write(WriteArgs),
+    /// Read bytes from a head or checkpoint to stdout or a file.
+    Read {
+        /// VOLUME or VOLUME@CHECKPOINT.
+        source: String,
+        /// Byte offset.
+        #[arg(long, value_parser = parse_number)]
+        offset: u64,
+        /// Bytes to read.
+        #[arg(long, value_parser = parse_number)]
+        length: u64,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false, id = "source")]
+struct WriteSource {
+    /// Fill with this byte (e.g. 0xAB); needs --length.
+    #[arg(long, value_parser = parse_number, requires = "length")]
+    pattern: Option<u64>,
+    /// Write the contents of this file.
+    #[arg(long)]
+    from: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct WriteArgs {
+    /// Volume name.
+    name: String,
+    /// Byte offset.
+    #[arg(long, value_parser = parse_number)]
+    offset: u64,
+    /// Bytes to write with --pattern.
+    #[arg(long, value_parser = parse_number)]
+    length: Option<u64>,
+    #[command(flatten)]
+    source: WriteSource,
+}
+
+#[derive(Subcommand)]
+enum CheckpointCmd {
+    /// Take a checkpoint of a volume's head (O(1); implies a flush).
+    Create {
+        /// VOLUME@CHECKPOINT.
+        target: String,
+        /// Description.
+        #[arg(short = 'm', long = "message")]
+        message: Option<String>,
+    },
+    /// List a volume's checkpoints.
+    List {
+        /// Volume name.
+        name: String,
+        /// Show the checkpoint tree, with where the head is.
+        #[arg(long)]
+        tree: bool,
+    },
+    /// Make the head the checkpoint's state (newer checkpoints are kept).
+    Apply {
+        /// VOLUME@CHECKPOINT.
+        target: String,
+        /// First keep the current head as a checkpoint with this name.
+        #[arg(long)]
+        save_current: Option<String>,
+    },
+    /// Delete a checkpoint; only data nothing else references is freed.
+    Delete {
+        /// VOLUME@CHECKPOINT.
+        target: String,
+    },
+    /// Rename a checkpoint.
+    Rename {
+        /// VOLUME@OLD.
+        target: String,
+        /// New name.
+        new_name: String,
+    },
+}
+
+fn default_store() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("cairn"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("cannot find a default store: set --store, CAIRN_STORE or HOME")?;
+    Ok(PathBuf::from(home).join(".local/share/cairn"))
+}
+
+fn checkpoint_target(s: &str) -> Result<(String, String)> {
+    let t = Target::parse(s)?;
+    match t.checkpoint {
+        Some(c) => Ok((t.volume, c)),
+        None => bail!("'{s}' names no checkpoint; write VOLUME@CHECKPOINT"),
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    let pb = if std::io::stderr().is_terminal() {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn time_str(ms: u64) -> String {
+    // Local time formatting would need a timezone database; UTC in ISO form is unambiguous.
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86400);
+    let tod = secs.rem_euclid(86400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        tod / 3600,
+        tod % 3600 / 60,
+        tod % 60
+    )
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("cairn: error: {}", msg.join(": "));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dir = match &cli.store {
+        Some(d) => d.clone(),
+        None => default_store()?,
+    };
+    let json = cli.json;
+    let open = || Store::open(&dir, Options::default());
+    match cli.cmd {
+        Cmd::Init => {
+            Store::init(&dir, Options::default())?;
+            if json {
+                print_json(&serde_json::json!({ "store": dir }))?;
+            } else {
+                println!("initialised store at {}", dir.display());
+            }
+        }
+        Cmd::Volume(cmd) => volume(open()?, cmd, json)?,
+        Cmd::Checkpoint(cmd) => checkpoint(open()?, cmd, json)?,
+        Cmd::Clone { source, new_name } => {
+            let (v, c) = checkpoint_target(&source)?;
+            let info = open()?.clone_checkpoint(&v, &c, &new_name)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("cloned {source} as volume '{new_name}'");
+            }
+        }
+        Cmd::Diff { a, b } => {
+            let (ta, tb) = (Target::parse(&a)?, Target::parse(&b)?);
+            let extents = open()?.diff(&ta, &tb)?;
+            let total: u64 = extents.iter().map(|e| e.length).sum();
+            if json {
+                print_json(
+                    &serde_json::json!({ "a": a, "b": b, "bytes": total, "extents": extents }),
+                )?;
+            } else {
+                println!("{:>16} {:>12}", "OFFSET", "LENGTH");
+                for e in &extents {
+                    println!("{:>16} {:>12}", e.offset, e.length);
+                }
+                println!(
+                    "{} range(s), {} differ between {a} and {b}",
+                    extents.len(),
+                    human(total)
+                );
+            }
+        }
+        Cmd::Space { name } => {
+            let r = open()?.space(name.as_deref())?;
+            if json {
+                print_json(&r)?;
+            } else {
+                for v in &r.volumes {
+                    println!("volume {} ({}): head references {}, {} changed since its parent, {} held only by the head",
+                        v.name, human(v.size), human(v.head_referenced), human(v.head_changed), human(v.head_unique));
+                    if !v.checkpoints.is_empty() {
+                        println!(
+                            "  {:<32} {:>12} {:>22}",
+                            "CHECKPOINT", "REFERENCED", "UNIQUE (freed if deleted)"
+                        );
+                        for c in &v.checkpoints {
+                            println!(
+                                "  {:<32} {:>12} {:>22}",
+                                c.name,
+                                human(c.referenced),
+                                human(c.unique)
+                            );
+                        }
+                    }
+                }
+                println!(
+                    "store: {} in use by blocks, data file spans {}, {} used on the host",
+                    human(r.allocated),
+                    human(r.file_size),
+                    human(r.host_used)
+                );
+            }
+        }
+        Cmd::Fsck => {
+            // fsck must report on a store that does not even open, so it does not go through open().
+            let report = cairn_engine::fsck::check_dir(&dir)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                for e in &report.errors {
+                    println!("error: {e}");
+                }
+                println!(
+                    "checked {} metadata pages, {} data blocks, {} volumes, {} checkpoints: {}",
+                    report.pages,
+                    report.data_blocks,
+                    report.volumes,
+                    report.checkpoints,
+                    if report.ok() {
+                        "no problems".to_string()
+                    } else {
+                        format!("{} problem(s)", report.error_count)
+                    }
+                );
+            }
+            if !report.ok() {
+                bail!(
+                    "fsck found {} problem(s) in {}",
+                    report.error_count,
+                    dir.display()
+                );
+            }
+        }
+        Cmd::Bench(args) => bench::run(&args, json)?,
+        Cmd::Demo => demo(&dir)?,
+    }
+    Ok(())
+}
+
+fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create { name, size } => {
+            let info = store.create_volume(&name, parse_size(&size)?)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("created volume '{}' of {}", info.name, human(info.size));
+            }
+        }
+        VolumeCmd::List => {
+            let vols = store.list_volumes();
+            if json {
+                print_json(&vols)?;
+            } else {
+                println!(
+                    "{:<24} {:>12} {:>12} {:>12}  {:<20} CREATED",
+                    "NAME", "SIZE", "REFERENCED", "CHECKPOINTS", "PARENT"
+                );
+                for v in vols {
+                    println!(
+                        "{:<24} {:>12} {:>12} {:>12}  {:<20} {}",
+                        v.name,
+                        human(v.size),
+                        human(v.referenced),
+                        v.checkpoints,
+                        v.parent.as_deref().unwrap_or("-"),
+                        time_str(v.created_ms)
+                    );
+                }
+            }
+        }
+        VolumeCmd::Info { name } => {
+            let v = store.volume_info(&name)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("name:        {}", v.name);
+                println!("size:        {} ({} bytes)", human(v.size), v.size);
+                println!("referenced:  {}", human(v.referenced));
+                println!("checkpoints: {}", v.checkpoints);
+                println!("parent:      {}", v.parent.as_deref().unwrap_or("-"));
+                println!("origin:      {}", v.origin.as_deref().unwrap_or("-"));
+                println!("created:     {}", time_str(v.created_ms));
+            }
+        }
+        VolumeCmd::Resize { name, size } => {
+            let v = store.resize_volume(&name, parse_size(&size)?)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("volume '{}' is now {}", v.name, human(v.size));
+            }
+        }
+        VolumeCmd::Delete { name } => {
+            store.delete_volume(&name)?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted volume '{name}'");
+            }
+        }
+        VolumeCmd::Import { name, file } => {
+            let info = import(&store, &name, &file)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!(
+                    "imported {} as volume '{name}' ({}, {} allocated)",
+                    file.display(),
+                    human(info.size),
+                    human(info.referenced)
+                );
+            }
+        }
+        VolumeCmd::Export { source, file } => {
+            let t = Target::parse(&source)?;
+            let bytes = export(&store, &t, &file)?;
+            if json {
+                print_json(&serde_json::json!({ "source": source, "file": file, "bytes": bytes }))?;
+            } else {
+                println!("exported {source} to {} ({})", file.display(), human(bytes));
+            }
+        }
+        VolumeCmd::Write(a) => {
+            let data = match (a.source.pattern, &a.source.from) {
+                (Some(p), _) => {
+                    if p > 0xFF {
+                        bail!("--pattern takes one byte, 0x00 to 0xFF");
+                    }
+                    vec![p as u8; a.length.unwrap_or(0) as usize]
+                }
+                (None, Some(f)) => {
+                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?
+                }
+                (None, None) => bail!("give --pattern BYTE --length L or --from FILE"),
+            };
+            store.write(&a.name, a.offset, &data)?;
+            store.flush()?;
+            if json {
+                print_json(
+                    &serde_json::json!({ "volume": a.name, "offset": a.offset, "length": data.len() }),
+                )?;
+            } else {
+                println!(
+                    "wrote {} bytes to '{}' at offset {}",
+                    data.len(),
+                    a.name,
+                    a.offset
+                );
+            }
+        }
+        VolumeCmd::Read {
+            source,
+            offset,
+            length,
+            to,
+        } => {
+            let t = Target::parse(&source)?;
+            let mut out: Box<dyn Write> = match &to {
+                Some(p) => Box::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("cannot create {}", p.display()))?,
+                ),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let mut off = offset;
+            let end = offset
+                .checked_add(length)
+                .context("offset + length overflows")?;
+            let mut buf = vec![0u8; 1 << 20];
+            // Check the whole range first so that a bad request writes nothing.
+            store.read(&t, offset, &mut buf[..length.min(1) as usize])?;
+            store.read(
+                &t,
+                end.saturating_sub(length.min(1)),
+                &mut buf[..length.min(1) as usize],
+            )?;
+            while off < end {
+                let n = (end - off).min(buf.len() as u64) as usize;
+                store.read(&t, off, &mut buf[..n])?;
+                out.write_all(&buf[..n])?;
+                off += n as u64;
+            }
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
+const CHUNK: usize = 1 << 20;
+
+fn import(store: &Store, name: &str, file: &Path) -> Result<cairn_engine::VolumeInfo> {
+    let mut f =
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let len = f.metadata()?.len();
+    if len == 0 {
+        bail!(
+            "{} is empty; a volume needs at least 512 bytes",
+            file.display()
+        );
+    }
+    let size = len.div_ceil(512) * 512;
+    store.create_volume(name, size)?;
+    let pb = progress(len, "import");
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0u64;
+    let res = (|| -> Result<()> {
+        while off < len {
+            let n = (len - off).min(CHUNK as u64) as usize;
+            f.read_exact(&mut buf[..n])
+                .with_context(|| format!("reading {}", file.display()))?;
+            // Zero ranges are left unmapped: they read as zeros and take no space.
+            let mut i = 0;
+            while i < n {
+                let blk = (n - i).min(4096);
+                let zero = buf[i..i + blk].iter().all(|&b| b == 0);
+                let mut j = i + blk;
+                while j < n && buf[j..(j + 4096).min(n)].iter().all(|&b| b == 0) == zero {
+                    j = (j + 4096).min(n);
+                }
+                if !zero {
+                    store.write(name, off + i as u64, &buf[i..j])?;
+                }
+                i = j;
+            }
+            off += n as u64;
+            pb.set_position(off);
+        }
+        store.flush()?;
+        Ok(())
+    })();
+    pb.finish_and_clear();
+    if let Err(e) = res {
+        // An import that failed leaves no half-made volume behind.
+        let _ = store.delete_volume(name);
+        return Err(e.context(format!(
+            "import of {} into '{name}' failed; nothing was kept",
+            file.display()
+        )));
+    }
+    Ok(store.volume_info(name)?)
+}
+
+fn export(store: &Store, t: &Target, file: &Path) -> Result<u64> {
+    let extents = store.mapped_extents(t)?;
+    let size = match &t.checkpoint {
+        None => store.volume_info(&t.volume)?.size,
+        Some(c) => store
+            .list_checkpoints(&t.volume)?
+            .into_iter()
+            .find(|x| &x.name == c)
+            .map(|x: CheckpointInfo| x.size)
+            .context("checkpoint vanished during export")?,
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(file)
+        .with_context(|| format!("cannot create {}", file.display()))?;
+    f.set_len(size)?;
+    let total: u64 = extents.iter().map(|e| e.length).sum();
+    let pb = progress(total, "export");
+    let mut buf = vec![0u8; CHUNK];
+    use std::os::unix::fs::FileExt;
+    for e in extents {
+        let mut off = e.offset;
+        let end = e.offset + e.length;
+        while off < end {
+            let n = (end - off).min(CHUNK as u64) as usize;
+            store.read(t, off, &mut buf[..n])?;
+            f.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+            pb.inc(n as u64);
+        }
+    }
+    f.sync_all()?;
+    pb.finish_and_clear();
+    Ok(size)
+}
+
+fn checkpoint(store: Store, cmd: CheckpointCmd, json: bool) -> Result<()> {
+    match cmd {
+        CheckpointCmd::Create { target, message } => {
+            let (v, c) = checkpoint_target(&target)?;
+            let info = store.create_checkpoint(&v, &c, message.as_deref())?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("created checkpoint {target}");
+            }
+        }
+        CheckpointCmd::List { name, tree } => {
+            let cps = store.list_checkpoints(&name)?;
+            let head_parent = store.volume_info(&name)?.parent;
+            if json {
+                if tree {
+                    print_json(&tree_json(&cps, head_parent.as_deref(), None))?;
+                } else {
+                    print_json(&cps)?;
+                }
+            } else if tree {
+                print_tree(&cps, None, "", head_parent.as_deref());
+                if head_parent.is_none() {
+                    println!("* now (head has no parent checkpoint)");
+                }
+            } else {
+                println!(
+                    "{:<24} {:<22} {:>12} {:<20} DESCRIPTION",
+                    "NAME", "CREATED", "REFERENCED", "PARENT"
+                );
+                for c in cps {
+                    let mark = if c.is_head_parent { " *" } else { "" };
+                    println!(
+                        "{:<24} {:<22} {:>12} {:<20} {}{}",
+                        c.name,
+                        time_str(c.created_ms),
+                        human(c.referenced),
+                        c.parent.as_deref().unwrap_or("-"),
+                        c.description.as_deref().unwrap_or(""),
+                        mark
+                    );
+                }
+            }
+        }
+        CheckpointCmd::Apply {
+            target,
+            save_current,
+        } => {
+            let (v, c) = checkpoint_target(&target)?;
+            let info = store.apply_checkpoint(&v, &c, save_current.as_deref())?;
+            if json {
+                print_json(&info)?;
+            } else {
+                if let Some(s) = save_current {
+                    println!("saved the previous head as {v}@{s}");
+                }
+                println!("applied {target}: the head of '{v}' is now that checkpoint's state");
+            }
+        }
+        CheckpointCmd::Delete { target } => {
+            let (v, c) = checkpoint_target(&target)?;
+            store.delete_checkpoint(&v, &c)?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": target }))?;
+            } else {
+                println!("deleted checkpoint {target}");
+            }
+        }
+        CheckpointCmd::Rename { target, new_name } => {
+            let (v, c) = checkpoint_target(&target)?;
+            let info = store.rename_checkpoint(&v, &c, &new_name)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("renamed {target} to {v}@{new_name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tree_json(
+    cps: &[CheckpointInfo],
+    head: Option<&str>,
+    parent: Option<&str>,
+) -> Vec<serde_json::Value> {
+    cps.iter()
+        .filter(|c| c.parent.as_deref() == parent)
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "created_ms": c.created_ms,
+                "description": c.description,
+                "head_here": head == Some(c.name.as_str()),
+                "children": tree_json(cps, head, Some(&c.name)),
+            })
+        })
+        .collect()
+}
+
+fn print_tree(cps: &[CheckpointInfo], parent: Option<&str>, indent: &str, head: Option<&str>) {
+    let kids: Vec<&CheckpointInfo> = cps
+        .iter()
+        .filter(|c| c.parent.as_deref() == parent)
+        .collect();
+    for (i, c) in kids.iter().enumerate() {
+        let last = i + 1 == kids.len();
+        let desc = c
+            .description
+            .as_deref()
+            .map(|d| format!("  ({d})"))
+            .unwrap_or_default();
+        println!(
+            "{indent}{}{} {}{desc}",
+            if last { "└─ " } else { "├─ " },
+            c.name,
+            time_str(c.created_ms)
+        );
+        let sub = format!("{indent}{}", if last { "   " } else { "│  " });
+        print_tree(cps, Some(&c.name), &sub, head);
+        if head == Some(c.name.as_str()) {
+            println!("{sub}└─ * now");
+        }
+    }
+}
+
+fn demo(dir: &Path) -> Result<()> {
+    if !dir.join(cairn_engine::store::DATA_FILE).exists() {
+        Store::init(dir, Options::default())?;
+        println!("initialised store at {}", dir.display());
+    }
+    let store = Store::open(dir, Options::default())?;
+    let name = "demo";
+    if store.volume_info(name).is_ok() {
+        store.delete_volume(name)?;
+    }
+    store.create_volume(name, 1 << 30)?;
+    println!("created volume '{name}' (1 GiB, nothing allocated)");
+    store.write(name, 0, &vec![b'A'; 4 << 20])?;
+    let clean = store.create_checkpoint(name, "clean", Some("freshly installed"))?;
+    println!(
+        "wrote 4 MiB of 'A' and took checkpoint {name}@{} (O(1))",
+        clean.name
+    );
+    store.write(name, 1 << 20, &vec![b'B'; 64 << 10])?;
+    store.create_checkpoint(name, "patched", Some("after an update"))?;
+    println!("overwrote 64 KiB with 'B' and took checkpoint {name}@patched");
+    let d = store.diff(
+        &Target::parse("demo@clean")?,
+        &Target::parse("demo@patched")?,
+    )?;
+    println!(
+        "diff clean..patched: {} range(s), {} bytes",
+        d.len(),
+        d.iter().map(|e| e.length).sum::<u64>()
+    );
+    store.write(name, 0, &vec![b'X'; 8192])?;
+    store.apply_checkpoint(name, "clean", None)?;
+    let mut b = [0u8; 1];
+    store.read(&Target::head(name), 1 << 20, &mut b)?;
+    println!(
+        "broke the disk, then applied {name}@clean: byte at 1 MiB reads '{}' again",
+        b[0] as char
+    );
+    let sp = store.space(Some(name))?;
+    for c in &sp.volumes[0].checkpoints {
+        println!(
+            "  checkpoint {:<8} references {:>9}, unique {:>9}",
+            c.name,
+            human(c.referenced),
+            human(c.unique)
+        );
+    }
+    let report = store.fsck()?;
+    println!(
+        "fsck: {}",
+        if report.ok() {
+            "no problems"
+        } else {
+            "PROBLEMS"
+        }
+    );
+    println!(
+        "\nnext: cairn --store {} checkpoint list demo --tree",
+        dir.display()
+    );
+    Ok(())
+}

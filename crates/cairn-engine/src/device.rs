@@ -18,6 +18,10 @@ pub trait Device: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the device holds no bytes at all.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Releases the storage behind a range; it then reads as zeros.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Bytes the device really occupies on the host (sparse files count only allocated extents).

@@ -151,7 +151,7 @@ pub fn set_refcount(p: &mut Page, idx: u64, v: u32) {
 
 /// Whether block `b` is a group's refcount page (never allocated for anything else).
 pub fn is_refcount_block(b: u64) -> bool {
-    b % GROUP_BLOCKS == 0
+    b.is_multiple_of(GROUP_BLOCKS)
 }
 
 /// The refcount page covering block `b`, and `b`'s index in it.

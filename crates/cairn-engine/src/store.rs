@@ -629,7 +629,7 @@ impl Store {
             st.meta.lookup_range(root, depth, first, nblocks, &mut v)?;
             v
         };
-        if offset % BS == 0 && len % BS == 0 {
+        if offset.is_multiple_of(BS) && len.is_multiple_of(BS) {
             return self.read_blocks(&phys, buf);
         }
         let mut tmp = vec![0u8; nblocks as usize * BLOCK_SIZE];
@@ -871,6 +871,24 @@ impl Store {
             .collect())
     }
 
+    /// Byte ranges of a head or checkpoint that hold data (everything else reads as zeros without
+    /// taking space); the cost follows the mapped size, not the volume size.
+    pub fn mapped_extents(&self, target: &Target) -> Result<Vec<Extent>> {
+        let _g = self.shared();
+        let mut st = self.state();
+        let (root, depth, size) = st.resolve(target)?;
+        let mut runs = Vec::new();
+        st.meta
+            .diff((0, depth), (root, depth), size.div_ceil(BS), &mut runs)?;
+        Ok(runs
+            .into_iter()
+            .map(|(s, l)| Extent {
+                offset: s * BS,
+                length: ((s + l) * BS).min(size) - s * BS,
+            })
+            .collect())
+    }
+
     /// Space per checkpoint and volume (all volumes if `volume` is `None`) and store totals.
     pub fn space(&self, volume: Option<&str>) -> Result<SpaceReport> {
         let _g = self.shared();
@@ -981,7 +999,7 @@ pub fn recover(data: &dyn Device, journal_dev: Arc<dyn Device>, path: &str) -> R
 fn check_size(name: &str, size: u64) -> Result<()> {
     let why = if size == 0 {
         "a volume needs at least 512 bytes"
-    } else if size % 512 != 0 {
+    } else if !size.is_multiple_of(512) {
         "sizes must be a multiple of 512 bytes"
     } else if size > MAX_VOLUME_SIZE {
         "the largest volume is 1 PiB"

@@ -1,0 +1,75 @@
+//! Parsing and printing byte sizes the way sysadmins write them (`20G`, `512MiB`, `4096`).
+
+use anyhow::{bail, Result};
+
+/// Parses a size: a number with an optional binary unit (K, M, G, T, P; `KiB`, `KB` and `k` alike).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        bail!("invalid size '{s}': expected a number such as 4096, 512M or 20G");
+    }
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        "p" | "pb" | "pib" => 1 << 50,
+        u => bail!("invalid size '{s}': unknown unit '{u}' (use K, M, G, T or P)"),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid size '{s}': '{num}' is not a number"))?;
+    let bytes = v * mult as f64;
+    if !(bytes.is_finite() && (0.0..1.9e19).contains(&bytes)) || bytes.fract() != 0.0 {
+        bail!("invalid size '{s}': must be a whole number of bytes");
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses an offset or length: a size, or a hexadecimal number with `0x`.
+pub fn parse_number(s: &str) -> Result<u64> {
+    if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        return u64::from_str_radix(h, 16).map_err(|_| anyhow::anyhow!("invalid number '{s}'"));
+    }
+    parse_size(s)
+}
+
+/// Prints a byte count with a binary unit (`1.5 GiB`).
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("20G").unwrap_or(0), 20 << 30);
+        assert_eq!(parse_size("512MiB").unwrap_or(0), 512 << 20);
+        assert_eq!(parse_size("4096").unwrap_or(0), 4096);
+        assert_eq!(parse_size("1.5k").unwrap_or(0), 1536);
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("10X").is_err());
+        assert!(parse_size("0.3").is_err());
+        assert_eq!(parse_number("0x10").unwrap_or(0), 16);
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(12), "12 B");
+    }
+}

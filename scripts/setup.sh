@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what Cairn needs on a Debian machine, idempotently: quick when everything is present.
+set -euo pipefail
+
+need_apt=()
+# qemu-img / qemu-io / qemu-nbd: the peers the benchmarks and tests compare against.
+command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "setup: installing ${need_apt[*]}" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
