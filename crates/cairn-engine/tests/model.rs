@@ -123,17 +123,17 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Create { v, blocks } => {
                 let size = blocks as u64 * BS - if blocks % 3 == 0 { 512 } else { 0 };
                 let r = s.create_volume(&vname(v), size);
-                if m.volumes.contains_key(&vname(v)) {
-                    prop_assert!(matches!(r, Err(Error::VolumeExists(_))));
-                } else {
-                    r.map_err(|e| TestCaseError::fail(e.to_string()))?;
-                    m.volumes.insert(
-                        vname(v),
-                        MVolume {
+                match m.volumes.entry(vname(v)) {
+                    std::collections::btree_map::Entry::Occupied(_) => {
+                        prop_assert!(matches!(r, Err(Error::VolumeExists(_))));
+                    }
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        r.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        e.insert(MVolume {
                             head: Some(MState::new(size)),
                             ..Default::default()
-                        },
-                    );
+                        });
+                    }
                 }
             }
             Op::Write {
