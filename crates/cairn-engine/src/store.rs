@@ -973,8 +973,9 @@ impl Drop for Store {
     fn drop(&mut self) {
         // Closing a store is a flush, as closing a disk would be; errors have nowhere to go here, and
         // whatever was not committed is exactly what a crash would have lost.
+        // A clean close also empties the journal, so the next open replays nothing.
         let mut st = self.state();
-        let _ = st.commit(false);
+        let _ = st.commit(true);
     }
 }
 

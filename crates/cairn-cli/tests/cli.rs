@@ -1,0 +1,627 @@
+//! The `cairn` binary, command by command, with each bad input the engine issue lists.
+#![allow(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    store: PathBuf,
+    work: PathBuf,
+}
+
+fn env() -> Env {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = tmp.path().join("store");
+    let work = tmp.path().to_path_buf();
+    let e = Env {
+        _tmp: tmp,
+        store,
+        work,
+    };
+    ok(&e, &["init"]);
+    e
+}
+
+fn cairn(e: &Env, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("--store")
+        .arg(&e.store)
+        .args(args)
+        .env_remove("CAIRN_STORE")
+        .output()
+        .expect("run cairn")
+}
+
+fn ok(e: &Env, args: &[&str]) -> String {
+    let o = cairn(e, args);
+    assert!(
+        o.status.success(),
+        "cairn {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a command that must fail with a one-line error containing `want`, and no panic.
+fn fails(e: &Env, args: &[&str], want: &str) {
+    let o = cairn(e, args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "cairn {args:?} should fail");
+    assert!(!err.contains("panicked"), "cairn {args:?} panicked: {err}");
+    assert!(
+        err.contains(want),
+        "cairn {args:?}: expected '{want}' in: {err}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "error should be one line: {err}"
+    );
+}
+
+fn json(e: &Env, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&ok(e, &a)).expect("valid JSON")
+}
+
+fn read(e: &Env, src: &str, off: u64, len: u64) -> Vec<u8> {
+    let o = cairn(
+        e,
+        &[
+            "volume",
+            "read",
+            src,
+            "--offset",
+            &off.to_string(),
+            "--length",
+            &len.to_string(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+#[test]
+fn volume_lifecycle() {
+    let e = env();
+    ok(&e, &["volume", "create", "web", "--size", "64M"]);
+    let v = json(&e, &["volume", "info", "web"]);
+    assert_eq!(v["size"], 64 << 20);
+    assert_eq!(v["referenced"], 0);
+    let list = json(&e, &["volume", "list"]);
+    assert_eq!(list.as_array().map(|a| a.len()), Some(1));
+    assert!(ok(&e, &["volume", "list"]).contains("web"));
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "web",
+            "--offset",
+            "4096",
+            "--pattern",
+            "0xab",
+            "--length",
+            "8192",
+        ],
+    );
+    assert_eq!(read(&e, "web", 4096, 8192), vec![0xab; 8192]);
+    assert_eq!(read(&e, "web", 0, 4096), vec![0; 4096]);
+    let f = e.work.join("in.bin");
+    std::fs::write(&f, b"hello cairn").expect("write");
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "web",
+            "--offset",
+            "100",
+            "--from",
+            f.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(read(&e, "web", 100, 11), b"hello cairn");
+    let to = e.work.join("out.bin");
+    ok(
+        &e,
+        &[
+            "volume",
+            "read",
+            "web",
+            "--offset",
+            "100",
+            "--length",
+            "11",
+            "--to",
+            to.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(std::fs::read(&to).expect("read"), b"hello cairn");
+    ok(&e, &["volume", "resize", "web", "--size", "128M"]);
+    assert_eq!(json(&e, &["volume", "info", "web"])["size"], 128 << 20);
+    assert_eq!(read(&e, "web", 4096, 4), vec![0xab; 4]);
+    ok(&e, &["volume", "delete", "web"]);
+    fails(&e, &["volume", "info", "web"], "volume 'web' not found");
+}
+
+#[test]
+fn checkpoint_lifecycle() {
+    let e = env();
+    ok(&e, &["volume", "create", "vm", "--size", "16M"]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "vm",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x11",
+            "--length",
+            "1M",
+        ],
+    );
+    ok(
+        &e,
+        &["checkpoint", "create", "vm@base", "-m", "fresh install"],
+    );
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "vm",
+            "--offset",
+            "65536",
+            "--pattern",
+            "0x22",
+            "--length",
+            "4096",
+        ],
+    );
+    ok(&e, &["checkpoint", "create", "vm@patched"]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "vm",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x33",
+            "--length",
+            "4096",
+        ],
+    );
+
+    let cps = json(&e, &["checkpoint", "list", "vm"]);
+    assert_eq!(cps[0]["name"], "base");
+    assert_eq!(cps[0]["description"], "fresh install");
+    assert_eq!(cps[1]["parent"], "base");
+    assert_eq!(cps[1]["is_head_parent"], true);
+    let tree = ok(&e, &["checkpoint", "list", "vm", "--tree"]);
+    assert!(
+        tree.contains("base") && tree.contains("patched") && tree.contains("now"),
+        "{tree}"
+    );
+
+    let d = json(&e, &["diff", "vm@base", "vm@patched"]);
+    assert_eq!(
+        d["extents"],
+        serde_json::json!([{ "offset": 65536, "length": 4096 }])
+    );
+    let d = json(&e, &["diff", "vm@patched", "vm"]);
+    assert_eq!(d["bytes"], 4096);
+    assert!(ok(&e, &["diff", "vm@base", "vm"]).contains("range(s)"));
+
+    // Apply keeps newer checkpoints; --save-current keeps the head's state.
+    ok(
+        &e,
+        &["checkpoint", "apply", "vm@base", "--save-current", "mine"],
+    );
+    assert_eq!(read(&e, "vm", 0, 2), vec![0x11; 2]);
+    assert_eq!(read(&e, "vm", 65536, 2), vec![0x11; 2]);
+    assert_eq!(read(&e, "vm@mine", 0, 2), vec![0x33; 2]);
+    ok(&e, &["checkpoint", "apply", "vm@patched"]);
+    assert_eq!(read(&e, "vm", 65536, 2), vec![0x22; 2]);
+    assert_eq!(json(&e, &["volume", "info", "vm"])["parent"], "patched");
+
+    ok(&e, &["checkpoint", "rename", "vm@mine", "experiment"]);
+    assert_eq!(read(&e, "vm@experiment", 0, 1), vec![0x33]);
+    fails(
+        &e,
+        &[
+            "volume", "read", "vm@mine", "--offset", "0", "--length", "1",
+        ],
+        "checkpoint 'vm@mine' not found",
+    );
+
+    let sp = json(&e, &["space", "vm"]);
+    let cps = sp["volumes"][0]["checkpoints"]
+        .as_array()
+        .expect("array")
+        .clone();
+    assert_eq!(cps.len(), 3);
+    assert!(sp["allocated"].as_u64().expect("number") >= 1 << 20);
+    assert!(ok(&e, &["space"]).contains("UNIQUE"));
+    let unique_exp = cps
+        .iter()
+        .find(|c| c["name"] == "experiment")
+        .expect("listed")["unique"]
+        .as_u64()
+        .expect("n");
+    assert!(unique_exp >= 4096, "experiment holds its own 4 KiB block");
+    let before = sp["allocated"].as_u64().expect("n");
+    ok(&e, &["checkpoint", "delete", "vm@experiment"]);
+    let after = json(&e, &["space"])["allocated"].as_u64().expect("n");
+    assert_eq!(
+        before - after,
+        unique_exp + 4096,
+        "freed = unique + its catalog record"
+    );
+    assert!(ok(&e, &["fsck"]).contains("no problems"));
+}
+
+#[test]
+fn clone_survives_source_deletion() {
+    let e = env();
+    ok(&e, &["volume", "create", "gold", "--size", "8M"]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "gold",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x5a",
+            "--length",
+            "2M",
+        ],
+    );
+    ok(&e, &["checkpoint", "create", "gold@v1"]);
+    ok(&e, &["clone", "gold@v1", "test1"]);
+    assert_eq!(json(&e, &["volume", "info", "test1"])["origin"], "gold@v1");
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "test1",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x01",
+            "--length",
+            "4096",
+        ],
+    );
+    ok(&e, &["checkpoint", "delete", "gold@v1"]);
+    ok(&e, &["volume", "delete", "gold"]);
+    assert_eq!(read(&e, "test1", 0, 1), vec![0x01]);
+    assert_eq!(read(&e, "test1", 4096, 4), vec![0x5a; 4]);
+    assert!(ok(&e, &["fsck"]).contains("no problems"));
+}
+
+#[test]
+fn import_export_roundtrip() {
+    let e = env();
+    let src = e.work.join("disk.raw");
+    let mut img = vec![0u8; 5 << 20];
+    for (i, b) in img.iter_mut().enumerate().skip(1 << 20).take(1 << 20) {
+        *b = (i % 251) as u8;
+    }
+    img[(4 << 20) + 7] = 9;
+    std::fs::write(&src, &img).expect("write image");
+    ok(
+        &e,
+        &["volume", "import", "disk", src.to_str().expect("utf8")],
+    );
+    let info = json(&e, &["volume", "info", "disk"]);
+    assert_eq!(info["size"], 5 << 20);
+    assert_eq!(
+        info["referenced"],
+        (1 << 20) + 4096,
+        "zero ranges take no space"
+    );
+    ok(&e, &["checkpoint", "create", "disk@imported"]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "disk",
+            "--offset",
+            "0",
+            "--pattern",
+            "0xff",
+            "--length",
+            "4096",
+        ],
+    );
+    let out = e.work.join("out.raw");
+    ok(
+        &e,
+        &[
+            "volume",
+            "export",
+            "disk@imported",
+            out.to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        std::fs::read(&out).expect("read") == img,
+        "export of the checkpoint differs"
+    );
+    // A real peer agrees, when it is installed.
+    if let Ok(o) = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&out)
+        .output()
+    {
+        assert!(
+            o.status.success(),
+            "qemu-img compare: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+    use std::os::unix::fs::MetadataExt;
+    let used = std::fs::metadata(&out).expect("stat").blocks() * 512;
+    assert!(used < 3 << 20, "export is sparse ({used} bytes used)");
+    fails(
+        &e,
+        &["volume", "import", "x", "/nonexistent/file.raw"],
+        "cannot open /nonexistent/file.raw",
+    );
+    fails(
+        &e,
+        &["volume", "import", "disk", src.to_str().expect("utf8")],
+        "already exists",
+    );
+}
+
+#[test]
+fn bad_inputs() {
+    let e = env();
+    ok(&e, &["volume", "create", "a", "--size", "1M"]);
+    ok(&e, &["checkpoint", "create", "a@one"]);
+    fails(&e, &["volume", "info", "nope"], "volume 'nope' not found");
+    fails(
+        &e,
+        &["checkpoint", "apply", "a@nope"],
+        "checkpoint 'a@nope' not found",
+    );
+    fails(
+        &e,
+        &["checkpoint", "delete", "nope@one"],
+        "volume 'nope' not found",
+    );
+    fails(
+        &e,
+        &["volume", "create", "a", "--size", "1M"],
+        "volume 'a' already exists",
+    );
+    fails(
+        &e,
+        &["checkpoint", "create", "a@one"],
+        "checkpoint 'a@one' already exists",
+    );
+    fails(
+        &e,
+        &["checkpoint", "rename", "a@one", "bad name"],
+        "invalid name 'bad name'",
+    );
+    fails(
+        &e,
+        &["volume", "create", "bad/name", "--size", "1M"],
+        "invalid name",
+    );
+    fails(
+        &e,
+        &["volume", "create", "--size", "1M", "--", "-x"],
+        "cannot start with",
+    );
+    fails(
+        &e,
+        &["volume", "create", "b", "--size", "12Q"],
+        "unknown unit",
+    );
+    fails(
+        &e,
+        &["volume", "create", "b", "--size", "1000"],
+        "multiple of 512",
+    );
+    fails(
+        &e,
+        &["volume", "create", "b", "--size", "0"],
+        "at least 512",
+    );
+    fails(&e, &["checkpoint", "create", "a"], "names no checkpoint");
+    fails(
+        &e,
+        &[
+            "volume",
+            "write",
+            "a",
+            "--offset",
+            "1M",
+            "--pattern",
+            "0x1",
+            "--length",
+            "1",
+        ],
+        "past the end",
+    );
+    fails(
+        &e,
+        &[
+            "volume",
+            "write",
+            "a",
+            "--offset",
+            "1048000",
+            "--pattern",
+            "0x1",
+            "--length",
+            "1000",
+        ],
+        "past the end",
+    );
+    fails(
+        &e,
+        &["volume", "read", "a", "--offset", "0", "--length", "2M"],
+        "past the end",
+    );
+    fails(
+        &e,
+        &[
+            "volume",
+            "read",
+            "a@one",
+            "--offset",
+            "18446744073709551615",
+            "--length",
+            "2",
+        ],
+        "past the end",
+    );
+    fails(
+        &e,
+        &["volume", "resize", "a", "--size", "512K"],
+        "volumes only grow",
+    );
+    fails(&e, &["diff", "a", "b"], "volume 'b' not found");
+    fails(&e, &["clone", "a@one", "a"], "volume 'a' already exists");
+    fails(
+        &e,
+        &[
+            "volume",
+            "write",
+            "a",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x100",
+            "--length",
+            "1",
+        ],
+        "one byte",
+    );
+    // Nothing above changed the volume.
+    assert_eq!(json(&e, &["volume", "info", "a"])["referenced"], 0);
+    assert!(ok(&e, &["fsck"]).contains("no problems"));
+}
+
+#[test]
+fn missing_and_locked_store() {
+    let e = env();
+    let other = e.work.join("empty");
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--store", other.to_str().expect("utf8"), "volume", "list"])
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cairn init"));
+    fails(&e, &["init"], "already exists");
+    // Hold the store in this process; the CLI must name our pid.
+    let held = cairn_engine::Store::open(&e.store, cairn_engine::Options::default()).expect("open");
+    fails(
+        &e,
+        &["volume", "list"],
+        &format!("in use by process {}", std::process::id()),
+    );
+    fails(&e, &["fsck"], "in use by process");
+    drop(held);
+    ok(&e, &["volume", "list"]);
+}
+
+/// Block numbers of the metadata pages in a data file (they start with the magic "RIAC").
+fn metadata_blocks(data: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(data).expect("read data file");
+    bytes
+        .chunks(4096)
+        .enumerate()
+        .filter(|(_, c)| c.len() >= 4 && &c[0..4] == b"RIAC")
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+#[test]
+fn corruption_is_reported_not_panicked() {
+    let e = env();
+    ok(&e, &["volume", "create", "a", "--size", "8M"]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "a",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x7",
+            "--length",
+            "3M",
+        ],
+    );
+    ok(&e, &["checkpoint", "create", "a@c1"]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "a",
+            "--offset",
+            "4096",
+            "--pattern",
+            "0x8",
+            "--length",
+            "4096",
+        ],
+    );
+    assert!(ok(&e, &["fsck"]).contains("no problems"));
+    let data = e.store.join("cairn.data");
+    let pristine = std::fs::read(&data).expect("read");
+    let blocks = metadata_blocks(&data);
+    assert!(blocks.len() >= 5, "found metadata pages {blocks:?}");
+    for b in blocks {
+        let mut img = pristine.clone();
+        img[b as usize * 4096 + 2000] ^= 0x40;
+        std::fs::write(&data, &img).expect("write");
+        let o = cairn(&e, &["fsck"]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "flipped byte in block {b} went unnoticed: {out}"
+        );
+        assert!(
+            !err.contains("panicked") && !out.contains("panicked"),
+            "panic: {err}"
+        );
+        assert!(
+            out.contains(&format!("block {b}")) || out.contains("superblock"),
+            "block {b} not named: {out}"
+        );
+        // Other commands fail cleanly too, or work if they never touch the page.
+        let o = cairn(
+            &e,
+            &["volume", "read", "a", "--offset", "0", "--length", "8M"],
+        );
+        assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+    }
+    // Truncated data file.
+    std::fs::write(&data, &pristine[..pristine.len() / 2]).expect("truncate");
+    let o = cairn(&e, &["fsck"]);
+    assert!(!o.status.success(), "truncation went unnoticed");
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+    std::fs::write(&data, &pristine).expect("restore");
+    assert!(ok(&e, &["fsck"]).contains("no problems"));
+}
