@@ -505,9 +505,11 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
                 None => Box::new(std::io::stdout().lock()),
             };
             let mut off = offset;
-            let end = offset
-                .checked_add(length)
-                .context("offset + length overflows")?;
+            let end = offset.checked_add(length).with_context(|| {
+                format!(
+                    "read of {length} bytes at offset {offset} reaches past the end of any volume"
+                )
+            })?;
             let mut buf = vec![0u8; 1 << 20];
             // Check the whole range first so that a bad request writes nothing.
             store.read(&t, offset, &mut buf[..length.min(1) as usize])?;
