@@ -848,6 +848,11 @@ impl Store {
     /// Byte ranges that differ between two states of one volume, found by walking only the parts
     /// of the two trees that are not shared.
     pub fn diff(&self, a: &Target, b: &Target) -> Result<Vec<Extent>> {
+        {
+            let st = self.state();
+            st.resolve(a)?;
+            st.resolve(b)?;
+        }
         if a.volume != b.volume {
             return Err(Error::Invalid(format!(
                 "diff compares two states of one volume; got '{}' and '{}'",
