@@ -1,17 +1,556 @@
-//! `cairn bench`: the engine benchmark table (filled in below).
+//! `cairn bench`: the engine benchmark. Everything is measured in one run on the same disk, side by
+//! side with the peers the issue names (a plain file, and qcow2 backing chains through
+//! `qemu-img bench`), and printed as a Markdown table so docs/benchmarks.md can keep it verbatim.
+//!
+//! The workload follows the engine issue: a large volume with data written, then checkpoints, each
+//! followed by random 4 KiB overwrites of a fraction of the data. Head throughput is measured at each
+//! depth; checkpoint creation is timed at the 1st, 100th and 10,000th checkpoint.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use cairn_engine::{Options, Store, Target};
 use clap::Args;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const BLOCK: u64 = 4096;
 
 /// Options of `cairn bench`.
 #[derive(Args)]
 pub struct BenchArgs {
-    /// A short run (CI): small volume, few checkpoints.
+    /// A short run (seconds; CI runs it): 1 GiB volume, 64 MiB written, depths 0/10/50.
     #[arg(long)]
     pub quick: bool,
+    /// Directory for the scratch files (default: a temporary directory in the current one, so
+    /// that Cairn and the peers use the same disk).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Skip the qcow2 chain comparison.
+    #[arg(long)]
+    pub no_qcow2: bool,
 }
 
-/// Runs the benchmark.
-pub fn run(_args: &BenchArgs, _json: bool) -> Result<()> {
-    anyhow::bail!("not yet")
+struct Plan {
+    volume: u64,
+    written: u64,
+    /// Checkpoint depths at which throughput is measured (first must be 0).
+    depths: Vec<u64>,
+    /// Depths at which creation is timed; the last is the total number of checkpoints made.
+    create_marks: Vec<u64>,
+    /// Fraction of the written data overwritten after each checkpoint, by depth range.
+    overwrite: Vec<(u64, f64)>,
+    seq_bytes: u64,
+    rand_reads: u64,
+    rand_writes: u64,
+    qcow2_reads: u64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                volume: GIB,
+                written: 64 * MIB,
+                depths: vec![0, 10, 50],
+                create_marks: vec![1, 10, 100],
+                overwrite: vec![(50, 0.01), (u64::MAX, 0.001)],
+                seq_bytes: 64 * MIB,
+                rand_reads: 20_000,
+                rand_writes: 5_000,
+                qcow2_reads: 20_000,
+            }
+        } else {
+            Plan {
+                volume: 64 * GIB,
+                written: 4 * GIB,
+                depths: vec![0, 100, 1000],
+                create_marks: vec![1, 100, 10_000],
+                // 1% per checkpoint up to 100 as the issue asks; beyond that the same pattern at a
+                // lower rate so the run fits this machine's disk and time (see docs/benchmarks.md).
+                overwrite: vec![(100, 0.01), (1000, 0.001), (u64::MAX, 0.0001)],
+                seq_bytes: 2 * GIB,
+                rand_reads: 100_000,
+                rand_writes: 20_000,
+                qcow2_reads: 100_000,
+            }
+        }
+    }
+
+    fn overwrite_at(&self, depth: u64) -> f64 {
+        self.overwrite
+            .iter()
+            .find(|(upto, _)| depth <= *upto)
+            .map(|(_, f)| *f)
+            .unwrap_or(0.0)
+    }
+}
+
+/// One set of head throughput figures.
+#[derive(Clone, Copy, Default)]
+struct Throughput {
+    seq_read: f64,
+    seq_write: f64,
+    rand_read: f64,
+    rand_write: f64,
+}
+
+/// Something the four workloads can run against.
+trait Disk {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()>;
+    fn write(&self, off: u64, buf: &[u8]) -> Result<()>;
+    fn flush(&self) -> Result<()>;
+}
+
+struct PlainFile(File);
+
+impl Disk for PlainFile {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        Ok(self.0.read_exact_at(buf, off)?)
+    }
+    fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
+        Ok(self.0.write_all_at(buf, off)?)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(self.0.sync_data()?)
+    }
+}
+
+struct CairnVolume<'a> {
+    store: &'a Store,
+    head: Target,
+}
+
+impl Disk for CairnVolume<'_> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        Ok(self.store.read(&self.head, off, buf)?)
+    }
+    fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
+        Ok(self.store.write(&self.head.volume, off, buf)?)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(self.store.flush()?)
+    }
+}
+
+fn fill(disk: &dyn Disk, bytes: u64, seed: u64) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; MIB as usize];
+    let mut off = 0;
+    while off < bytes {
+        rng.fill(&mut buf[..]);
+        disk.write(off, &buf)?;
+        off += MIB;
+    }
+    disk.flush()
+}
+
+fn measure(disk: &dyn Disk, plan: &Plan, seed: u64) -> Result<Throughput> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; MIB as usize];
+    let seq = plan.seq_bytes.min(plan.written);
+
+    let t = Instant::now();
+    let mut off = 0;
+    while off < seq {
+        disk.read(off, &mut buf)?;
+        off += MIB;
+    }
+    let seq_read = seq as f64 / MIB as f64 / t.elapsed().as_secs_f64();
+
+    let blocks = plan.written / BLOCK;
+    let t = Instant::now();
+    for _ in 0..plan.rand_reads {
+        let b = rng.random_range(0..blocks);
+        disk.read(b * BLOCK, &mut buf[..BLOCK as usize])?;
+    }
+    let rand_read = plan.rand_reads as f64 / t.elapsed().as_secs_f64();
+
+    rng.fill(&mut buf[..]);
+    let t = Instant::now();
+    let mut off = 0;
+    while off < seq {
+        disk.write(off, &buf)?;
+        off += MIB;
+    }
+    let before_flush = t.elapsed();
+    disk.flush()?;
+    if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
+        eprintln!(
+            "bench: seq write {before_flush:?} + flush {:?}",
+            t.elapsed() - before_flush
+        );
+    }
+    let seq_write = seq as f64 / MIB as f64 / t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    for i in 0..plan.rand_writes {
+        let b = rng.random_range(0..blocks);
+        buf[0..8].copy_from_slice(&i.to_le_bytes());
+        disk.write(b * BLOCK, &buf[..BLOCK as usize])?;
+    }
+    disk.flush()?;
+    let rand_write = plan.rand_writes as f64 / t.elapsed().as_secs_f64();
+    Ok(Throughput {
+        seq_read,
+        seq_write,
+        rand_read,
+        rand_write,
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Runs `qemu-img bench` reads (queue depth 1, 4 KiB, 1 MiB + 4 KiB stride) and returns IOPS.
+fn qemu_bench(image: &Path, format: &str, count: u64) -> Result<f64> {
+    let out = Command::new("qemu-img")
+        .args([
+            "bench",
+            "-f",
+            format,
+            "-c",
+            &count.to_string(),
+            "-d",
+            "1",
+            "-s",
+            "4096",
+        ])
+        .args([
+            "-S",
+            &(MIB + BLOCK).to_string(),
+            "-t",
+            "writeback",
+            "-i",
+            "threads",
+        ])
+        .arg(image)
+        .output()
+        .context("running qemu-img bench")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "qemu-img bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let secs: f64 = text
+        .split("Run completed in ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .context("unexpected qemu-img bench output")?;
+    Ok(count as f64 / secs)
+}
+
+fn run_ok(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Builds a qcow2 chain on a base converted from `raw`, each overlay holding a few scattered 64 KiB
+/// writes, and calls `at` with the top image whenever the chain reaches one of `depths`.
+fn qcow2_chain(
+    dir: &Path,
+    raw: &Path,
+    depths: &[u64],
+    written: u64,
+    mut at: impl FnMut(u64, &Path) -> Result<()>,
+) -> Result<()> {
+    let base = dir.join("chain-0.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(raw)
+            .arg(&base),
+    )?;
+    let mut top = base;
+    let mut rng = StdRng::seed_from_u64(7);
+    let max = depths.iter().copied().max().unwrap_or(0);
+    for d in 0..=max {
+        if d > 0 {
+            let next = dir.join(format!("chain-{d}.qcow2"));
+            run_ok(
+                Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                    .arg(&top)
+                    .arg(&next),
+            )?;
+            let mut io = Command::new("qemu-io");
+            io.args(["-f", "qcow2"]);
+            for _ in 0..4 {
+                let off = rng.random_range(0..written / (64 * 1024)) * 64 * 1024;
+                io.args(["-c", &format!("write -q -P {} {off} 64k", d % 256)]);
+            }
+            run_ok(io.arg(&next))?;
+            top = next;
+        }
+        if depths.contains(&d) {
+            at(d, &top)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the benchmark and prints the tables.
+pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
+    let plan = Plan::new(args.quick);
+    let parent = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let tmp = tempdir_in(&parent)?;
+    let dir = tmp.path.clone();
+    let mut report = String::new();
+    let started = Instant::now();
+    eprintln!("bench: scratch directory {}", dir.display());
+
+    // Plain file.
+    let plain_path = dir.join("plain.raw");
+    let plain = PlainFile(
+        File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&plain_path)?,
+    );
+    plain.0.set_len(plan.written)?;
+    fill(&plain, plan.written, 1)?;
+    let file_tp = measure(&plain, &plan, 2)?;
+    eprintln!("bench: plain file done ({:.0?})", started.elapsed());
+
+    // Cairn.
+    let store_dir = dir.join("store");
+    let store = Store::init(&store_dir, Options::default())?;
+    store.create_volume("bench", plan.volume)?;
+    let vol = CairnVolume {
+        store: &store,
+        head: Target::head("bench"),
+    };
+    fill(&vol, plan.written, 1)?;
+    let mut tps = Vec::new();
+    let mut creates: Vec<(u64, f64)> = Vec::new();
+    let mut depth = 0u64;
+    let mut rng = StdRng::seed_from_u64(3);
+    let blocks = plan.written / BLOCK;
+    let mut buf = vec![0u8; BLOCK as usize];
+    let last = *plan.create_marks.last().unwrap_or(&0);
+    let mut mark_samples: Vec<f64> = Vec::new();
+    while depth <= last {
+        if plan.depths.contains(&depth) && !tps.iter().any(|(d, _)| *d == depth) {
+            tps.push((depth, measure(&vol, &plan, 10 + depth)?));
+            eprintln!(
+                "bench: cairn at depth {depth} done ({:.0?})",
+                started.elapsed()
+            );
+        }
+        if depth == last {
+            break;
+        }
+        // Take checkpoint depth+1 on flushed state, so the time is the checkpoint's own.
+        store.flush()?;
+        let t = Instant::now();
+        store.create_checkpoint("bench", &format!("c{}", depth + 1), None)?;
+        let secs = t.elapsed().as_secs_f64();
+        depth += 1;
+        // Median over the 11 checkpoints centred on each mark (the mark itself included).
+        for &m in &plan.create_marks {
+            if depth + 5 >= m && depth <= m + 5 {
+                mark_samples.push(secs);
+                if depth == m + 5 || (depth == last && m == last) {
+                    creates.push((m, median(&mut mark_samples)));
+                    mark_samples.clear();
+                }
+            }
+        }
+        let n = (blocks as f64 * plan.overwrite_at(depth)).round() as u64;
+        for i in 0..n {
+            let b = rng.random_range(0..blocks);
+            buf[0..8].copy_from_slice(&(depth * 1_000_000 + i).to_le_bytes());
+            store.write("bench", b * BLOCK, &buf)?;
+        }
+    }
+    // A checkpoint holding exactly 1% unique data: write 1%, checkpoint, overwrite the same blocks.
+    let n = (blocks as f64 * 0.01).round() as u64;
+    let picks: Vec<u64> = (0..n).map(|_| rng.random_range(0..blocks)).collect();
+    store.create_checkpoint("bench", "x-before", None)?;
+    for (i, b) in picks.iter().enumerate() {
+        buf[0..8].copy_from_slice(&(i as u64).to_le_bytes());
+        store.write("bench", b * BLOCK, &buf)?;
+    }
+    store.create_checkpoint("bench", "x-unique", None)?;
+    for b in &picks {
+        buf[8] ^= 1;
+        store.write("bench", b * BLOCK, &buf)?;
+    }
+    store.create_checkpoint("bench", "x-after", None)?;
+    let t = Instant::now();
+    let d = store.diff(
+        &Target::parse("bench@x-before")?,
+        &Target::parse("bench@x-unique")?,
+    )?;
+    let diff_secs = t.elapsed().as_secs_f64();
+    let diff_bytes: u64 = d.iter().map(|e| e.length).sum();
+    let space = store.space(Some("bench"))?;
+    let unique = space.volumes[0]
+        .checkpoints
+        .iter()
+        .find(|c| c.name == "x-unique")
+        .map(|c| c.unique)
+        .unwrap_or(0);
+    let t = Instant::now();
+    store.delete_checkpoint("bench", "x-unique")?;
+    let delete_secs = t.elapsed().as_secs_f64();
+    let checkpoints = store.list_checkpoints("bench")?.len();
+    drop(store);
+    let t = Instant::now();
+    let reopened = Store::open(&store_dir, Options::default())?;
+    let open_secs = t.elapsed().as_secs_f64();
+    let mut one = [0u8; 4096];
+    reopened.read(&Target::head("bench"), 0, &mut one)?;
+    drop(reopened);
+    let rss = peak_rss_mib();
+    eprintln!("bench: cairn done ({:.0?})", started.elapsed());
+
+    // qcow2 chains of the same depths, and the raw file through the same tool.
+    let mut qcow: Vec<(u64, f64)> = Vec::new();
+    let mut qraw = None;
+    if !args.no_qcow2 && Command::new("qemu-img").arg("--version").output().is_ok() {
+        qraw = Some(qemu_bench(&plain_path, "raw", plan.qcow2_reads)?);
+        qcow2_chain(&dir, &plain_path, &plan.depths, plan.written, |d, top| {
+            qcow.push((d, qemu_bench(top, "qcow2", plan.qcow2_reads)?));
+            eprintln!(
+                "bench: qcow2 chain depth {d} done ({:.0?})",
+                started.elapsed()
+            );
+            Ok(())
+        })?;
+    }
+
+    let base = tps.first().map(|(_, t)| *t).unwrap_or_default();
+    let depth_cols: Vec<String> = tps.iter().map(|(d, _)| format!("cairn @{d}")).collect();
+    report.push_str(&format!(
+        "Volume {} GiB, {} MiB written; after each checkpoint, random 4 KiB overwrites of {} of the written data.\n\n",
+        plan.volume / GIB,
+        plan.written / MIB,
+        plan.overwrite.iter().map(|(u, f)| if *u == u64::MAX { format!("{}% beyond", f * 100.0) } else { format!("{}% up to depth {u}", f * 100.0) }).collect::<Vec<_>>().join(", ")
+    ));
+    report.push_str(&format!(
+        "| head workload | plain file | {} | worst depth / depth 0 | worst cairn / file |\n",
+        depth_cols.join(" | ")
+    ));
+    report.push_str(&format!("|---|---|{}---|---|\n", "---|".repeat(tps.len())));
+    type Pick = fn(&Throughput) -> f64;
+    let rows: [(&str, Pick, &str); 4] = [
+        ("sequential 1 MiB read", |t| t.seq_read, "MiB/s"),
+        ("sequential 1 MiB write (+flush)", |t| t.seq_write, "MiB/s"),
+        ("random 4 KiB read, qd1", |t| t.rand_read, "IOPS"),
+        ("random 4 KiB write, qd1 (+flush)", |t| t.rand_write, "IOPS"),
+    ];
+    for (name, f, unit) in rows {
+        let worst = tps.iter().map(|(_, t)| f(t)).fold(f64::INFINITY, f64::min);
+        report.push_str(&format!(
+            "| {name} | {:.0} {unit} | {} | {:.2} | {:.2} |\n",
+            f(&file_tp),
+            tps.iter()
+                .map(|(_, t)| format!("{:.0}", f(t)))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            worst / f(&base),
+            worst / f(&file_tp)
+        ));
+    }
+    if let Some(raw) = qraw {
+        report.push_str(&format!(
+            "\nqcow2 backing chain of the same depths, `qemu-img bench` 4 KiB reads at qd1 (1 MiB+4 KiB stride); raw file through the same tool: {raw:.0} IOPS\n\n| chain depth | IOPS | vs depth 0 |\n|---|---|---|\n"
+        ));
+        let q0 = qcow.first().map(|(_, v)| *v).unwrap_or(1.0);
+        for (d, v) in &qcow {
+            report.push_str(&format!("| {d} | {v:.0} | {:.2} |\n", v / q0));
+        }
+    }
+    report.push_str("\n| operation | result |\n|---|---|\n");
+    for (m, s) in &creates {
+        report.push_str(&format!("| create checkpoint #{m} (median of 11 around it, incl. its own commit) | {:.3} ms |\n", s * 1e3));
+    }
+    report.push_str(&format!(
+        "| delete a checkpoint holding {} unique ({} blocks overwritten after it) | {:.1} ms |\n",
+        cairn_units(unique),
+        n,
+        delete_secs * 1e3
+    ));
+    report.push_str(&format!(
+        "| diff of two checkpoints 1% apart ({} reported) | {:.1} ms |\n",
+        cairn_units(diff_bytes),
+        diff_secs * 1e3
+    ));
+    report.push_str(&format!(
+        "| open the store with {checkpoints} checkpoints + first read | {:.1} ms |\n",
+        open_secs * 1e3
+    ));
+    report.push_str(&format!(
+        "| peak memory of the whole benchmark process | {rss:.0} MiB |\n"
+    ));
+    report.push_str(&format!(
+        "\ntotal benchmark time {:.0} s\n",
+        started.elapsed().as_secs_f64()
+    ));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "markdown": report }))?
+        );
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+fn cairn_units(b: u64) -> String {
+    crate::units::human(b)
+}
+
+/// A scratch directory removed on drop.
+struct TempDir {
+    path: PathBuf,
+}
+
+fn tempdir_in(parent: &Path) -> Result<TempDir> {
+    let path = parent.join(format!(".cairn-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    // qcow2 overlays record their backing file by this path: it must not be relative.
+    let path = path.canonicalize()?;
+    Ok(TempDir { path })
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }

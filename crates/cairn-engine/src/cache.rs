@@ -5,7 +5,8 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::format::{verify, Page, PageKind, BLOCK_SIZE};
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 
 struct Cached {
     page: Box<Page>,
@@ -14,7 +15,8 @@ struct Cached {
 
 /// Metadata pages by block number.
 pub struct PageCache {
-    map: HashMap<u64, Cached>,
+    // Fx instead of SipHash: keys are block numbers we chose, and hashing was a measured cost.
+    map: FxHashMap<u64, Cached>,
     order: VecDeque<u64>,
     capacity: usize,
     dirty: usize,
@@ -25,7 +27,7 @@ impl PageCache {
     /// A cache holding at most `capacity` clean pages (dirty pages may exceed it until commit).
     pub fn new(capacity: usize, path: &str) -> Self {
         PageCache {
-            map: HashMap::new(),
+            map: FxHashMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(16),
             dirty: 0,

@@ -12,7 +12,7 @@ use crate::format::{
     entry, is_refcount_block, new_page, refcount, refcount_slot, set_refcount, Page, PageKind,
     Superblock, BLOCK_SIZE, FANOUT, GROUP_BLOCKS,
 };
-use std::collections::HashSet;
+use rustc_hash::FxHashSet;
 use std::sync::Arc;
 
 /// Metadata state shared by every tree in the store.
@@ -26,10 +26,10 @@ pub struct Meta {
     /// In-memory superblock, written at each commit.
     pub sb: Superblock,
     /// Blocks freed since the last journal reset: not reusable yet.
-    pub quarantine: HashSet<u64>,
+    pub quarantine: FxHashSet<u64>,
     /// Blocks whose count dropped since the last commit: the durable state may still share them,
     /// so their data must not be overwritten in place.
-    pub decremented: HashSet<u64>,
+    pub decremented: FxHashSet<u64>,
     /// Data was written since the last commit.
     pub data_written: bool,
 }

@@ -18,7 +18,7 @@ use crate::format::{
 use crate::journal::Journal;
 use crate::meta::Meta;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -374,8 +374,8 @@ impl Store {
             path: dpath,
             cache: PageCache::new(opts.cache_pages, path),
             sb,
-            quarantine: HashSet::new(),
-            decremented: HashSet::new(),
+            quarantine: Default::default(),
+            decremented: Default::default(),
             data_written: false,
         };
         let mut st = State {
