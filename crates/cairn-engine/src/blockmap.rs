@@ -79,12 +79,11 @@ impl Meta {
             return Ok(node);
         }
         let copy = Box::new(*self.cache.get(&*self.dev, node, PageKind::Tree)?);
-        for i in 0..FANOUT {
-            let e = entry(&copy, i);
-            if e != 0 {
-                self.incref(e)?;
-            }
-        }
+        let mut children: Vec<u64> = (0..FANOUT)
+            .map(|i| entry(&copy, i))
+            .filter(|&e| e != 0)
+            .collect();
+        self.incref_all(&mut children)?;
         let shadow = self.alloc_page(copy)?;
         self.decref(node, Some(level))?;
         Ok(shadow)
@@ -106,29 +105,96 @@ impl Meta {
         Ok(p)
     }
 
-    /// Maps `vbn` of a private `leaf` to a block the caller may write, allocating or breaking
-    /// sharing as needed. `mapped` counts the tree's mapped blocks.
-    pub fn map_for_write(&mut self, leaf: u64, vbn: u64, mapped: &mut u64) -> Result<(u64, Fill)> {
+    /// First phase of a write of `count` blocks from `vbn`: for each block, where its data goes. A
+    /// block only this tree references, whose sharing did not end in this transaction, is written in
+    /// place; any other gets a fresh reserved block (to fill with zeros or a copy of the old one for
+    /// a partial write) that [`Meta::link_write`] links once the data is written.
+    pub fn prepare_write(
+        &mut self,
+        root: u64,
+        depth: u32,
+        mut vbn: u64,
+        count: u64,
+        out: &mut Vec<(u64, Fill)>,
+    ) -> Result<()> {
+        let end = vbn + count;
+        while vbn < end {
+            let stop = ((vbn / FANOUT + 1) * FANOUT).min(end);
+            // Whether any page on the path is shared: then every block below is shared too.
+            let mut shared = false;
+            let mut p = root;
+            for level in (0..depth).rev() {
+                if p == 0 {
+                    break;
+                }
+                shared |= self.rc(p)? > 1;
+                if level > 0 {
+                    let idx = (vbn / span(level)) % FANOUT;
+                    p = entry(self.cache.get(&*self.dev, p, PageKind::Tree)?, idx);
+                }
+            }
+            for v in vbn..stop {
+                let x = if p == 0 {
+                    0
+                } else {
+                    entry(self.cache.get(&*self.dev, p, PageKind::Tree)?, v % FANOUT)
+                };
+                if x != 0 && !shared && self.rc(x)? == 1 && !self.decremented.contains(&x) {
+                    out.push((x, Fill::InPlace));
+                } else {
+                    let y = self.reserve()?;
+                    out.push((
+                        y,
+                        if x == 0 {
+                            Fill::Zero
+                        } else {
+                            Fill::CopyFrom(x)
+                        },
+                    ));
+                }
+            }
+            vbn = stop;
+        }
+        Ok(())
+    }
+
+    /// Last phase of a write: points `vbn` at `block` (reserved by [`Meta::prepare_write`], its data
+    /// now written), making the path private and dropping the block it replaces. `mapped` counts the
+    /// tree's mapped blocks.
+    pub fn link_write(
+        &mut self,
+        root: &mut u64,
+        depth: u32,
+        vbn: u64,
+        block: u64,
+        leaf: &mut Option<(u64, u64)>,
+        mapped: &mut u64,
+    ) -> Result<()> {
+        // `leaf` caches (leaf number, private leaf page) across calls under one lock hold.
+        let page = match *leaf {
+            Some((n, page)) if n == vbn / FANOUT => page,
+            _ => {
+                let page = self.leaf_for_write(root, depth, vbn)?;
+                *leaf = Some((vbn / FANOUT, page));
+                page
+            }
+        };
         let idx = vbn % FANOUT;
-        let x = entry(self.cache.get(&*self.dev, leaf, PageKind::Tree)?, idx);
-        if x != 0 && self.rc(x)? == 1 && !self.decremented.contains(&x) {
-            return Ok((x, Fill::InPlace));
-        }
-        let y = self.alloc()?;
+        let old = entry(self.cache.get(&*self.dev, page, PageKind::Tree)?, idx);
         set_entry(
-            self.cache.get_mut(&*self.dev, leaf, PageKind::Tree)?,
+            self.cache.get_mut(&*self.dev, page, PageKind::Tree)?,
             idx,
-            y,
+            block,
         );
-        if x == 0 {
+        self.link(block)?;
+        if old == 0 {
             *mapped += 1;
-            Ok((y, Fill::Zero))
         } else {
-            // Either shared, or its sharing ended in this transaction: copy it. A freed `x` stays
-            // quarantined, so its bytes are still there to copy.
-            self.decref(x, None)?;
-            Ok((y, Fill::CopyFrom(x)))
+            // Either shared, or a concurrent write to the same block linked first: drop it. A
+            // freed block stays quarantined, so a copy from it in flight still reads its bytes.
+            self.decref(old, None)?;
         }
+        Ok(())
     }
 
     /// Number of mapped data blocks under `node` (a page at `level`).

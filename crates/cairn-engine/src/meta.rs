@@ -25,8 +25,14 @@ pub struct Meta {
     pub cache: PageCache,
     /// In-memory superblock, written at each commit.
     pub sb: Superblock,
-    /// Blocks freed since the last journal reset: not reusable yet.
+    /// Blocks freed and not yet reusable: until the next journal reset, and then until no request
+    /// that might still read them is in flight (see `ready`).
     pub quarantine: FxHashSet<u64>,
+    /// Quarantined blocks whose journal reset is done; released when the store is quiescent.
+    pub ready: Vec<u64>,
+    /// Blocks handed to writes in flight, linked into a tree once their data is written. Their
+    /// count stays 0 on disk, so a crash before linking leaks nothing.
+    pub reserved: FxHashSet<u64>,
     /// Blocks whose count dropped since the last commit: the durable state may still share them,
     /// so their data must not be overwritten in place.
     pub decremented: FxHashSet<u64>,
@@ -85,6 +91,29 @@ impl Meta {
         self.set_rc(b, rc)
     }
 
+    /// Adds one reference to every block in `blocks` (sorted here), touching each refcount page once:
+    /// shadowing a page references all its children, and they are mostly neighbours.
+    pub fn incref_all(&mut self, blocks: &mut [u64]) -> Result<()> {
+        for &b in blocks.iter() {
+            self.check_block(b)?;
+        }
+        blocks.sort_unstable();
+        let mut i = 0;
+        while i < blocks.len() {
+            let (pg, _) = refcount_slot(blocks[i]);
+            let page = self.cache.get_mut(&*self.dev, pg, PageKind::Refcount)?;
+            while i < blocks.len() && refcount_slot(blocks[i]).0 == pg {
+                let (_, idx) = refcount_slot(blocks[i]);
+                let rc = refcount(page, idx)
+                    .checked_add(1)
+                    .ok_or_else(|| Error::corrupt(blocks[i], "reference count overflow"))?;
+                set_refcount(page, idx, rc);
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Drops one reference to `b`; blocks reaching 0 are freed, and a freed tree page drops the
     /// references it holds in turn. Work is proportional to what gets freed.
     pub fn decref(&mut self, b: u64, level: Level) -> Result<()> {
@@ -115,9 +144,9 @@ impl Meta {
         Ok(())
     }
 
-    /// Allocates a block (reference count 1), preferring the lowest free one from the cursor so
-    /// that consecutive allocations are contiguous on the host.
-    pub fn alloc(&mut self) -> Result<u64> {
+    /// Finds a free block (count 0, not quarantined, not reserved), preferring the lowest one from the
+    /// cursor so that consecutive allocations are contiguous on the host. Does not claim it.
+    fn find_free(&mut self) -> Result<u64> {
         let hw = self.sb.high_water;
         let mut b = self.sb.alloc_cursor.max(2);
         while b < hw {
@@ -128,11 +157,14 @@ impl Meta {
             let (pg, _) = refcount_slot(b);
             let end = (pg + GROUP_BLOCKS).min(hw);
             let page = self.cache.get(&*self.dev, pg, PageKind::Refcount)?;
-            let found = (b..end)
-                .find(|&x| refcount(page, x - pg - 1) == 0 && !self.quarantine.contains(&x));
+            let found = (b..end).find(|&x| {
+                refcount(page, x - pg - 1) == 0
+                    && !self.quarantine.contains(&x)
+                    && !self.reserved.contains(&x)
+            });
             if let Some(x) = found {
                 self.sb.alloc_cursor = x + 1;
-                return self.take(x);
+                return Ok(x);
             }
             b = end;
         }
@@ -143,7 +175,31 @@ impl Meta {
         }
         self.sb.high_water = b + 1;
         self.sb.alloc_cursor = b + 1;
+        Ok(b)
+    }
+
+    /// Allocates a block with reference count 1.
+    pub fn alloc(&mut self) -> Result<u64> {
+        let b = self.find_free()?;
         self.take(b)
+    }
+
+    /// Sets a free block aside for a write in flight; `link` or `unreserve` it afterwards.
+    pub fn reserve(&mut self) -> Result<u64> {
+        let b = self.find_free()?;
+        self.reserved.insert(b);
+        Ok(b)
+    }
+
+    /// Claims a reserved block (reference count 1) as its pointer is stored.
+    pub fn link(&mut self, b: u64) -> Result<()> {
+        self.reserved.remove(&b);
+        self.take(b).map(|_| ())
+    }
+
+    /// Gives back a reserved block that will not be linked.
+    pub fn unreserve(&mut self, b: u64) {
+        self.reserved.remove(&b);
     }
 
     fn take(&mut self, b: u64) -> Result<u64> {
@@ -159,11 +215,21 @@ impl Meta {
         Ok(b)
     }
 
-    /// Makes quarantined blocks allocatable again and punches them out of the host file. Call only
-    /// after the journal was reset.
-    pub fn release_quarantine(&mut self) -> Result<()> {
-        let mut blocks: Vec<u64> = self.quarantine.drain().collect();
+    /// Called after a journal reset: every block freed so far can no longer be overwritten by a
+    /// replayed journal record.
+    pub fn journal_was_reset(&mut self) {
+        self.ready.extend(self.quarantine.iter().copied());
+    }
+
+    /// Makes ready blocks allocatable again and punches them out of the host file. The caller
+    /// guarantees no request that looked them up is still in flight.
+    pub fn release_ready(&mut self) {
+        let mut blocks = std::mem::take(&mut self.ready);
         blocks.sort_unstable();
+        blocks.dedup();
+        for b in &blocks {
+            self.quarantine.remove(b);
+        }
         if let Some(&first) = blocks.first() {
             self.sb.alloc_cursor = self.sb.alloc_cursor.min(first);
         }
@@ -182,6 +248,5 @@ impl Meta {
                 .dev
                 .punch_hole(start * BLOCK_SIZE as u64, (end - start) * BLOCK_SIZE as u64);
         }
-        Ok(())
     }
 }

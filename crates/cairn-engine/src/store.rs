@@ -2,10 +2,13 @@
 //! their checkpoints. `Store` is the engine's public face and is safe to use from many threads.
 //!
 //! Concurrency: metadata lives behind one mutex that is held only for mapping work (microseconds);
-//! data I/O happens outside it. An I/O gate (a read-write lock) is held shared by every read and
-//! write while its data I/O is in flight, and exclusively by commits and checkpoint operations, so a
-//! checkpoint contains exactly the writes acknowledged before it, and no block is released while a
-//! request may still touch it.
+//! data I/O happens outside it. A write reserves its new blocks, writes the data unlocked, then
+//! links the blocks, so a commit never sees a mapping whose data is not written and needs to wait
+//! for nothing in flight. Each volume has a gate (a read-write lock): reads and writes hold it
+//! shared, operations that change what a tree *is* (checkpoint, apply, resize, delete) hold it
+//! exclusively, so a checkpoint waits only for the writes in flight on its own volume and contains
+//! exactly those acknowledged before it. A store-wide gate is taken exclusively only to release
+//! freed blocks for reuse, so that no request that looked a block up can still be reading it.
 
 use crate::blockmap::Fill;
 use crate::cache::PageCache;
@@ -236,6 +239,7 @@ struct State {
 pub struct Store {
     state: Mutex<State>,
     gate: RwLock<()>,
+    volume_gates: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
     data: Arc<dyn Device>,
     journal_dev: Arc<dyn Device>,
     stripes: Vec<Mutex<()>>,
@@ -248,6 +252,14 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+fn read_lock(g: &RwLock<()>) -> std::sync::RwLockReadGuard<'_, ()> {
+    g.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock(g: &RwLock<()>) -> std::sync::RwLockWriteGuard<'_, ()> {
+    g.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -375,6 +387,8 @@ impl Store {
             cache: PageCache::new(opts.cache_pages, path),
             sb,
             quarantine: Default::default(),
+            ready: Vec::new(),
+            reserved: Default::default(),
             decremented: Default::default(),
             data_written: false,
         };
@@ -393,6 +407,7 @@ impl Store {
         Ok(Store {
             state: Mutex::new(st),
             gate: RwLock::new(()),
+            volume_gates: Mutex::new(HashMap::new()),
             data,
             journal_dev,
             stripes: (0..64).map(|_| Mutex::new(())).collect(),
@@ -418,10 +433,39 @@ impl Store {
         self.gate.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The gate of a volume, looked up by name.
+    fn volume_gate(&self, name: &str) -> Result<(u64, Arc<RwLock<()>>)> {
+        let id = self.state().volume_id(name)?;
+        let g = lock(&self.volume_gates)
+            .entry(id)
+            .or_insert_with(|| Arc::new(RwLock::new(())))
+            .clone();
+        Ok((id, g))
+    }
+
     /// Makes every write acknowledged so far durable.
     pub fn flush(&self) -> Result<()> {
+        let _g = self.shared();
+        self.state().commit(false)?;
+        drop(_g);
+        self.try_release_space();
+        Ok(())
+    }
+
+    /// Returns freed blocks to the allocator and the host once no request can still read them.
+    fn release_space(&self) {
         let _g = self.exclusive();
-        self.state().commit(false)
+        self.state().meta.release_ready();
+    }
+
+    /// Like `release_space`, but only if the store happens to be quiescent.
+    fn try_release_space(&self) {
+        if let Ok(_g) = self.gate.try_write() {
+            let mut st = self.state();
+            if !st.meta.ready.is_empty() {
+                st.meta.release_ready();
+            }
+        }
     }
 
     fn maybe_commit(&self) -> Result<()> {
@@ -439,7 +483,7 @@ impl Store {
     pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
         validate_name(name)?;
         check_size(name, size)?;
-        let _g = self.exclusive();
+        let _g = self.shared();
         let mut st = self.state();
         if st.volume_ids.contains_key(name) {
             return Err(Error::VolumeExists(name.into()));
@@ -484,7 +528,9 @@ impl Store {
     /// Grows a volume; shrinking is refused since it would silently drop data.
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
         check_size(name, size)?;
-        let _g = self.exclusive();
+        let (_, vg) = self.volume_gate(name)?;
+        let _g = self.shared();
+        let _v = write_lock(&vg);
         let mut st = self.state();
         let id = st.volume_id(name)?;
         let v = st.volumes[&id].clone();
@@ -507,38 +553,25 @@ impl Store {
 
     /// Deletes a volume with all its checkpoints; clones made from it are unaffected.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
-        let _g = self.exclusive();
-        let mut st = self.state();
-        let id = st.volume_id(name)?;
-        let cps: Vec<u64> = st
-            .checkpoints
-            .values()
-            .filter(|c| c.volume == id)
-            .map(|c| c.id)
-            .collect();
-        for c in cps {
-            st.drop_checkpoint(c)?;
+        let (vid, vg) = self.volume_gate(name)?;
+        {
+            let _g = self.shared();
+            let _v = write_lock(&vg);
+            self.state().delete_volume(name)?;
         }
-        let v = st
-            .volumes
-            .remove(&id)
-            .ok_or_else(|| Error::UnknownVolume(name.into()))?;
-        st.volume_ids.remove(&v.name);
-        if v.root != 0 {
-            st.meta.decref(v.root, Some(tree_depth(v.size) - 1))?;
-        }
-        st.dirty_records.remove(&id);
-        st.deleted_records.insert(id);
-        st.commit(true)
+        lock(&self.volume_gates).remove(&vid);
+        self.release_space();
+        Ok(())
     }
-
     /// Writes `data` at byte `offset` of a volume's head. Not durable until `flush`.
     pub fn write(&self, volume: &str, offset: u64, data: &[u8]) -> Result<()> {
         if data.is_empty() {
             return self.check_range("write", &Target::head(volume), offset, 0);
         }
         self.maybe_commit()?;
+        let (vid, vg) = self.volume_gate(volume)?;
         let _g = self.shared();
+        let _v = read_lock(&vg);
         let first = offset / BS;
         let end = offset + data.len() as u64;
         let last = (end - 1) / BS;
@@ -552,7 +585,31 @@ impl Store {
         stripe_ids.sort_unstable();
         stripe_ids.dedup();
         let _stripes: Vec<_> = stripe_ids.iter().map(|&i| lock(&self.stripes[i])).collect();
-        let plan = self.state().plan_write(volume, offset, data.len() as u64)?;
+        let plan = self
+            .state()
+            .prepare_write(vid, volume, offset, data.len() as u64)?;
+        let io = self.write_planned(&plan, first, offset, data);
+        let mut st = self.state();
+        if io.is_err() {
+            for (b, fill) in &plan {
+                if *fill != Fill::InPlace {
+                    st.meta.unreserve(*b);
+                }
+            }
+            return io;
+        }
+        st.link_write(vid, first, &plan)
+    }
+
+    fn write_planned(
+        &self,
+        plan: &[(u64, Fill)],
+        first: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let end = offset + data.len() as u64;
+        let partial = |vbn: u64| offset > vbn * BS || end < (vbn + 1) * BS;
         let mut i = 0;
         while i < plan.len() {
             let vbn = first + i as u64;
@@ -618,7 +675,9 @@ impl Store {
         if len == 0 {
             return self.check_range("read", target, offset, 0);
         }
+        let (_, vg) = self.volume_gate(&target.volume)?;
         let _g = self.shared();
+        let _v = read_lock(&vg);
         let first = offset / BS;
         let nblocks = (offset + len).div_ceil(BS) - first;
         let phys = {
@@ -686,8 +745,10 @@ impl Store {
             )?;
         }
         self.maybe_commit()?;
-        // Exclusive: a concurrent read must not hold a block this frees.
-        let _g = self.exclusive();
+        // Freed blocks stay quarantined while reads that looked them up may be in flight.
+        let (_, vg) = self.volume_gate(volume)?;
+        let _g = self.shared();
+        let _v = read_lock(&vg);
         let mut st = self.state();
         let id = st.volume_id(volume)?;
         let v = st.volumes[&id].clone();
@@ -719,7 +780,10 @@ impl Store {
                 "description is longer than {MAX_DESCRIPTION} bytes"
             )));
         }
-        let _g = self.exclusive();
+        let (_, vg) = self.volume_gate(volume)?;
+        let _g = self.shared();
+        // Waits for the writes in flight on this volume only.
+        let _v = write_lock(&vg);
         let mut st = self.state();
         let id = st.checkpoint_in_memory(volume, name, description)?;
         st.commit(false)?;
@@ -748,45 +812,36 @@ impl Store {
         if let Some(s) = save_current {
             validate_name(s)?;
         }
-        let _g = self.exclusive();
-        let mut st = self.state();
-        let vid = st.volume_id(volume)?;
-        let cid = st.checkpoint_id(vid, volume, checkpoint)?;
-        if let Some(s) = save_current {
-            st.checkpoint_in_memory(volume, s, None)?;
-        }
-        let c = st.checkpoints[&cid].clone();
-        let v = st.volumes[&vid].clone();
-        if c.root != 0 {
-            st.meta.incref(c.root)?;
-        }
-        if v.root != 0 {
-            st.meta.decref(v.root, Some(tree_depth(v.size) - 1))?;
-        }
-        let vm = st.volume_mut(vid);
-        vm.root = c.root;
-        vm.size = c.size;
-        vm.mapped = c.mapped;
-        vm.parent = Some(cid);
-        st.commit(true)?;
-        st.volume_info(vid)
+        let (_, vg) = self.volume_gate(volume)?;
+        let info = {
+            let _g = self.shared();
+            let _v = write_lock(&vg);
+            self.state()
+                .apply_checkpoint(volume, checkpoint, save_current)?
+        };
+        self.release_space();
+        Ok(info)
     }
 
     /// Deletes one checkpoint, freeing only what nothing else references; its children are
     /// re-parented to its parent.
     pub fn delete_checkpoint(&self, volume: &str, checkpoint: &str) -> Result<()> {
-        let _g = self.exclusive();
-        let mut st = self.state();
-        let vid = st.volume_id(volume)?;
-        let cid = st.checkpoint_id(vid, volume, checkpoint)?;
-        st.drop_checkpoint(cid)?;
-        st.commit(true)
+        let (vid, vg) = self.volume_gate(volume)?;
+        {
+            let _g = self.shared();
+            let _v = write_lock(&vg);
+            let mut st = self.state();
+            let cid = st.checkpoint_id(vid, volume, checkpoint)?;
+            st.drop_checkpoint(cid)?;
+            st.commit(true)?;
+        }
+        self.release_space();
+        Ok(())
     }
 
     /// Renames a checkpoint.
     pub fn rename_checkpoint(&self, volume: &str, old: &str, new: &str) -> Result<CheckpointInfo> {
         validate_name(new)?;
-        let _g = self.exclusive();
         let mut st = self.state();
         let vid = st.volume_id(volume)?;
         let cid = st.checkpoint_id(vid, volume, old)?;
@@ -814,7 +869,7 @@ impl Store {
         new_volume: &str,
     ) -> Result<VolumeInfo> {
         validate_name(new_volume)?;
-        let _g = self.exclusive();
+        let _g = self.shared();
         let mut st = self.state();
         let vid = st.volume_id(volume)?;
         let cid = st.checkpoint_id(vid, volume, checkpoint)?;
@@ -859,7 +914,6 @@ impl Store {
                 a.volume, b.volume
             )));
         }
-        let _g = self.shared();
         let mut st = self.state();
         let (ra, da, sa) = st.resolve(a)?;
         let (rb, db, sb) = st.resolve(b)?;
@@ -879,7 +933,6 @@ impl Store {
     /// Byte ranges of a head or checkpoint that hold data (everything else reads as zeros without
     /// taking space); the cost follows the mapped size, not the volume size.
     pub fn mapped_extents(&self, target: &Target) -> Result<Vec<Extent>> {
-        let _g = self.shared();
         let mut st = self.state();
         let (root, depth, size) = st.resolve(target)?;
         let mut runs = Vec::new();
@@ -896,7 +949,6 @@ impl Store {
 
     /// Space per checkpoint and volume (all volumes if `volume` is `None`) and store totals.
     pub fn space(&self, volume: Option<&str>) -> Result<SpaceReport> {
-        let _g = self.shared();
         let mut st = self.state();
         let ids: Vec<u64> = match volume {
             Some(n) => vec![st.volume_id(n)?],
@@ -969,7 +1021,8 @@ impl Store {
     pub fn fsck(&self) -> Result<crate::fsck::FsckReport> {
         let _g = self.exclusive();
         let mut st = self.state();
-        st.commit(false)?;
+        st.commit(true)?;
+        st.meta.release_ready();
         Ok(crate::fsck::check(&*self.data, &st.meta.path))
     }
 }
@@ -979,8 +1032,11 @@ impl Drop for Store {
         // Closing a store is a flush, as closing a disk would be; errors have nowhere to go here, and
         // whatever was not committed is exactly what a crash would have lost.
         // A clean close also empties the journal, so the next open replays nothing.
-        let mut st = self.state();
-        let _ = st.commit(true);
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock(&self.state);
+        if st.commit(true).is_ok() {
+            st.meta.release_ready();
+        }
     }
 }
 
@@ -1033,6 +1089,58 @@ fn check_range(op: &'static str, t: &Target, offset: u64, len: u64, size: u64) -
 }
 
 impl State {
+    fn delete_volume(&mut self, name: &str) -> Result<()> {
+        let id = self.volume_id(name)?;
+        let cps: Vec<u64> = self
+            .checkpoints
+            .values()
+            .filter(|c| c.volume == id)
+            .map(|c| c.id)
+            .collect();
+        for c in cps {
+            self.drop_checkpoint(c)?;
+        }
+        let v = self
+            .volumes
+            .remove(&id)
+            .ok_or_else(|| Error::UnknownVolume(name.into()))?;
+        self.volume_ids.remove(&v.name);
+        if v.root != 0 {
+            self.meta.decref(v.root, Some(tree_depth(v.size) - 1))?;
+        }
+        self.dirty_records.remove(&id);
+        self.deleted_records.insert(id);
+        self.commit(true)
+    }
+
+    fn apply_checkpoint(
+        &mut self,
+        volume: &str,
+        checkpoint: &str,
+        save_current: Option<&str>,
+    ) -> Result<VolumeInfo> {
+        let vid = self.volume_id(volume)?;
+        let cid = self.checkpoint_id(vid, volume, checkpoint)?;
+        if let Some(s) = save_current {
+            self.checkpoint_in_memory(volume, s, None)?;
+        }
+        let c = self.checkpoints[&cid].clone();
+        let v = self.volumes[&vid].clone();
+        if c.root != 0 {
+            self.meta.incref(c.root)?;
+        }
+        if v.root != 0 {
+            self.meta.decref(v.root, Some(tree_depth(v.size) - 1))?;
+        }
+        let vm = self.volume_mut(vid);
+        vm.root = c.root;
+        vm.size = c.size;
+        vm.mapped = c.mapped;
+        vm.parent = Some(cid);
+        self.commit(true)?;
+        self.volume_info(vid)
+    }
+
     fn new_id(&mut self) -> u64 {
         let id = self.meta.sb.next_id;
         self.meta.sb.next_id += 1;
@@ -1192,26 +1300,63 @@ impl State {
         Ok(())
     }
 
-    fn plan_write(&mut self, volume: &str, offset: u64, len: u64) -> Result<Vec<(u64, Fill)>> {
-        let vid = self.volume_id(volume)?;
-        let v = &self.volumes[&vid];
+    fn prepare_write(
+        &mut self,
+        vid: u64,
+        volume: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, Fill)>> {
+        let v = self
+            .volumes
+            .get(&vid)
+            .ok_or_else(|| Error::UnknownVolume(volume.into()))?;
         check_range("write", &Target::head(volume), offset, len, v.size)?;
-        let (mut root, depth, mut mapped) = (v.root, tree_depth(v.size), v.mapped);
+        let (root, depth) = (v.root, tree_depth(v.size));
         let first = offset / BS;
-        let last = (offset + len - 1) / BS;
-        let mut plan = Vec::with_capacity((last - first + 1) as usize);
-        let mut leaf = 0;
-        for vbn in first..=last {
-            if leaf == 0 || vbn % FANOUT == 0 {
-                leaf = self.meta.leaf_for_write(&mut root, depth, vbn)?;
+        let count = (offset + len - 1) / BS - first + 1;
+        let mut plan = Vec::with_capacity(count as usize);
+        if let Err(e) = self
+            .meta
+            .prepare_write(root, depth, first, count, &mut plan)
+        {
+            for (b, fill) in &plan {
+                if *fill != Fill::InPlace {
+                    self.meta.unreserve(*b);
+                }
             }
-            plan.push(self.meta.map_for_write(leaf, vbn, &mut mapped)?);
+            return Err(e);
         }
+        Ok(plan)
+    }
+
+    fn link_write(&mut self, vid: u64, first: u64, plan: &[(u64, Fill)]) -> Result<()> {
         self.meta.data_written = true;
+        let v = &self.volumes[&vid];
+        let (mut root, depth, mut mapped) = (v.root, tree_depth(v.size), v.mapped);
+        let mut leaf = None;
+        let mut res = Ok(());
+        for (i, (b, fill)) in plan.iter().enumerate() {
+            if *fill == Fill::InPlace {
+                continue;
+            }
+            if res.is_ok() {
+                res = self.meta.link_write(
+                    &mut root,
+                    depth,
+                    first + i as u64,
+                    *b,
+                    &mut leaf,
+                    &mut mapped,
+                );
+            } else {
+                self.meta.unreserve(*b);
+            }
+        }
         let vm = self.volume_mut(vid);
         vm.root = root;
         vm.mapped = mapped;
-        Ok(plan)
+        res
     }
 
     fn load_catalog(&mut self) -> Result<()> {
@@ -1343,7 +1488,7 @@ impl State {
         {
             self.meta.dev.sync().map_err(Error::io("sync", &dpath))?;
             self.journal.reset()?;
-            self.meta.release_quarantine()?;
+            self.meta.journal_was_reset();
         }
         Ok(())
     }
