@@ -227,6 +227,17 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// A spinner for operations whose total is not known up front (it shows bytes done instead).
+fn spinner(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_message(what.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(100));
+    pb
+}
+
 fn time_str(ms: u64) -> String {
     // Local time formatting would need a timezone database; UTC in ISO form is unambiguous.
     let secs = (ms / 1000) as i64;
@@ -389,7 +400,7 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
             }
         }
         VolumeCmd::List => {
-            let vols = store.list_volumes();
+            let vols = store.list_volumes()?;
             if json {
                 print_json(&vols)?;
             } else {
@@ -433,7 +444,11 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
             }
         }
         VolumeCmd::Delete { name } => {
-            store.delete_volume(&name)?;
+            let sp = spinner("deleting");
+            store.delete_volume_with_progress(&name, &mut |n| {
+                sp.set_message(format!("deleting '{name}': {} freed", human(n)))
+            })?;
+            sp.finish_and_clear();
             if json {
                 print_json(&serde_json::json!({ "deleted": name }))?;
             } else {
@@ -683,7 +698,11 @@ fn checkpoint(store: Store, cmd: CheckpointCmd, json: bool) -> Result<()> {
         }
         CheckpointCmd::Delete { target } => {
             let (v, c) = checkpoint_target(&target)?;
-            store.delete_checkpoint(&v, &c)?;
+            let sp = spinner("deleting");
+            store.delete_checkpoint_with_progress(&v, &c, &mut |n| {
+                sp.set_message(format!("deleting {target}: {} freed", human(n)))
+            })?;
+            sp.finish_and_clear();
             if json {
                 print_json(&serde_json::json!({ "deleted": target }))?;
             } else {

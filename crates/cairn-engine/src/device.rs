@@ -22,6 +22,9 @@ pub trait Device: Send + Sync {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// Reserves host storage for a range (growing the device), so later writes there cannot run
+    /// out of space; fails with `StorageFull` when the host has none.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Releases the storage behind a range; it then reads as zeros.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Bytes the device really occupies on the host (sparse files count only allocated extents).
@@ -67,6 +70,11 @@ impl Device for FileDevice {
 
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), offset, len)
+            .map_err(io::Error::from)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -148,6 +156,10 @@ pub struct SimDevice {
 }
 
 struct SimState {
+    /// Writes that would grow the device past this fail with ENOSPC (a full disk).
+    capacity: Option<u64>,
+    /// This many next writes and syncs fail with EIO (a failing disk), then all succeed again.
+    failures: u64,
     live: Vec<u8>,
     durable: Vec<u8>,
     pending: Vec<(u64, Vec<u8>)>,
@@ -167,6 +179,8 @@ impl SimDevice {
         Arc::new(SimDevice {
             power,
             state: Mutex::new(SimState {
+                capacity: None,
+                failures: 0,
                 live: image.clone(),
                 durable: image,
                 pending: Vec::new(),
@@ -202,6 +216,16 @@ impl SimDevice {
         img
     }
 
+    /// Makes writes that would grow the device past `bytes` fail as on a full disk (`None`: no limit).
+    pub fn set_capacity(&self, bytes: Option<u64>) {
+        lock(&self.state).capacity = bytes;
+    }
+
+    /// Makes the next `n` writes or syncs fail with an I/O error.
+    pub fn fail_next(&self, n: u64) {
+        lock(&self.state).failures = n;
+    }
+
     /// The image as the running system sees it (including unsynced writes).
     pub fn live_image(&self) -> Vec<u8> {
         lock(&self.state).live.clone()
@@ -225,6 +249,16 @@ impl Device for SimDevice {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.power.tick()?;
         let mut s = lock(&self.state);
+        if s.failures > 0 {
+            s.failures -= 1;
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
+        let end = offset + buf.len() as u64;
+        if s.capacity
+            .is_some_and(|c| end > c && end > s.live.len() as u64)
+        {
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        }
         apply(&mut s.live, offset, buf);
         s.pending.push((offset, buf.to_vec()));
         Ok(())
@@ -233,6 +267,10 @@ impl Device for SimDevice {
     fn sync(&self) -> io::Result<()> {
         self.power.tick()?;
         let mut s = lock(&self.state);
+        if s.failures > 0 {
+            s.failures -= 1;
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
         let pending = std::mem::take(&mut s.pending);
         for (off, data) in pending {
             apply(&mut s.durable, off, &data);
@@ -242,6 +280,19 @@ impl Device for SimDevice {
 
     fn len(&self) -> io::Result<u64> {
         Ok(lock(&self.state).live.len() as u64)
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut s = lock(&self.state);
+        let end = offset + len;
+        if s.capacity.is_some_and(|c| end > c) {
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        // Like fallocate, a size change that need not survive a crash.
+        if (s.live.len() as u64) < end {
+            s.live.resize(end as usize, 0);
+        }
+        Ok(())
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -19,6 +19,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The host filesystem is full.
+    #[error("{op} failed on {path}: the host filesystem is full; free space on it, or delete checkpoints (`cairn space` shows what each would free)")]
+    NoSpace {
+        /// What the engine was doing.
+        op: &'static str,
+        /// The file involved.
+        path: String,
+    },
     /// Another process owns the store.
     #[error("store {path} is in use by process {holder}; stop it (or talk to its daemon) before opening the store again")]
     Locked {
@@ -113,7 +121,13 @@ pub enum Error {
 impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io { op, path, source }
+        move |source| {
+            if source.kind() == io::ErrorKind::StorageFull {
+                Error::NoSpace { op, path }
+            } else {
+                Error::Io { op, path, source }
+            }
+        }
     }
 
     pub(crate) fn corrupt(block: u64, what: impl Into<String>) -> Error {

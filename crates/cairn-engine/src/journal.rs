@@ -171,6 +171,11 @@ impl Journal {
         self.write_header()
     }
 
+    /// The device the journal lives on.
+    pub fn device(&self) -> Arc<dyn Device> {
+        self.dev.clone()
+    }
+
     /// The current sequence number.
     pub fn seq(&self) -> u64 {
         self.seq

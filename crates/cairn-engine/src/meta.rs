@@ -38,7 +38,14 @@ pub struct Meta {
     pub decremented: FxHashSet<u64>,
     /// Data was written since the last commit.
     pub data_written: bool,
+    /// Bytes of the data file known to have host storage behind them.
+    pub allocated_end: u64,
+    /// How far to preallocate at a time when the data file must grow.
+    pub prealloc: u64,
 }
+
+/// Blocks past the end of the data kept preallocated for metadata (1 MiB).
+pub const METADATA_HEADROOM: u64 = 256;
 
 /// A tree node level, or `None` for a leaf's child (a data block or a catalog record).
 pub type Level = Option<u32>;
@@ -117,6 +124,18 @@ impl Meta {
     /// Drops one reference to `b`; blocks reaching 0 are freed, and a freed tree page drops the
     /// references it holds in turn. Work is proportional to what gets freed.
     pub fn decref(&mut self, b: u64, level: Level) -> Result<()> {
+        self.decref_with_progress(b, level, &mut |_| {})
+    }
+
+    /// `decref`, calling `progress` with the number of blocks freed so far every 4,096 blocks (a
+    /// large delete is the one long metadata operation).
+    pub fn decref_with_progress(
+        &mut self,
+        b: u64,
+        level: Level,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        let mut freed = 0u64;
         let mut stack = vec![(b, level)];
         while let Some((b, level)) = stack.pop() {
             let rc = self.rc(b)?;
@@ -140,13 +159,19 @@ impl Meta {
             self.cache.remove(b);
             self.quarantine.insert(b);
             self.sb.allocated -= 1;
+            freed += 1;
+            if freed.is_multiple_of(4096) {
+                progress(freed * BLOCK_SIZE as u64);
+            }
         }
         Ok(())
     }
 
     /// Finds a free block (count 0, not quarantined, not reserved), preferring the lowest one from the
-    /// cursor so that consecutive allocations are contiguous on the host. Does not claim it.
-    fn find_free(&mut self) -> Result<u64> {
+    /// cursor so that consecutive allocations are contiguous on the host. Does not claim it. Data
+    /// must leave [`METADATA_HEADROOM`] preallocated blocks free, so that when the host is full,
+    /// writes fail first and commits (and so checkpoints) still find room for their metadata.
+    fn find_free(&mut self, for_data: bool) -> Result<u64> {
         let hw = self.sb.high_water;
         let mut b = self.sb.alloc_cursor.max(2);
         while b < hw {
@@ -169,6 +194,18 @@ impl Meta {
             b = end;
         }
         let mut b = hw.max(b);
+        // Reserve host space before handing out blocks past the end: a full disk then fails here,
+        // cleanly, instead of in a later write of data or metadata already pointed to. Writes into
+        // preallocated space are also several times faster on ext4 than appends.
+        let headroom = if for_data { METADATA_HEADROOM } else { 0 };
+        let need = (b + 2 + headroom) * BLOCK_SIZE as u64;
+        if need > self.allocated_end {
+            let end = need.div_ceil(self.prealloc) * self.prealloc;
+            self.dev
+                .allocate(self.allocated_end, end - self.allocated_end)
+                .map_err(Error::io("preallocate", &self.path))?;
+            self.allocated_end = end;
+        }
         if is_refcount_block(b) {
             self.cache.insert(b, new_page(PageKind::Refcount, 0));
             b += 1;
@@ -180,13 +217,13 @@ impl Meta {
 
     /// Allocates a block with reference count 1.
     pub fn alloc(&mut self) -> Result<u64> {
-        let b = self.find_free()?;
+        let b = self.find_free(false)?;
         self.take(b)
     }
 
     /// Sets a free block aside for a write in flight; `link` or `unreserve` it afterwards.
     pub fn reserve(&mut self) -> Result<u64> {
-        let b = self.find_free()?;
+        let b = self.find_free(true)?;
         self.reserved.insert(b);
         Ok(b)
     }

@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -51,6 +52,8 @@ pub struct Options {
     pub dirty_limit: usize,
     /// Journal bytes after which a commit also resets the journal.
     pub journal_limit: u64,
+    /// The data file grows by this much at a time (preallocated on the host).
+    pub prealloc_bytes: u64,
 }
 
 impl Default for Options {
@@ -59,6 +62,7 @@ impl Default for Options {
             cache_pages: 16 * 1024,
             dirty_limit: 8 * 1024,
             journal_limit: 256 << 20,
+            prealloc_bytes: 64 << 20,
         }
     }
 }
@@ -233,11 +237,15 @@ struct State {
     checkpoint_ids: HashMap<(u64, String), u64>,
     dirty_records: BTreeSet<u64>,
     deleted_records: BTreeSet<u64>,
+    /// Set when an operation failed after it began changing the in-memory state: that state is no
+    /// longer trusted, commits refuse to run, and the next operation reloads the durable state.
+    poisoned: Arc<AtomicBool>,
 }
 
 /// An open store. Methods take `&self` and may be called from many threads.
 pub struct Store {
     state: Mutex<State>,
+    poisoned: Arc<AtomicBool>,
     gate: RwLock<()>,
     volume_gates: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
     data: Arc<dyn Device>,
@@ -381,7 +389,10 @@ impl Store {
         data.read_at(&mut page[..], SUPERBLOCK * BS)
             .map_err(Error::io("read superblock", &dpath))?;
         let sb = Superblock::decode(&page, path)?;
+        let allocated_end = data.len().map_err(Error::io("stat", &dpath))?;
         let meta = Meta {
+            allocated_end,
+            prealloc: opts.prealloc_bytes.max(BS) / BS * BS,
             dev: data.clone(),
             path: dpath,
             cache: PageCache::new(opts.cache_pages, path),
@@ -402,9 +413,11 @@ impl Store {
             checkpoint_ids: HashMap::new(),
             dirty_records: BTreeSet::new(),
             deleted_records: BTreeSet::new(),
+            poisoned: Arc::new(AtomicBool::new(false)),
         };
         st.load_catalog()?;
         Ok(Store {
+            poisoned: st.poisoned.clone(),
             state: Mutex::new(st),
             gate: RwLock::new(()),
             volume_gates: Mutex::new(HashMap::new()),
@@ -432,9 +445,23 @@ impl Store {
     fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(|e| e.into_inner())
     }
+    /// After a failed operation left the in-memory state untrusted: wait until nothing is in
+    /// flight and reload the durable state (what a crash at that moment would have left).
+    fn heal(&self) -> Result<()> {
+        if !self.poisoned.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _g = self.exclusive();
+        let mut st = self.state();
+        if st.poisoned.load(Ordering::SeqCst) {
+            st.reload()?;
+        }
+        Ok(())
+    }
 
     /// The gate of a volume, looked up by name.
     fn volume_gate(&self, name: &str) -> Result<(u64, Arc<RwLock<()>>)> {
+        self.heal()?;
         let id = self.state().volume_id(name)?;
         let g = lock(&self.volume_gates)
             .entry(id)
@@ -445,6 +472,7 @@ impl Store {
 
     /// Makes every write acknowledged so far durable.
     pub fn flush(&self) -> Result<()> {
+        self.heal()?;
         let _g = self.shared();
         self.state().commit(false)?;
         drop(_g);
@@ -483,6 +511,7 @@ impl Store {
     pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
         validate_name(name)?;
         check_size(name, size)?;
+        self.heal()?;
         let _g = self.shared();
         let mut st = self.state();
         if st.volume_ids.contains_key(name) {
@@ -509,17 +538,20 @@ impl Store {
     }
 
     /// Every volume, by name.
-    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+    pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        self.heal()?;
         let st = self.state();
         let mut ids: Vec<(&String, &u64)> = st.volume_ids.iter().collect();
         ids.sort();
-        ids.into_iter()
+        Ok(ids
+            .into_iter()
             .filter_map(|(_, id)| st.volume_info(*id).ok())
-            .collect()
+            .collect())
     }
 
     /// One volume.
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        self.heal()?;
         let st = self.state();
         let id = st.volume_id(name)?;
         st.volume_info(id)
@@ -542,8 +574,10 @@ impl Store {
             });
         }
         let mut root = v.root;
-        st.meta
-            .grow(&mut root, tree_depth(v.size), tree_depth(size))?;
+        let r = st
+            .meta
+            .grow(&mut root, tree_depth(v.size), tree_depth(size));
+        st.poison_on(r)?;
         let vm = st.volume_mut(id);
         vm.root = root;
         vm.size = size;
@@ -553,11 +587,22 @@ impl Store {
 
     /// Deletes a volume with all its checkpoints; clones made from it are unaffected.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
+        self.delete_volume_with_progress(name, &mut |_| {})
+    }
+
+    /// `delete_volume`, reporting bytes freed so far to `progress`.
+    pub fn delete_volume_with_progress(
+        &self,
+        name: &str,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
         let (vid, vg) = self.volume_gate(name)?;
         {
             let _g = self.shared();
             let _v = write_lock(&vg);
-            self.state().delete_volume(name)?;
+            let mut st = self.state();
+            let r = st.delete_volume(name, progress);
+            st.poison_on(r)?;
         }
         lock(&self.volume_gates).remove(&vid);
         self.release_space();
@@ -598,7 +643,8 @@ impl Store {
             }
             return io;
         }
-        st.link_write(vid, first, &plan)
+        let r = st.link_write(vid, first, &plan);
+        st.poison_on(r)
     }
 
     fn write_planned(
@@ -753,9 +799,10 @@ impl Store {
         let id = st.volume_id(volume)?;
         let v = st.volumes[&id].clone();
         let mut root = v.root;
-        let n = st
+        let r = st
             .meta
-            .unmap(&mut root, tree_depth(v.size), full_start, full_end)?;
+            .unmap(&mut root, tree_depth(v.size), full_start, full_end);
+        let n = st.poison_on(r)?;
         let vm = st.volume_mut(id);
         vm.root = root;
         vm.mapped -= n;
@@ -785,13 +832,16 @@ impl Store {
         // Waits for the writes in flight on this volume only.
         let _v = write_lock(&vg);
         let mut st = self.state();
-        let id = st.checkpoint_in_memory(volume, name, description)?;
+        let vid = st.check_new_checkpoint(volume, name)?;
+        let r = st.checkpoint_in_memory(vid, name, description);
+        let id = st.poison_on(r)?;
         st.commit(false)?;
         st.checkpoint_info(id)
     }
 
     /// Every checkpoint of a volume, oldest first.
     pub fn list_checkpoints(&self, volume: &str) -> Result<Vec<CheckpointInfo>> {
+        self.heal()?;
         let st = self.state();
         let vid = st.volume_id(volume)?;
         st.checkpoints
@@ -816,8 +866,14 @@ impl Store {
         let info = {
             let _g = self.shared();
             let _v = write_lock(&vg);
-            self.state()
-                .apply_checkpoint(volume, checkpoint, save_current)?
+            let mut st = self.state();
+            let vid = st.volume_id(volume)?;
+            let cid = st.checkpoint_id(vid, volume, checkpoint)?;
+            if let Some(s) = save_current {
+                st.check_new_checkpoint(volume, s)?;
+            }
+            let r = st.apply_checkpoint(vid, cid, save_current);
+            st.poison_on(r)?
         };
         self.release_space();
         Ok(info)
@@ -826,13 +882,24 @@ impl Store {
     /// Deletes one checkpoint, freeing only what nothing else references; its children are
     /// re-parented to its parent.
     pub fn delete_checkpoint(&self, volume: &str, checkpoint: &str) -> Result<()> {
+        self.delete_checkpoint_with_progress(volume, checkpoint, &mut |_| {})
+    }
+
+    /// `delete_checkpoint`, reporting bytes freed so far to `progress` as the delete walks.
+    pub fn delete_checkpoint_with_progress(
+        &self,
+        volume: &str,
+        checkpoint: &str,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
         let (vid, vg) = self.volume_gate(volume)?;
         {
             let _g = self.shared();
             let _v = write_lock(&vg);
             let mut st = self.state();
             let cid = st.checkpoint_id(vid, volume, checkpoint)?;
-            st.drop_checkpoint(cid)?;
+            let r = st.drop_checkpoint(cid, progress);
+            st.poison_on(r)?;
             st.commit(true)?;
         }
         self.release_space();
@@ -842,6 +909,7 @@ impl Store {
     /// Renames a checkpoint.
     pub fn rename_checkpoint(&self, volume: &str, old: &str, new: &str) -> Result<CheckpointInfo> {
         validate_name(new)?;
+        self.heal()?;
         let mut st = self.state();
         let vid = st.volume_id(volume)?;
         let cid = st.checkpoint_id(vid, volume, old)?;
@@ -869,6 +937,7 @@ impl Store {
         new_volume: &str,
     ) -> Result<VolumeInfo> {
         validate_name(new_volume)?;
+        self.heal()?;
         let _g = self.shared();
         let mut st = self.state();
         let vid = st.volume_id(volume)?;
@@ -878,7 +947,8 @@ impl Store {
         }
         let c = st.checkpoints[&cid].clone();
         if c.root != 0 {
-            st.meta.incref(c.root)?;
+            let r = st.meta.incref(c.root);
+            st.poison_on(r)?;
         }
         let id = st.new_id();
         st.volumes.insert(
@@ -903,6 +973,7 @@ impl Store {
     /// Byte ranges that differ between two states of one volume, found by walking only the parts
     /// of the two trees that are not shared.
     pub fn diff(&self, a: &Target, b: &Target) -> Result<Vec<Extent>> {
+        self.heal()?;
         {
             let st = self.state();
             st.resolve(a)?;
@@ -933,6 +1004,7 @@ impl Store {
     /// Byte ranges of a head or checkpoint that hold data (everything else reads as zeros without
     /// taking space); the cost follows the mapped size, not the volume size.
     pub fn mapped_extents(&self, target: &Target) -> Result<Vec<Extent>> {
+        self.heal()?;
         let mut st = self.state();
         let (root, depth, size) = st.resolve(target)?;
         let mut runs = Vec::new();
@@ -949,6 +1021,7 @@ impl Store {
 
     /// Space per checkpoint and volume (all volumes if `volume` is `None`) and store totals.
     pub fn space(&self, volume: Option<&str>) -> Result<SpaceReport> {
+        self.heal()?;
         let mut st = self.state();
         let ids: Vec<u64> = match volume {
             Some(n) => vec![st.volume_id(n)?],
@@ -1019,6 +1092,7 @@ impl Store {
 
     /// Checks every invariant of the store as it is on disk; see [`crate::fsck`].
     pub fn fsck(&self) -> Result<crate::fsck::FsckReport> {
+        self.heal()?;
         let _g = self.exclusive();
         let mut st = self.state();
         st.commit(true)?;
@@ -1034,7 +1108,7 @@ impl Drop for Store {
         // A clean close also empties the journal, so the next open replays nothing.
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = lock(&self.state);
-        if st.commit(true).is_ok() {
+        if !st.poisoned.load(Ordering::SeqCst) && st.commit(true).is_ok() {
             st.meta.release_ready();
         }
     }
@@ -1089,7 +1163,7 @@ fn check_range(op: &'static str, t: &Target, offset: u64, len: u64, size: u64) -
 }
 
 impl State {
-    fn delete_volume(&mut self, name: &str) -> Result<()> {
+    fn delete_volume(&mut self, name: &str, progress: &mut dyn FnMut(u64)) -> Result<()> {
         let id = self.volume_id(name)?;
         let cps: Vec<u64> = self
             .checkpoints
@@ -1097,8 +1171,14 @@ impl State {
             .filter(|c| c.volume == id)
             .map(|c| c.id)
             .collect();
+        // Bytes freed so far across the checkpoints and the head, for one running total.
+        let mut done = 0u64;
         for c in cps {
-            self.drop_checkpoint(c)?;
+            let base = done;
+            self.drop_checkpoint(c, &mut |n| {
+                done = base + n;
+                progress(done);
+            })?;
         }
         let v = self
             .volumes
@@ -1106,23 +1186,24 @@ impl State {
             .ok_or_else(|| Error::UnknownVolume(name.into()))?;
         self.volume_ids.remove(&v.name);
         if v.root != 0 {
-            self.meta.decref(v.root, Some(tree_depth(v.size) - 1))?;
+            self.meta
+                .decref_with_progress(v.root, Some(tree_depth(v.size) - 1), &mut |n| {
+                    progress(done + n)
+                })?;
         }
         self.dirty_records.remove(&id);
         self.deleted_records.insert(id);
         self.commit(true)
     }
-
+    /// Applies checkpoint `cid` to volume `vid` (both validated by the caller).
     fn apply_checkpoint(
         &mut self,
-        volume: &str,
-        checkpoint: &str,
+        vid: u64,
+        cid: u64,
         save_current: Option<&str>,
     ) -> Result<VolumeInfo> {
-        let vid = self.volume_id(volume)?;
-        let cid = self.checkpoint_id(vid, volume, checkpoint)?;
         if let Some(s) = save_current {
-            self.checkpoint_in_memory(volume, s, None)?;
+            self.checkpoint_in_memory(vid, s, None)?;
         }
         let c = self.checkpoints[&cid].clone();
         let v = self.volumes[&vid].clone();
@@ -1227,12 +1308,8 @@ impl State {
         })
     }
 
-    fn checkpoint_in_memory(
-        &mut self,
-        volume: &str,
-        name: &str,
-        description: Option<&str>,
-    ) -> Result<u64> {
+    /// Checks that checkpoint `name` can be created on `volume`; returns the volume id.
+    fn check_new_checkpoint(&self, volume: &str, name: &str) -> Result<u64> {
         let vid = self.volume_id(volume)?;
         if self.checkpoint_ids.contains_key(&(vid, name.to_string())) {
             return Err(Error::CheckpointExists {
@@ -1240,6 +1317,16 @@ impl State {
                 name: name.into(),
             });
         }
+        Ok(vid)
+    }
+
+    /// Records a checkpoint of the head of `vid` (validated by `check_new_checkpoint`).
+    fn checkpoint_in_memory(
+        &mut self,
+        vid: u64,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<u64> {
         let v = self.volumes[&vid].clone();
         if v.root != 0 {
             self.meta.incref(v.root)?;
@@ -1265,7 +1352,7 @@ impl State {
         Ok(id)
     }
 
-    fn drop_checkpoint(&mut self, cid: u64) -> Result<()> {
+    fn drop_checkpoint(&mut self, cid: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
         let c = self
             .checkpoints
             .remove(&cid)
@@ -1293,7 +1380,8 @@ impl State {
             self.volume_mut(h).parent = c.parent;
         }
         if c.root != 0 {
-            self.meta.decref(c.root, Some(tree_depth(c.size) - 1))?;
+            self.meta
+                .decref_with_progress(c.root, Some(tree_depth(c.size) - 1), progress)?;
         }
         self.dirty_records.remove(&cid);
         self.deleted_records.insert(cid);
@@ -1442,6 +1530,55 @@ impl State {
 
     /// Makes the current state durable: data first, then all metadata through the journal.
     fn commit(&mut self, release_space: bool) -> Result<()> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(Error::Invalid(
+                "an earlier operation failed midway; its unsaved changes are being discarded, retry".into(),
+            ));
+        }
+        let r = self.commit_inner(release_space);
+        self.poison_on(r)
+    }
+
+    fn poison_on<T>(&mut self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.poisoned.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    /// Drops every in-memory change and reloads the last committed state from disk.
+    fn reload(&mut self) -> Result<()> {
+        let dpath = self.meta.path.clone();
+        let base = dpath
+            .trim_end_matches(DATA_FILE)
+            .trim_end_matches('/')
+            .to_string();
+        self.journal = recover(&*self.meta.dev, self.journal.device(), &base)?;
+        let mut page = Box::new([0u8; BLOCK_SIZE]);
+        self.meta
+            .dev
+            .read_at(&mut page[..], SUPERBLOCK * BS)
+            .map_err(Error::io("read superblock", &dpath))?;
+        self.meta.sb = Superblock::decode(&page, &base)?;
+        self.meta.cache = PageCache::new(self.opts.cache_pages, &base);
+        self.meta.quarantine.clear();
+        self.meta.ready.clear();
+        self.meta.reserved.clear();
+        self.meta.decremented.clear();
+        self.meta.data_written = false;
+        self.meta.allocated_end = self.meta.dev.len().map_err(Error::io("stat", &dpath))?;
+        self.volumes.clear();
+        self.checkpoints.clear();
+        self.volume_ids.clear();
+        self.checkpoint_ids.clear();
+        self.dirty_records.clear();
+        self.deleted_records.clear();
+        self.load_catalog()?;
+        self.poisoned.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn commit_inner(&mut self, release_space: bool) -> Result<()> {
         let nothing = self.meta.cache.dirty_count() == 0
             && self.dirty_records.is_empty()
             && self.deleted_records.is_empty()

@@ -14,6 +14,7 @@ pub fn small_opts() -> Options {
         cache_pages: 64,
         dirty_limit: 48,
         journal_limit: 256 * 1024,
+        prealloc_bytes: 64 * 1024,
     }
 }
 
