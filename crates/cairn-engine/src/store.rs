@@ -240,6 +240,18 @@ struct State {
     /// Set when an operation failed after it began changing the in-memory state: that state is no
     /// longer trusted, commits refuse to run, and the next operation reloads the durable state.
     poisoned: Arc<AtomicBool>,
+    stats: Stats,
+}
+
+/// Counters of an open store, for benchmarks and monitoring.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    /// Commits made (flushes, checkpoint operations, forced commits).
+    pub commits: u64,
+    /// Time spent in commits, in nanoseconds (syncing data, journaling, writing metadata).
+    pub commit_nanos: u64,
+    /// Metadata pages written by commits.
+    pub pages_committed: u64,
 }
 
 /// An open store. Methods take `&self` and may be called from many threads.
@@ -414,6 +426,7 @@ impl Store {
             dirty_records: BTreeSet::new(),
             deleted_records: BTreeSet::new(),
             poisoned: Arc::new(AtomicBool::new(false)),
+            stats: Stats::default(),
         };
         st.load_catalog()?;
         Ok(Store {
@@ -427,6 +440,11 @@ impl Store {
             dir: None,
             _lock: None,
         })
+    }
+
+    /// Counters since the store was opened.
+    pub fn stats(&self) -> Stats {
+        self.state().stats
     }
 
     /// The directory this store lives in, if it was opened from one.
@@ -1535,7 +1553,10 @@ impl State {
                 "an earlier operation failed midway; its unsaved changes are being discarded, retry".into(),
             ));
         }
+        let t = std::time::Instant::now();
         let r = self.commit_inner(release_space);
+        self.stats.commits += 1;
+        self.stats.commit_nanos += t.elapsed().as_nanos() as u64;
         self.poison_on(r)
     }
 
@@ -1598,6 +1619,7 @@ impl State {
         }
         let list: Vec<(u64, &Page)> = pages.iter().map(|(b, p)| (*b, &**p)).collect();
         self.journal.append(&list)?;
+        self.stats.pages_committed += list.len() as u64;
         // In place; coalesced into runs of adjacent blocks.
         let mut i = 0;
         while i < list.len() {
