@@ -6,7 +6,7 @@
 //! references recomputed from all roots (so no block is leaked or used twice). It never panics on
 //! bad bytes: each problem becomes one line of the report.
 
-use crate::device::{Device, FileDevice};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::format::{
     depth_for, entry, is_refcount_block, level, refcount, span, verify, CheckpointRecord, Page,
@@ -14,7 +14,6 @@ use crate::format::{
 };
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 const BS: u64 = BLOCK_SIZE as u64;
 const MAX_ERRORS: usize = 1000;
@@ -363,24 +362,14 @@ pub fn check(dev: &dyn Device, path: &str) -> FsckReport {
 
 /// Checks a store directory that may not even open: takes the lock, replays the journal, checks.
 pub fn check_dir(dir: &std::path::Path) -> Result<FsckReport> {
-    use crate::store::{recover, DATA_FILE, JOURNAL_FILE};
+    use crate::store::{open_file, recover, DATA_FILE, JOURNAL_FILE};
     let data_path = dir.join(DATA_FILE);
     if !data_path.exists() {
         return Err(Error::NoStore(dir.display().to_string()));
     }
     let _lock = crate::store::lock_dir(dir)?;
-    let open = |p: &std::path::Path| -> Result<Arc<dyn Device>> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(p)
-            .map_err(Error::io("open", p.display().to_string()))?;
-        Ok(Arc::new(FileDevice::new(f)))
-    };
-    let data = open(&data_path)?;
-    let journal = open(&dir.join(JOURNAL_FILE))?;
+    let data = open_file(&data_path, false)?;
+    let journal = open_file(&dir.join(JOURNAL_FILE), true)?;
     let path = dir.display().to_string();
     recover(&*data, journal, &path)?;
     Ok(check(&*data, &path))

@@ -322,7 +322,8 @@ pub fn lock_dir(dir: &Path) -> Result<File> {
     Ok(f)
 }
 
-fn open_file(path: &Path, create: bool) -> Result<Arc<dyn Device>> {
+/// Opens one of a store's files as a device.
+pub(crate) fn open_file(path: &Path, create: bool) -> Result<Arc<dyn Device>> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
