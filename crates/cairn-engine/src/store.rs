@@ -100,6 +100,14 @@ impl Target {
             checkpoint: None,
         }
     }
+
+    /// A checkpoint of a volume.
+    pub fn checkpoint(volume: &str, name: &str) -> Self {
+        Target {
+            volume: volume.into(),
+            checkpoint: Some(name.into()),
+        }
+    }
 }
 
 impl std::fmt::Display for Target {

@@ -83,10 +83,7 @@ fn checkpoints_are_consistent_under_concurrent_writes() {
             .expect("checkpoint");
         let after: Vec<u64> = started.iter().map(|a| a.load(Ordering::SeqCst)).collect();
         // What it holds right away must never change afterwards (no write lands in it late).
-        let t = Target {
-            volume: "a".into(),
-            checkpoint: Some(format!("c{i}")),
-        };
+        let t = Target::checkpoint("a", &format!("c{i}"));
         let seen: Vec<u64> = (0..WRITERS)
             .map(|w| {
                 let mut buf = vec![0u8; 4096];
@@ -108,10 +105,7 @@ fn checkpoints_are_consistent_under_concurrent_writes() {
         }
     }
     for (i, (before, after, seen)) in windows.iter().enumerate() {
-        let t = Target {
-            volume: "a".into(),
-            checkpoint: Some(format!("c{i}")),
-        };
+        let t = Target::checkpoint("a", &format!("c{i}"));
         for w in 0..WRITERS {
             let mut buf = vec![0u8; 4096];
             store

@@ -226,13 +226,7 @@ fn verify(s: &Store, exp: &Expect, ctx: &str) {
             "{ctx}: acknowledged checkpoint {n} lost"
         );
         assert!(
-            read_all(
-                s,
-                &Target {
-                    volume: VOL.into(),
-                    checkpoint: Some(n.clone())
-                }
-            ) == *content,
+            read_all(s, &Target::checkpoint(VOL, n)) == *content,
             "{ctx}: checkpoint {n} content changed"
         );
     }
@@ -243,13 +237,7 @@ fn verify(s: &Store, exp: &Expect, ctx: &str) {
             .or_else(|| exp.maybe.get(n))
             .unwrap_or_else(|| panic!("{ctx}: checkpoint {n} appeared from nowhere"));
         assert!(
-            read_all(
-                s,
-                &Target {
-                    volume: VOL.into(),
-                    checkpoint: Some(n.clone())
-                }
-            ) == *want,
+            read_all(s, &Target::checkpoint(VOL, n)) == *want,
             "{ctx}: checkpoint {n} content wrong"
         );
     }
@@ -316,13 +304,7 @@ fn crash_at(seed: u64, ops: &[COp], cut: u64) {
     });
     for (n, content) in &exp2.checkpoints {
         assert!(
-            read_all(
-                &s,
-                &Target {
-                    volume: VOL.into(),
-                    checkpoint: Some(n.clone())
-                }
-            ) == *content,
+            read_all(&s, &Target::checkpoint(VOL, n)) == *content,
             "{ctx}: checkpoint {n} damaged by writes after recovery"
         );
     }

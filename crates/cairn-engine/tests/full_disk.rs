@@ -44,14 +44,7 @@ fn full_disk_fails_cleanly_and_recovers() {
     // What was committed is intact, and the store is consistent.
     let mut buf = vec![0u8; 4 << 20];
     store
-        .read(
-            &Target {
-                volume: "v".into(),
-                checkpoint: Some("kept".into()),
-            },
-            0,
-            &mut buf,
-        )
+        .read(&Target::checkpoint("v", "kept"), 0, &mut buf)
         .expect("read");
     assert!(buf.iter().all(|&b| b == 1));
     let report = store.fsck().expect("fsck");
@@ -108,14 +101,7 @@ fn io_error_mid_operation_leaves_no_half_made_state() {
         store.read(&Target::head("v"), 0, &mut b).expect("read");
         assert_eq!(b[0], 2, "flushed data survives");
         store
-            .read(
-                &Target {
-                    volume: "v".into(),
-                    checkpoint: Some("base".into()),
-                },
-                0,
-                &mut b,
-            )
+            .read(&Target::checkpoint("v", "base"), 0, &mut b)
             .expect("read");
         assert_eq!(b[0], 1);
         store

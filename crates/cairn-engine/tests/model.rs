@@ -366,15 +366,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             prop_assert_eq!(cp.referenced, st.mapped() * BS);
             prop_assert_eq!(&cp.parent, &st.parent);
             let mut buf = vec![0; st.size() as usize];
-            s.read(
-                &Target {
-                    volume: vn.clone(),
-                    checkpoint: Some(cp.name.clone()),
-                },
-                0,
-                &mut buf,
-            )
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            s.read(&Target::checkpoint(vn, &cp.name), 0, &mut buf)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert!(buf == st.bytes, "checkpoint {}@{} differs", vn, cp.name);
         }
     }
