@@ -158,6 +158,15 @@ impl Meta {
         Ok(())
     }
 
+    /// Gives back the blocks a write plan reserved (a write that will not be linked).
+    pub fn unreserve_plan(&mut self, plan: &[(u64, Fill)]) {
+        for (b, fill) in plan {
+            if *fill != Fill::InPlace {
+                self.unreserve(*b);
+            }
+        }
+    }
+
     /// Last phase of a write: points `vbn` at `block` (reserved by [`Meta::prepare_write`], its data
     /// now written), making the path private and dropping the block it replaces. `mapped` counts the
     /// tree's mapped blocks.

@@ -129,11 +129,4 @@ impl PageCache {
         }
         self.dirty = 0;
     }
-
-    /// Drops every clean page (used by fsck to force reads from disk).
-    pub fn drop_clean(&mut self) {
-        self.map.retain(|_, c| c.dirty);
-        let map = &self.map;
-        self.order.retain(|b| map.contains_key(b));
-    }
 }
