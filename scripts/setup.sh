@@ -5,6 +5,8 @@ set -euo pipefail
 need_apt=()
 # qemu-img / qemu-io / qemu-nbd: the peers the benchmarks and tests compare against.
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+# nbdinfo / nbdcopy: independent NBD clients the NBD server is tested against.
+command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2
     SUDO=""

@@ -304,6 +304,21 @@ impl Meta {
         limit: u64,
         out: &mut Vec<(u64, u64)>,
     ) -> Result<()> {
+        self.diff_range(a, b, 0, limit, out)
+    }
+
+    /// [`Meta::diff`] restricted to blocks `start..limit` (runs are clipped to that range).
+    pub fn diff_range(
+        &mut self,
+        a: (u64, u32),
+        b: (u64, u32),
+        start: u64,
+        limit: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        if start >= limit {
+            return Ok(());
+        }
         let depth = a.1.max(b.1);
         let node = |(root, d): (u64, u32)| {
             if root == 0 {
@@ -317,7 +332,7 @@ impl Meta {
                 }
             }
         };
-        self.diff_node(node(a), node(b), depth - 1, 0, limit, out)
+        self.diff_node(node(a), node(b), depth - 1, 0, start..limit, out)
     }
 
     fn child(&mut self, n: Node, level: u32, idx: u64) -> Result<Node> {
@@ -345,16 +360,18 @@ impl Meta {
         b: Node,
         level: u32,
         base: u64,
-        limit: u64,
+        range: std::ops::Range<u64>,
         out: &mut Vec<(u64, u64)>,
     ) -> Result<()> {
-        if a == b || base >= limit {
+        if a == b || base >= range.end {
             return Ok(());
         }
         let child_span = span(level);
-        for idx in 0..FANOUT {
+        // Children wholly before the range are skipped without being read.
+        let first = range.start.saturating_sub(base) / child_span;
+        for idx in first.min(FANOUT)..FANOUT {
             let cbase = base + idx * child_span;
-            if cbase >= limit {
+            if cbase >= range.end {
                 break;
             }
             let ca = self.child(a, level, idx)?;
@@ -368,7 +385,7 @@ impl Meta {
                     _ => out.push((cbase, 1)),
                 }
             } else {
-                self.diff_node(ca, cb, level - 1, cbase, limit, out)?;
+                self.diff_node(ca, cb, level - 1, cbase, range.clone(), out)?;
             }
         }
         Ok(())

@@ -296,6 +296,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Block runs to byte extents within `start..end`.
+fn clip_runs(runs: Vec<(u64, u64)>, start: u64, end: u64) -> Vec<Extent> {
+    runs.into_iter()
+        .filter_map(|(s, l)| {
+            let a = (s * BS).max(start);
+            let b = ((s + l) * BS).min(end);
+            (a < b).then(|| Extent {
+                offset: a,
+                length: b - a,
+            })
+        })
+        .collect()
+}
+
 fn tree_depth(size: u64) -> u32 {
     depth_for(size.div_ceil(BS).max(1))
 }
@@ -739,9 +753,22 @@ impl Store {
 
     /// Reads `buf.len()` bytes at `offset` from a head or checkpoint; unwritten ranges read as zeros.
     pub fn read(&self, target: &Target, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_sparse(target, offset, buf).map(drop)
+    }
+
+    /// [`Store::read`] that also says which parts of `buf` are holes (read as zeros, no data
+    /// stored): runs of `(length, is_hole)` covering `buf` in order. Servers use it to send holes
+    /// without their zeros.
+    pub fn read_sparse(
+        &self,
+        target: &Target,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Vec<(u64, bool)>> {
         let len = buf.len() as u64;
         if len == 0 {
-            return self.check_range("read", target, offset, 0);
+            self.check_range("read", target, offset, 0)?;
+            return Ok(Vec::new());
         }
         let (_, vg) = self.volume_gate(&target.volume)?;
         let _g = self.shared();
@@ -756,14 +783,24 @@ impl Store {
             st.meta.lookup_range(root, depth, first, nblocks, &mut v)?;
             v
         };
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        for (i, p) in phys.iter().enumerate() {
+            let b = first + i as u64;
+            let l = ((b + 1) * BS).min(offset + len) - (b * BS).max(offset);
+            match runs.last_mut() {
+                Some((rl, hole)) if *hole == (*p == 0) => *rl += l,
+                _ => runs.push((l, *p == 0)),
+            }
+        }
         if offset.is_multiple_of(BS) && len.is_multiple_of(BS) {
-            return self.read_blocks(&phys, buf);
+            self.read_blocks(&phys, buf)?;
+            return Ok(runs);
         }
         let mut tmp = vec![0u8; nblocks as usize * BLOCK_SIZE];
         self.read_blocks(&phys, &mut tmp)?;
         let skip = (offset - first * BS) as usize;
         buf.copy_from_slice(&tmp[skip..skip + len as usize]);
-        Ok(())
+        Ok(runs)
     }
 
     fn read_blocks(&self, phys: &[u64], out: &mut [u8]) -> Result<()> {
@@ -995,6 +1032,11 @@ impl Store {
     /// Byte ranges that differ between two states of one volume, found by walking only the parts
     /// of the two trees that are not shared.
     pub fn diff(&self, a: &Target, b: &Target) -> Result<Vec<Extent>> {
+        self.diff_range(a, b, 0, u64::MAX)
+    }
+
+    /// [`Store::diff`] limited to the bytes `offset..offset + len` (extents are clipped to it).
+    pub fn diff_range(&self, a: &Target, b: &Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.heal()?;
         {
             let st = self.state();
@@ -1010,35 +1052,29 @@ impl Store {
         let mut st = self.state();
         let (ra, da, sa) = st.resolve(a)?;
         let (rb, db, sb) = st.resolve(b)?;
-        let limit = sa.max(sb).div_ceil(BS);
+        let end = sa.max(sb).min(offset.saturating_add(len));
         let mut runs = Vec::new();
-        st.meta.diff((ra, da), (rb, db), limit, &mut runs)?;
-        let max = sa.max(sb);
-        Ok(runs
-            .into_iter()
-            .map(|(s, l)| Extent {
-                offset: s * BS,
-                length: ((s + l) * BS).min(max) - s * BS,
-            })
-            .collect())
+        st.meta
+            .diff_range((ra, da), (rb, db), offset / BS, end.div_ceil(BS), &mut runs)?;
+        Ok(clip_runs(runs, offset, end))
     }
 
     /// Byte ranges of a head or checkpoint that hold data (everything else reads as zeros without
     /// taking space); the cost follows the mapped size, not the volume size.
     pub fn mapped_extents(&self, target: &Target) -> Result<Vec<Extent>> {
+        self.mapped_range(target, 0, u64::MAX)
+    }
+
+    /// [`Store::mapped_extents`] limited to the bytes `offset..offset + len`.
+    pub fn mapped_range(&self, target: &Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.heal()?;
         let mut st = self.state();
         let (root, depth, size) = st.resolve(target)?;
+        let end = size.min(offset.saturating_add(len));
         let mut runs = Vec::new();
         st.meta
-            .diff((0, depth), (root, depth), size.div_ceil(BS), &mut runs)?;
-        Ok(runs
-            .into_iter()
-            .map(|(s, l)| Extent {
-                offset: s * BS,
-                length: ((s + l) * BS).min(size) - s * BS,
-            })
-            .collect())
+            .diff_range((0, depth), (root, depth), offset / BS, end.div_ceil(BS), &mut runs)?;
+        Ok(clip_runs(runs, offset, end))
     }
 
     /// Space per checkpoint and volume (all volumes if `volume` is `None`) and store totals.

@@ -309,8 +309,24 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let off = off as u64 % st.size();
                 let len = (len as u64).min(st.size() - off);
                 let mut buf = vec![0xEE; len as usize];
-                s.read(&t, off, &mut buf)
+                let runs = s
+                    .read_sparse(&t, off, &mut buf)
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                // Holes are exactly the unmapped blocks, clipped to the request.
+                let mut at = off;
+                for (l, hole) in &runs {
+                    let blocks = at / BS..(at + l).div_ceil(BS);
+                    prop_assert!(
+                        blocks.clone().all(|b| (st.versions[b as usize] == 0) == *hole),
+                        "hole run {}+{} (hole {}) wrong on {}",
+                        at,
+                        l,
+                        hole,
+                        t
+                    );
+                    at += l;
+                }
+                prop_assert_eq!(at, off + len, "read runs must cover the request");
                 prop_assert!(
                     buf[..] == st.bytes[off as usize..(off + len) as usize],
                     "read mismatch on {} at {}+{}",
@@ -333,7 +349,32 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .into_iter()
                     .map(|e| (e.offset, e.length))
                     .collect();
-                prop_assert_eq!(got, Model::diff(sa, sb), "diff {} {}", ta, tb);
+                let want = Model::diff(sa, sb);
+                prop_assert_eq!(got, want.clone(), "diff {} {}", ta, tb);
+                // A sub-range (unaligned on purpose) must give the same runs, clipped.
+                let max = sa.size().max(sb.size());
+                let start = (a.map_or(3, u64::from) * 7919 + b.map_or(5, u64::from) * 104_729) % max;
+                let len = (max - start) / 2 + 1;
+                let got: Vec<(u64, u64)> = s
+                    .diff_range(&ta, &tb, start, len)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?
+                    .into_iter()
+                    .map(|e| (e.offset, e.length))
+                    .collect();
+                prop_assert_eq!(got, clip(&want, start, start + len), "diff_range {} {}", ta, tb);
+                let mapped: Vec<(u64, u64)> = s
+                    .mapped_range(&tb, start, len)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?
+                    .into_iter()
+                    .map(|e| (e.offset, e.length))
+                    .collect();
+                let empty = MState::new(sb.size());
+                prop_assert_eq!(
+                    mapped,
+                    clip(&Model::diff(&empty, sb), start, start + len),
+                    "mapped_range {}",
+                    tb
+                );
             }
             Op::Reopen => {
                 drop(store.take());
@@ -406,4 +447,14 @@ proptest! {
         all.extend(ops);
         run(all)?;
     }
+}
+
+/// Runs clipped to `start..end`.
+fn clip(runs: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    runs.iter()
+        .filter_map(|&(s, l)| {
+            let (a, b) = (s.max(start), (s + l).min(end));
+            (a < b).then(|| (a, b - a))
+        })
+        .collect()
 }
