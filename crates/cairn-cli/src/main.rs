@@ -1,6 +1,7 @@
 //! `cairn`: the command-line face of Cairn's checkpoint engine.
 
 mod bench;
+mod convert;
 mod units;
 
 use anyhow::{bail, Context, Result};
@@ -8,7 +9,7 @@ use cairn_engine::{CheckpointInfo, Options, Store, Target};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use units::{human, parse_number, parse_size};
 
@@ -61,6 +62,54 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Walk through Cairn's main job on the store: a volume, checkpoints, a rewind, space.
     Demo,
+    /// Run the daemon: own the store and serve every volume (read-write) and checkpoint
+    /// (read-only) over NBD on STORE/nbd.sock until SIGTERM or SIGINT.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Also serve NBD on TCP: ADDR:PORT, or just PORT for loopback (127.0.0.1).
+    #[arg(long, value_name = "ADDR:PORT")]
+    nbd_listen: Option<String>,
+}
+
+/// `PORT` alone means loopback: exposing disks to the network must be asked for explicitly.
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr> {
+    if let Ok(port) = s.trim_start_matches(':').parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().with_context(|| {
+        format!("invalid --nbd-listen '{s}': give ADDR:PORT (e.g. 127.0.0.1:10809) or a port")
+    })
+}
+
+fn serve(dir: &Path, args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let nbd_listen = args.nbd_listen.as_deref().map(parse_listen).transpose()?;
+    let config = cairn_daemon::DaemonConfig {
+        store_dir: dir.to_path_buf(),
+        options: Options::default(),
+        nbd_listen,
+        nbd: cairn_nbd::ServerConfig::default(),
+    };
+    cairn_daemon::run(config, |l| {
+        eprintln!(
+            "cairn: serving {} over NBD on {}{}",
+            dir.display(),
+            l.nbd_socket.display(),
+            l.nbd_tcp
+                .map(|a| format!(" and nbd://{a}"))
+                .unwrap_or_default()
+        );
+    })?;
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -93,19 +142,28 @@ enum VolumeCmd {
         /// Volume name.
         name: String,
     },
-    /// Create a volume from a raw disk image; zero ranges stay unallocated.
+    /// Create a volume from a disk image in any format qemu-img reads (raw, qcow2, vhdx, vmdk,
+    /// vdi...); zero ranges stay unallocated.
     Import {
         /// New volume name.
         name: String,
-        /// Raw image file.
+        /// Image file.
         file: PathBuf,
+        /// Image format (default: detected by qemu-img).
+        #[arg(long, short = 'f')]
+        format: Option<String>,
     },
-    /// Write a head or checkpoint to a raw image file (sparse where unmapped).
+    /// Write a head or checkpoint to an image file in any format qemu-img writes (sparse where
+    /// unmapped).
     Export {
         /// VOLUME or VOLUME@CHECKPOINT.
         source: String,
-        /// Raw image file to create or overwrite.
+        /// Image file to create or overwrite.
         file: PathBuf,
+        /// Output format (default: from the file extension: .qcow2, .vhdx, .vmdk, .vdi, .vhd;
+        /// raw otherwise).
+        #[arg(long, short = 'f')]
+        format: Option<String>,
     },
     /// Write bytes to a volume's head (for scripts and tests).
     Write(WriteArgs),
@@ -385,6 +443,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(args) => bench::run(&args, json)?,
         Cmd::Demo => demo(&dir)?,
+        Cmd::Serve(args) => serve(&dir, args)?,
     }
     Ok(())
 }
@@ -423,8 +482,14 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
         }
         VolumeCmd::Info { name } => {
             let v = store.volume_info(&name)?;
+            let uri = store
+                .dir()
+                .map(|d| cairn_daemon::nbd_uri(d, &v.name))
+                .unwrap_or_default();
             if json {
-                print_json(&v)?;
+                let mut j = serde_json::to_value(&v)?;
+                j["nbd_uri"] = serde_json::Value::String(uri);
+                print_json(&j)?;
             } else {
                 println!("name:        {}", v.name);
                 println!("size:        {} ({} bytes)", human(v.size), v.size);
@@ -433,6 +498,7 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
                 println!("parent:      {}", v.parent.as_deref().unwrap_or("-"));
                 println!("origin:      {}", v.origin.as_deref().unwrap_or("-"));
                 println!("created:     {}", time_str(v.created_ms));
+                println!("nbd:         {uri}  (while `cairn serve` runs)");
             }
         }
         VolumeCmd::Resize { name, size } => {
@@ -455,8 +521,10 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
                 println!("deleted volume '{name}'");
             }
         }
-        VolumeCmd::Import { name, file } => {
-            let info = import(&store, &name, &file)?;
+        VolumeCmd::Import { name, file, format } => {
+            cairn_engine::validate_name(&name)?;
+            let store = std::sync::Arc::new(store);
+            let info = convert::import(&store, &name, &file, format.as_deref())?;
             if json {
                 print_json(&info)?;
             } else {
@@ -468,13 +536,25 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
                 );
             }
         }
-        VolumeCmd::Export { source, file } => {
+        VolumeCmd::Export {
+            source,
+            file,
+            format,
+        } => {
             let t = Target::parse(&source)?;
-            let bytes = export(&store, &t, &file)?;
+            let format = convert::export_format(&file, format.as_deref());
+            let store = std::sync::Arc::new(store);
+            let bytes = convert::export(&store, &t, &file, &format)?;
             if json {
-                print_json(&serde_json::json!({ "source": source, "file": file, "bytes": bytes }))?;
+                print_json(&serde_json::json!({
+                    "source": source, "file": file, "format": format, "bytes": bytes
+                }))?;
             } else {
-                println!("exported {source} to {} ({})", file.display(), human(bytes));
+                println!(
+                    "exported {source} to {} ({format}, {})",
+                    file.display(),
+                    human(bytes)
+                );
             }
         }
         VolumeCmd::Write(a) => {
@@ -543,98 +623,6 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-const CHUNK: usize = 1 << 20;
-
-fn import(store: &Store, name: &str, file: &Path) -> Result<cairn_engine::VolumeInfo> {
-    let mut f =
-        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-    let len = f.metadata()?.len();
-    if len == 0 {
-        bail!(
-            "{} is empty; a volume needs at least 512 bytes",
-            file.display()
-        );
-    }
-    let size = len.div_ceil(512) * 512;
-    store.create_volume(name, size)?;
-    let pb = progress(len, "import");
-    let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    let res = (|| -> Result<()> {
-        while off < len {
-            let n = (len - off).min(CHUNK as u64) as usize;
-            f.read_exact(&mut buf[..n])
-                .with_context(|| format!("reading {}", file.display()))?;
-            // Zero ranges are left unmapped: they read as zeros and take no space.
-            let mut i = 0;
-            while i < n {
-                let blk = (n - i).min(4096);
-                let zero = buf[i..i + blk].iter().all(|&b| b == 0);
-                let mut j = i + blk;
-                while j < n && buf[j..(j + 4096).min(n)].iter().all(|&b| b == 0) == zero {
-                    j = (j + 4096).min(n);
-                }
-                if !zero {
-                    store.write(name, off + i as u64, &buf[i..j])?;
-                }
-                i = j;
-            }
-            off += n as u64;
-            pb.set_position(off);
-        }
-        store.flush()?;
-        Ok(())
-    })();
-    pb.finish_and_clear();
-    if let Err(e) = res {
-        // An import that failed leaves no half-made volume behind.
-        let _ = store.delete_volume(name);
-        return Err(e.context(format!(
-            "import of {} into '{name}' failed; nothing was kept",
-            file.display()
-        )));
-    }
-    Ok(store.volume_info(name)?)
-}
-
-fn export(store: &Store, t: &Target, file: &Path) -> Result<u64> {
-    let extents = store.mapped_extents(t)?;
-    let size = match &t.checkpoint {
-        None => store.volume_info(&t.volume)?.size,
-        Some(c) => store
-            .list_checkpoints(&t.volume)?
-            .into_iter()
-            .find(|x| &x.name == c)
-            .map(|x: CheckpointInfo| x.size)
-            .context("checkpoint vanished during export")?,
-    };
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(file)
-        .with_context(|| format!("cannot create {}", file.display()))?;
-    f.set_len(size)?;
-    let total: u64 = extents.iter().map(|e| e.length).sum();
-    let pb = progress(total, "export");
-    let mut buf = vec![0u8; CHUNK];
-    use std::os::unix::fs::FileExt;
-    for e in extents {
-        let mut off = e.offset;
-        let end = e.offset + e.length;
-        while off < end {
-            let n = (end - off).min(CHUNK as u64) as usize;
-            store.read(t, off, &mut buf[..n])?;
-            f.write_all_at(&buf[..n], off)?;
-            off += n as u64;
-            pb.inc(n as u64);
-        }
-    }
-    f.sync_all()?;
-    pb.finish_and_clear();
-    Ok(size)
 }
 
 fn checkpoint(store: Store, cmd: CheckpointCmd, json: bool) -> Result<()> {

@@ -1072,8 +1072,13 @@ impl Store {
         let (root, depth, size) = st.resolve(target)?;
         let end = size.min(offset.saturating_add(len));
         let mut runs = Vec::new();
-        st.meta
-            .diff_range((0, depth), (root, depth), offset / BS, end.div_ceil(BS), &mut runs)?;
+        st.meta.diff_range(
+            (0, depth),
+            (root, depth),
+            offset / BS,
+            end.div_ceil(BS),
+            &mut runs,
+        )?;
         Ok(clip_runs(runs, offset, end))
     }
 

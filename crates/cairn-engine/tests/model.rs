@@ -317,7 +317,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 for (l, hole) in &runs {
                     let blocks = at / BS..(at + l).div_ceil(BS);
                     prop_assert!(
-                        blocks.clone().all(|b| (st.versions[b as usize] == 0) == *hole),
+                        blocks
+                            .clone()
+                            .all(|b| (st.versions[b as usize] == 0) == *hole),
                         "hole run {}+{} (hole {}) wrong on {}",
                         at,
                         l,
@@ -353,7 +355,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(got, want.clone(), "diff {} {}", ta, tb);
                 // A sub-range (unaligned on purpose) must give the same runs, clipped.
                 let max = sa.size().max(sb.size());
-                let start = (a.map_or(3, u64::from) * 7919 + b.map_or(5, u64::from) * 104_729) % max;
+                let start =
+                    (a.map_or(3, u64::from) * 7919 + b.map_or(5, u64::from) * 104_729) % max;
                 let len = (max - start) / 2 + 1;
                 let got: Vec<(u64, u64)> = s
                     .diff_range(&ta, &tb, start, len)
@@ -361,7 +364,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .into_iter()
                     .map(|e| (e.offset, e.length))
                     .collect();
-                prop_assert_eq!(got, clip(&want, start, start + len), "diff_range {} {}", ta, tb);
+                prop_assert_eq!(
+                    got,
+                    clip(&want, start, start + len),
+                    "diff_range {} {}",
+                    ta,
+                    tb
+                );
                 let mapped: Vec<(u64, u64)> = s
                     .mapped_range(&tb, start, len)
                     .map_err(|e| TestCaseError::fail(e.to_string()))?

@@ -1,0 +1,200 @@
+//! `cairn serve`: the long-running process that owns a store and serves its volumes and
+//! checkpoints over NBD (a unix socket in the store, optionally TCP).
+//!
+//! Shutdown is orderly on SIGTERM or SIGINT: stop accepting, let every connection finish the
+//! requests it already read, flush the store, remove the socket. After SIGKILL nothing that was
+//! flushed is lost, because the engine's own crash safety covers it; the next start replays the
+//! journal and removes the stale socket.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cairn_engine::{Options, Store};
+use cairn_nbd::{Server, ServerConfig};
+use tracing::{info, warn};
+
+/// File name of the NBD unix socket inside the store directory.
+pub const NBD_SOCKET: &str = "nbd.sock";
+
+/// Where a store's NBD socket lives.
+pub fn nbd_socket(store_dir: &Path) -> PathBuf {
+    store_dir.join(NBD_SOCKET)
+}
+
+/// The `nbd+unix://` URI of an export (a volume `NAME` or a checkpoint `NAME@CHECKPOINT`).
+pub fn nbd_uri(store_dir: &Path, export: &str) -> String {
+    format!(
+        "nbd+unix:///{}?socket={}",
+        export,
+        nbd_socket(store_dir).display()
+    )
+}
+
+/// How to run the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Store directory.
+    pub store_dir: PathBuf,
+    /// Engine tunables.
+    pub options: Options,
+    /// Also serve NBD on this TCP address.
+    pub nbd_listen: Option<SocketAddr>,
+    /// NBD server tunables.
+    pub nbd: ServerConfig,
+}
+
+/// Why the daemon could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] cairn_engine::Error),
+    /// A listening socket could not be set up.
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        /// The socket path or address.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The async runtime could not start.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// What a started daemon listens on, reported once it accepts connections.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    /// The NBD unix socket.
+    pub nbd_socket: PathBuf,
+    /// The NBD TCP address, if any (with the real port when 0 was asked).
+    pub nbd_tcp: Option<SocketAddr>,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; `ready` is called once every socket accepts.
+pub fn run(config: DaemonConfig, ready: impl FnOnce(&Listening)) -> Result<(), DaemonError> {
+    let store = Arc::new(Store::open(&config.store_dir, config.options.clone())?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cairn-serve")
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let result = rt.block_on(serve(store.clone(), &config, ready));
+    drop(rt);
+    // Last reference: dropping the store commits and closes it.
+    if let Err(e) = store.flush() {
+        warn!("final flush failed: {e}");
+    }
+    drop(store);
+    result
+}
+
+async fn serve(
+    store: Arc<Store>,
+    config: &DaemonConfig,
+    ready: impl FnOnce(&Listening),
+) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen_err = |what: String| move |source| DaemonError::Listen { what, source };
+    let sock = nbd_socket(&config.store_dir);
+    // We hold the store lock, so a socket left here is from a daemon that died.
+    let _ = std::fs::remove_file(&sock);
+    let unix =
+        tokio::net::UnixListener::bind(&sock).map_err(listen_err(sock.display().to_string()))?;
+    restrict(&sock);
+    let server = Server::new(store, config.nbd.clone());
+    let mut nbd_tcp = None;
+    if let Some(addr) = config.nbd_listen {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(listen_err(addr.to_string()))?;
+        let local = tcp.local_addr().map_err(listen_err(addr.to_string()))?;
+        nbd_tcp = Some(local);
+        tokio::spawn(server.clone().serve_tcp(tcp));
+    }
+    tokio::spawn(server.clone().serve_unix(unix));
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
+    let listening = Listening {
+        nbd_socket: sock.clone(),
+        nbd_tcp,
+    };
+    info!(
+        "serving store {} on {}{}",
+        config.store_dir.display(),
+        sock.display(),
+        nbd_tcp.map(|a| format!(" and {a}")).unwrap_or_default()
+    );
+    ready(&listening);
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: finishing requests in flight, then flushing"),
+        _ = int.recv() => info!("SIGINT: finishing requests in flight, then flushing"),
+    }
+    server.shutdown().await;
+    let _ = std::fs::remove_file(&sock);
+    info!("all connections closed");
+    Ok(())
+}
+
+/// The socket gives full access to every volume: only the store's owner may connect.
+fn restrict(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        warn!("cannot restrict {} to its owner: {e}", path.display());
+    }
+}
+
+/// An NBD server on a private socket for the length of one command: how the CLI feeds
+/// `qemu-img` when no daemon owns the store.
+pub struct PrivateServer {
+    rt: tokio::runtime::Runtime,
+    server: Arc<Server>,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateServer {
+    /// Starts serving `store` on a fresh socket in a private (0700) temporary directory.
+    pub fn start(store: Arc<Store>) -> Result<PrivateServer, DaemonError> {
+        let dir = tempfile::Builder::new()
+            .prefix("cairn-")
+            .tempdir()
+            .map_err(|source| DaemonError::Listen {
+                what: "a private temporary directory".into(),
+                source,
+            })?;
+        let socket = dir.path().join(NBD_SOCKET);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("cairn-nbd")
+            .build()
+            .map_err(DaemonError::Runtime)?;
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::UnixListener::bind(&socket).map_err(|source| DaemonError::Listen {
+                what: socket.display().to_string(),
+                source,
+            })?
+        };
+        let server = Server::new(store, ServerConfig::default());
+        rt.spawn(server.clone().serve_unix(listener));
+        Ok(PrivateServer {
+            rt,
+            server,
+            socket,
+            _dir: dir,
+        })
+    }
+
+    /// The `nbd+unix://` URI of an export on this server.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{}?socket={}", export, self.socket.display())
+    }
+
+    /// Closes every connection after its requests in flight, then stops.
+    pub fn stop(self) {
+        self.rt.block_on(self.server.shutdown());
+    }
+}
