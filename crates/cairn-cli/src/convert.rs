@@ -3,15 +3,15 @@
 //! volume is known to read as zeros (`--target-is-zero`), on export `qemu-img` asks the export's
 //! `base:allocation` block status and skips unmapped ranges.
 
+use anyhow::{bail, Context, Result};
+use cairn_control::Op;
+use cairn_daemon::PrivateServer;
+use cairn_engine::{Target, VolumeInfo};
 use std::io::{IsTerminal, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
-use cairn_daemon::PrivateServer;
-use cairn_engine::{Store, Target, VolumeInfo};
-
+use crate::backend::Backend;
 use crate::progress;
 
 /// Formats named by file extension when `--format` is not given on export.
@@ -146,10 +146,46 @@ fn convert(args: &[String], bytes: u64, label: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// An NBD export to hand to `qemu-img`: the daemon's when one owns the store, else a private
+/// server started for this command.
+struct Endpoint {
+    private: Option<PrivateServer>,
+    daemon_socket: Option<std::path::PathBuf>,
+}
+
+impl Endpoint {
+    fn new(backend: &Backend) -> Result<Endpoint> {
+        Ok(match backend {
+            Backend::Local(store) => Endpoint {
+                private: Some(PrivateServer::start(store.clone())?),
+                daemon_socket: None,
+            },
+            Backend::Daemon(c) => Endpoint {
+                private: None,
+                daemon_socket: Some(c.status()?.nbd_socket),
+            },
+        })
+    }
+
+    fn uri(&self, export: &str) -> String {
+        match (&self.private, &self.daemon_socket) {
+            (Some(p), _) => p.uri(export),
+            (None, Some(s)) => format!("nbd+unix:///{export}?socket={}", s.display()),
+            (None, None) => String::new(),
+        }
+    }
+
+    fn stop(self) {
+        if let Some(p) = self.private {
+            p.stop();
+        }
+    }
+}
+
 /// Creates volume `name` from the image `file` (any format `qemu-img` reads; probed unless
 /// given). A failed import leaves no volume behind.
 pub fn import(
-    store: &Arc<Store>,
+    backend: &Backend,
     name: &str,
     file: &Path,
     format: Option<&str>,
@@ -164,9 +200,12 @@ pub fn import(
             file.display()
         );
     }
-    store.create_volume(name, size.div_ceil(512) * 512)?;
+    backend.volume(Op::VolumeCreate {
+        name: name.to_string(),
+        size: size.div_ceil(512) * 512,
+    })?;
     let result = (|| -> Result<()> {
-        let server = PrivateServer::start(store.clone())?;
+        let endpoint = Endpoint::new(backend)?;
         let r = convert(
             &[
                 "-n".into(),
@@ -177,51 +216,65 @@ pub fn import(
                 "-O".into(),
                 "raw".into(),
                 file.display().to_string(),
-                server.uri(name),
+                endpoint.uri(name),
             ],
             size,
             "import",
         );
-        server.stop();
+        endpoint.stop();
         r?;
-        store.flush()?;
+        backend.done(Op::Flush)?;
         Ok(())
     })();
     if let Err(e) = result {
-        let _ = store.delete_volume(name);
+        let _ = backend.call(Op::VolumeDelete {
+            name: name.to_string(),
+        });
         return Err(e.context(format!(
             "import of {} ({fmt}) into '{name}' failed; nothing was kept",
             file.display()
         )));
     }
-    Ok(store.volume_info(name)?)
+    backend.volume(Op::VolumeInfo {
+        name: name.to_string(),
+    })
 }
 
 /// Writes a head or checkpoint to `file` in `format`; returns the image's virtual size.
-pub fn export(store: &Arc<Store>, t: &Target, file: &Path, format: &str) -> Result<u64> {
+pub fn export(backend: &Backend, t: &Target, file: &Path, format: &str) -> Result<u64> {
     let size = match &t.checkpoint {
-        None => store.volume_info(&t.volume)?.size,
-        Some(c) => store
-            .list_checkpoints(&t.volume)?
+        None => {
+            backend
+                .volume(Op::VolumeInfo {
+                    name: t.volume.clone(),
+                })?
+                .size
+        }
+        Some(c) => backend
+            .checkpoints(&t.volume)?
+            .0
             .into_iter()
             .find(|x| &x.name == c)
             .map(|x| x.size)
-            .with_context(|| format!("checkpoint '{t}' not found"))?,
+            .ok_or_else(|| cairn_engine::Error::UnknownCheckpoint {
+                volume: t.volume.clone(),
+                name: c.clone(),
+            })?,
     };
-    let server = PrivateServer::start(store.clone())?;
+    let endpoint = Endpoint::new(backend)?;
     let r = convert(
         &[
             "-f".into(),
             "raw".into(),
             "-O".into(),
             format.into(),
-            server.uri(&t.to_string()),
+            endpoint.uri(&t.to_string()),
             file.display().to_string(),
         ],
         size,
         "export",
     );
-    server.stop();
+    endpoint.stop();
     r.with_context(|| format!("export of {t} to {} ({format}) failed", file.display()))?;
     Ok(size)
 }

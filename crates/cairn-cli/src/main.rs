@@ -1,10 +1,13 @@
 //! `cairn`: the command-line face of Cairn's checkpoint engine.
 
+mod backend;
 mod bench;
 mod convert;
 mod units;
 
 use anyhow::{bail, Context, Result};
+use backend::Backend;
+use cairn_control::{Op, Reply};
 use cairn_engine::{CheckpointInfo, Options, Store, Target};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -339,7 +342,7 @@ fn run(cli: Cli) -> Result<()> {
         None => default_store()?,
     };
     let json = cli.json;
-    let open = || Store::open(&dir, Options::default());
+    let open = || Backend::open(&dir);
     match cli.cmd {
         Cmd::Init => {
             Store::init(&dir, Options::default())?;
@@ -349,11 +352,15 @@ fn run(cli: Cli) -> Result<()> {
                 println!("initialised store at {}", dir.display());
             }
         }
-        Cmd::Volume(cmd) => volume(open()?, cmd, json)?,
+        Cmd::Volume(cmd) => volume(open()?, cmd, json, &dir)?,
         Cmd::Checkpoint(cmd) => checkpoint(open()?, cmd, json)?,
         Cmd::Clone { source, new_name } => {
             let (v, c) = checkpoint_target(&source)?;
-            let info = open()?.clone_checkpoint(&v, &c, &new_name)?;
+            let info = open()?.volume(Op::Clone {
+                volume: v,
+                checkpoint: c,
+                new_name: new_name.clone(),
+            })?;
             if json {
                 print_json(&info)?;
             } else {
@@ -361,8 +368,10 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Diff { a, b } => {
-            let (ta, tb) = (Target::parse(&a)?, Target::parse(&b)?);
-            let extents = open()?.diff(&ta, &tb)?;
+            let extents = open()?.extents(Op::Diff {
+                a: a.clone(),
+                b: b.clone(),
+            })?;
             let total: u64 = extents.iter().map(|e| e.length).sum();
             if json {
                 print_json(
@@ -381,7 +390,10 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Space { name } => {
-            let r = open()?.space(name.as_deref())?;
+            let r = match open()?.call(Op::Space { volume: name })? {
+                Reply::Space(r) => r,
+                other => bail!("unexpected reply {other:?}"),
+            };
             if json {
                 print_json(&r)?;
             } else {
@@ -412,8 +424,15 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Fsck => {
-            // fsck must report on a store that does not even open, so it does not go through open().
-            let report = cairn_engine::fsck::check_dir(&dir)?;
+            // Without a daemon, fsck reads the files itself: it must report on a store that does
+            // not even open. With one, the daemon checks the store it has open.
+            let report = match cairn_control::Client::find(&dir) {
+                Some(c) => match c.call(&Op::Fsck)? {
+                    Reply::Fsck(r) => r,
+                    other => bail!("unexpected reply {other:?}"),
+                },
+                None => cairn_engine::fsck::check_dir(&dir)?,
+            };
             if json {
                 print_json(&report)?;
             } else {
@@ -448,10 +467,13 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
+fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> {
     match cmd {
         VolumeCmd::Create { name, size } => {
-            let info = store.create_volume(&name, parse_size(&size)?)?;
+            let info = store.volume(Op::VolumeCreate {
+                name,
+                size: parse_size(&size)?,
+            })?;
             if json {
                 print_json(&info)?;
             } else {
@@ -459,7 +481,10 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
             }
         }
         VolumeCmd::List => {
-            let vols = store.list_volumes()?;
+            let vols = match store.call(Op::VolumeList)? {
+                Reply::Volumes(v) => v,
+                other => bail!("unexpected reply {other:?}"),
+            };
             if json {
                 print_json(&vols)?;
             } else {
@@ -481,11 +506,8 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
             }
         }
         VolumeCmd::Info { name } => {
-            let v = store.volume_info(&name)?;
-            let uri = store
-                .dir()
-                .map(|d| cairn_daemon::nbd_uri(d, &v.name))
-                .unwrap_or_default();
+            let v = store.volume(Op::VolumeInfo { name })?;
+            let uri = cairn_daemon::nbd_uri(dir, &v.name);
             if json {
                 let mut j = serde_json::to_value(&v)?;
                 j["nbd_uri"] = serde_json::Value::String(uri);
@@ -502,7 +524,10 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
             }
         }
         VolumeCmd::Resize { name, size } => {
-            let v = store.resize_volume(&name, parse_size(&size)?)?;
+            let v = store.volume(Op::VolumeResize {
+                name,
+                size: parse_size(&size)?,
+            })?;
             if json {
                 print_json(&v)?;
             } else {
@@ -511,7 +536,7 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
         }
         VolumeCmd::Delete { name } => {
             let sp = spinner("deleting");
-            store.delete_volume_with_progress(&name, &mut |n| {
+            store.call_with_progress(Op::VolumeDelete { name: name.clone() }, &mut |n| {
                 sp.set_message(format!("deleting '{name}': {} freed", human(n)))
             })?;
             sp.finish_and_clear();
@@ -523,7 +548,6 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
         }
         VolumeCmd::Import { name, file, format } => {
             cairn_engine::validate_name(&name)?;
-            let store = std::sync::Arc::new(store);
             let info = convert::import(&store, &name, &file, format.as_deref())?;
             if json {
                 print_json(&info)?;
@@ -543,7 +567,6 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
         } => {
             let t = Target::parse(&source)?;
             let format = convert::export_format(&file, format.as_deref());
-            let store = std::sync::Arc::new(store);
             let bytes = convert::export(&store, &t, &file, &format)?;
             if json {
                 print_json(&serde_json::json!({
@@ -570,8 +593,20 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
                 }
                 (None, None) => bail!("give --pattern BYTE --length L or --from FILE"),
             };
-            store.write(&a.name, a.offset, &data)?;
-            store.flush()?;
+            // Split into operations of at most MAX_DATA; each is written and flushed.
+            let mut at = 0usize;
+            loop {
+                let n = (data.len() - at).min(cairn_control::MAX_DATA as usize);
+                store.done(Op::VolumeWrite {
+                    name: a.name.clone(),
+                    offset: a.offset + at as u64,
+                    data: data[at..at + n].to_vec(),
+                })?;
+                at += n;
+                if at >= data.len() {
+                    break;
+                }
+            }
             if json {
                 print_json(
                     &serde_json::json!({ "volume": a.name, "offset": a.offset, "length": data.len() }),
@@ -591,7 +626,7 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
             length,
             to,
         } => {
-            let t = Target::parse(&source)?;
+            Target::parse(&source)?;
             let mut out: Box<dyn Write> = match &to {
                 Some(p) => Box::new(
                     std::fs::File::create(p)
@@ -605,19 +640,20 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
                     "read of {length} bytes at offset {offset} reaches past the end of any volume"
                 )
             })?;
-            let mut buf = vec![0u8; 1 << 20];
+            let read = |offset: u64, length: u64| {
+                store.bytes(Op::VolumeRead {
+                    target: source.clone(),
+                    offset,
+                    length,
+                })
+            };
             // Check the whole range first so that a bad request writes nothing.
-            store.read(&t, offset, &mut buf[..length.min(1) as usize])?;
-            store.read(
-                &t,
-                end.saturating_sub(length.min(1)),
-                &mut buf[..length.min(1) as usize],
-            )?;
+            read(offset, length.min(1))?;
+            read(end.saturating_sub(length.min(1)), length.min(1))?;
             while off < end {
-                let n = (end - off).min(buf.len() as u64) as usize;
-                store.read(&t, off, &mut buf[..n])?;
-                out.write_all(&buf[..n])?;
-                off += n as u64;
+                let n = (end - off).min(cairn_control::MAX_DATA);
+                out.write_all(&read(off, n)?)?;
+                off += n;
             }
             out.flush()?;
         }
@@ -625,11 +661,15 @@ fn volume(store: Store, cmd: VolumeCmd, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn checkpoint(store: Store, cmd: CheckpointCmd, json: bool) -> Result<()> {
+fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
     match cmd {
         CheckpointCmd::Create { target, message } => {
             let (v, c) = checkpoint_target(&target)?;
-            let info = store.create_checkpoint(&v, &c, message.as_deref())?;
+            let info = store.checkpoint(Op::CheckpointCreate {
+                volume: v,
+                name: c,
+                description: message,
+            })?;
             if json {
                 print_json(&info)?;
             } else {
@@ -637,8 +677,7 @@ fn checkpoint(store: Store, cmd: CheckpointCmd, json: bool) -> Result<()> {
             }
         }
         CheckpointCmd::List { name, tree } => {
-            let cps = store.list_checkpoints(&name)?;
-            let head_parent = store.volume_info(&name)?.parent;
+            let (cps, head_parent) = store.checkpoints(&name)?;
             if json {
                 if tree {
                     print_json(&tree_json(&cps, head_parent.as_deref(), None))?;
@@ -674,7 +713,11 @@ fn checkpoint(store: Store, cmd: CheckpointCmd, json: bool) -> Result<()> {
             save_current,
         } => {
             let (v, c) = checkpoint_target(&target)?;
-            let info = store.apply_checkpoint(&v, &c, save_current.as_deref())?;
+            let info = store.volume(Op::CheckpointApply {
+                volume: v.clone(),
+                name: c,
+                save_current: save_current.clone(),
+            })?;
             if json {
                 print_json(&info)?;
             } else {
@@ -687,7 +730,8 @@ fn checkpoint(store: Store, cmd: CheckpointCmd, json: bool) -> Result<()> {
         CheckpointCmd::Delete { target } => {
             let (v, c) = checkpoint_target(&target)?;
             let sp = spinner("deleting");
-            store.delete_checkpoint_with_progress(&v, &c, &mut |n| {
+            let op = Op::CheckpointDelete { volume: v, name: c };
+            store.call_with_progress(op, &mut |n| {
                 sp.set_message(format!("deleting {target}: {} freed", human(n)))
             })?;
             sp.finish_and_clear();
@@ -699,7 +743,11 @@ fn checkpoint(store: Store, cmd: CheckpointCmd, json: bool) -> Result<()> {
         }
         CheckpointCmd::Rename { target, new_name } => {
             let (v, c) = checkpoint_target(&target)?;
-            let info = store.rename_checkpoint(&v, &c, &new_name)?;
+            let info = store.checkpoint(Op::CheckpointRename {
+                volume: v.clone(),
+                name: c,
+                new_name: new_name.clone(),
+            })?;
             if json {
                 print_json(&info)?;
             } else {

@@ -1,70 +1,11 @@
 //! The `cairn` binary, command by command, with each bad input the engine issue lists.
 #![allow(missing_docs)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-struct Env {
-    _tmp: tempfile::TempDir,
-    store: PathBuf,
-    work: PathBuf,
-}
-
-fn env() -> Env {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let store = tmp.path().join("store");
-    let work = tmp.path().to_path_buf();
-    let e = Env {
-        _tmp: tmp,
-        store,
-        work,
-    };
-    ok(&e, &["init"]);
-    e
-}
-
-fn cairn(e: &Env, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .arg("--store")
-        .arg(&e.store)
-        .args(args)
-        .env_remove("CAIRN_STORE")
-        .output()
-        .expect("run cairn")
-}
-
-fn ok(e: &Env, args: &[&str]) -> String {
-    let o = cairn(e, args);
-    assert!(
-        o.status.success(),
-        "cairn {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs a command that must fail with a one-line error containing `want`, and no panic.
-fn fails(e: &Env, args: &[&str], want: &str) {
-    let o = cairn(e, args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "cairn {args:?} should fail");
-    assert!(!err.contains("panicked"), "cairn {args:?} panicked: {err}");
-    assert!(
-        err.contains(want),
-        "cairn {args:?}: expected '{want}' in: {err}"
-    );
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "error should be one line: {err}"
-    );
-}
-
-fn json(e: &Env, args: &[&str]) -> serde_json::Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    serde_json::from_str(&ok(e, &a)).expect("valid JSON")
-}
+mod common;
+use common::*;
 
 fn read(e: &Env, src: &str, off: u64, len: u64) -> Vec<u8> {
     let o = cairn(
@@ -85,7 +26,16 @@ fn read(e: &Env, src: &str, off: u64, len: u64) -> Vec<u8> {
 
 #[test]
 fn volume_lifecycle() {
-    let e = env();
+    volume_lifecycle_in(env());
+}
+
+/// The same commands through the daemon's control API (and its NBD socket for import/export).
+#[test]
+fn volume_lifecycle_through_daemon() {
+    volume_lifecycle_in(env_with_daemon());
+}
+
+fn volume_lifecycle_in(e: Env) {
     ok(&e, &["volume", "create", "web", "--size", "64M"]);
     let v = json(&e, &["volume", "info", "web"]);
     assert_eq!(v["size"], 64 << 20);
@@ -149,7 +99,16 @@ fn volume_lifecycle() {
 
 #[test]
 fn checkpoint_lifecycle() {
-    let e = env();
+    checkpoint_lifecycle_in(env());
+}
+
+/// The same commands through the daemon's control API (and its NBD socket for import/export).
+#[test]
+fn checkpoint_lifecycle_through_daemon() {
+    checkpoint_lifecycle_in(env_with_daemon());
+}
+
+fn checkpoint_lifecycle_in(e: Env) {
     ok(&e, &["volume", "create", "vm", "--size", "16M"]);
     ok(
         &e,
@@ -269,7 +228,16 @@ fn checkpoint_lifecycle() {
 
 #[test]
 fn clone_survives_source_deletion() {
-    let e = env();
+    clone_survives_source_deletion_in(env());
+}
+
+/// The same commands through the daemon's control API (and its NBD socket for import/export).
+#[test]
+fn clone_survives_source_deletion_through_daemon() {
+    clone_survives_source_deletion_in(env_with_daemon());
+}
+
+fn clone_survives_source_deletion_in(e: Env) {
     ok(&e, &["volume", "create", "gold", "--size", "8M"]);
     ok(
         &e,
@@ -311,7 +279,16 @@ fn clone_survives_source_deletion() {
 
 #[test]
 fn import_export_roundtrip() {
-    let e = env();
+    import_export_roundtrip_in(env());
+}
+
+/// The same commands through the daemon's control API (and its NBD socket for import/export).
+#[test]
+fn import_export_roundtrip_through_daemon() {
+    import_export_roundtrip_in(env_with_daemon());
+}
+
+fn import_export_roundtrip_in(e: Env) {
     let src = e.work.join("disk.raw");
     let mut img = vec![0u8; 5 << 20];
     for (i, b) in img.iter_mut().enumerate().skip(1 << 20).take(1 << 20) {
@@ -388,7 +365,16 @@ fn import_export_roundtrip() {
 
 #[test]
 fn bad_inputs() {
-    let e = env();
+    bad_inputs_in(env());
+}
+
+/// The same commands through the daemon's control API (and its NBD socket for import/export).
+#[test]
+fn bad_inputs_through_daemon() {
+    bad_inputs_in(env_with_daemon());
+}
+
+fn bad_inputs_in(e: Env) {
     ok(&e, &["volume", "create", "a", "--size", "1M"]);
     ok(&e, &["checkpoint", "create", "a@one"]);
     fails(&e, &["volume", "info", "nope"], "volume 'nope' not found");
@@ -538,6 +524,11 @@ fn missing_and_locked_store() {
     );
     fails(&e, &["fsck"], "in use by process");
     drop(held);
+    ok(&e, &["volume", "list"]);
+    // A second daemon on a store a daemon owns is refused, naming the owner.
+    let d = Daemon::start(&e);
+    fails(&e, &["serve"], &format!("in use by process {}", d.pid()));
+    // ...while the CLI simply talks to the first one.
     ok(&e, &["volume", "list"]);
 }
 

@@ -4,138 +4,17 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_nbd::proto::*;
 
-struct Env {
-    _tmp: tempfile::TempDir,
-    store: PathBuf,
-    work: PathBuf,
-}
+mod common;
+use common::*;
 
-fn env() -> Env {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let e = Env {
-        store: tmp.path().join("store"),
-        work: tmp.path().to_path_buf(),
-        _tmp: tmp,
-    };
-    cairn(&e, &["init"]);
-    e
-}
-
+/// Runs cairn; it must succeed.
 fn cairn(e: &Env, args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .arg("--store")
-        .arg(&e.store)
-        .args(args)
-        .env_remove("CAIRN_STORE")
-        .output()
-        .expect("run cairn");
-    assert!(
-        o.status.success(),
-        "cairn {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs a peer tool; it must succeed.
-fn run(cmd: &str, args: &[&str]) -> String {
-    let o = output(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn output(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} is installed by scripts/setup.sh: {e}"))
-}
-
-/// A running `cairn serve`.
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(e: &Env) -> Daemon {
-        let log = e.work.join(format!("serve-{}.log", rand_suffix()));
-        let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
-            .arg("--store")
-            .arg(&e.store)
-            .arg("serve")
-            .env_remove("CAIRN_STORE")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn cairn serve");
-        let d = Daemon {
-            child: Some(child),
-            socket: e.store.join("nbd.sock"),
-            log,
-        };
-        let t = Instant::now();
-        while UnixStream::connect(&d.socket).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "daemon did not start: {}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.socket.display())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&mut self, sig: &str) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        Command::new("kill")
-            .args([sig, &child.id().to_string()])
-            .status()
-            .expect("kill");
-        child.wait().expect("wait")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-fn fsck_clean(e: &Env) {
-    let out = cairn(e, &["fsck"]);
-    assert!(out.contains("no problems"), "fsck: {out}");
+    ok(e, args)
 }
 
 /// `(start, length)` of the data extents `qemu-img map` reports.
@@ -312,7 +191,8 @@ fn checkpoint_exports_compare_and_nbdcopy_round_trips() {
     let out = e.work.join("out.raw");
     run("nbdcopy", &[&d.uri("v@base"), out.to_str().expect("utf8")]);
     assert!(std::fs::read(&out).expect("read") == img);
-    cairn_never_locked_out(&d);
+    // The CLI works while the daemon owns the store: it goes through the control API.
+    assert!(cairn(&e, &["volume", "list"]).contains("v"));
     run(
         "nbdcopy",
         &["--connections=4", "--requests=16", s, &d.uri("v")],
@@ -323,22 +203,6 @@ fn checkpoint_exports_compare_and_nbdcopy_round_trips() {
     );
     drop(d);
     fsck_clean(&e);
-}
-
-/// The daemon owns the store: a second opener is told who holds it.
-fn cairn_never_locked_out(d: &Daemon) {
-    let store = d.socket.parent().expect("store dir");
-    let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .arg("--store")
-        .arg(store)
-        .args(["volume", "list"])
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("in use by process"),
-        "{err}"
-    );
 }
 
 #[test]
@@ -717,4 +581,75 @@ fn sigterm_closes_cleanly_and_sigkill_keeps_what_was_flushed() {
         &[0x6f, 0x6f],
         "acknowledged write kept by SIGTERM's flush"
     );
+}
+
+#[test]
+fn checkpoint_taken_while_a_client_writes_is_consistent() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let e = env();
+    cairn(&e, &["volume", "create", "v", "--size", "64M"]);
+    let d = Daemon::start(&e);
+    let mut r = Raw::hello(&d);
+    assert_eq!(r.go("v"), REP_ACK);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // One client writes block after block, each stamped with its number, waiting for each ack.
+    let writer = std::thread::spawn(move || {
+        let mut log = Vec::new();
+        for i in 0..(64u64 << 20) / 4096 {
+            if stop2.load(Ordering::Relaxed) {
+                break;
+            }
+            let mut block = vec![0xEEu8; 4096];
+            block[..8].copy_from_slice(&(i + 1).to_le_bytes());
+            let sent = Instant::now();
+            r.request(CMD_WRITE, 0, i * 4096, 4096, &block);
+            assert_eq!(r.simple(), 0);
+            log.push((sent, Instant::now()));
+        }
+        log
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    cairn(&e, &["checkpoint", "create", "v@mid"]);
+    let t1 = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let log = writer.join().expect("writer");
+    let path = e.work.join("mid.raw");
+    run("nbdcopy", &[&d.uri("v@mid"), path.to_str().expect("utf8")]);
+    let data = std::fs::read(&path).expect("read");
+    let present: Vec<bool> = (0..log.len())
+        .map(|i| data[i * 4096..i * 4096 + 8] == (i as u64 + 1).to_le_bytes())
+        .collect();
+    let (mut before, mut after) = (0, 0);
+    for (i, &(sent, acked)) in log.iter().enumerate() {
+        if acked < t0 {
+            before += 1;
+            assert!(
+                present[i],
+                "write {i}, acknowledged before the checkpoint, is missing"
+            );
+        }
+        if sent > t1 {
+            after += 1;
+            assert!(
+                !present[i],
+                "write {i}, sent after the checkpoint, is in it"
+            );
+        }
+    }
+    // One client's writes are ordered, so the checkpoint holds exactly a prefix of them.
+    let k = present.iter().take_while(|&&p| p).count();
+    assert!(
+        present[k..].iter().all(|&p| !p),
+        "checkpoint is not a prefix"
+    );
+    assert!(
+        before > 0 && after > 0,
+        "the test saw writes on both sides ({before}, {after})"
+    );
+    drop(d);
+    fsck_clean(&e);
 }

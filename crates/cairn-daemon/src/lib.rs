@@ -1,5 +1,6 @@
 //! `cairn serve`: the long-running process that owns a store and serves its volumes and
-//! checkpoints over NBD (a unix socket in the store, optionally TCP).
+//! checkpoints over NBD (a unix socket in the store, optionally TCP), and every store operation
+//! over the control API (JSON over HTTP on `control.sock` in the store; see [`api`]).
 //!
 //! Shutdown is orderly on SIGTERM or SIGINT: stop accepting, let every connection finish the
 //! requests it already read, flush the store, remove the socket. After SIGKILL nothing that was
@@ -13,6 +14,8 @@ use std::sync::Arc;
 use cairn_engine::{Options, Store};
 use cairn_nbd::{Server, ServerConfig};
 use tracing::{info, warn};
+
+pub mod api;
 
 /// File name of the NBD unix socket inside the store directory.
 pub const NBD_SOCKET: &str = "nbd.sock";
@@ -115,6 +118,28 @@ async fn serve(
         tokio::spawn(server.clone().serve_tcp(tcp));
     }
     tokio::spawn(server.clone().serve_unix(unix));
+    // The control socket comes last: once it answers, clients may rely on everything else.
+    let control = cairn_control::control_socket(&config.store_dir);
+    let _ = std::fs::remove_file(&control);
+    let control_listener = tokio::net::UnixListener::bind(&control)
+        .map_err(listen_err(control.display().to_string()))?;
+    restrict(&control);
+    let status = cairn_control::DaemonStatus {
+        pid: std::process::id(),
+        store: config.store_dir.clone(),
+        nbd_socket: sock.clone(),
+        nbd_tcp: nbd_tcp.map(|a| a.to_string()),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_task = tokio::spawn(api::serve(
+        control_listener,
+        server.store().clone(),
+        status,
+        async move {
+            let _ = api_stopped.await;
+        },
+    ));
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
     let listening = Listening {
@@ -132,6 +157,10 @@ async fn serve(
         _ = term.recv() => info!("SIGTERM: finishing requests in flight, then flushing"),
         _ = int.recv() => info!("SIGINT: finishing requests in flight, then flushing"),
     }
+    // New API calls are refused from here; calls in flight finish first.
+    let _ = std::fs::remove_file(&control);
+    let _ = stop_api.send(());
+    let _ = api_task.await;
     server.shutdown().await;
     let _ = std::fs::remove_file(&sock);
     info!("all connections closed");

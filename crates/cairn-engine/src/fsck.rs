@@ -12,14 +12,14 @@ use crate::format::{
     depth_for, entry, is_refcount_block, level, refcount, span, verify, CheckpointRecord, Page,
     PageKind, Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, GROUP_BLOCKS, SUPERBLOCK,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
 const BS: u64 = BLOCK_SIZE as u64;
 const MAX_ERRORS: usize = 1000;
 
 /// What fsck found.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FsckReport {
     /// One line per problem (at most 1000; `error_count` has the total).
     pub errors: Vec<String>,

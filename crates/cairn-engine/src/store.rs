@@ -20,7 +20,7 @@ use crate::format::{
 };
 use crate::journal::Journal;
 use crate::meta::Meta;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -146,7 +146,7 @@ pub fn validate_name(name: &str) -> Result<()> {
 }
 
 /// A volume as reported to users.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeInfo {
     /// Name.
     pub name: String,
@@ -165,7 +165,7 @@ pub struct VolumeInfo {
 }
 
 /// A checkpoint as reported to users.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckpointInfo {
     /// Volume name.
     pub volume: String,
@@ -186,7 +186,7 @@ pub struct CheckpointInfo {
 }
 
 /// One byte range that differs between two states of a volume.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Extent {
     /// Start, in bytes.
     pub offset: u64,
@@ -195,7 +195,7 @@ pub struct Extent {
 }
 
 /// Space held by one checkpoint.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckpointSpace {
     /// Checkpoint name.
     pub name: String,
@@ -206,7 +206,7 @@ pub struct CheckpointSpace {
 }
 
 /// Space of one volume.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeSpace {
     /// Volume name.
     pub name: String,
@@ -223,7 +223,7 @@ pub struct VolumeSpace {
 }
 
 /// Space of the whole store.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SpaceReport {
     /// Volumes asked for.
     pub volumes: Vec<VolumeSpace>,
@@ -252,7 +252,7 @@ struct State {
 }
 
 /// Counters of an open store, for benchmarks and monitoring.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Stats {
     /// Commits made (flushes, checkpoint operations, forced commits).
     pub commits: u64,

@@ -1,0 +1,99 @@
+//! Where a command's operation runs: in the daemon that owns the store, when one answers on the
+//! store's control socket, or on the store opened by this process. Either way the operation is
+//! the same [`Op`] run by the same `cairn_control::execute`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use cairn_control::{Client, Op, OpError, Reply};
+use cairn_engine::{CheckpointInfo, Extent, Options, Store, VolumeInfo};
+
+/// The store or daemon commands talk to.
+pub enum Backend {
+    /// This process opened the store.
+    Local(Arc<Store>),
+    /// A daemon owns the store.
+    Daemon(Client),
+}
+
+impl Backend {
+    /// The daemon of `dir` if one runs, else the store opened here.
+    pub fn open(dir: &Path) -> Result<Backend> {
+        if let Some(c) = Client::find(dir) {
+            return Ok(Backend::Daemon(c));
+        }
+        Ok(Backend::Local(Arc::new(Store::open(
+            dir,
+            Options::default(),
+        )?)))
+    }
+
+    /// Runs `op`.
+    pub fn call(&self, op: Op) -> Result<Reply, OpError> {
+        self.call_with_progress(op, &mut |_| {})
+    }
+
+    /// Runs `op`, reporting bytes freed (only heard locally; a daemon just answers when done).
+    pub fn call_with_progress(
+        &self,
+        op: Op,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Reply, OpError> {
+        match self {
+            Backend::Local(store) => cairn_control::execute(store, op, progress),
+            Backend::Daemon(c) => c.call(&op),
+        }
+    }
+
+    pub fn volume(&self, op: Op) -> Result<VolumeInfo> {
+        match self.call(op)? {
+            Reply::Volume(v) => Ok(v),
+            other => unexpected(other),
+        }
+    }
+
+    pub fn checkpoint(&self, op: Op) -> Result<CheckpointInfo> {
+        match self.call(op)? {
+            Reply::Checkpoint(c) => Ok(c),
+            other => unexpected(other),
+        }
+    }
+
+    pub fn checkpoints(&self, volume: &str) -> Result<(Vec<CheckpointInfo>, Option<String>)> {
+        match self.call(Op::CheckpointList {
+            volume: volume.to_string(),
+        })? {
+            Reply::Checkpoints {
+                checkpoints,
+                head_parent,
+            } => Ok((checkpoints, head_parent)),
+            other => unexpected(other),
+        }
+    }
+
+    pub fn extents(&self, op: Op) -> Result<Vec<Extent>> {
+        match self.call(op)? {
+            Reply::Extents(e) => Ok(e),
+            other => unexpected(other),
+        }
+    }
+
+    pub fn bytes(&self, op: Op) -> Result<Vec<u8>> {
+        match self.call(op)? {
+            Reply::Bytes(b) => Ok(b),
+            other => unexpected(other),
+        }
+    }
+
+    pub fn done(&self, op: Op) -> Result<()> {
+        match self.call(op)? {
+            Reply::Done => Ok(()),
+            other => unexpected(other),
+        }
+    }
+}
+
+fn unexpected<T>(r: Reply) -> Result<T> {
+    bail!("the store answered with an unexpected reply: {r:?}")
+}

@@ -1,0 +1,198 @@
+//! Helpers shared by the CLI's integration tests: a fresh store, running `cairn`, and a running
+//! `cairn serve` daemon.
+#![allow(dead_code)]
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Env {
+    pub store: PathBuf,
+    pub work: PathBuf,
+    /// Declared before the temporary directory so it stops before the directory goes.
+    pub daemon: Option<Daemon>,
+    _tmp: tempfile::TempDir,
+}
+
+/// A fresh, initialised store with no daemon.
+pub fn env() -> Env {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let e = Env {
+        store: tmp.path().join("store"),
+        work: tmp.path().to_path_buf(),
+        daemon: None,
+        _tmp: tmp,
+    };
+    ok(&e, &["init"]);
+    e
+}
+
+/// A fresh store owned by a running daemon: every command goes through its control API.
+pub fn env_with_daemon() -> Env {
+    let mut e = env();
+    e.daemon = Some(Daemon::start(&e));
+    e
+}
+
+pub fn cairn(e: &Env, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("--store")
+        .arg(&e.store)
+        .args(args)
+        .env_remove("CAIRN_STORE")
+        .output()
+        .expect("run cairn")
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn ok(e: &Env, args: &[&str]) -> String {
+    let o = cairn(e, args);
+    assert!(
+        o.status.success(),
+        "cairn {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a command that must fail with a one-line error containing `want`, and no panic.
+pub fn fails(e: &Env, args: &[&str], want: &str) {
+    let o = cairn(e, args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "cairn {args:?} should fail");
+    assert!(!err.contains("panicked"), "cairn {args:?} panicked: {err}");
+    assert!(
+        err.contains(want),
+        "cairn {args:?}: expected '{want}' in: {err}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "error should be one line: {err}"
+    );
+}
+
+pub fn json(e: &Env, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&ok(e, &a)).expect("valid JSON")
+}
+
+pub fn fsck_clean(e: &Env) {
+    let out = ok(e, &["fsck"]);
+    assert!(out.contains("no problems"), "fsck: {out}");
+}
+
+/// A running `cairn serve`; killed on drop if still running.
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub control: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(e: &Env) -> Daemon {
+        Self::start_with(e, &[])
+    }
+
+    pub fn start_with(e: &Env, extra: &[&str]) -> Daemon {
+        let log = e.work.join(format!("serve-{}.log", unique()));
+        let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .arg("--store")
+            .arg(&e.store)
+            .arg("serve")
+            .args(extra)
+            .env_remove("CAIRN_STORE")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn cairn serve");
+        let mut d = Daemon {
+            child: Some(child),
+            socket: e.store.join("nbd.sock"),
+            control: e.store.join("control.sock"),
+            log,
+        };
+        let t = Instant::now();
+        // The control socket is bound last, so once it answers everything does.
+        while UnixStream::connect(&d.control).is_err() {
+            if let Some(Ok(Some(st))) = d.child.as_mut().map(|c| c.try_wait()) {
+                panic!("daemon exited with {st}: {}", d.log());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "daemon did not start: {}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Sends `sig` (e.g. "-TERM") and waits for the exit.
+    pub fn signal(&mut self, sig: &str) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        child.wait().expect("wait")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let st = self.signal("-TERM");
+            // Only assert when not already unwinding from another failure.
+            if !std::thread::panicking() {
+                assert!(
+                    st.success(),
+                    "daemon exit after SIGTERM: {st}\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs a peer tool (qemu-img, qemu-io, nbdinfo, nbdcopy); it must succeed.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let o = output(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn output(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is installed by scripts/setup.sh: {e}"))
+}

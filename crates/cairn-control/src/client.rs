@@ -1,0 +1,117 @@
+//! The client side of the control API: JSON over HTTP/1.1 on the store's unix socket.
+//!
+//! `POST /v1/ops` takes an [`Op`] and answers a [`Reply`] (HTTP 200) or an [`OpError`] (4xx/5xx);
+//! `GET /v1/status` answers a [`DaemonStatus`]. The daemon serves the same routes.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+
+use crate::ops::{ErrorKind, Op, OpError, Reply};
+
+/// File name of the control socket inside the store directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// Where a store's control socket lives.
+pub fn control_socket(store_dir: &Path) -> PathBuf {
+    store_dir.join(CONTROL_SOCKET)
+}
+
+/// What a running daemon says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// Its process id.
+    pub pid: u32,
+    /// The store it owns.
+    pub store: PathBuf,
+    /// Its NBD unix socket.
+    pub nbd_socket: PathBuf,
+    /// Its NBD TCP address, if any.
+    pub nbd_tcp: Option<String>,
+    /// Cairn version.
+    pub version: String,
+}
+
+/// A connection point to a store's daemon.
+pub struct Client {
+    socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+fn daemon_err(what: impl std::fmt::Display) -> OpError {
+    OpError::new(
+        ErrorKind::Daemon,
+        format!("talking to the Cairn daemon: {what}"),
+    )
+}
+
+impl Client {
+    /// The daemon of `store_dir`, if one answers on its control socket.
+    pub fn find(store_dir: &Path) -> Option<Client> {
+        let socket = control_socket(store_dir);
+        std::os::unix::net::UnixStream::connect(&socket).ok()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        Some(Client { socket, rt })
+    }
+
+    /// Runs `op` in the daemon.
+    pub fn call(&self, op: &Op) -> Result<Reply, OpError> {
+        let body = serde_json::to_vec(op).map_err(daemon_err)?;
+        let (status, bytes) = self.request("POST", "/v1/ops", body)?;
+        if status == 200 {
+            serde_json::from_slice(&bytes).map_err(daemon_err)
+        } else {
+            Err(
+                serde_json::from_slice::<OpError>(&bytes).unwrap_or_else(|_| {
+                    daemon_err(format!(
+                        "HTTP {status}: {}",
+                        String::from_utf8_lossy(&bytes)
+                    ))
+                }),
+            )
+        }
+    }
+
+    /// The daemon's own description.
+    pub fn status(&self) -> Result<DaemonStatus, OpError> {
+        let (status, bytes) = self.request("GET", "/v1/status", Vec::new())?;
+        if status != 200 {
+            return Err(daemon_err(format!("HTTP {status} from /v1/status")));
+        }
+        serde_json::from_slice(&bytes).map_err(daemon_err)
+    }
+
+    fn request(&self, method: &str, path: &str, body: Vec<u8>) -> Result<(u16, Bytes), OpError> {
+        self.rt.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.socket)
+                .await
+                .map_err(daemon_err)?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(daemon_err)?;
+            tokio::spawn(conn);
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "cairn")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .map_err(daemon_err)?;
+            let resp = sender.send_request(req).await.map_err(daemon_err)?;
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(daemon_err)?
+                .to_bytes();
+            Ok((status, bytes))
+        })
+    }
+}

@@ -1,0 +1,9 @@
+//! Cairn's operations as one API. [`ops`] defines every operation and the single function that
+//! performs it on a store; [`client`] sends operations to a running daemon instead. The CLI
+//! picks one of the two; the daemon serves [`ops::execute`] over HTTP.
+
+pub mod client;
+pub mod ops;
+
+pub use client::{control_socket, Client, DaemonStatus, CONTROL_SOCKET};
+pub use ops::{execute, ErrorKind, Op, OpError, Reply, MAX_DATA};

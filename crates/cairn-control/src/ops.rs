@@ -1,0 +1,376 @@
+//! Every store operation a user can ask for, as data ([`Op`] in, [`Reply`] out), and the one
+//! function that performs it ([`execute`]).
+//!
+//! The CLI builds an `Op` from its arguments and either runs `execute` on a store it opened
+//! itself or sends the `Op` to the daemon, which runs the same `execute` on the store it owns.
+//! So each command's logic exists once, whichever way it is reached, and the JSON the daemon
+//! speaks is exactly these types.
+
+use cairn_engine::fsck::FsckReport;
+use cairn_engine::{
+    CheckpointInfo, Error as EngineError, Extent, SpaceReport, Store, Target, VolumeInfo,
+};
+use serde::{Deserialize, Serialize};
+
+/// Largest data an `Op::VolumeWrite` carries or an `Op::VolumeRead` returns; bigger transfers
+/// are split by the caller (bulk data belongs on NBD, not in JSON).
+pub const MAX_DATA: u64 = 4 << 20;
+
+/// One operation on a store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Create an empty volume.
+    VolumeCreate {
+        /// Name.
+        name: String,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// All volumes.
+    VolumeList,
+    /// One volume.
+    VolumeInfo {
+        /// Name.
+        name: String,
+    },
+    /// Grow a volume.
+    VolumeResize {
+        /// Name.
+        name: String,
+        /// New size in bytes.
+        size: u64,
+    },
+    /// Delete a volume and its checkpoints.
+    VolumeDelete {
+        /// Name.
+        name: String,
+    },
+    /// Write bytes to a head, then flush.
+    VolumeWrite {
+        /// Volume.
+        name: String,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes (base64 in JSON), at most [`MAX_DATA`].
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// Read bytes from a head or checkpoint.
+    VolumeRead {
+        /// `VOLUME` or `VOLUME@CHECKPOINT`.
+        target: String,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes, at most [`MAX_DATA`].
+        length: u64,
+    },
+    /// Take a checkpoint of a head.
+    CheckpointCreate {
+        /// Volume.
+        volume: String,
+        /// Checkpoint name.
+        name: String,
+        /// Optional description.
+        description: Option<String>,
+    },
+    /// Checkpoints of a volume.
+    CheckpointList {
+        /// Volume.
+        volume: String,
+    },
+    /// Make the head a checkpoint's state.
+    CheckpointApply {
+        /// Volume.
+        volume: String,
+        /// Checkpoint.
+        name: String,
+        /// Checkpoint the current head under this name first.
+        save_current: Option<String>,
+    },
+    /// Delete a checkpoint.
+    CheckpointDelete {
+        /// Volume.
+        volume: String,
+        /// Checkpoint.
+        name: String,
+    },
+    /// Rename a checkpoint.
+    CheckpointRename {
+        /// Volume.
+        volume: String,
+        /// Current name.
+        name: String,
+        /// New name.
+        new_name: String,
+    },
+    /// A new volume whose head starts as a checkpoint.
+    Clone {
+        /// Source volume.
+        volume: String,
+        /// Source checkpoint.
+        checkpoint: String,
+        /// New volume's name.
+        new_name: String,
+    },
+    /// Ranges that differ between two states of a volume.
+    Diff {
+        /// `VOLUME` or `VOLUME@CHECKPOINT`.
+        a: String,
+        /// Same.
+        b: String,
+    },
+    /// Space accounting.
+    Space {
+        /// Only this volume.
+        volume: Option<String>,
+    },
+    /// Check every invariant of the open store.
+    Fsck,
+    /// Make every acknowledged write durable.
+    Flush,
+}
+
+/// What an [`Op`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", content = "value", rename_all = "snake_case")]
+pub enum Reply {
+    /// Nothing to report.
+    Done,
+    /// One volume.
+    Volume(VolumeInfo),
+    /// Volumes.
+    Volumes(Vec<VolumeInfo>),
+    /// One checkpoint.
+    Checkpoint(CheckpointInfo),
+    /// A volume's checkpoints and which one its head came from.
+    Checkpoints {
+        /// All checkpoints.
+        checkpoints: Vec<CheckpointInfo>,
+        /// The head's parent.
+        head_parent: Option<String>,
+    },
+    /// Byte ranges.
+    Extents(Vec<Extent>),
+    /// Space report.
+    Space(SpaceReport),
+    /// Fsck report.
+    Fsck(FsckReport),
+    /// Bytes read (base64 in JSON).
+    Bytes(#[serde(with = "b64")] Vec<u8>),
+}
+
+/// What kind of failure an [`OpError`] is, so callers (and HTTP) can react without parsing text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// A volume or checkpoint that does not exist.
+    NotFound,
+    /// A name already taken.
+    Exists,
+    /// A request that cannot be done as asked (bad name, range, size...).
+    Invalid,
+    /// The host filesystem is full.
+    NoSpace,
+    /// The store is held by another process.
+    Busy,
+    /// The store's metadata is damaged.
+    Corrupt,
+    /// The host failed an I/O call.
+    Io,
+    /// The daemon could not be reached or answered nonsense.
+    Daemon,
+}
+
+/// A failed operation: a kind and the one-line message users see.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct OpError {
+    /// Kind of failure.
+    pub kind: ErrorKind,
+    /// What failed, on which object, and what to do.
+    pub message: String,
+}
+
+impl OpError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> OpError {
+        OpError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<EngineError> for OpError {
+    fn from(e: EngineError) -> OpError {
+        use EngineError as E;
+        let kind = match &e {
+            E::UnknownVolume(_) | E::UnknownCheckpoint { .. } | E::NoStore(_) => {
+                ErrorKind::NotFound
+            }
+            E::VolumeExists(_) | E::CheckpointExists { .. } | E::StoreExists(_) => {
+                ErrorKind::Exists
+            }
+            E::InvalidName { .. }
+            | E::OutOfRange { .. }
+            | E::InvalidSize { .. }
+            | E::Invalid(_) => ErrorKind::Invalid,
+            E::NoSpace { .. } => ErrorKind::NoSpace,
+            E::Locked { .. } => ErrorKind::Busy,
+            E::Corrupt { .. } | E::Format { .. } => ErrorKind::Corrupt,
+            E::Io { .. } => ErrorKind::Io,
+        };
+        OpError::new(kind, e.to_string())
+    }
+}
+
+fn checked_len(what: &str, len: u64) -> Result<(), OpError> {
+    if len > MAX_DATA {
+        return Err(OpError::new(
+            ErrorKind::Invalid,
+            format!("{what} of {len} bytes is over the {MAX_DATA}-byte limit of one operation; split it"),
+        ));
+    }
+    Ok(())
+}
+
+/// Performs `op` on `store`. `progress` hears the bytes freed so far by deletes.
+pub fn execute(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
+    Ok(match op {
+        Op::VolumeCreate { name, size } => Reply::Volume(store.create_volume(&name, size)?),
+        Op::VolumeList => Reply::Volumes(store.list_volumes()?),
+        Op::VolumeInfo { name } => Reply::Volume(store.volume_info(&name)?),
+        Op::VolumeResize { name, size } => Reply::Volume(store.resize_volume(&name, size)?),
+        Op::VolumeDelete { name } => {
+            store.delete_volume_with_progress(&name, progress)?;
+            Reply::Done
+        }
+        Op::VolumeWrite { name, offset, data } => {
+            checked_len("a write", data.len() as u64)?;
+            store.write(&name, offset, &data)?;
+            store.flush()?;
+            Reply::Done
+        }
+        Op::VolumeRead {
+            target,
+            offset,
+            length,
+        } => {
+            checked_len("a read", length)?;
+            let mut buf = vec![0u8; length as usize];
+            store.read(&Target::parse(&target)?, offset, &mut buf)?;
+            Reply::Bytes(buf)
+        }
+        Op::CheckpointCreate {
+            volume,
+            name,
+            description,
+        } => Reply::Checkpoint(store.create_checkpoint(&volume, &name, description.as_deref())?),
+        Op::CheckpointList { volume } => Reply::Checkpoints {
+            checkpoints: store.list_checkpoints(&volume)?,
+            head_parent: store.volume_info(&volume)?.parent,
+        },
+        Op::CheckpointApply {
+            volume,
+            name,
+            save_current,
+        } => Reply::Volume(store.apply_checkpoint(&volume, &name, save_current.as_deref())?),
+        Op::CheckpointDelete { volume, name } => {
+            store.delete_checkpoint_with_progress(&volume, &name, progress)?;
+            Reply::Done
+        }
+        Op::CheckpointRename {
+            volume,
+            name,
+            new_name,
+        } => Reply::Checkpoint(store.rename_checkpoint(&volume, &name, &new_name)?),
+        Op::Clone {
+            volume,
+            checkpoint,
+            new_name,
+        } => Reply::Volume(store.clone_checkpoint(&volume, &checkpoint, &new_name)?),
+        Op::Diff { a, b } => Reply::Extents(store.diff(&Target::parse(&a)?, &Target::parse(&b)?)?),
+        Op::Space { volume } => Reply::Space(store.space(volume.as_deref())?),
+        Op::Fsck => Reply::Fsck(store.fsck()?),
+        Op::Flush => {
+            store.flush()?;
+            Reply::Done
+        }
+    })
+}
+
+/// Serde helper: bytes as a base64 string.
+mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_engine::Options;
+
+    #[test]
+    fn ops_and_replies_survive_json() {
+        let ops = [
+            Op::VolumeWrite {
+                name: "v".into(),
+                offset: 7,
+                data: vec![0, 1, 255],
+            },
+            Op::CheckpointApply {
+                volume: "v".into(),
+                name: "c".into(),
+                save_current: Some("s".into()),
+            },
+            Op::Fsck,
+        ];
+        for op in ops {
+            let j = serde_json::to_string(&op).expect("json");
+            assert_eq!(serde_json::from_str::<Op>(&j).expect("parse"), op);
+        }
+        let r = Reply::Bytes(vec![9; 10]);
+        let j = serde_json::to_string(&r).expect("json");
+        assert_eq!(serde_json::from_str::<Reply>(&j).expect("parse"), r);
+    }
+
+    #[test]
+    fn execute_maps_engine_errors_to_kinds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::init(dir.path(), Options::default()).expect("init");
+        let mut none = |_| {};
+        let e =
+            execute(&store, Op::VolumeInfo { name: "x".into() }, &mut none).expect_err("unknown");
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        let create = Op::VolumeCreate {
+            name: "v".into(),
+            size: 1 << 20,
+        };
+        execute(&store, create.clone(), &mut none).expect("create");
+        assert_eq!(
+            execute(&store, create, &mut none).expect_err("dup").kind,
+            ErrorKind::Exists
+        );
+        let big = Op::VolumeRead {
+            target: "v".into(),
+            offset: 0,
+            length: MAX_DATA + 1,
+        };
+        assert_eq!(
+            execute(&store, big, &mut none).expect_err("big").kind,
+            ErrorKind::Invalid
+        );
+    }
+}
