@@ -75,6 +75,12 @@ struct ServeArgs {
     /// Also serve NBD on TCP: ADDR:PORT, or just PORT for loopback (127.0.0.1).
     #[arg(long, value_name = "ADDR:PORT")]
     nbd_listen: Option<String>,
+    /// PEM certificate (chain): TCP clients must then use TLS (NBD_OPT_STARTTLS).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// `PORT` alone means loopback: exposing disks to the network must be asked for explicitly.
@@ -96,11 +102,23 @@ fn serve(dir: &Path, args: ServeArgs) -> Result<()> {
         )
         .init();
     let nbd_listen = args.nbd_listen.as_deref().map(parse_listen).transpose()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => {
+            if nbd_listen.is_none() {
+                bail!("--tls-cert/--tls-key secure the TCP listener; add --nbd-listen ADDR:PORT");
+            }
+            Some(cairn_nbd::tls::server_config(c, k)?)
+        }
+        _ => None,
+    };
     let config = cairn_daemon::DaemonConfig {
         store_dir: dir.to_path_buf(),
         options: Options::default(),
         nbd_listen,
-        nbd: cairn_nbd::ServerConfig::default(),
+        nbd: cairn_nbd::ServerConfig {
+            tls,
+            ..Default::default()
+        },
     };
     cairn_daemon::run(config, |l| {
         eprintln!(

@@ -74,6 +74,8 @@ pub struct Listening {
     pub nbd_socket: PathBuf,
     /// The NBD TCP address, if any (with the real port when 0 was asked).
     pub nbd_tcp: Option<SocketAddr>,
+    /// Whether TCP clients must use TLS.
+    pub tls: bool,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; `ready` is called once every socket accepts.
@@ -145,6 +147,7 @@ async fn serve(
     let listening = Listening {
         nbd_socket: sock.clone(),
         nbd_tcp,
+        tls: config.nbd.tls.is_some(),
     };
     info!(
         "serving store {} on {}{}",

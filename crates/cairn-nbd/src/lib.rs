@@ -7,5 +7,6 @@
 
 pub mod proto;
 pub mod server;
+pub mod tls;
 
 pub use server::{Server, ServerConfig, ALLOCATION_CONTEXT, CHANGED_CONTEXT};

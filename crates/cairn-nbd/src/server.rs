@@ -29,6 +29,9 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Time a client gets to finish negotiation.
     pub handshake_timeout: Duration,
+    /// TLS for TCP clients: when set, TCP clients must upgrade with `NBD_OPT_STARTTLS` before
+    /// anything else (the unix socket, guarded by file permissions, stays plain).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +40,7 @@ impl Default for ServerConfig {
             max_payload: 32 << 20,
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -164,7 +168,9 @@ impl Server {
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
-                    Ok((s, _)) => self.spawn_connection(Box::new(s), "unix client".into()),
+                    Ok((s, _)) => {
+                        self.spawn_connection(Box::new(s), "unix client".into(), false)
+                    }
                     Err(e) => {
                         warn!("nbd: accept on unix socket failed: {e}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -183,7 +189,8 @@ impl Server {
                 r = listener.accept() => match r {
                     Ok((s, addr)) => {
                         let _ = s.set_nodelay(true);
-                        self.spawn_connection(Box::new(s), addr.to_string())
+                        let tls = self.config.tls.is_some();
+                        self.spawn_connection(Box::new(s), addr.to_string(), tls)
                     }
                     Err(e) => {
                         warn!("nbd: accept on TCP failed: {e}");
@@ -195,15 +202,16 @@ impl Server {
         }
     }
 
-    /// Serves one already-connected client (used by the listeners, and by tests over pipes).
-    pub fn spawn_connection(self: &Arc<Self>, stream: Box<dyn Stream>, peer: String) {
+    /// Serves one already-connected client (used by the listeners, and by tests over pipes);
+    /// `tls` makes the client upgrade to TLS before anything else.
+    pub fn spawn_connection(self: &Arc<Self>, stream: Box<dyn Stream>, peer: String, tls: bool) {
         let Some(token) = self.live.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return; // shutting down
         };
         let me = self.clone();
         tokio::spawn(async move {
             let _token = token;
-            me.connection(stream, peer).await;
+            me.connection(stream, peer, tls).await;
         });
     }
 
@@ -215,10 +223,15 @@ impl Server {
         let _ = self.all_closed.lock().await.recv().await;
     }
 
-    async fn connection(self: Arc<Self>, mut stream: Box<dyn Stream>, peer: String) {
+    async fn connection(self: Arc<Self>, mut stream: Box<dyn Stream>, peer: String, tls: bool) {
+        let acceptor = if tls {
+            self.config.tls.clone().map(tokio_rustls::TlsAcceptor::from)
+        } else {
+            None
+        };
         let negotiated = tokio::time::timeout(
             self.config.handshake_timeout,
-            self.negotiate(&mut stream, &peer),
+            self.negotiate(&mut stream, &peer, acceptor),
         )
         .await;
         let session = match negotiated {
@@ -375,7 +388,9 @@ impl Server {
         &self,
         s: &mut Box<dyn Stream>,
         peer: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Result<Option<Session>, ConnError> {
+        let mut secured = false;
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -426,6 +441,23 @@ impl Server {
                 warn!("nbd: {peer}: option {} refused: {why}", h.option);
                 option_reply(out, h.option, REP_ERR_INVALID, why.as_bytes());
             };
+            if tls.is_some() && !secured && h.option != OPT_STARTTLS && h.option != OPT_ABORT {
+                if h.option == OPT_EXPORT_NAME {
+                    return Err(ConnError::Closed(
+                        "NBD_OPT_EXPORT_NAME without TLS on a TLS-only server".into(),
+                    ));
+                }
+                warn!("nbd: {peer}: option {} refused before STARTTLS", h.option);
+                option_reply(
+                    &mut out,
+                    h.option,
+                    REP_ERR_TLS_REQD,
+                    b"this server requires TLS: negotiate NBD_OPT_STARTTLS first",
+                );
+                s.write_all(&out).await?;
+                s.flush().await?;
+                continue;
+            }
             match h.option {
                 OPT_EXPORT_NAME => {
                     if extended {
@@ -480,12 +512,38 @@ impl Server {
                         }
                     }
                 }
-                OPT_STARTTLS => option_reply(
-                    &mut out,
-                    h.option,
-                    REP_ERR_UNSUP,
-                    b"this server was started without TLS",
-                ),
+                OPT_STARTTLS => match &tls {
+                    None => option_reply(
+                        &mut out,
+                        h.option,
+                        REP_ERR_UNSUP,
+                        b"TLS is not enabled on this socket",
+                    ),
+                    Some(_) if secured => invalid(&mut out, "TLS is already in use"),
+                    Some(_) if !data.is_empty() => {
+                        invalid(&mut out, "NBD_OPT_STARTTLS takes no data")
+                    }
+                    Some(acceptor) => {
+                        option_reply(&mut out, h.option, REP_ACK, &[]);
+                        s.write_all(&out).await?;
+                        s.flush().await?;
+                        // Swap the plain stream for the TLS one; the placeholder is never used.
+                        let plain = std::mem::replace(s, Box::new(tokio::io::duplex(1).0));
+                        let secure = acceptor
+                            .accept(plain)
+                            .await
+                            .map_err(|e| ConnError::Closed(format!("TLS handshake failed: {e}")))?;
+                        *s = Box::new(secure);
+                        secured = true;
+                        // The spec makes the client negotiate these again over TLS.
+                        structured = false;
+                        extended = false;
+                        contexts.clear();
+                        contexts_for.clear();
+                        debug!("nbd: {peer}: TLS established");
+                        continue;
+                    }
+                },
                 OPT_INFO | OPT_GO => {
                     let req = match ExportRequest::parse(&data) {
                         Ok(r) => r,
