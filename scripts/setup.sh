@@ -7,6 +7,8 @@ need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 # nbdinfo / nbdcopy: independent NBD clients the NBD server is tested against.
 command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
+# fio (with its nbd engine): the NBD benchmark's load generator.
+command -v fio >/dev/null 2>&1 || need_apt+=(fio)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2
     SUDO=""

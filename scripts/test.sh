@@ -8,6 +8,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 cargo build --release -q -p cairn-cli
 ./target/release/cairn bench --quick
+./target/release/cairn bench --nbd --quick
 ./scripts/fuzz.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

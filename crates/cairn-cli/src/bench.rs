@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Skip the qcow2 chain comparison.
     #[arg(long)]
     pub no_qcow2: bool,
+    /// Benchmark the NBD daemon against qemu-nbd (raw file and qcow2 chain) and import against
+    /// qemu-img convert, instead of the engine.
+    #[arg(long)]
+    pub nbd: bool,
 }
 
 struct Plan {
@@ -279,7 +283,7 @@ fn run_ok(cmd: &mut Command) -> Result<()> {
 
 /// Builds a qcow2 chain on a base converted from `raw`, each overlay holding a few scattered 64 KiB
 /// writes, and calls `at` with the top image whenever the chain reaches one of `depths`.
-fn qcow2_chain(
+pub(crate) fn qcow2_chain(
     dir: &Path,
     raw: &Path,
     depths: &[u64],
@@ -334,6 +338,16 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     let parent = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let tmp = tempdir_in(&parent)?;
     let dir = tmp.path.clone();
+    if args.nbd {
+        eprintln!("bench: scratch directory {}", dir.display());
+        let report = crate::bench_nbd::run(&dir, args.quick)?;
+        if json {
+            crate::print_json(&serde_json::json!({ "report": report }))?;
+        } else {
+            println!("{report}");
+        }
+        return Ok(());
+    }
     let mut report = String::new();
     let started = Instant::now();
     eprintln!("bench: scratch directory {}", dir.display());

@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod bench_nbd;
 mod convert;
 mod units;
 

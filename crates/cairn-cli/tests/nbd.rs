@@ -804,3 +804,33 @@ fn tcp_with_tls_serves_qemu_and_refuses_plain_clients() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("private key"), "{err}");
 }
+
+#[test]
+fn flush_on_one_connection_covers_writes_of_another() {
+    let e = env();
+    cairn(&e, &["volume", "create", "v", "--size", "4M"]);
+    let mut d = Daemon::start(&e);
+    // The server advertises CAN_MULTI_CONN; this is what it promises.
+    let info = run("nbdinfo", &["--json", &d.uri("v")]);
+    assert!(info.contains("\"can_multi_conn\": true"), "{info}");
+    let mut a = Raw::hello(&d);
+    assert_eq!(a.go("v"), REP_ACK);
+    let mut b = Raw::hello(&d);
+    assert_eq!(b.go("v"), REP_ACK);
+    a.request(CMD_WRITE, 0, 8192, 5, b"hello");
+    assert_eq!(a.simple(), 0);
+    b.request(CMD_FLUSH, 0, 0, 0, &[]);
+    assert_eq!(b.simple(), 0);
+    // Power cut, as far as the daemon is concerned: no chance to flush anything more.
+    let status = d.signal("-KILL");
+    assert!(!status.success());
+    let got = cairn(
+        &e,
+        &["volume", "read", "v", "--offset", "8192", "--length", "5"],
+    );
+    assert_eq!(
+        got, "hello",
+        "a write acknowledged on A, flushed on B, survives"
+    );
+    fsck_clean(&e);
+}

@@ -1,0 +1,383 @@
+//! `cairn bench --nbd`: Cairn's NBD daemon side by side with `qemu-nbd`, in one run, driven by the
+//! same client (fio's nbd engine) against the same disk:
+//!
+//! - `qemu-nbd` serving a raw file (the reference the issue sets: Cairn must reach 90% of it);
+//! - `cairn serve` serving a volume at depth 0 and after N checkpoints (each followed by scattered
+//!   4 KiB overwrites, so the head really shares its tree with the checkpoints);
+//! - `qemu-nbd` serving a qcow2 backing chain of the same depth;
+//! - import of a qcow2 image with `cairn volume import` against `qemu-img convert` to a raw file.
+//!
+//! Both servers use the host page cache (`qemu-nbd --cache=writeback`, Cairn's buffered I/O), so
+//! the comparison is like for like.
+
+use anyhow::{bail, Context, Result};
+use cairn_engine::{Options, Store};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::backend::Backend;
+
+const MIB: u64 = 1 << 20;
+
+struct Plan {
+    data: u64,
+    depth: u64,
+    /// Random 4 KiB overwrites after each checkpoint.
+    overwrites: u64,
+    seconds: u64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                data: 256 * MIB,
+                depth: 50,
+                overwrites: 64,
+                seconds: 2,
+            }
+        } else {
+            Plan {
+                data: 4096 * MIB,
+                depth: 1000,
+                overwrites: 256,
+                seconds: 10,
+            }
+        }
+    }
+}
+
+/// One fio job: name, rw mode, block size, queue depth.
+const JOBS: &[(&str, &str, &str, u32)] = &[
+    ("sequential 1 MiB read, qd8", "read", "1M", 8),
+    ("sequential 1 MiB write, qd8", "write", "1M", 8),
+    ("random 4 KiB read, qd1", "randread", "4k", 1),
+    ("random 4 KiB read, qd16", "randread", "4k", 16),
+    ("random 4 KiB write, qd16", "randwrite", "4k", 16),
+];
+
+/// A server process that is stopped on drop.
+struct ServerProcess {
+    child: Child,
+    uri: String,
+    what: String,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // SIGTERM so that cairn flushes and exits cleanly; qemu-nbd exits on it too.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_socket(p: &Path, child: &mut Child, what: &str) -> Result<()> {
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(p).is_err() {
+        if let Ok(Some(st)) = child.try_wait() {
+            bail!("{what} exited with {st} before listening");
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("{what} did not listen on {} within 60 s", p.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn qemu_nbd(dir: &Path, image: &Path, format: &str, tag: &str) -> Result<ServerProcess> {
+    let sock = dir.join(format!("qemu-nbd-{tag}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new("qemu-nbd")
+        .args(["-t", "-k"])
+        .arg(&sock)
+        .args([
+            "-f",
+            format,
+            "--cache=writeback",
+            "--aio=threads",
+            "-x",
+            "b",
+        ])
+        .arg(image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running qemu-nbd (install qemu-utils: ./scripts/setup.sh)")?;
+    let what = format!("qemu-nbd ({format})");
+    wait_for_socket(&sock, &mut child, &what)?;
+    Ok(ServerProcess {
+        child,
+        uri: format!("nbd+unix:///b?socket={}", sock.display()),
+        what,
+    })
+}
+
+fn cairn_serve(store: &Path, volume: &str) -> Result<ServerProcess> {
+    let exe = std::env::current_exe().context("finding the cairn binary")?;
+    let mut child = Command::new(exe)
+        .arg("--store")
+        .arg(store)
+        .arg("serve")
+        .env("CAIRN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running cairn serve")?;
+    wait_for_socket(
+        &cairn_control::control_socket(store),
+        &mut child,
+        "cairn serve",
+    )?;
+    Ok(ServerProcess {
+        child,
+        uri: cairn_daemon::nbd_uri(store, volume),
+        what: "cairn serve".into(),
+    })
+}
+
+/// Runs one fio job against an NBD URI; returns MiB/s for 1 MiB jobs, IOPS for 4 KiB ones.
+fn fio(uri: &str, job: &(&str, &str, &str, u32), size: u64, seconds: u64) -> Result<f64> {
+    let (_, rw, bs, qd) = *job;
+    let out = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={qd}"),
+            &format!("--size={size}"),
+            &format!("--runtime={seconds}"),
+            "--time_based",
+            "--randrepeat=0",
+            "--output-format=json",
+        ])
+        .output()
+        .context("running fio (install it: ./scripts/setup.sh)")?;
+    if !out.status.success() {
+        bail!(
+            "fio {rw} {bs} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print notes before its JSON.
+    let start = text.find('{').context("fio printed no JSON")?;
+    let v: serde_json::Value = serde_json::from_str(&text[start..]).context("fio JSON")?;
+    let side = if rw.contains("read") { "read" } else { "write" };
+    let j = &v["jobs"][0][side];
+    Ok(if bs == "1M" {
+        j["bw_bytes"].as_f64().unwrap_or(0.0) / MIB as f64
+    } else {
+        j["iops"].as_f64().unwrap_or(0.0)
+    })
+}
+
+fn run_jobs(server: &mut ServerProcess, plan: &Plan) -> Vec<Result<f64>> {
+    eprintln!("bench: fio against {}", server.what);
+    JOBS.iter()
+        .map(|j| {
+            // A server that died (qemu-nbd crashes on very deep chains) is reported as such.
+            if let Ok(Some(st)) = server.child.try_wait() {
+                bail!("{} died ({st})", server.what);
+            }
+            let r = fio(&server.uri, j, plan.data, plan.seconds);
+            match (r, server.child.try_wait()) {
+                (Err(_), Ok(Some(st))) => bail!("{} died ({st})", server.what),
+                (r, _) => r,
+            }
+        })
+        .collect()
+}
+
+fn cell(r: &Result<f64>) -> String {
+    match r {
+        Ok(v) => format!("{v:.0}"),
+        Err(e) => format!("failed: {}", e.to_string().lines().next().unwrap_or("")),
+    }
+}
+
+fn ratio(a: &Result<f64>, b: &Result<f64>) -> String {
+    match (a, b) {
+        (Ok(a), Ok(b)) if *b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    }
+}
+
+fn random_file(path: &Path, bytes: u64) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut rng = StdRng::seed_from_u64(42);
+    let mut buf = vec![0u8; MIB as usize];
+    for _ in 0..bytes / MIB {
+        rng.fill(&mut buf[..]);
+        f.write_all(&buf)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn time_it(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Runs the NBD benchmark in `dir` and returns the Markdown report.
+pub fn run(dir: &Path, quick: bool) -> Result<String> {
+    let plan = Plan::new(quick);
+    let started = Instant::now();
+    let mut report = format!(
+        "NBD: {} MiB of data; fio {} s per job (nbd engine); checkpoint depth {} with {} random 4 KiB overwrites after each checkpoint; qcow2 chain of the same depth. Units: MiB/s for 1 MiB jobs, IOPS for 4 KiB jobs.\n\n",
+        plan.data / MIB,
+        plan.seconds,
+        plan.depth,
+        plan.overwrites
+    );
+
+    // Source data, and the qcow2 image both importers read.
+    let raw = dir.join("data.raw");
+    random_file(&raw, plan.data)?;
+    let qcow2 = dir.join("source.qcow2");
+    crate::convert::qemu_img_ok(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &raw.display().to_string(),
+        &qcow2.display().to_string(),
+    ])?;
+    let _ = std::fs::read(&qcow2).map(drop); // both importers start from a cached source
+
+    // Import: qemu-img convert to a raw file with the flags Cairn's import uses (parallel
+    // out-of-order writes, flushed at the end) against cairn volume import.
+    eprintln!("bench: import of a {} MiB qcow2", plan.data / MIB);
+    let peer_out = dir.join("convert-out.raw");
+    let peer = time_it(|| {
+        crate::convert::qemu_img_ok(&[
+            "convert",
+            "-t",
+            "writeback",
+            "-W",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            &qcow2.display().to_string(),
+            &peer_out.display().to_string(),
+        ])
+    });
+    let _ = std::fs::remove_file(&peer_out);
+    let store_dir = dir.join("store");
+    Store::init(&store_dir, Options::default())?;
+    let ours = time_it(|| {
+        let backend = Backend::Local(std::sync::Arc::new(Store::open(
+            &store_dir,
+            Options::default(),
+        )?));
+        crate::convert::import(&backend, "bench", &qcow2, Some("qcow2")).map(drop)
+    });
+    report.push_str("| import | qemu-img convert to raw | cairn volume import | cairn / qemu-img |\n|---|---|---|---|\n");
+    let mbs = |r: &Result<f64>| match r {
+        Ok(s) => Ok(plan.data as f64 / MIB as f64 / s),
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    };
+    let (p, o) = (mbs(&peer), mbs(&ours));
+    report.push_str(&format!(
+        "| {} MiB qcow2, MiB/s | {} | {} | {} |\n\n",
+        plan.data / MIB,
+        cell(&p),
+        cell(&o),
+        ratio(&o, &p)
+    ));
+    ours?;
+
+    // Depth 0.
+    let raw0 = {
+        let mut s = qemu_nbd(dir, &raw, "raw", "raw0")?;
+        run_jobs(&mut s, &plan)
+    };
+    let cairn0 = {
+        let mut s = cairn_serve(&store_dir, "bench")?;
+        run_jobs(&mut s, &plan)
+    };
+
+    // Depth N: checkpoints with overwrites in between, made through the engine directly.
+    eprintln!("bench: making {} checkpoints", plan.depth);
+    {
+        let store = Store::open(&store_dir, Options::default())?;
+        let mut rng = StdRng::seed_from_u64(9);
+        let block = vec![0x5Au8; 4096];
+        for d in 1..=plan.depth {
+            store.create_checkpoint("bench", &format!("c{d}"), None)?;
+            for _ in 0..plan.overwrites {
+                let off = rng.random_range(0..plan.data / 4096) * 4096;
+                store.write("bench", off, &block)?;
+            }
+        }
+        store.flush()?;
+    }
+    let mut chain_top = None;
+    crate::bench::qcow2_chain(dir, &raw, &[plan.depth], plan.data, |_, top| {
+        chain_top = Some(top.to_path_buf());
+        Ok(())
+    })?;
+    let rawn = {
+        let mut s = qemu_nbd(dir, &raw, "raw", "rawn")?;
+        run_jobs(&mut s, &plan)
+    };
+    let cairnn = {
+        let mut s = cairn_serve(&store_dir, "bench")?;
+        run_jobs(&mut s, &plan)
+    };
+    let chain: Vec<Result<f64>> = match chain_top
+        .as_deref()
+        .map(|top: &Path| qemu_nbd(dir, top, "qcow2", "chain"))
+    {
+        Some(Ok(mut s)) => run_jobs(&mut s, &plan),
+        Some(Err(e)) => JOBS.iter().map(|_| Err(anyhow::anyhow!("{e}"))).collect(),
+        None => JOBS
+            .iter()
+            .map(|_| Err(anyhow::anyhow!("no chain")))
+            .collect(),
+    };
+
+    let n = plan.depth;
+    report.push_str(&format!(
+        "| workload | qemu-nbd raw | cairn @0 | cairn @0 / raw | qemu-nbd raw (again) | cairn @{n} | cairn @{n} / raw | qemu-nbd qcow2 chain @{n} | cairn @{n} / chain |\n|---|---|---|---|---|---|---|---|---|\n"
+    ));
+    for (i, job) in JOBS.iter().enumerate() {
+        report.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            job.0,
+            cell(&raw0[i]),
+            cell(&cairn0[i]),
+            ratio(&cairn0[i], &raw0[i]),
+            cell(&rawn[i]),
+            cell(&cairnn[i]),
+            ratio(&cairnn[i], &rawn[i]),
+            cell(&chain[i]),
+            ratio(&cairnn[i], &chain[i]),
+        ));
+    }
+    report.push_str(&format!(
+        "\ntotal NBD benchmark time {:.0} s\n",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(report)
+}
