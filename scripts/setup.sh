@@ -9,6 +9,8 @@ command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
 # fio (with its nbd engine): the NBD benchmark's load generator.
 command -v fio >/dev/null 2>&1 || need_apt+=(fio)
+# cpio packs the test guest's initramfs.
+command -v cpio >/dev/null 2>&1 || need_apt+=(cpio)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2
     SUDO=""
@@ -20,3 +22,6 @@ command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust
 # Fuzzing the NBD parsers needs nightly and cargo-fuzz.
 rustup run nightly rustc --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+# The VM runtime: QEMU 10 from bookworm-backports, and the test guest built from Debian packages.
+"$(dirname "$0")/setup-qemu.sh"
+"$(dirname "$0")/build-guest.sh"

@@ -5,6 +5,7 @@ mod bench;
 mod bench_nbd;
 mod convert;
 mod units;
+mod vm;
 
 use anyhow::{bail, Context, Result};
 use backend::Backend;
@@ -66,6 +67,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Walk through Cairn's main job on the store: a volume, checkpoints, a rewind, space.
     Demo,
+    /// Define, run and inspect VMs whose disks are Cairn volumes.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
     /// Run the daemon: own the store and serve every volume (read-write) and checkpoint
     /// (read-only) over NBD on STORE/nbd.sock until SIGTERM or SIGINT.
     Serve(ServeArgs),
@@ -482,6 +486,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(args) => bench::run(&args, json)?,
         Cmd::Demo => demo(&dir)?,
         Cmd::Serve(args) => serve(&dir, args)?,
+        Cmd::Vm(cmd) => vm::run(&open()?, &dir, cmd, json)?,
     }
     Ok(())
 }

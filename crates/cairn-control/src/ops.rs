@@ -10,7 +10,9 @@ use cairn_engine::fsck::FsckReport;
 use cairn_engine::{
     CheckpointInfo, Error as EngineError, Extent, SpaceReport, Store, Target, VolumeInfo,
 };
+use cairn_vm::{VmError, VmSpec, VmStatus, VmStore};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// Largest data an `Op::VolumeWrite` carries or an `Op::VolumeRead` returns; bigger transfers
 /// are split by the caller (bulk data belongs on NBD, not in JSON).
@@ -129,6 +131,67 @@ pub enum Op {
     Fsck,
     /// Make every acknowledged write durable.
     Flush,
+    /// Define a VM.
+    VmCreate(VmDefinition),
+    /// All VM definitions.
+    VmList,
+    /// One VM definition.
+    VmInfo {
+        /// VM name.
+        name: String,
+    },
+    /// Change a stopped VM's definition; fields left out stay as they are.
+    VmEdit(VmDefinition),
+    /// Delete a stopped VM's definition (its volumes stay).
+    VmDelete {
+        /// VM name.
+        name: String,
+    },
+    /// Start a VM (daemon only).
+    VmStart {
+        /// VM name.
+        name: String,
+    },
+    /// Power a VM off: ACPI, then a hard stop after `timeout_secs` (daemon only).
+    VmStop {
+        /// VM name.
+        name: String,
+        /// Seconds the guest gets to power off.
+        timeout_secs: u64,
+    },
+    /// Kill a VM's QEMU at once (daemon only).
+    VmKill {
+        /// VM name.
+        name: String,
+    },
+    /// State, pid, uptime, accelerator.
+    VmStatus {
+        /// VM name.
+        name: String,
+    },
+}
+
+/// The user-settable fields of a VM; on edit, `None` keeps the current value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDefinition {
+    /// VM name.
+    pub name: String,
+    /// Memory in bytes.
+    pub memory: Option<u64>,
+    /// vCPUs.
+    pub cpus: Option<u32>,
+    /// Volumes, in order (replaces the list on edit).
+    pub disks: Option<Vec<String>>,
+    /// Kernel file.
+    pub kernel: Option<PathBuf>,
+    /// Initramfs file.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub append: Option<String>,
+    /// `user` or none.
+    pub net: Option<String>,
+    /// `kvm` or `tcg`; automatic when absent.
+    pub accel: Option<String>,
 }
 
 /// What an [`Op`] returns.
@@ -158,6 +221,12 @@ pub enum Reply {
     Fsck(FsckReport),
     /// Bytes read (base64 in JSON).
     Bytes(#[serde(with = "b64")] Vec<u8>),
+    /// One VM definition.
+    Vm(VmSpec),
+    /// VM definitions.
+    Vms(Vec<VmSpec>),
+    /// A VM's run state.
+    VmStatus(VmStatus),
 }
 
 /// What kind of failure an [`OpError`] is, so callers (and HTTP) can react without parsing text.
@@ -180,6 +249,10 @@ pub enum ErrorKind {
     Io,
     /// The daemon could not be reached or answered nonsense.
     Daemon,
+    /// The object is in the wrong state for the request (e.g. a running VM).
+    State,
+    /// QEMU is missing, too old, or failed.
+    Vm,
 }
 
 /// A failed operation: a kind and the one-line message users see.
@@ -225,6 +298,63 @@ impl From<EngineError> for OpError {
     }
 }
 
+impl From<VmError> for OpError {
+    fn from(e: VmError) -> OpError {
+        let kind = match &e {
+            VmError::UnknownVm(_) => ErrorKind::NotFound,
+            VmError::Exists(_) => ErrorKind::Exists,
+            VmError::Running(_) | VmError::NotRunning(_) => ErrorKind::State,
+            VmError::Invalid(_) => ErrorKind::Invalid,
+            VmError::Qemu(_) | VmError::Qmp(_) => ErrorKind::Vm,
+            VmError::Io { .. } => ErrorKind::Io,
+        };
+        OpError::new(kind, e.to_string())
+    }
+}
+
+/// The VM definitions of the store.
+fn vm_store(store: &Store) -> Result<VmStore, OpError> {
+    store.dir().map(VmStore::new).ok_or_else(|| {
+        OpError::new(
+            ErrorKind::Invalid,
+            "this store has no directory for VM definitions",
+        )
+    })
+}
+
+/// Checks that every disk is a volume that no other VM has attached.
+fn check_disks(store: &Store, vms: &VmStore, spec: &VmSpec) -> Result<(), OpError> {
+    for d in &spec.disks {
+        store.volume_info(d)?;
+        for other in vms.list()? {
+            if other.name != spec.name && other.disks.contains(d) {
+                return Err(OpError::new(
+                    ErrorKind::State,
+                    format!(
+                        "volume '{d}' is attached to VM '{}'; a disk belongs to one VM (clone it for another)",
+                        other.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn needs_daemon(what: &str) -> OpError {
+    OpError::new(
+        ErrorKind::State,
+        format!("{what} needs the Cairn daemon, which runs and supervises VMs; start it with `cairn serve`"),
+    )
+}
+
 fn checked_len(what: &str, len: u64) -> Result<(), OpError> {
     if len > MAX_DATA {
         return Err(OpError::new(
@@ -243,6 +373,17 @@ pub fn execute(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result<R
         Op::VolumeInfo { name } => Reply::Volume(store.volume_info(&name)?),
         Op::VolumeResize { name, size } => Reply::Volume(store.resize_volume(&name, size)?),
         Op::VolumeDelete { name } => {
+            if let Ok(vms) = vm_store(store) {
+                if let Some(vm) = vms.list()?.into_iter().find(|v| v.disks.contains(&name)) {
+                    return Err(OpError::new(
+                        ErrorKind::State,
+                        format!(
+                            "volume '{name}' is a disk of VM '{}'; delete or edit the VM first",
+                            vm.name
+                        ),
+                    ));
+                }
+            }
             store.delete_volume_with_progress(&name, progress)?;
             Reply::Done
         }
@@ -297,6 +438,86 @@ pub fn execute(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result<R
             store.flush()?;
             Reply::Done
         }
+        Op::VmCreate(def) => {
+            let vms = vm_store(store)?;
+            cairn_engine::validate_name(&def.name)?;
+            if vms.exists(&def.name) {
+                return Err(VmError::Exists(def.name).into());
+            }
+            let spec = VmSpec {
+                name: def.name,
+                memory: def.memory.unwrap_or(512 << 20),
+                cpus: def.cpus.unwrap_or(1),
+                disks: def.disks.unwrap_or_default(),
+                kernel: def.kernel,
+                initrd: def.initrd,
+                append: def.append,
+                net: def.net,
+                mac: cairn_vm::spec::fresh_mac(),
+                uuid: cairn_vm::spec::fresh_uuid(),
+                accel: def.accel,
+                created_ms: now_ms(),
+            };
+            spec.validate()?;
+            check_disks(store, &vms, &spec)?;
+            vms.save(&spec)?;
+            Reply::Vm(spec)
+        }
+        Op::VmList => Reply::Vms(vm_store(store)?.list()?),
+        Op::VmInfo { name } => Reply::Vm(vm_store(store)?.get(&name)?),
+        Op::VmEdit(def) => {
+            let vms = vm_store(store)?;
+            let mut spec = vms.get(&def.name)?;
+            if let Some(m) = def.memory {
+                spec.memory = m;
+            }
+            if let Some(c) = def.cpus {
+                spec.cpus = c;
+            }
+            if let Some(d) = def.disks {
+                spec.disks = d;
+            }
+            if def.kernel.is_some() {
+                spec.kernel = def.kernel;
+            }
+            if def.initrd.is_some() {
+                spec.initrd = def.initrd;
+            }
+            if def.append.is_some() {
+                spec.append = def.append;
+            }
+            if def.net.is_some() {
+                spec.net = def.net;
+            }
+            if def.accel.is_some() {
+                spec.accel = def.accel;
+            }
+            spec.validate()?;
+            check_disks(store, &vms, &spec)?;
+            vms.save(&spec)?;
+            Reply::Vm(spec)
+        }
+        Op::VmDelete { name } => {
+            vm_store(store)?.delete(&name)?;
+            Reply::Done
+        }
+        Op::VmStatus { name } => {
+            let vms = vm_store(store)?;
+            vms.get(&name)?;
+            // Without a daemon nothing runs.
+            Reply::VmStatus(VmStatus {
+                console: vms.vm_dir(&name).join("console.log"),
+                name,
+                state: "stopped".into(),
+                pid: None,
+                uptime_secs: None,
+                accel: None,
+                last_exit: None,
+                last_exit_ms: None,
+            })
+        }
+        Op::VmStart { .. } => return Err(needs_daemon("starting a VM")),
+        Op::VmStop { .. } | Op::VmKill { .. } => return Err(needs_daemon("stopping a VM")),
     })
 }
 

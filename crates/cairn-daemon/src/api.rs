@@ -11,18 +11,20 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cairn_control::{execute, DaemonStatus, ErrorKind, Op, OpError};
+use cairn_control::{execute, DaemonStatus, ErrorKind, Op, OpError, Reply};
 use cairn_engine::Store;
+use cairn_vm::{Runtime, VmError};
 use tracing::{info, warn};
 
 #[derive(Clone)]
 struct ApiState {
     store: Arc<Store>,
+    runtime: Arc<Runtime>,
     status: Arc<DaemonStatus>,
 }
 
-/// The API's routes over `store`.
-pub fn router(store: Arc<Store>, status: DaemonStatus) -> Router {
+/// The API's routes over `store` and its VMs.
+pub fn router(store: Arc<Store>, runtime: Arc<Runtime>, status: DaemonStatus) -> Router {
     Router::new()
         .route("/v1/ops", post(ops))
         .route("/v1/status", get(daemon_status))
@@ -32,6 +34,7 @@ pub fn router(store: Arc<Store>, status: DaemonStatus) -> Router {
         ))
         .with_state(ApiState {
             store,
+            runtime,
             status: Arc::new(status),
         })
 }
@@ -40,10 +43,11 @@ pub fn router(store: Arc<Store>, status: DaemonStatus) -> Router {
 pub async fn serve(
     listener: tokio::net::UnixListener,
     store: Arc<Store>,
+    runtime: Arc<Runtime>,
     status: DaemonStatus,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
-    if let Err(e) = axum::serve(listener, router(store, status))
+    if let Err(e) = axum::serve(listener, router(store, runtime, status))
         .with_graceful_shutdown(stop)
         .await
     {
@@ -60,6 +64,8 @@ fn http_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::Busy => StatusCode::LOCKED,
         ErrorKind::Corrupt | ErrorKind::Io => StatusCode::INTERNAL_SERVER_ERROR,
         ErrorKind::Daemon => StatusCode::BAD_GATEWAY,
+        ErrorKind::State => StatusCode::CONFLICT,
+        ErrorKind::Vm => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -83,6 +89,47 @@ async fn ops(State(st): State<ApiState>, body: Bytes) -> Response {
         .and_then(|v| v["op"].as_str().map(str::to_string))
         .unwrap_or_default();
     let store = st.store.clone();
+    // Operations on running VMs, and the checks that need to know what runs, happen here; all
+    // else is the same `execute` the CLI runs without a daemon.
+    let rt = &st.runtime;
+    let vm_reply = match &op {
+        Op::VmStart { name } => Some(rt.start(name).await.map(Reply::VmStatus)),
+        Op::VmStop { name, timeout_secs } => Some(
+            rt.stop(name, std::time::Duration::from_secs(*timeout_secs))
+                .await
+                .map(Reply::VmStatus),
+        ),
+        Op::VmKill { name } => Some(rt.kill(name).await.map(Reply::VmStatus)),
+        Op::VmStatus { name } => Some(
+            rt.definitions()
+                .get(name)
+                .map(|_| Reply::VmStatus(rt.status(name))),
+        ),
+        Op::VmDelete { name } if rt.is_running(name) => Some(Err(VmError::Running(name.clone()))),
+        Op::VmEdit(def) if rt.is_running(&def.name) => {
+            Some(Err(VmError::Running(def.name.clone())))
+        }
+        Op::CheckpointApply { volume, .. } | Op::VolumeDelete { name: volume } => {
+            rt.user_of(volume).map(|vm| {
+                Err(VmError::Invalid(format!(
+                    "volume '{volume}' is a disk of running VM '{vm}'; stop the VM first"
+                )))
+            })
+        }
+        _ => None,
+    };
+    if let Some(r) = vm_reply {
+        return match r {
+            Ok(reply) => {
+                info!("api: {name}");
+                (StatusCode::OK, Json(reply)).into_response()
+            }
+            Err(e) => {
+                info!("api: {name} failed: {e}");
+                failure(e.into())
+            }
+        };
+    }
     match tokio::task::spawn_blocking(move || execute(&store, op, &mut |_| {})).await {
         Ok(Ok(reply)) => {
             info!("api: {name}");

@@ -134,9 +134,11 @@ async fn serve(
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = Arc::new(cairn_vm::Runtime::new(&config.store_dir, &sock));
     let api_task = tokio::spawn(api::serve(
         control_listener,
         server.store().clone(),
+        runtime.clone(),
         status,
         async move {
             let _ = api_stopped.await;
@@ -164,6 +166,8 @@ async fn serve(
     let _ = std::fs::remove_file(&control);
     let _ = stop_api.send(());
     let _ = api_task.await;
+    // VMs lose their disks when the daemon goes: power them off first (hard after 10 s).
+    runtime.stop_all(std::time::Duration::from_secs(10)).await;
     server.shutdown().await;
     let _ = std::fs::remove_file(&sock);
     info!("all connections closed");

@@ -98,12 +98,17 @@ impl Daemon {
     }
 
     pub fn start_with(e: &Env, extra: &[&str]) -> Daemon {
+        Self::start_env(e, extra, &[])
+    }
+
+    pub fn start_env(e: &Env, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let log = e.work.join(format!("serve-{}.log", unique()));
         let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
             .arg("--store")
             .arg(&e.store)
             .arg("serve")
             .args(extra)
+            .envs(envs.iter().copied())
             .env_remove("CAIRN_STORE")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))

@@ -1,0 +1,331 @@
+//! `cairn vm ...`: VM definitions (with or without a daemon) and running VMs (through the
+//! daemon, which supervises QEMU).
+
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cairn_control::ops::VmDefinition;
+use cairn_control::{Op, Reply};
+use cairn_vm::{VmSpec, VmStatus};
+use clap::Subcommand;
+
+use crate::backend::Backend;
+use crate::units::{human, parse_size};
+use crate::{print_json, time_str};
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Define a VM whose disks are Cairn volumes.
+    Create {
+        /// VM name.
+        name: String,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// List VMs.
+    List,
+    /// Show a VM's definition.
+    Info {
+        /// VM name.
+        name: String,
+    },
+    /// Change a stopped VM (options given replace the current values; --disk replaces the list).
+    Edit {
+        /// VM name.
+        name: String,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Delete a stopped VM's definition (its volumes and checkpoints stay).
+    Delete {
+        /// VM name.
+        name: String,
+    },
+    /// Start a VM (needs `cairn serve`).
+    Start {
+        /// VM name.
+        name: String,
+    },
+    /// Power a VM off: ACPI first, a hard stop after --timeout.
+    Stop {
+        /// VM name.
+        name: String,
+        /// Seconds the guest gets to power off.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Kill a VM's QEMU at once (like pulling the plug).
+    Kill {
+        /// VM name.
+        name: String,
+    },
+    /// State, pid, uptime and accelerator.
+    Status {
+        /// VM name.
+        name: String,
+    },
+    /// Print the VM's serial console log.
+    Console {
+        /// VM name.
+        name: String,
+        /// Keep printing what the VM writes, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct Settings {
+    /// Memory, e.g. 512M (default 512M on create).
+    #[arg(long)]
+    memory: Option<String>,
+    /// vCPUs (default 1 on create).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// A volume to attach (repeat for more; the first is the boot disk).
+    #[arg(long = "disk", value_name = "VOLUME")]
+    disks: Vec<String>,
+    /// Boot this kernel directly instead of the first disk's firmware boot.
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Initramfs for --kernel.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, value_name = "TEXT")]
+    append: Option<String>,
+    /// Network: `user` (QEMU user-mode NAT).
+    #[arg(long)]
+    net: Option<String>,
+    /// Force an accelerator (kvm or tcg); chosen at start otherwise.
+    #[arg(long)]
+    accel: Option<String>,
+}
+
+/// The daemon runs elsewhere: files must be given as absolute paths.
+fn absolute(p: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    p.map(|p| std::fs::canonicalize(&p).with_context(|| format!("cannot find {}", p.display())))
+        .transpose()
+}
+
+impl Settings {
+    fn definition(self, name: String) -> Result<VmDefinition> {
+        Ok(VmDefinition {
+            name,
+            memory: self.memory.as_deref().map(parse_size).transpose()?,
+            cpus: self.cpus,
+            disks: (!self.disks.is_empty()).then_some(self.disks),
+            kernel: absolute(self.kernel)?,
+            initrd: absolute(self.initrd)?,
+            append: self.append,
+            net: self.net,
+            accel: self.accel,
+        })
+    }
+}
+
+fn vm(r: Reply) -> Result<VmSpec> {
+    match r {
+        Reply::Vm(v) => Ok(v),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+fn status(r: Reply) -> Result<VmStatus> {
+    match r {
+        Reply::VmStatus(s) => Ok(s),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+fn print_status(s: &VmStatus, json: bool) -> Result<()> {
+    if json {
+        return print_json(s);
+    }
+    match s.pid {
+        Some(pid) => println!(
+            "VM '{}': {}, QEMU pid {pid}, up {} s, accelerator {}",
+            s.name,
+            s.state,
+            s.uptime_secs.unwrap_or(0),
+            s.accel.as_deref().unwrap_or("?")
+        ),
+        None => println!("VM '{}': {}", s.name, s.state),
+    }
+    if let Some(e) = &s.last_exit {
+        println!(
+            "last run: {e} at {}",
+            s.last_exit_ms.map(time_str).unwrap_or_default()
+        );
+    }
+    println!("console: {}", s.console.display());
+    Ok(())
+}
+
+fn print_spec(v: &VmSpec) {
+    println!("name:     {}", v.name);
+    println!("memory:   {}", human(v.memory));
+    println!("cpus:     {}", v.cpus);
+    println!(
+        "disks:    {}",
+        if v.disks.is_empty() {
+            "-".to_string()
+        } else {
+            v.disks.join(", ")
+        }
+    );
+    if let Some(k) = &v.kernel {
+        println!("kernel:   {}", k.display());
+    }
+    if let Some(i) = &v.initrd {
+        println!("initrd:   {}", i.display());
+    }
+    if let Some(a) = &v.append {
+        println!("append:   {a}");
+    }
+    println!("net:      {}", v.net.as_deref().unwrap_or("none"));
+    println!("mac:      {}", v.mac);
+    println!("uuid:     {}", v.uuid);
+    println!("accel:    {}", v.accel.as_deref().unwrap_or("automatic"));
+    println!("created:  {}", time_str(v.created_ms));
+}
+
+/// Runs one `cairn vm` command.
+pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool) -> Result<()> {
+    match cmd {
+        VmCmd::Create { name, settings } => {
+            let mut def = settings.definition(name)?;
+            def.memory.get_or_insert(512 << 20);
+            let v = vm(backend.call(Op::VmCreate(def))?)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "created VM '{}' ({}, {} vCPU, disks: {})",
+                    v.name,
+                    human(v.memory),
+                    v.cpus,
+                    if v.disks.is_empty() {
+                        "none".into()
+                    } else {
+                        v.disks.join(", ")
+                    }
+                );
+            }
+        }
+        VmCmd::List => {
+            let vms = match backend.call(Op::VmList)? {
+                Reply::Vms(v) => v,
+                other => bail!("unexpected reply {other:?}"),
+            };
+            if json {
+                print_json(&vms)?;
+            } else {
+                println!(
+                    "{:<20} {:>10} {:>5}  {:<10} DISKS",
+                    "NAME", "MEMORY", "CPUS", "STATE"
+                );
+                for v in vms {
+                    let st = status(backend.call(Op::VmStatus {
+                        name: v.name.clone(),
+                    })?)?;
+                    println!(
+                        "{:<20} {:>10} {:>5}  {:<10} {}",
+                        v.name,
+                        human(v.memory),
+                        v.cpus,
+                        st.state,
+                        v.disks.join(", ")
+                    );
+                }
+            }
+        }
+        VmCmd::Info { name } => {
+            let v = vm(backend.call(Op::VmInfo { name })?)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                print_spec(&v);
+            }
+        }
+        VmCmd::Edit { name, settings } => {
+            let v = vm(backend.call(Op::VmEdit(settings.definition(name)?))?)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("updated VM '{}'", v.name);
+            }
+        }
+        VmCmd::Delete { name } => {
+            backend.done(Op::VmDelete { name: name.clone() })?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted VM '{name}' (its volumes are kept)");
+            }
+        }
+        VmCmd::Start { name } => {
+            let s = status(backend.call(Op::VmStart { name })?)?;
+            print_status(&s, json)?;
+        }
+        VmCmd::Stop { name, timeout } => {
+            let s = status(backend.call(Op::VmStop {
+                name,
+                timeout_secs: timeout,
+            })?)?;
+            print_status(&s, json)?;
+        }
+        VmCmd::Kill { name } => {
+            let s = status(backend.call(Op::VmKill { name })?)?;
+            print_status(&s, json)?;
+        }
+        VmCmd::Status { name } => {
+            let s = status(backend.call(Op::VmStatus { name })?)?;
+            print_status(&s, json)?;
+        }
+        VmCmd::Console { name, follow } => {
+            backend.call(Op::VmInfo { name: name.clone() })?;
+            let path = cairn_vm::VmStore::new(dir)
+                .vm_dir(&name)
+                .join("console.log");
+            console(&path, follow)?;
+        }
+    }
+    Ok(())
+}
+
+fn console(path: &Path, follow: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => loop {
+            std::thread::sleep(Duration::from_millis(200));
+            if let Ok(f) = std::fs::File::open(path) {
+                break f;
+            }
+            let _ = e;
+        },
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n > 0 {
+            out.write_all(&buf[..n])?;
+            out.flush()?;
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // A new run truncates nothing (the log is appended), but stay correct if it shrank.
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if len < f.stream_position()? {
+            f.seek(std::io::SeekFrom::Start(0))?;
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! Cairn's VM runtime: VM definitions kept in the store ([`spec`]), QEMU processes supervised by
+//! the daemon ([`runtime`]) and the QMP client that drives them ([`qmp`]). Disks are always
+//! attached through Cairn's own NBD exports.
+
+use std::path::Path;
+
+pub mod qmp;
+pub mod runtime;
+pub mod spec;
+
+pub use runtime::{find_qemu, Runtime, VmStatus};
+pub use spec::{VmSpec, VmStore};
+
+/// Why a VM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// No VM of that name.
+    #[error("VM '{0}' not found; `cairn vm list` shows the VMs")]
+    UnknownVm(String),
+    /// A VM of that name exists.
+    #[error("VM '{0}' already exists; pick another name or delete it first")]
+    Exists(String),
+    /// The VM is running and the operation needs it stopped.
+    #[error("VM '{0}' is running; stop it first (`cairn vm stop {0}`)")]
+    Running(String),
+    /// The VM is not running and the operation needs it running.
+    #[error("VM '{0}' is not running; start it with `cairn vm start {0}`")]
+    NotRunning(String),
+    /// A request that cannot be done as asked.
+    #[error("{0}")]
+    Invalid(String),
+    /// QEMU is missing, too old, or failed.
+    #[error("{0}")]
+    Qemu(String),
+    /// QMP failed.
+    #[error(transparent)]
+    Qmp(#[from] qmp::QmpError),
+    /// A file of the VM could not be read or written.
+    #[error("{op} failed on {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> VmError {
+        VmError::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! Running VMs: one `qemu-system-x86_64` process per VM, supervised by the daemon.
+//!
+//! Every disk is attached through Cairn's own NBD socket, so QEMU never touches the store's files
+//! and a QEMU that dies can leave at most unflushed guest writes behind, exactly like a power cut
+//! for that guest; the store itself stays consistent. Each VM gets a QMP socket, a serial log
+//! (appended across runs) and a QEMU log in `vms/NAME/`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::process::Command;
+use tokio::sync::{oneshot, watch};
+use tracing::{info, warn};
+
+use crate::qmp::Qmp;
+use crate::spec::{VmSpec, VmStore};
+use crate::VmError;
+
+/// Oldest QEMU Cairn drives (`mapped-ram` migration streams appeared in 9.0).
+pub const MIN_QEMU: (u32, u32) = (9, 0);
+
+/// The QEMU binary found on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qemu {
+    /// Program to run.
+    pub program: PathBuf,
+    /// Version (major, minor, micro).
+    pub version: (u32, u32, u32),
+}
+
+/// Finds `qemu-system-x86_64` (or `$CAIRN_QEMU`) and checks its version.
+pub fn find_qemu() -> Result<Qemu, VmError> {
+    let program = std::env::var_os("CAIRN_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+    let out = std::process::Command::new(&program)
+        .arg("--version")
+        .output()
+        .map_err(|e| {
+            VmError::Qemu(format!(
+                "cannot run {} ({e}); install QEMU with ./scripts/setup-qemu.sh (Debian: qemu-system-x86 from bookworm-backports)",
+                program.display()
+            ))
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .split("version ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .map(|v| {
+            let mut n = v.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+            (
+                n.next().unwrap_or(0),
+                n.next().unwrap_or(0),
+                n.next().unwrap_or(0),
+            )
+        })
+        .ok_or_else(|| {
+            VmError::Qemu(format!(
+                "cannot read the version of {}: {text}",
+                program.display()
+            ))
+        })?;
+    if (version.0, version.1) < MIN_QEMU {
+        return Err(VmError::Qemu(format!(
+            "{} is QEMU {}.{}.{}; Cairn needs {}.{} or newer (./scripts/setup-qemu.sh installs 10.x)",
+            program.display(),
+            version.0,
+            version.1,
+            version.2,
+            MIN_QEMU.0,
+            MIN_QEMU.1
+        )));
+    }
+    Ok(Qemu { program, version })
+}
+
+/// The accelerator to use and why: KVM when `/dev/kvm` opens and is not PVM-based nested
+/// virtualization (which cannot run stock guests), TCG otherwise. `forced` overrides.
+pub fn choose_accel(forced: Option<&str>) -> (String, String) {
+    if let Some(a) = forced.or(std::env::var("CAIRN_ACCEL").ok().as_deref()) {
+        return (a.to_string(), "chosen explicitly".into());
+    }
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    match kvm {
+        Err(e) => ("tcg".into(), format!("/dev/kvm unusable ({e})")),
+        Ok(_) if Path::new("/sys/module/kvm_pvm").exists() => (
+            "tcg".into(),
+            "/dev/kvm is PVM nested virtualization, which cannot run stock guests".into(),
+        ),
+        Ok(_) => ("kvm".into(), "/dev/kvm works".into()),
+    }
+}
+
+/// What `vm status` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// VM name.
+    pub name: String,
+    /// `running`, `paused` or `stopped`.
+    pub state: String,
+    /// QEMU's pid while running.
+    pub pid: Option<u32>,
+    /// Seconds since start while running.
+    pub uptime_secs: Option<u64>,
+    /// Accelerator while running (`kvm` or `tcg`), and why it was chosen.
+    pub accel: Option<String>,
+    /// How the last run ended, if it ended while the daemon watched.
+    pub last_exit: Option<String>,
+    /// When it ended, ms since the Unix epoch.
+    pub last_exit_ms: Option<u64>,
+    /// Serial console log.
+    pub console: PathBuf,
+}
+
+struct Running {
+    pid: u32,
+    started: Instant,
+    accel: String,
+    qmp: Arc<Qmp>,
+    kill: Mutex<Option<oneshot::Sender<()>>>,
+    exited: watch::Receiver<bool>,
+    stop_requested: std::sync::atomic::AtomicBool,
+}
+
+/// The VMs of one store, as run by its daemon.
+pub struct Runtime {
+    store_dir: PathBuf,
+    nbd_socket: PathBuf,
+    vms: VmStore,
+    running: Mutex<HashMap<String, Arc<Running>>>,
+    last_exit: Mutex<HashMap<String, (String, u64)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The QEMU command line for a VM (without the program).
+pub fn qemu_args(spec: &VmSpec, dir: &Path, nbd_socket: &Path, accel: &str) -> Vec<String> {
+    let p = |f: &str| dir.join(f).display().to_string();
+    let mut a: Vec<String> = vec![
+        "-name".into(),
+        format!("{},debug-threads=on", spec.name),
+        "-accel".into(),
+        accel.into(),
+        "-machine".into(),
+        "q35".into(),
+        "-cpu".into(),
+        if accel == "kvm" { "host" } else { "max" }.into(),
+        "-m".into(),
+        format!("{}M", spec.memory >> 20),
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-uuid".into(),
+        spec.uuid.clone(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", p("qmp.sock")),
+        "-chardev".into(),
+        format!("file,id=serial0,path={},append=on", p("console.log")),
+        "-serial".into(),
+        "chardev:serial0".into(),
+        "-pidfile".into(),
+        p("qemu.pid"),
+    ];
+    for (i, vol) in spec.disks.iter().enumerate() {
+        let node = json!({
+            "driver": "raw",
+            "node-name": format!("disk{i}"),
+            "file": {
+                "driver": "nbd",
+                "node-name": format!("nbd{i}"),
+                "server": { "type": "unix", "path": nbd_socket },
+                "export": vol,
+            },
+        });
+        a.push("-blockdev".into());
+        a.push(node.to_string());
+        let mut dev = format!("virtio-blk-pci,drive=disk{i},id=vd{i}");
+        if i == 0 && spec.kernel.is_none() {
+            dev.push_str(",bootindex=0");
+        }
+        a.push("-device".into());
+        a.push(dev);
+    }
+    if let Some(k) = &spec.kernel {
+        a.push("-kernel".into());
+        a.push(k.display().to_string());
+        if let Some(i) = &spec.initrd {
+            a.push("-initrd".into());
+            a.push(i.display().to_string());
+        }
+        if let Some(t) = &spec.append {
+            a.push("-append".into());
+            a.push(t.clone());
+        }
+    }
+    if spec.net.as_deref() == Some("user") {
+        a.push("-netdev".into());
+        a.push("user,id=net0".into());
+        a.push("-device".into());
+        a.push(format!("virtio-net-pci,netdev=net0,mac={}", spec.mac));
+    }
+    a
+}
+
+impl Runtime {
+    /// The runtime of the store in `store_dir`, whose NBD socket is `nbd_socket`.
+    pub fn new(store_dir: &Path, nbd_socket: &Path) -> Runtime {
+        Runtime {
+            store_dir: store_dir.to_path_buf(),
+            nbd_socket: nbd_socket.to_path_buf(),
+            vms: VmStore::new(store_dir),
+            running: Mutex::new(HashMap::new()),
+            last_exit: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The definitions.
+    pub fn definitions(&self) -> &VmStore {
+        &self.vms
+    }
+
+    /// Whether a VM is running.
+    pub fn is_running(&self, name: &str) -> bool {
+        lock(&self.running).contains_key(name)
+    }
+
+    /// The running VM that has `volume` attached, if any.
+    pub fn user_of(&self, volume: &str) -> Option<String> {
+        let running: Vec<String> = lock(&self.running).keys().cloned().collect();
+        running.into_iter().find(|n| {
+            self.vms
+                .get(n)
+                .map(|s| s.disks.iter().any(|d| d == volume))
+                .unwrap_or(false)
+        })
+    }
+
+    /// Starts a VM; returns once QEMU answers on QMP.
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmStatus, VmError> {
+        let spec = self.vms.get(name)?;
+        if let Some(r) = lock(&self.running).get(name) {
+            return Err(VmError::Invalid(format!(
+                "VM '{name}' is already running (QEMU pid {})",
+                r.pid
+            )));
+        }
+        for d in &spec.disks {
+            if let Some(other) = self.user_of(d) {
+                return Err(VmError::Invalid(format!(
+                    "volume '{d}' is in use by running VM '{other}'; stop it first"
+                )));
+            }
+        }
+        let qemu = find_qemu()?;
+        let (accel, why) = choose_accel(spec.accel.as_deref());
+        let dir = self.vms.vm_dir(name);
+        let qmp_path = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&qmp_path);
+        let log_path = dir.join("qemu.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| VmError::io("opening the QEMU log", &log_path, e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| VmError::io("opening the QEMU log", &log_path, e))?;
+        let args = qemu_args(&spec, &dir, &self.nbd_socket, &accel);
+        let mut child = Command::new(&qemu.program)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| VmError::Qemu(format!("cannot start {}: {e}", qemu.program.display())))?;
+        let pid = child.id().unwrap_or(0);
+        // QEMU creates the QMP socket while starting; connect as soon as it is there.
+        let t = Instant::now();
+        let qmp = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(VmError::Qemu(format!(
+                    "QEMU for VM '{name}' exited at start ({st}): {}",
+                    tail(&log_path)
+                )));
+            }
+            if let Ok(q) = Qmp::connect(&qmp_path).await {
+                break q;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = child.start_kill();
+                return Err(VmError::Qemu(format!(
+                    "QEMU for VM '{name}' did not open its QMP socket within 30 s: {}",
+                    tail(&log_path)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (exit_tx, exit_rx) = watch::channel(false);
+        let run = Arc::new(Running {
+            pid,
+            started: Instant::now(),
+            accel: format!("{accel} ({why})"),
+            qmp,
+            kill: Mutex::new(Some(kill_tx)),
+            exited: exit_rx,
+            stop_requested: std::sync::atomic::AtomicBool::new(false),
+        });
+        lock(&self.running).insert(name.to_string(), run.clone());
+        lock(&self.last_exit).remove(name);
+        info!("vm {name}: started QEMU {pid} on {accel} ({why})");
+        let me = self.clone();
+        let vm = name.to_string();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                st = child.wait() => st,
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let how = match &status {
+                Ok(st) => st.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            let requested = run.stop_requested.load(std::sync::atomic::Ordering::SeqCst);
+            if requested {
+                info!("vm {vm}: QEMU {pid} stopped ({how})");
+            } else {
+                warn!("vm {vm}: QEMU {pid} exited unexpectedly ({how}); the store is unaffected");
+            }
+            lock(&me.running).remove(&vm);
+            lock(&me.last_exit).insert(
+                vm,
+                (
+                    format!(
+                        "{}{how}",
+                        if requested {
+                            "stopped: "
+                        } else {
+                            "exited unexpectedly: "
+                        }
+                    ),
+                    now_ms(),
+                ),
+            );
+            let _ = exit_tx.send(true);
+        });
+        Ok(self.status(name))
+    }
+
+    /// Asks the guest to power off (ACPI), waits up to `timeout`, then stops QEMU hard.
+    pub async fn stop(&self, name: &str, timeout: Duration) -> Result<VmStatus, VmError> {
+        let run = self.running_vm(name)?;
+        run.stop_requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut exited = run.exited.clone();
+        let _ = run.qmp.execute("system_powerdown", json!({})).await;
+        let graceful = tokio::time::timeout(timeout, exited.wait_for(|e| *e))
+            .await
+            .is_ok();
+        if !graceful {
+            warn!("vm {name}: guest did not power off within {timeout:?}; stopping QEMU");
+            let _ = run.qmp.execute("quit", json!({})).await;
+            if tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
+                .await
+                .is_err()
+            {
+                self.kill_running(&run);
+                let _ = exited.wait_for(|e| *e).await;
+            }
+        }
+        Ok(self.status(name))
+    }
+
+    /// Kills QEMU at once (the guest loses what it had not flushed, as on power loss).
+    pub async fn kill(&self, name: &str) -> Result<VmStatus, VmError> {
+        let run = self.running_vm(name)?;
+        run.stop_requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.kill_running(&run);
+        let mut exited = run.exited.clone();
+        let _ = exited.wait_for(|e| *e).await;
+        Ok(self.status(name))
+    }
+
+    fn kill_running(&self, run: &Running) {
+        if let Some(tx) = lock(&run.kill).take() {
+            let _ = tx.send(());
+        }
+    }
+
+    fn running_vm(&self, name: &str) -> Result<Arc<Running>, VmError> {
+        self.vms.get(name)?;
+        lock(&self.running)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VmError::NotRunning(name.to_string()))
+    }
+
+    /// The QMP connection of a running VM.
+    pub fn qmp(&self, name: &str) -> Result<Arc<Qmp>, VmError> {
+        Ok(self.running_vm(name)?.qmp.clone())
+    }
+
+    /// State, pid, uptime and accelerator.
+    pub fn status(&self, name: &str) -> VmStatus {
+        let run = lock(&self.running).get(name).cloned();
+        // One lock, taken once: two guards of it in one expression would deadlock.
+        let last = lock(&self.last_exit).get(name).cloned();
+        VmStatus {
+            name: name.to_string(),
+            state: if run.is_some() { "running" } else { "stopped" }.into(),
+            pid: run.as_ref().map(|r| r.pid),
+            uptime_secs: run.as_ref().map(|r| r.started.elapsed().as_secs()),
+            accel: run.as_ref().map(|r| r.accel.clone()),
+            last_exit: last.as_ref().map(|e| e.0.clone()),
+            last_exit_ms: last.map(|e| e.1),
+            console: self.vms.vm_dir(name).join("console.log"),
+        }
+    }
+
+    /// Stops every VM (daemon shutdown): its disks are about to go away with the daemon.
+    pub async fn stop_all(&self, timeout: Duration) {
+        let names: Vec<String> = lock(&self.running).keys().cloned().collect();
+        for n in names {
+            if let Err(e) = self.stop(&n, timeout).await {
+                warn!("vm {n}: {e}");
+            }
+        }
+    }
+
+    /// Store directory.
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+}
+
+fn tail(p: &Path) -> String {
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    let mut lines: Vec<&str> = lines.into_iter().rev().collect();
+    if lines.is_empty() {
+        lines.push("(QEMU printed nothing)");
+    }
+    lines.join(" | ")
+}
