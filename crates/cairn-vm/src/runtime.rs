@@ -172,6 +172,10 @@ pub fn qemu_args(spec: &VmSpec, dir: &Path, nbd_socket: &Path, accel: &str) -> V
         "-no-user-config".into(),
         "-display".into(),
         "none".into(),
+        // The vAPIC option ROM's state does not load back into a fresh QEMU (see
+        // docs/qemu-state-notes.md); without it, saved memory state restores.
+        "-global".into(),
+        "apic.vapic=off".into(),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", p("qmp.sock")),
         "-chardev".into(),
