@@ -737,18 +737,29 @@ fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
             save_current,
         } => {
             let (v, c) = checkpoint_target(&target)?;
-            let info = store.volume(Op::CheckpointApply {
+            let reply = store.call(Op::CheckpointApply {
                 volume: v.clone(),
                 name: c,
                 save_current: save_current.clone(),
             })?;
             if json {
-                print_json(&info)?;
+                match &reply {
+                    Reply::Volume(i) => print_json(i)?,
+                    Reply::Vm(i) => print_json(i)?,
+                    other => bail!("unexpected reply {other:?}"),
+                }
             } else {
                 if let Some(s) = save_current {
-                    println!("saved the previous head as {v}@{s}");
+                    println!("saved the previous state as {v}@{s}");
                 }
-                println!("applied {target}: the head of '{v}' is now that checkpoint's state");
+                match reply {
+                    Reply::Vm(_) => println!(
+                        "applied {target}: every disk of VM '{v}' is now that checkpoint's state"
+                    ),
+                    _ => println!(
+                        "applied {target}: the head of '{v}' is now that checkpoint's state"
+                    ),
+                }
             }
         }
         CheckpointCmd::Delete { target } => {

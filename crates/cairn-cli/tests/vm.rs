@@ -192,3 +192,89 @@ fn missing_qemu_is_a_clear_error() {
     fails(&e, &["vm", "start", "g"], "setup-qemu.sh");
     assert_eq!(json(&e, &["vm", "status", "g"])["state"], "stopped");
 }
+
+/// The counter the guest last wrote, read from block 0 of `target` through the CLI.
+fn counter_in(e: &Env, target: &str) -> u64 {
+    disk_counter(e, target)
+}
+
+#[test]
+fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
+    let e = env();
+    ok(&e, &["volume", "create", "d1", "--size", "64M"]);
+    ok(&e, &["volume", "create", "d2", "--size", "16M"]);
+    define(&e, "g1", &["d1", "d2"]);
+    // On a stopped VM, a checkpoint is disk-only and needs no daemon.
+    ok(
+        &e,
+        &[
+            "checkpoint",
+            "create",
+            "g1@blank",
+            "-m",
+            "before first boot",
+        ],
+    );
+    let d = Daemon::start(&e);
+    ok(&e, &["vm", "start", "g1"]);
+    wait_console(&e, "g1", "cairn-counter 00000003", 90);
+    ok(&e, &["checkpoint", "create", "g1@c1"]);
+    // Both disks at one instant: the guest writes d1 then d2 each second, so d2 may trail d1 by
+    // one tick but never more, and never lead.
+    let (a, b) = (counter_in(&e, "d1@c1"), counter_in(&e, "d2@c1"));
+    assert!(a >= 3 && (a == b || a == b + 1), "d1@c1 = {a}, d2@c1 = {b}");
+    assert!(d.log().contains("guest paused"), "{}", d.log());
+    // The guest kept running after the pause.
+    wait_console(&e, "g1", &format!("cairn-counter {:08}", a + 2), 60);
+    let list = json(&e, &["checkpoint", "list", "g1"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["blank", "c1"]);
+    assert!(ok(&e, &["checkpoint", "list", "g1", "--tree"]).contains("c1"));
+    fails(&e, &["checkpoint", "create", "g1@c1"], "already exists");
+    fails(&e, &["checkpoint", "apply", "g1@nosuch"], "not found");
+    // Applying to the running VM discards the run and boots the checkpoint's disks cold.
+    let ups = |log: &str| log.matches("cairn-guest: up").count();
+    let before = ups(&ok(&e, &["vm", "console", "g1"]));
+    ok(
+        &e,
+        &["checkpoint", "apply", "g1@c1", "--save-current", "later"],
+    );
+    assert_eq!(json(&e, &["vm", "status", "g1"])["state"], "running");
+    let t = Instant::now();
+    while ups(&ok(&e, &["vm", "console", "g1"])) == before {
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "no cold boot after apply"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Stopped, an apply leaves exactly the checkpoint's bytes on every disk.
+    ok(&e, &["vm", "kill", "g1"]);
+    ok(&e, &["checkpoint", "apply", "g1@c1"]);
+    assert_eq!(counter_in(&e, "d1"), a);
+    assert_eq!(counter_in(&e, "d2"), b);
+    ok(&e, &["checkpoint", "apply", "g1@later"]);
+    assert!(counter_in(&e, "d1") > a, "the newer branch is still there");
+    ok(&e, &["checkpoint", "apply", "g1@blank"]);
+    assert_eq!(counter_in(&e, "d1"), 0);
+    // Delete removes every disk's checkpoint; the others stay.
+    ok(&e, &["checkpoint", "delete", "g1@c1"]);
+    fails(
+        &e,
+        &["volume", "read", "d1@c1", "--offset", "0", "--length", "1"],
+        "not found",
+    );
+    assert_eq!(
+        json(&e, &["checkpoint", "list", "g1"])
+            .as_array()
+            .map(|a| a.len()),
+        Some(2)
+    );
+    drop(d);
+    fsck_clean(&e);
+}

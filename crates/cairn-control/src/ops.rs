@@ -348,6 +348,55 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A VM checkpoint shown like a volume checkpoint: sizes are summed over its disks.
+pub fn vm_checkpoint_info(
+    store: &Store,
+    cp: &cairn_vm::checkpoint::VmCheckpoint,
+    head: Option<&str>,
+) -> CheckpointInfo {
+    let (mut size, mut referenced) = (0, 0);
+    for d in &cp.disks {
+        if let Ok(list) = store.list_checkpoints(d) {
+            if let Some(c) = list.iter().find(|c| c.name == cp.name) {
+                size += c.size;
+                referenced += c.referenced;
+            }
+        }
+    }
+    let what = format!("disk-only: {}", cp.disks.join(", "));
+    CheckpointInfo {
+        volume: cp.vm.clone(),
+        name: cp.name.clone(),
+        size,
+        referenced,
+        parent: cp.parent.clone(),
+        created_ms: cp.created_ms,
+        description: Some(match &cp.description {
+            Some(d) => format!("{d} ({what})"),
+            None => what,
+        }),
+        is_head_parent: head == Some(cp.name.as_str()),
+    }
+}
+
+/// Takes a checkpoint of a stopped VM (every disk; disk-only).
+pub fn vm_checkpoint_stopped(
+    store: &Store,
+    vms: &VmStore,
+    vm: &str,
+    name: &str,
+    description: Option<&str>,
+) -> Result<cairn_vm::checkpoint::VmCheckpoint, OpError> {
+    use cairn_vm::checkpoint as ck;
+    let spec = vms.get(vm)?;
+    let cp = ck::begin(vms, store, &spec, name, description, false, now_ms())?;
+    if let Err(e) = ck::take_disks(store, &cp) {
+        ck::abandon(vms, &cp);
+        return Err(e.into());
+    }
+    Ok(ck::finish(vms, cp)?)
+}
+
 fn needs_daemon(what: &str) -> OpError {
     OpError::new(
         ErrorKind::State,
@@ -367,6 +416,77 @@ fn checked_len(what: &str, len: u64) -> Result<(), OpError> {
 
 /// Performs `op` on `store`. `progress` hears the bytes freed so far by deletes.
 pub fn execute(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
+    if let Some(r) = execute_vm_checkpoint(store, &op)? {
+        return Ok(r);
+    }
+    execute_store(store, op, progress)
+}
+
+/// Checkpoint operations whose target names a VM (all its disks at once); `None` otherwise.
+/// Without a daemon nothing runs, so these see a stopped VM.
+fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Reply>, OpError> {
+    use cairn_vm::checkpoint as ck;
+    let Ok(vms) = vm_store(store) else {
+        return Ok(None);
+    };
+    let vm = match op {
+        Op::CheckpointCreate { volume, .. }
+        | Op::CheckpointList { volume }
+        | Op::CheckpointApply { volume, .. }
+        | Op::CheckpointDelete { volume, .. }
+        | Op::CheckpointRename { volume, .. } => volume,
+        _ => return Ok(None),
+    };
+    if !vms.exists(vm) {
+        return Ok(None);
+    }
+    Ok(Some(match op {
+        Op::CheckpointCreate {
+            name, description, ..
+        } => {
+            let cp = vm_checkpoint_stopped(store, &vms, vm, name, description.as_deref())?;
+            Reply::Checkpoint(vm_checkpoint_info(store, &cp, Some(&cp.name)))
+        }
+        Op::CheckpointList { .. } => {
+            let head = vms.get(vm)?.parent;
+            let checkpoints = vms
+                .checkpoints(vm)?
+                .iter()
+                .filter(|c| !c.pending)
+                .map(|c| vm_checkpoint_info(store, c, head.as_deref()))
+                .collect();
+            Reply::Checkpoints {
+                checkpoints,
+                head_parent: head,
+            }
+        }
+        Op::CheckpointApply {
+            name, save_current, ..
+        } => {
+            let cp = vms.checkpoint(vm, name)?;
+            if let Some(s) = save_current {
+                vm_checkpoint_stopped(store, &vms, vm, s, None)?;
+            }
+            ck::apply_disks(&vms, store, &cp)?;
+            Reply::Vm(vms.get(vm)?)
+        }
+        Op::CheckpointDelete { name, .. } => {
+            let cp = vms.checkpoint(vm, name)?;
+            ck::delete(&vms, store, &cp)?;
+            Reply::Done
+        }
+        _ => {
+            return Err(OpError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "renaming checkpoints of VM '{vm}' is not supported; delete and take it again"
+                ),
+            ))
+        }
+    }))
+}
+
+fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
     Ok(match op {
         Op::VolumeCreate { name, size } => Reply::Volume(store.create_volume(&name, size)?),
         Op::VolumeList => Reply::Volumes(store.list_volumes()?),
@@ -457,6 +577,7 @@ pub fn execute(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result<R
                 uuid: cairn_vm::spec::fresh_uuid(),
                 accel: def.accel,
                 created_ms: now_ms(),
+                parent: None,
             };
             spec.validate()?;
             check_disks(store, &vms, &spec)?;

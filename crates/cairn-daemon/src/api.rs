@@ -89,6 +89,18 @@ async fn ops(State(st): State<ApiState>, body: Bytes) -> Response {
         .and_then(|v| v["op"].as_str().map(str::to_string))
         .unwrap_or_default();
     let store = st.store.clone();
+    if let Some(r) = running_vm_checkpoint(&st, &op).await {
+        return match r {
+            Ok(reply) => {
+                info!("api: {name}");
+                (StatusCode::OK, Json(reply)).into_response()
+            }
+            Err(e) => {
+                info!("api: {name} failed: {e}");
+                failure(e)
+            }
+        };
+    }
     // Operations on running VMs, and the checks that need to know what runs, happen here; all
     // else is the same `execute` the CLI runs without a daemon.
     let rt = &st.runtime;
@@ -148,4 +160,133 @@ async fn ops(State(st): State<ApiState>, body: Bytes) -> Response {
 
 async fn daemon_status(State(st): State<ApiState>) -> Json<DaemonStatus> {
     Json((*st.status).clone())
+}
+
+fn join_err(e: tokio::task::JoinError) -> OpError {
+    OpError::new(
+        ErrorKind::Daemon,
+        format!("operation crashed in the daemon: {e}"),
+    )
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Checkpoint operations on a running VM; `None` when the op is not one.
+async fn running_vm_checkpoint(st: &ApiState, op: &Op) -> Option<Result<Reply, OpError>> {
+    let rt = &st.runtime;
+    match op {
+        Op::CheckpointCreate {
+            volume,
+            name,
+            description,
+        } if rt.is_running(volume) => {
+            Some(take_running(st, volume, name, description.clone()).await)
+        }
+        Op::CheckpointApply {
+            volume,
+            name,
+            save_current,
+        } if rt.is_running(volume) => {
+            Some(apply_running(st, volume, name, save_current.clone()).await)
+        }
+        _ => None,
+    }
+}
+
+/// A checkpoint of every disk of a running VM at one instant: the guest is paused (QEMU drains
+/// and flushes its I/O on `stop`), the disks are checkpointed (O(1) each), the guest resumes.
+async fn take_running(
+    st: &ApiState,
+    vm: &str,
+    name: &str,
+    description: Option<String>,
+) -> Result<Reply, OpError> {
+    use cairn_vm::checkpoint as ck;
+    let vms = st.runtime.definitions().clone();
+    let spec = vms.get(vm)?;
+    let store = st.store.clone();
+    let cp = {
+        let (vms, store, name) = (vms.clone(), store.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || {
+            ck::begin(
+                &vms,
+                &store,
+                &spec,
+                &name,
+                description.as_deref(),
+                true,
+                now_ms(),
+            )
+        })
+        .await
+        .map_err(join_err)??
+    };
+    let qmp = st.runtime.qmp(vm)?;
+    let t = std::time::Instant::now();
+    if let Err(e) = qmp.execute("stop", serde_json::json!({})).await {
+        ck::abandon(&vms, &cp);
+        return Err(VmError::from(e).into());
+    }
+    let taken = {
+        let (store, cp) = (store.clone(), cp.clone());
+        tokio::task::spawn_blocking(move || ck::take_disks(&store, &cp)).await
+    };
+    // Resume whatever happened: a failed checkpoint must not leave the guest paused.
+    let resumed = qmp.execute("cont", serde_json::json!({})).await;
+    let paused = t.elapsed();
+    match taken {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            ck::abandon(&vms, &cp);
+            return Err(e.into());
+        }
+        Err(e) => {
+            ck::abandon(&vms, &cp);
+            return Err(join_err(e));
+        }
+    }
+    if let Err(e) = resumed {
+        warn!("vm {vm}: could not resume after checkpoint {name}: {e}");
+    }
+    info!(
+        "vm {vm}: checkpoint {name} of {} disk(s), guest paused {paused:?}",
+        cp.disks.len()
+    );
+    let cp = tokio::task::spawn_blocking(move || ck::finish(&vms, cp).map(|cp| (cp, store)))
+        .await
+        .map_err(join_err)??;
+    let info = cairn_control::ops::vm_checkpoint_info(&cp.1, &cp.0, Some(&cp.0.name));
+    Ok(Reply::Checkpoint(info))
+}
+
+/// Applying a disk-only checkpoint to a running VM: the current run is discarded (saved first
+/// as `save_current` if asked), the disks are rewound, and the VM boots cold.
+async fn apply_running(
+    st: &ApiState,
+    vm: &str,
+    name: &str,
+    save_current: Option<String>,
+) -> Result<Reply, OpError> {
+    st.runtime.definitions().checkpoint(vm, name)?;
+    if let Some(s) = &save_current {
+        take_running(st, vm, s, None).await?;
+    }
+    st.runtime.kill(vm).await?;
+    let store = st.store.clone();
+    let op = Op::CheckpointApply {
+        volume: vm.to_string(),
+        name: name.to_string(),
+        save_current: None,
+    };
+    let r = tokio::task::spawn_blocking(move || execute(&store, op, &mut |_| {}))
+        .await
+        .map_err(join_err)??;
+    st.runtime.start(vm).await?;
+    info!("vm {vm}: applied {name} and booted it cold");
+    Ok(r)
 }

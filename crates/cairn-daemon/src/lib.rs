@@ -81,6 +81,14 @@ pub struct Listening {
 /// Runs the daemon until SIGTERM or SIGINT; `ready` is called once every socket accepts.
 pub fn run(config: DaemonConfig, ready: impl FnOnce(&Listening)) -> Result<(), DaemonError> {
     let store = Arc::new(Store::open(&config.store_dir, config.options.clone())?);
+    // A VM checkpoint half-made when the last owner died is undone before anyone sees it.
+    match cairn_vm::VmStore::new(&config.store_dir).roll_back_pending(&store) {
+        Ok(gone) if !gone.is_empty() => {
+            info!("rolled back half-made VM checkpoints: {}", gone.join(", "))
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot check for half-made VM checkpoints: {e}"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("cairn-serve")

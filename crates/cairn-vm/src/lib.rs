@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+pub mod checkpoint;
 pub mod qmp;
 pub mod runtime;
 pub mod spec;

@@ -43,6 +43,9 @@ pub struct VmSpec {
     pub accel: Option<String>,
     /// Creation time, ms since the Unix epoch.
     pub created_ms: u64,
+    /// The VM checkpoint the VM was last taken or applied from.
+    #[serde(default)]
+    pub parent: Option<String>,
 }
 
 /// A fresh locally administered MAC in QEMU's 52:54:00 range.
@@ -224,6 +227,7 @@ mod tests {
             uuid: fresh_uuid(),
             accel: None,
             created_ms: 0,
+            parent: None,
         }
     }
 

@@ -1,0 +1,247 @@
+//! Checkpoints of a whole VM: one engine checkpoint of the same name on every disk, taken at one
+//! instant, plus a record in `vms/NAME/checkpoints/CHECKPOINT.json` that says what was taken.
+//!
+//! A record is written as `pending` before any disk checkpoint exists and marked complete after
+//! the last one, so a crash in between is recognised at the next start and rolled back
+//! ([`VmStore::roll_back_pending`]): a half-made VM checkpoint never survives.
+
+use cairn_engine::{Error as EngineError, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{VmSpec, VmStore};
+use crate::VmError;
+
+/// What a VM checkpoint holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointKind {
+    /// Every disk at one instant (crash-consistent); applying it boots the VM cold.
+    DiskOnly,
+}
+
+/// The record of one VM checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCheckpoint {
+    /// Checkpoint name (also the name of each disk's engine checkpoint).
+    pub name: String,
+    /// VM name.
+    pub vm: String,
+    /// What it holds.
+    pub kind: CheckpointKind,
+    /// The disks it covers, in the VM's order.
+    pub disks: Vec<String>,
+    /// The VM checkpoint the VM was last taken or applied from.
+    pub parent: Option<String>,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Description given at creation.
+    pub description: Option<String>,
+    /// Whether the VM was running when it was taken.
+    pub taken_running: bool,
+    /// True until every disk checkpoint exists.
+    pub pending: bool,
+}
+
+impl VmStore {
+    fn checkpoint_path(&self, vm: &str, name: &str) -> std::path::PathBuf {
+        self.vm_dir(vm)
+            .join("checkpoints")
+            .join(format!("{name}.json"))
+    }
+
+    /// Checkpoints of a VM, oldest first (pending ones included).
+    pub fn checkpoints(&self, vm: &str) -> Result<Vec<VmCheckpoint>, VmError> {
+        self.get(vm)?;
+        let dir = self.vm_dir(vm).join("checkpoints");
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(VmError::io("listing VM checkpoints", &dir, e)),
+        };
+        for entry in rd {
+            let p = entry
+                .map_err(|e| VmError::io("listing VM checkpoints", &dir, e))?
+                .path();
+            if p.extension().is_some_and(|x| x == "json") {
+                let text = std::fs::read(&p).map_err(|e| VmError::io("reading", &p, e))?;
+                let cp: VmCheckpoint = serde_json::from_slice(&text).map_err(|e| {
+                    VmError::Invalid(format!("checkpoint record {} is damaged: {e}", p.display()))
+                })?;
+                out.push(cp);
+            }
+        }
+        out.sort_by_key(|c| (c.created_ms, c.name.clone()));
+        Ok(out)
+    }
+
+    /// One checkpoint of a VM.
+    pub fn checkpoint(&self, vm: &str, name: &str) -> Result<VmCheckpoint, VmError> {
+        self.checkpoints(vm)?
+            .into_iter()
+            .find(|c| c.name == name && !c.pending)
+            .ok_or_else(|| {
+                VmError::Invalid(format!(
+                    "checkpoint '{vm}@{name}' not found; `cairn checkpoint list {vm}` shows the VM's checkpoints"
+                ))
+            })
+    }
+
+    /// Writes a record atomically.
+    pub fn save_checkpoint(&self, cp: &VmCheckpoint) -> Result<(), VmError> {
+        let p = self.checkpoint_path(&cp.vm, &cp.name);
+        let dir = p.parent().map(|d| d.to_path_buf()).unwrap_or_default();
+        std::fs::create_dir_all(&dir).map_err(|e| VmError::io("creating", &dir, e))?;
+        let text = serde_json::to_vec_pretty(cp)
+            .map_err(|e| VmError::Invalid(format!("cannot encode checkpoint: {e}")))?;
+        let tmp = p.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &p)?;
+            std::fs::File::open(&dir)?.sync_all()
+        };
+        write().map_err(|e| VmError::io("saving checkpoint record", &p, e))
+    }
+
+    /// Removes a record.
+    pub fn remove_checkpoint(&self, vm: &str, name: &str) -> Result<(), VmError> {
+        let p = self.checkpoint_path(vm, name);
+        std::fs::remove_file(&p).map_err(|e| VmError::io("deleting checkpoint record", &p, e))
+    }
+
+    /// Deletes what a crash left of half-made checkpoints of every VM; returns what it removed.
+    pub fn roll_back_pending(&self, store: &Store) -> Result<Vec<String>, VmError> {
+        let mut removed = Vec::new();
+        for vm in self.list()? {
+            for cp in self
+                .checkpoints(&vm.name)?
+                .into_iter()
+                .filter(|c| c.pending)
+            {
+                drop_disk_checkpoints(store, &cp.disks, &cp.name)?;
+                self.remove_checkpoint(&vm.name, &cp.name)?;
+                removed.push(format!("{}@{}", vm.name, cp.name));
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn drop_disk_checkpoints(store: &Store, disks: &[String], name: &str) -> Result<(), VmError> {
+    for d in disks {
+        match store.delete_checkpoint(d, name) {
+            Ok(())
+            | Err(EngineError::UnknownCheckpoint { .. })
+            | Err(EngineError::UnknownVolume(_)) => {}
+            Err(e) => return Err(VmError::Invalid(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+fn engine(e: EngineError) -> VmError {
+    VmError::Invalid(e.to_string())
+}
+
+/// Records a pending checkpoint (call before the disks are checkpointed).
+pub fn begin(
+    vms: &VmStore,
+    store: &Store,
+    spec: &VmSpec,
+    name: &str,
+    description: Option<&str>,
+    running: bool,
+    now_ms: u64,
+) -> Result<VmCheckpoint, VmError> {
+    cairn_engine::validate_name(name).map_err(engine)?;
+    if vms.checkpoints(&spec.name)?.iter().any(|c| c.name == name) {
+        return Err(VmError::Invalid(format!(
+            "checkpoint '{}@{name}' already exists; pick another name or delete it first",
+            spec.name
+        )));
+    }
+    if spec.disks.is_empty() {
+        return Err(VmError::Invalid(format!(
+            "VM '{}' has no disks to checkpoint",
+            spec.name
+        )));
+    }
+    // Fail before touching anything if a disk already has a checkpoint of that name.
+    for d in &spec.disks {
+        if store
+            .list_checkpoints(d)
+            .map_err(engine)?
+            .iter()
+            .any(|c| c.name == name)
+        {
+            return Err(VmError::Invalid(format!(
+                "disk '{d}' of VM '{}' already has a checkpoint '{name}'; pick another name",
+                spec.name
+            )));
+        }
+    }
+    let cp = VmCheckpoint {
+        name: name.to_string(),
+        vm: spec.name.clone(),
+        kind: CheckpointKind::DiskOnly,
+        disks: spec.disks.clone(),
+        parent: spec.parent.clone(),
+        created_ms: now_ms,
+        description: description.map(str::to_string),
+        taken_running: running,
+        pending: true,
+    };
+    vms.save_checkpoint(&cp)?;
+    Ok(cp)
+}
+
+/// Checkpoints every disk (the caller has paused the guest if it runs); rolls back on failure.
+pub fn take_disks(store: &Store, cp: &VmCheckpoint) -> Result<(), VmError> {
+    for (i, d) in cp.disks.iter().enumerate() {
+        if let Err(e) = store.create_checkpoint(d, &cp.name, cp.description.as_deref()) {
+            let _ = drop_disk_checkpoints(store, &cp.disks[..i], &cp.name);
+            return Err(engine(e));
+        }
+    }
+    Ok(())
+}
+
+/// Marks the record complete and makes it the VM's parent checkpoint.
+pub fn finish(vms: &VmStore, mut cp: VmCheckpoint) -> Result<VmCheckpoint, VmError> {
+    cp.pending = false;
+    vms.save_checkpoint(&cp)?;
+    let mut spec = vms.get(&cp.vm)?;
+    spec.parent = Some(cp.name.clone());
+    vms.save(&spec)?;
+    Ok(cp)
+}
+
+/// Gives up on a pending record (its disk checkpoints are already gone).
+pub fn abandon(vms: &VmStore, cp: &VmCheckpoint) {
+    let _ = vms.remove_checkpoint(&cp.vm, &cp.name);
+}
+
+/// Makes every disk the checkpoint's state (the VM must be stopped).
+pub fn apply_disks(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Result<(), VmError> {
+    for d in &cp.disks {
+        store.apply_checkpoint(d, &cp.name, None).map_err(engine)?;
+    }
+    let mut spec = vms.get(&cp.vm)?;
+    spec.parent = Some(cp.name.clone());
+    vms.save(&spec)
+}
+
+/// Deletes a VM checkpoint: each disk's engine checkpoint, then the record.
+pub fn delete(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Result<(), VmError> {
+    drop_disk_checkpoints(store, &cp.disks, &cp.name)?;
+    vms.remove_checkpoint(&cp.vm, &cp.name)?;
+    let mut spec = vms.get(&cp.vm)?;
+    if spec.parent.as_deref() == Some(cp.name.as_str()) {
+        spec.parent = cp.parent.clone();
+        vms.save(&spec)?;
+    }
+    Ok(())
+}
