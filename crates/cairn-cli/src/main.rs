@@ -379,15 +379,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Checkpoint(cmd) => checkpoint(open()?, cmd, json)?,
         Cmd::Clone { source, new_name } => {
             let (v, c) = checkpoint_target(&source)?;
-            let info = open()?.volume(Op::Clone {
+            let reply = open()?.call(Op::Clone {
                 volume: v,
                 checkpoint: c,
                 new_name: new_name.clone(),
             })?;
-            if json {
-                print_json(&info)?;
-            } else {
-                println!("cloned {source} as volume '{new_name}'");
+            match (&reply, json) {
+                (Reply::Volume(i), true) => print_json(i)?,
+                (Reply::Vm(i), true) => print_json(i)?,
+                (Reply::Vm(i), false) => println!(
+                    "cloned {source} as VM '{new_name}' with disks {} (fresh MAC {} and UUID)",
+                    i.disks.join(", "),
+                    i.mac
+                ),
+                (Reply::Volume(_), false) => println!("cloned {source} as volume '{new_name}'"),
+                (other, _) => bail!("unexpected reply {other:?}"),
             }
         }
         Cmd::Diff { a, b } => {

@@ -222,7 +222,8 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
     // Both disks at one instant: the guest writes d1 then d2 each second, so d2 may trail d1 by
     // one tick but never more, and never lead.
     let (a, b) = (counter_in(&e, "d1@c1"), counter_in(&e, "d2@c1"));
-    assert!(a >= 3 && (a == b || a == b + 1), "d1@c1 = {a}, d2@c1 = {b}");
+    // The console line comes before the disk write of the same tick, hence 2, not 3.
+    assert!(a >= 2 && (a == b || a == b + 1), "d1@c1 = {a}, d2@c1 = {b}");
     assert!(d.log().contains("guest paused"), "{}", d.log());
     // The guest kept running after the pause.
     wait_console(&e, "g1", &format!("cairn-counter {:08}", a + 2), 60);
@@ -258,8 +259,20 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
     ok(&e, &["checkpoint", "apply", "g1@c1"]);
     assert_eq!(counter_in(&e, "d1"), a);
     assert_eq!(counter_in(&e, "d2"), b);
-    ok(&e, &["checkpoint", "apply", "g1@later"]);
+    ok(&e, &["checkpoint", "rename", "g1@later", "newer"]);
+    ok(&e, &["checkpoint", "apply", "g1@newer"]);
     assert!(counter_in(&e, "d1") > a, "the newer branch is still there");
+    // A VM clone: every disk cloned, a fresh MAC and machine identity, and it boots.
+    let g2 = json(&e, &["clone", "g1@c1", "g2"]);
+    let g1 = json(&e, &["vm", "info", "g1"]);
+    assert_eq!(g2["disks"], serde_json::json!(["g2-d1", "g2-d2"]));
+    assert_ne!(g2["mac"], g1["mac"]);
+    assert_ne!(g2["uuid"], g1["uuid"]);
+    assert_eq!(counter_in(&e, "g2-d1"), a);
+    ok(&e, &["vm", "start", "g2"]);
+    wait_console(&e, "g2", "cairn-counter 00000001", 90);
+    ok(&e, &["vm", "kill", "g2"]);
+    fails(&e, &["clone", "g1@c1", "g2"], "already exists");
     ok(&e, &["checkpoint", "apply", "g1@blank"]);
     assert_eq!(counter_in(&e, "d1"), 0);
     // Delete removes every disk's checkpoint; the others stay.

@@ -434,7 +434,8 @@ fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Reply>, OpErro
         | Op::CheckpointList { volume }
         | Op::CheckpointApply { volume, .. }
         | Op::CheckpointDelete { volume, .. }
-        | Op::CheckpointRename { volume, .. } => volume,
+        | Op::CheckpointRename { volume, .. }
+        | Op::Clone { volume, .. } => volume,
         _ => return Ok(None),
     };
     if !vms.exists(vm) {
@@ -475,14 +476,21 @@ fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Reply>, OpErro
             ck::delete(&vms, store, &cp)?;
             Reply::Done
         }
-        _ => {
-            return Err(OpError::new(
-                ErrorKind::Invalid,
-                format!(
-                    "renaming checkpoints of VM '{vm}' is not supported; delete and take it again"
-                ),
-            ))
+        Op::CheckpointRename { name, new_name, .. } => {
+            let cp = vms.checkpoint(vm, name)?;
+            let cp = ck::rename(&vms, store, &cp, new_name)?;
+            let head = vms.get(vm)?.parent;
+            Reply::Checkpoint(vm_checkpoint_info(store, &cp, head.as_deref()))
         }
+        Op::Clone {
+            checkpoint,
+            new_name,
+            ..
+        } => {
+            let cp = vms.checkpoint(vm, checkpoint)?;
+            Reply::Vm(ck::clone_vm(&vms, store, &cp, new_name, now_ms())?)
+        }
+        _ => return Ok(None),
     }))
 }
 

@@ -245,3 +245,85 @@ pub fn delete(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Result<(), VmE
     }
     Ok(())
 }
+
+/// Renames a VM checkpoint: each disk's engine checkpoint, the record, and references to it.
+pub fn rename(
+    vms: &VmStore,
+    store: &Store,
+    cp: &VmCheckpoint,
+    new: &str,
+) -> Result<VmCheckpoint, VmError> {
+    cairn_engine::validate_name(new).map_err(engine)?;
+    if vms.checkpoints(&cp.vm)?.iter().any(|c| c.name == new) {
+        return Err(VmError::Invalid(format!(
+            "checkpoint '{}@{new}' already exists; pick another name",
+            cp.vm
+        )));
+    }
+    for (i, d) in cp.disks.iter().enumerate() {
+        if let Err(e) = store.rename_checkpoint(d, &cp.name, new) {
+            // Put back the ones already renamed.
+            for done in &cp.disks[..i] {
+                let _ = store.rename_checkpoint(done, new, &cp.name);
+            }
+            return Err(engine(e));
+        }
+    }
+    let mut renamed = cp.clone();
+    renamed.name = new.to_string();
+    vms.save_checkpoint(&renamed)?;
+    vms.remove_checkpoint(&cp.vm, &cp.name)?;
+    for mut child in vms.checkpoints(&cp.vm)? {
+        if child.parent.as_deref() == Some(cp.name.as_str()) {
+            child.parent = Some(new.to_string());
+            vms.save_checkpoint(&child)?;
+        }
+    }
+    let mut spec = vms.get(&cp.vm)?;
+    if spec.parent.as_deref() == Some(cp.name.as_str()) {
+        spec.parent = Some(new.to_string());
+        vms.save(&spec)?;
+    }
+    Ok(renamed)
+}
+
+/// A new VM from a checkpoint: every disk cloned (sharing all blocks) as `NEW-DISK`, a fresh MAC
+/// and machine UUID, the same memory, CPUs, kernel and network.
+pub fn clone_vm(
+    vms: &VmStore,
+    store: &Store,
+    cp: &VmCheckpoint,
+    new_name: &str,
+    now_ms: u64,
+) -> Result<VmSpec, VmError> {
+    cairn_engine::validate_name(new_name).map_err(engine)?;
+    if vms.exists(new_name) {
+        return Err(VmError::Exists(new_name.to_string()));
+    }
+    let source = vms.get(&cp.vm)?;
+    let names: Vec<String> = cp.disks.iter().map(|d| format!("{new_name}-{d}")).collect();
+    for (i, (d, n)) in cp.disks.iter().zip(&names).enumerate() {
+        if let Err(e) = store.clone_checkpoint(d, &cp.name, n) {
+            for made in &names[..i] {
+                let _ = store.delete_volume(made);
+            }
+            return Err(engine(e));
+        }
+    }
+    let spec = VmSpec {
+        name: new_name.to_string(),
+        disks: names.clone(),
+        mac: crate::spec::fresh_mac(),
+        uuid: crate::spec::fresh_uuid(),
+        created_ms: now_ms,
+        parent: None,
+        ..source
+    };
+    if let Err(e) = vms.save(&spec) {
+        for made in &names {
+            let _ = store.delete_volume(made);
+        }
+        return Err(e);
+    }
+    Ok(spec)
+}
