@@ -277,6 +277,8 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
     assert_eq!(counter_in(&e, "d1"), 0);
     // Delete removes every disk's checkpoint; the others stay.
     ok(&e, &["checkpoint", "delete", "g1@c1"]);
+    // The clone does not depend on the checkpoint it came from.
+    assert!(counter_in(&e, "g2-d1") > 0);
     fails(
         &e,
         &["volume", "read", "d1@c1", "--offset", "0", "--length", "1"],
