@@ -236,13 +236,17 @@ struct WriteArgs {
 
 #[derive(Subcommand)]
 enum CheckpointCmd {
-    /// Take a checkpoint of a volume's head (O(1); implies a flush).
+    /// Take a checkpoint of a volume's head (O(1); implies a flush), or of a VM: every disk at
+    /// one instant, plus memory and device state when it runs (a standard checkpoint).
     Create {
-        /// VOLUME@CHECKPOINT.
+        /// VOLUME@CHECKPOINT or VM@CHECKPOINT.
         target: String,
         /// Description.
         #[arg(short = 'm', long = "message")]
         message: Option<String>,
+        /// For a running VM: only the disks (crash-consistent), no memory state.
+        #[arg(long)]
+        disk_only: bool,
     },
     /// List a volume's checkpoints.
     List {
@@ -693,12 +697,17 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
 
 fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
     match cmd {
-        CheckpointCmd::Create { target, message } => {
+        CheckpointCmd::Create {
+            target,
+            message,
+            disk_only,
+        } => {
             let (v, c) = checkpoint_target(&target)?;
             let info = store.checkpoint(Op::CheckpointCreate {
                 volume: v,
                 name: c,
                 description: message,
+                disk_only,
             })?;
             if json {
                 print_json(&info)?;

@@ -218,7 +218,7 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
     let d = Daemon::start(&e);
     ok(&e, &["vm", "start", "g1"]);
     wait_console(&e, "g1", "cairn-counter 00000003", 90);
-    ok(&e, &["checkpoint", "create", "g1@c1"]);
+    ok(&e, &["checkpoint", "create", "g1@c1", "--disk-only"]);
     // Both disks at one instant: the guest writes d1 then d2 each second, so d2 may trail d1 by
     // one tick but never more, and never lead.
     let (a, b) = (counter_in(&e, "d1@c1"), counter_in(&e, "d2@c1"));
@@ -291,5 +291,88 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
         Some(2)
     );
     drop(d);
+    fsck_clean(&e);
+}
+
+#[test]
+fn standard_checkpoint_resumes_the_guest_where_it_was() {
+    let e = env();
+    ok(&e, &["volume", "create", "d1", "--size", "64M"]);
+    define(&e, "g1", &["d1"]);
+    let d = Daemon::start(&e);
+    ok(&e, &["vm", "start", "g1"]);
+    wait_console(&e, "g1", "cairn-counter 00000003", 90);
+    // A standard checkpoint: disks plus memory, taken while the guest keeps running.
+    let cp = json(&e, &["checkpoint", "create", "g1@m1"]);
+    assert!(
+        cp["description"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("standard"),
+        "{cp}"
+    );
+    let at = counter_in(&e, "d1@m1");
+    assert!(at >= 2);
+    assert!(d.log().contains("standard checkpoint m1"), "{}", d.log());
+    // The guest runs on, then its disk is damaged behind its back.
+    wait_console(&e, "g1", &format!("cairn-counter {:08}", at + 3), 60);
+    ok(&e, &["vm", "kill", "g1"]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "d1",
+            "--offset",
+            "0",
+            "--pattern",
+            "0",
+            "--length",
+            "1M",
+        ],
+    );
+    let before = ok(&e, &["vm", "console", "g1"]).len();
+    // Apply: the disks come back and the guest resumes from its saved memory: no boot, and the
+    // next counter follows the one it had when the checkpoint was taken.
+    ok(&e, &["checkpoint", "apply", "g1@m1"]);
+    assert_eq!(json(&e, &["vm", "status", "g1"])["state"], "running");
+    let t = Instant::now();
+    let first = loop {
+        let log = ok(&e, &["vm", "console", "g1"]);
+        let new = &log[before.min(log.len())..];
+        if let Some(line) = new.lines().find(|l| l.starts_with("cairn-counter ")) {
+            assert!(
+                !new.contains("cairn-guest: up"),
+                "the guest rebooted:\n{new}"
+            );
+            break line
+                .trim_start_matches("cairn-counter ")
+                .trim()
+                .parse::<u64>()
+                .expect("counter");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "guest did not resume:\n{new}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The disk held `at` or one less than the guest's counter at the pause.
+    assert!(
+        first == at + 1 || first == at + 2,
+        "resumed at {first}, checkpoint disk had {at}"
+    );
+    assert!(
+        counter_in(&e, "d1") >= at,
+        "the disk is the checkpoint's again"
+    );
+    ok(&e, &["vm", "kill", "g1"]);
+    // Without a daemon, resuming memory is refused clearly.
+    drop(d);
+    fails(
+        &e,
+        &["checkpoint", "apply", "g1@m1"],
+        "needs the Cairn daemon",
+    );
     fsck_clean(&e);
 }

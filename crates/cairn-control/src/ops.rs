@@ -67,14 +67,18 @@ pub enum Op {
         /// Bytes, at most [`MAX_DATA`].
         length: u64,
     },
-    /// Take a checkpoint of a head.
+    /// Take a checkpoint of a head, or of every disk of a VM (with its memory when it runs,
+    /// unless `disk_only`).
     CheckpointCreate {
-        /// Volume.
+        /// Volume or VM.
         volume: String,
         /// Checkpoint name.
         name: String,
         /// Optional description.
         description: Option<String>,
+        /// For a running VM: disks only, no memory state.
+        #[serde(default)]
+        disk_only: bool,
     },
     /// Checkpoints of a volume.
     CheckpointList {
@@ -363,7 +367,14 @@ pub fn vm_checkpoint_info(
             }
         }
     }
-    let what = format!("disk-only: {}", cp.disks.join(", "));
+    let what = match cp.kind {
+        cairn_vm::checkpoint::CheckpointKind::DiskOnly => {
+            format!("disk-only: {}", cp.disks.join(", "))
+        }
+        cairn_vm::checkpoint::CheckpointKind::Standard => {
+            format!("standard: memory + {}", cp.disks.join(", "))
+        }
+    };
     CheckpointInfo {
         volume: cp.vm.clone(),
         name: cp.name.clone(),
@@ -465,6 +476,11 @@ fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Reply>, OpErro
             name, save_current, ..
         } => {
             let cp = vms.checkpoint(vm, name)?;
+            if cp.kind == ck::CheckpointKind::Standard {
+                return Err(needs_daemon(
+                    "applying a checkpoint with memory state (the guest resumes in QEMU)",
+                ));
+            }
             if let Some(s) = save_current {
                 vm_checkpoint_stopped(store, &vms, vm, s, None)?;
             }
@@ -535,6 +551,7 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             volume,
             name,
             description,
+            ..
         } => Reply::Checkpoint(store.create_checkpoint(&volume, &name, description.as_deref())?),
         Op::CheckpointList { volume } => Reply::Checkpoints {
             checkpoints: store.list_checkpoints(&volume)?,

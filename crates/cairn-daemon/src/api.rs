@@ -176,7 +176,8 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Checkpoint operations on a running VM; `None` when the op is not one.
+/// Checkpoint operations that need QEMU: taking one of a running VM, applying one to a running
+/// VM, and applying a standard checkpoint (which resumes the guest); `None` for the others.
 async fn running_vm_checkpoint(st: &ApiState, op: &Op) -> Option<Result<Reply, OpError>> {
     let rt = &st.runtime;
     match op {
@@ -184,33 +185,62 @@ async fn running_vm_checkpoint(st: &ApiState, op: &Op) -> Option<Result<Reply, O
             volume,
             name,
             description,
+            disk_only,
         } if rt.is_running(volume) => {
-            Some(take_running(st, volume, name, description.clone()).await)
+            Some(take_running(st, volume, name, description.clone(), !disk_only).await)
         }
         Op::CheckpointApply {
             volume,
             name,
             save_current,
-        } if rt.is_running(volume) => {
+        } if rt.definitions().exists(volume)
+            && (rt.is_running(volume) || is_standard(st, volume, name)) =>
+        {
             Some(apply_running(st, volume, name, save_current.clone()).await)
         }
         _ => None,
     }
 }
 
+fn is_standard(st: &ApiState, vm: &str, name: &str) -> bool {
+    st.runtime
+        .definitions()
+        .checkpoint(vm, name)
+        .is_ok_and(|c| c.kind == cairn_vm::checkpoint::CheckpointKind::Standard)
+}
+
+/// Deletes what a failed checkpoint made (disk and state checkpoints, record).
+async fn undo(st: &ApiState, cp: &cairn_vm::checkpoint::VmCheckpoint, e: OpError) -> OpError {
+    let (store, vms, cp) = (
+        st.store.clone(),
+        st.runtime.definitions().clone(),
+        cp.clone(),
+    );
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = cairn_vm::checkpoint::delete(&vms, &store, &cp);
+        cairn_vm::checkpoint::abandon(&vms, &cp);
+    })
+    .await;
+    e
+}
+
 /// A checkpoint of every disk of a running VM at one instant: the guest is paused (QEMU drains
-/// and flushes its I/O on `stop`), the disks are checkpointed (O(1) each), the guest resumes.
+/// and flushes its I/O on `stop`), the disks are checkpointed (O(1) each), and, for a standard
+/// checkpoint, QEMU starts a background snapshot of memory and device state at that same
+/// instant; the guest resumes at once while QEMU writes the snapshot, which then moves into the
+/// VM's state volume.
 async fn take_running(
     st: &ApiState,
     vm: &str,
     name: &str,
     description: Option<String>,
+    with_memory: bool,
 ) -> Result<Reply, OpError> {
     use cairn_vm::checkpoint as ck;
     let vms = st.runtime.definitions().clone();
     let spec = vms.get(vm)?;
     let store = st.store.clone();
-    let cp = {
+    let mut cp = {
         let (vms, store, name) = (vms.clone(), store.clone(), name.to_string());
         tokio::task::spawn_blocking(move || {
             ck::begin(
@@ -227,6 +257,16 @@ async fn take_running(
         .map_err(join_err)??
     };
     let qmp = st.runtime.qmp(vm)?;
+    let state_file = vms.vm_dir(vm).join(format!("state-{name}.tmp"));
+    if with_memory {
+        let caps = serde_json::json!({ "capabilities": [
+            { "capability": "background-snapshot", "state": true }
+        ]});
+        if let Err(e) = qmp.execute("migrate-set-capabilities", caps).await {
+            ck::abandon(&vms, &cp);
+            return Err(VmError::from(e).into());
+        }
+    }
     let t = std::time::Instant::now();
     if let Err(e) = qmp.execute("stop", serde_json::json!({})).await {
         ck::abandon(&vms, &cp);
@@ -234,50 +274,132 @@ async fn take_running(
     }
     let taken = {
         let (store, cp) = (store.clone(), cp.clone());
-        tokio::task::spawn_blocking(move || ck::take_disks(&store, &cp)).await
+        tokio::task::spawn_blocking(move || ck::take_disks(&store, &cp))
+            .await
+            .map_err(join_err)
+            .and_then(|r| r.map_err(OpError::from))
+    };
+    let snapshot = if taken.is_ok() && with_memory {
+        let uri = format!("file:{}", state_file.display());
+        Some(
+            qmp.execute("migrate", serde_json::json!({ "uri": uri }))
+                .await,
+        )
+    } else {
+        None
     };
     // Resume whatever happened: a failed checkpoint must not leave the guest paused.
     let resumed = qmp.execute("cont", serde_json::json!({})).await;
     let paused = t.elapsed();
-    match taken {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            ck::abandon(&vms, &cp);
-            return Err(e.into());
-        }
-        Err(e) => {
-            ck::abandon(&vms, &cp);
-            return Err(join_err(e));
-        }
+    if let Err(e) = taken {
+        ck::abandon(&vms, &cp);
+        return Err(e);
     }
     if let Err(e) = resumed {
         warn!("vm {vm}: could not resume after checkpoint {name}: {e}");
     }
-    info!(
-        "vm {vm}: checkpoint {name} of {} disk(s), guest paused {paused:?}",
-        cp.disks.len()
-    );
-    let cp = tokio::task::spawn_blocking(move || ck::finish(&vms, cp).map(|cp| (cp, store)))
-        .await
-        .map_err(join_err)??;
-    let info = cairn_control::ops::vm_checkpoint_info(&cp.1, &cp.0, Some(&cp.0.name));
+    if let Some(started) = snapshot {
+        let done = match started {
+            Ok(_) => {
+                cairn_vm::runtime::wait_migration(&qmp, std::time::Duration::from_secs(600)).await
+            }
+            Err(e) => Err(VmError::from(e)),
+        };
+        let downtime = done.as_ref().ok().and_then(|r| r["downtime"].as_u64());
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&state_file);
+            return Err(undo(st, &cp, e.into()).await);
+        }
+        let stored = {
+            let (store, cp2, file) = (store.clone(), cp.clone(), state_file.clone());
+            tokio::task::spawn_blocking(move || ck::store_state(&store, &cp2, &file))
+                .await
+                .map_err(join_err)
+                .and_then(|r| r.map_err(OpError::from))
+        };
+        let _ = std::fs::remove_file(&state_file);
+        match stored {
+            Ok(len) => {
+                cp.kind = ck::CheckpointKind::Standard;
+                cp.state_len = Some(len);
+            }
+            Err(e) => return Err(undo(st, &cp, e).await),
+        }
+        info!(
+            "vm {vm}: standard checkpoint {name}: guest paused {paused:?} for the disks, QEMU reports {} ms of snapshot downtime, {} bytes of state, {:?} in all",
+            downtime.unwrap_or(0),
+            cp.state_len.unwrap_or(0),
+            t.elapsed()
+        );
+    } else {
+        info!(
+            "vm {vm}: checkpoint {name} of {} disk(s), guest paused {paused:?}",
+            cp.disks.len()
+        );
+    }
+    let (cp, store) =
+        tokio::task::spawn_blocking(move || ck::finish(&vms, cp).map(|cp| (cp, store)))
+            .await
+            .map_err(join_err)??;
+    let info = cairn_control::ops::vm_checkpoint_info(&store, &cp, Some(&cp.name));
     Ok(Reply::Checkpoint(info))
 }
 
-/// Applying a disk-only checkpoint to a running VM: the current run is discarded (saved first
-/// as `save_current` if asked), the disks are rewound, and the VM boots cold.
+/// Applying a checkpoint to a VM the daemon runs (or to any VM, for a standard checkpoint): the
+/// current run is discarded (saved first as `save_current` if asked), the disks are rewound, and
+/// the VM resumes from the saved memory (standard) or boots cold (disk-only).
 async fn apply_running(
     st: &ApiState,
     vm: &str,
     name: &str,
     save_current: Option<String>,
 ) -> Result<Reply, OpError> {
-    st.runtime.definitions().checkpoint(vm, name)?;
+    use cairn_vm::checkpoint as ck;
+    let cp = st.runtime.definitions().checkpoint(vm, name)?;
+    let running = st.runtime.is_running(vm);
     if let Some(s) = &save_current {
-        take_running(st, vm, s, None).await?;
+        if running {
+            take_running(st, vm, s, None, true).await?;
+        } else {
+            let (store, vms, s) = (
+                st.store.clone(),
+                st.runtime.definitions().clone(),
+                s.clone(),
+            );
+            let vm2 = vm.to_string();
+            tokio::task::spawn_blocking(move || {
+                cairn_control::ops::vm_checkpoint_stopped(&store, &vms, &vm2, &s, None)
+            })
+            .await
+            .map_err(join_err)??;
+        }
     }
-    st.runtime.kill(vm).await?;
+    if running {
+        st.runtime.kill(vm).await?;
+    }
     let store = st.store.clone();
+    let vms = st.runtime.definitions().clone();
+    if cp.kind == ck::CheckpointKind::Standard {
+        let t = std::time::Instant::now();
+        let file = vms.vm_dir(vm).join(format!("restore-{name}.tmp"));
+        {
+            let (store, vms, cp, file) = (store.clone(), vms.clone(), cp.clone(), file.clone());
+            tokio::task::spawn_blocking(move || {
+                ck::apply_disks(&vms, &store, &cp)?;
+                ck::load_state(&store, &cp, &file)
+            })
+            .await
+            .map_err(join_err)??;
+        }
+        let r = st.runtime.resume_from(vm, &file).await;
+        let _ = std::fs::remove_file(&file);
+        r?;
+        info!(
+            "vm {vm}: applied {name}; the guest resumed after {:?}",
+            t.elapsed()
+        );
+        return Ok(Reply::Vm(vms.get(vm)?));
+    }
     let op = Op::CheckpointApply {
         volume: vm.to_string(),
         name: name.to_string(),
@@ -286,7 +408,9 @@ async fn apply_running(
     let r = tokio::task::spawn_blocking(move || execute(&store, op, &mut |_| {}))
         .await
         .map_err(join_err)??;
-    st.runtime.start(vm).await?;
-    info!("vm {vm}: applied {name} and booted it cold");
+    if running {
+        st.runtime.start(vm).await?;
+        info!("vm {vm}: applied {name} and booted it cold");
+    }
     Ok(r)
 }

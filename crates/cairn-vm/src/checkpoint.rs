@@ -17,6 +17,14 @@ use crate::VmError;
 pub enum CheckpointKind {
     /// Every disk at one instant (crash-consistent); applying it boots the VM cold.
     DiskOnly,
+    /// Every disk plus memory and device state of the running VM at that instant; applying it
+    /// resumes the guest where it was.
+    Standard,
+}
+
+/// Name of the volume that keeps a VM's saved memory and device state.
+pub fn state_volume(vm: &str) -> String {
+    format!("{vm}.state")
 }
 
 /// The record of one VM checkpoint.
@@ -40,6 +48,10 @@ pub struct VmCheckpoint {
     pub taken_running: bool,
     /// True until every disk checkpoint exists.
     pub pending: bool,
+    /// Bytes of saved VM state in the state volume's checkpoint of the same name (standard
+    /// checkpoints only).
+    #[serde(default)]
+    pub state_len: Option<u64>,
 }
 
 impl VmStore {
@@ -193,6 +205,7 @@ pub fn begin(
         description: description.map(str::to_string),
         taken_running: running,
         pending: true,
+        state_len: None,
     };
     vms.save_checkpoint(&cp)?;
     Ok(cp)
@@ -237,6 +250,7 @@ pub fn apply_disks(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Result<()
 /// Deletes a VM checkpoint: each disk's engine checkpoint, then the record.
 pub fn delete(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Result<(), VmError> {
     drop_disk_checkpoints(store, &cp.disks, &cp.name)?;
+    drop_disk_checkpoints(store, &[state_volume(&cp.vm)], &cp.name)?;
     vms.remove_checkpoint(&cp.vm, &cp.name)?;
     let mut spec = vms.get(&cp.vm)?;
     if spec.parent.as_deref() == Some(cp.name.as_str()) {
@@ -264,6 +278,14 @@ pub fn rename(
         if let Err(e) = store.rename_checkpoint(d, &cp.name, new) {
             // Put back the ones already renamed.
             for done in &cp.disks[..i] {
+                let _ = store.rename_checkpoint(done, new, &cp.name);
+            }
+            return Err(engine(e));
+        }
+    }
+    if cp.kind == CheckpointKind::Standard {
+        if let Err(e) = store.rename_checkpoint(&state_volume(&cp.vm), &cp.name, new) {
+            for done in &cp.disks {
                 let _ = store.rename_checkpoint(done, new, &cp.name);
             }
             return Err(engine(e));
@@ -326,4 +348,96 @@ pub fn clone_vm(
         return Err(e);
     }
     Ok(spec)
+}
+
+/// Moves a saved-state file into the VM's state volume and checkpoints it as `cp.name`. Only
+/// blocks whose content differs from what the volume holds are written, and zero blocks are
+/// trimmed, so what stays the same between two saves of an idle guest is stored once (the
+/// engine shares it between the checkpoints).
+pub fn store_state(
+    store: &Store,
+    cp: &VmCheckpoint,
+    file: &std::path::Path,
+) -> Result<u64, VmError> {
+    use std::io::Read;
+    let vol = state_volume(&cp.vm);
+    let mut f =
+        std::fs::File::open(file).map_err(|e| VmError::io("reading saved state", file, e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| VmError::io("reading saved state", file, e))?
+        .len();
+    let size = len.div_ceil(1 << 20).max(1) << 20;
+    match store.volume_info(&vol) {
+        Ok(v) if v.size < size => {
+            store.resize_volume(&vol, size).map_err(engine)?;
+        }
+        Ok(_) => {}
+        Err(EngineError::UnknownVolume(_)) => {
+            store.create_volume(&vol, size).map_err(engine)?;
+        }
+        Err(e) => return Err(engine(e)),
+    }
+    let head = cairn_engine::Target::head(&vol);
+    let cap = store.volume_info(&vol).map_err(engine)?.size;
+    const CHUNK: usize = 1 << 20;
+    let (mut buf, mut old) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut at = 0u64;
+    while at < cap {
+        let n = ((cap - at) as usize).min(CHUNK);
+        let got = if at < len {
+            let want = ((len - at) as usize).min(n);
+            f.read_exact(&mut buf[..want])
+                .map_err(|e| VmError::io("reading saved state", file, e))?;
+            want
+        } else {
+            0
+        };
+        buf[got..n].fill(0);
+        store.read(&head, at, &mut old[..n]).map_err(engine)?;
+        for b in (0..n).step_by(4096) {
+            let e = (b + 4096).min(n);
+            if buf[b..e] == old[b..e] {
+                continue;
+            }
+            if buf[b..e].iter().all(|&x| x == 0) {
+                store
+                    .trim(&vol, at + b as u64, (e - b) as u64)
+                    .map_err(engine)?;
+            } else {
+                store
+                    .write(&vol, at + b as u64, &buf[b..e])
+                    .map_err(engine)?;
+            }
+        }
+        at += n as u64;
+    }
+    store
+        .create_checkpoint(&vol, &cp.name, Some("VM memory and device state"))
+        .map_err(engine)?;
+    Ok(len)
+}
+
+/// Writes a checkpoint's saved state out to `file` for QEMU to load.
+pub fn load_state(store: &Store, cp: &VmCheckpoint, file: &std::path::Path) -> Result<(), VmError> {
+    use std::io::Write;
+    let len = cp.state_len.ok_or_else(|| {
+        VmError::Invalid(format!(
+            "checkpoint '{}@{}' holds no memory state",
+            cp.vm, cp.name
+        ))
+    })?;
+    let t = cairn_engine::Target::checkpoint(&state_volume(&cp.vm), &cp.name);
+    let mut f =
+        std::fs::File::create(file).map_err(|e| VmError::io("writing saved state", file, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = ((len - at) as usize).min(buf.len());
+        store.read(&t, at, &mut buf[..n]).map_err(engine)?;
+        f.write_all(&buf[..n])
+            .map_err(|e| VmError::io("writing saved state", file, e))?;
+        at += n as u64;
+    }
+    Ok(())
 }
