@@ -314,6 +314,30 @@ fn standard_checkpoint_resumes_the_guest_where_it_was() {
     let at = counter_in(&e, "d1@m1");
     assert!(at >= 2);
     assert!(d.log().contains("standard checkpoint m1"), "{}", d.log());
+    // Memory state is stored once: a second checkpoint of this nearly idle guest adds only
+    // what changed (the state volume shares the rest), a small fraction of its 256 MiB.
+    ok(&e, &["checkpoint", "create", "g1@m2"]);
+    let space = json(&e, &["space", "g1.state"]);
+    let cps = space["volumes"][0]["checkpoints"]
+        .as_array()
+        .expect("checkpoints")
+        .clone();
+    let unique = |n: &str| {
+        cps.iter()
+            .find(|c| c["name"] == n)
+            .and_then(|c| c["unique"].as_u64())
+            .expect("unique")
+    };
+    let referenced = cps[0]["referenced"].as_u64().expect("referenced");
+    assert!(
+        referenced > 16 << 20,
+        "the state holds the guest's memory ({referenced})"
+    );
+    assert!(
+        unique("m1") < 16 << 20,
+        "m1 shares all but {} bytes of its state with m2",
+        unique("m1")
+    );
     // The guest runs on, then its disk is damaged behind its back.
     wait_console(&e, "g1", &format!("cairn-counter {:08}", at + 3), 60);
     ok(&e, &["vm", "kill", "g1"]);

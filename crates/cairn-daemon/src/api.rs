@@ -310,6 +310,19 @@ async fn take_running(
             let _ = std::fs::remove_file(&state_file);
             return Err(undo(st, &cp, e.into()).await);
         }
+        // Re-lay the state with fixed page offsets so unchanged memory is shared between
+        // checkpoints; the guest is already running again.
+        let mapped = vms.vm_dir(vm).join(format!("state-{name}.mapped"));
+        let converted = st
+            .runtime
+            .to_mapped_ram(vm, name, &state_file, &mapped)
+            .await;
+        let _ = std::fs::remove_file(&state_file);
+        if let Err(e) = converted {
+            let _ = std::fs::remove_file(&mapped);
+            return Err(undo(st, &cp, e.into()).await);
+        }
+        let state_file = mapped;
         let stored = {
             let (store, cp2, file) = (store.clone(), cp.clone(), state_file.clone());
             tokio::task::spawn_blocking(move || ck::store_state(&store, &cp2, &file))

@@ -420,7 +420,7 @@ pub fn store_state(
 
 /// Writes a checkpoint's saved state out to `file` for QEMU to load.
 pub fn load_state(store: &Store, cp: &VmCheckpoint, file: &std::path::Path) -> Result<(), VmError> {
-    use std::io::Write;
+    use std::os::unix::fs::FileExt;
     let len = cp.state_len.ok_or_else(|| {
         VmError::Invalid(format!(
             "checkpoint '{}@{}' holds no memory state",
@@ -428,16 +428,20 @@ pub fn load_state(store: &Store, cp: &VmCheckpoint, file: &std::path::Path) -> R
         ))
     })?;
     let t = cairn_engine::Target::checkpoint(&state_volume(&cp.vm), &cp.name);
-    let mut f =
-        std::fs::File::create(file).map_err(|e| VmError::io("writing saved state", file, e))?;
+    let f = std::fs::File::create(file).map_err(|e| VmError::io("writing saved state", file, e))?;
+    let io = |e| VmError::io("writing saved state", file, e);
+    // Sparse like the original: only what the state volume maps is written.
+    f.set_len(len).map_err(io)?;
     let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    while at < len {
-        let n = ((len - at) as usize).min(buf.len());
-        store.read(&t, at, &mut buf[..n]).map_err(engine)?;
-        f.write_all(&buf[..n])
-            .map_err(|e| VmError::io("writing saved state", file, e))?;
-        at += n as u64;
+    for ext in store.mapped_range(&t, 0, len).map_err(engine)? {
+        let mut at = ext.offset;
+        let end = ext.offset + ext.length;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            store.read(&t, at, &mut buf[..n]).map_err(engine)?;
+            f.write_all_at(&buf[..n], at).map_err(io)?;
+            at += n as u64;
+        }
     }
     Ok(())
 }

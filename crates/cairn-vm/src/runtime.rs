@@ -152,6 +152,18 @@ fn now_ms() -> u64 {
 
 /// The QEMU command line for a VM (without the program).
 pub fn qemu_args(spec: &VmSpec, dir: &Path, nbd_socket: &Path, accel: &str) -> Vec<String> {
+    qemu_args_at(spec, dir, nbd_socket, accel, None)
+}
+
+/// [`qemu_args`] with the disks attached read-only from checkpoint `at` instead of the heads
+/// (for a helper QEMU that must look exactly like the VM at that checkpoint).
+fn qemu_args_at(
+    spec: &VmSpec,
+    dir: &Path,
+    nbd_socket: &Path,
+    accel: &str,
+    at: Option<&str>,
+) -> Vec<String> {
     let p = |f: &str| dir.join(f).display().to_string();
     let mut a: Vec<String> = vec![
         "-name".into(),
@@ -186,14 +198,20 @@ pub fn qemu_args(spec: &VmSpec, dir: &Path, nbd_socket: &Path, accel: &str) -> V
         p("qemu.pid"),
     ];
     for (i, vol) in spec.disks.iter().enumerate() {
+        let export = match at {
+            Some(c) => format!("{vol}@{c}"),
+            None => vol.clone(),
+        };
         let node = json!({
             "driver": "raw",
             "node-name": format!("disk{i}"),
+            "read-only": at.is_some(),
             "file": {
                 "driver": "nbd",
                 "node-name": format!("nbd{i}"),
+                "read-only": at.is_some(),
                 "server": { "type": "unix", "path": nbd_socket },
-                "export": vol,
+                "export": export,
             },
         });
         a.push("-blockdev".into());
@@ -274,6 +292,8 @@ impl Runtime {
         self.launch(name, true).await?;
         let qmp = self.qmp(name)?;
         let loaded: Result<(), VmError> = async {
+            let caps = json!({ "capabilities": [{ "capability": "mapped-ram", "state": true }] });
+            qmp.execute("migrate-set-capabilities", caps).await?;
             qmp.execute(
                 "migrate-incoming",
                 json!({ "uri": format!("file:{}", file.display()) }),
@@ -494,6 +514,78 @@ impl Runtime {
     /// Store directory.
     pub fn store_dir(&self) -> &Path {
         &self.store_dir
+    }
+}
+
+impl Runtime {
+    /// Rewrites a stream-format state file (what a live background snapshot produces) in QEMU's
+    /// `mapped-ram` layout, where every guest page has a fixed offset: a helper QEMU shaped like
+    /// the VM at checkpoint `checkpoint` loads the stream and saves it again. Runs off the
+    /// guest's critical path; it is what lets unchanged memory be stored once.
+    pub async fn to_mapped_ram(
+        &self,
+        name: &str,
+        checkpoint: &str,
+        stream: &Path,
+        out: &Path,
+    ) -> Result<(), VmError> {
+        let spec = self.vms.get(name)?;
+        let qemu = find_qemu()?;
+        let (accel, _) = choose_accel(spec.accel.as_deref());
+        let dir = self.vms.vm_dir(name).join("helper");
+        std::fs::create_dir_all(&dir).map_err(|e| VmError::io("creating", &dir, e))?;
+        let qmp_path = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&qmp_path);
+        let mut args = qemu_args_at(&spec, &dir, &self.nbd_socket, &accel, Some(checkpoint));
+        args.extend(["-S", "-incoming", "defer"].map(String::from));
+        let mut child = Command::new(&qemu.program)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| VmError::Qemu(format!("cannot start the helper QEMU: {e}")))?;
+        let t = Instant::now();
+        let qmp = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(VmError::Qemu(format!(
+                    "the helper QEMU exited at start ({st})"
+                )));
+            }
+            if let Ok(q) = Qmp::connect(&qmp_path).await {
+                break q;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err(VmError::Qemu("the helper QEMU did not open QMP".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let r: Result<(), VmError> = async {
+            qmp.execute(
+                "migrate-incoming",
+                json!({ "uri": format!("file:{}", stream.display()) }),
+            )
+            .await?;
+            wait_migration(&qmp, Duration::from_secs(600)).await?;
+            let caps = json!({ "capabilities": [
+                { "capability": "background-snapshot", "state": false },
+                { "capability": "mapped-ram", "state": true }
+            ]});
+            qmp.execute("migrate-set-capabilities", caps).await?;
+            qmp.execute(
+                "migrate",
+                json!({ "uri": format!("file:{}", out.display()) }),
+            )
+            .await?;
+            wait_migration(&qmp, Duration::from_secs(600)).await?;
+            Ok(())
+        }
+        .await;
+        let _ = qmp.execute("quit", json!({})).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        r
     }
 }
 
