@@ -9,6 +9,7 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 cargo build --release -q -p cairn-cli
 ./target/release/cairn bench --quick
 ./target/release/cairn bench --nbd --quick
+./target/release/cairn bench --vm --quick
 ./scripts/fuzz.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -38,6 +38,9 @@ pub struct BenchArgs {
     /// qemu-img convert, instead of the engine.
     #[arg(long)]
     pub nbd: bool,
+    /// Benchmark standard checkpoints of a running test guest (pause, cost, apply time).
+    #[arg(long)]
+    pub vm: bool,
 }
 
 struct Plan {
@@ -338,9 +341,13 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     let parent = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let tmp = tempdir_in(&parent)?;
     let dir = tmp.path.clone();
-    if args.nbd {
+    if args.nbd || args.vm {
         eprintln!("bench: scratch directory {}", dir.display());
-        let report = crate::bench_nbd::run(&dir, args.quick)?;
+        let report = if args.vm {
+            crate::bench_vm::run(&dir, args.quick)?
+        } else {
+            crate::bench_nbd::run(&dir, args.quick)?
+        };
         if json {
             crate::print_json(&serde_json::json!({ "report": report }))?;
         } else {

@@ -3,6 +3,7 @@
 mod backend;
 mod bench;
 mod bench_nbd;
+mod bench_vm;
 mod convert;
 mod units;
 mod vm;

@@ -518,7 +518,9 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
         Op::VolumeResize { name, size } => Reply::Volume(store.resize_volume(&name, size)?),
         Op::VolumeDelete { name } => {
             if let Ok(vms) = vm_store(store) {
-                if let Some(vm) = vms.list()?.into_iter().find(|v| v.disks.contains(&name)) {
+                if let Some(vm) = vms.list()?.into_iter().find(|v| {
+                    v.disks.contains(&name) || cairn_vm::checkpoint::state_volume(&v.name) == name
+                }) {
                     return Err(OpError::new(
                         ErrorKind::State,
                         format!(
@@ -577,7 +579,23 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             new_name,
         } => Reply::Volume(store.clone_checkpoint(&volume, &checkpoint, &new_name)?),
         Op::Diff { a, b } => Reply::Extents(store.diff(&Target::parse(&a)?, &Target::parse(&b)?)?),
-        Op::Space { volume } => Reply::Space(store.space(volume.as_deref())?),
+        Op::Space { volume } => {
+            // A VM's space is that of its disks and of its saved memory states.
+            let vm = match (&volume, vm_store(store)) {
+                (Some(v), Ok(vms)) if vms.exists(v) => Some(vms.get(v)?),
+                _ => None,
+            };
+            match vm {
+                Some(spec) => {
+                    let mut r = store.space(None)?;
+                    let state = cairn_vm::checkpoint::state_volume(&spec.name);
+                    r.volumes
+                        .retain(|v| spec.disks.contains(&v.name) || v.name == state);
+                    Reply::Space(r)
+                }
+                None => Reply::Space(store.space(volume.as_deref())?),
+            }
+        }
         Op::Fsck => Reply::Fsck(store.fsck()?),
         Op::Flush => {
             store.flush()?;
@@ -645,6 +663,11 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
         }
         Op::VmDelete { name } => {
             vm_store(store)?.delete(&name)?;
+            // The saved memory states belong to the VM alone; its disks are kept.
+            match store.delete_volume(&cairn_vm::checkpoint::state_volume(&name)) {
+                Ok(()) | Err(cairn_engine::Error::UnknownVolume(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
             Reply::Done
         }
         Op::VmStatus { name } => {

@@ -298,6 +298,7 @@ async fn take_running(
     if let Err(e) = resumed {
         warn!("vm {vm}: could not resume after checkpoint {name}: {e}");
     }
+    let mut snapshot_downtime = None;
     if let Some(started) = snapshot {
         let done = match started {
             Ok(_) => {
@@ -306,6 +307,7 @@ async fn take_running(
             Err(e) => Err(VmError::from(e)),
         };
         let downtime = done.as_ref().ok().and_then(|r| r["downtime"].as_u64());
+        snapshot_downtime = downtime;
         if let Err(e) = done {
             let _ = std::fs::remove_file(&state_file);
             return Err(undo(st, &cp, e.into()).await);
@@ -350,6 +352,11 @@ async fn take_running(
             cp.disks.len()
         );
     }
+    cp.timings = Some(ck::Timings {
+        paused_us: paused.as_micros() as u64,
+        snapshot_downtime_ms: snapshot_downtime,
+        total_us: t.elapsed().as_micros() as u64,
+    });
     let (cp, store) =
         tokio::task::spawn_blocking(move || ck::finish(&vms, cp).map(|cp| (cp, store)))
             .await

@@ -52,6 +52,20 @@ pub struct VmCheckpoint {
     /// checkpoints only).
     #[serde(default)]
     pub state_len: Option<u64>,
+    /// How long taking it took (running VMs), for `vm` benchmarks and diagnosis.
+    #[serde(default)]
+    pub timings: Option<Timings>,
+}
+
+/// Measured while taking a checkpoint of a running VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Microseconds the guest was paused by Cairn (QMP stop to cont, disks checkpointed).
+    pub paused_us: u64,
+    /// Downtime QEMU reported for the memory snapshot, in ms.
+    pub snapshot_downtime_ms: Option<u64>,
+    /// Microseconds from the request to the checkpoint being recorded.
+    pub total_us: u64,
 }
 
 impl VmStore {
@@ -206,6 +220,7 @@ pub fn begin(
         taken_running: running,
         pending: true,
         state_len: None,
+        timings: None,
     };
     vms.save_checkpoint(&cp)?;
     Ok(cp)

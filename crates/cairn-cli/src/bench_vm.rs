@@ -1,0 +1,157 @@
+//! `cairn bench --vm`: standard checkpoints of a running test guest (scripts/build-guest.sh),
+//! through a real `cairn serve` and QEMU: how long the guest is paused, how long the whole
+//! checkpoint takes, what the 1st and 2nd checkpoint cost in the store, and how long applying one
+//! takes until the guest runs again.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn cairn(store: &Path, args: &[&str]) -> Result<String> {
+    let exe = std::env::current_exe().context("finding the cairn binary")?;
+    let out = Command::new(exe)
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .context("running cairn")?;
+    if !out.status.success() {
+        bail!(
+            "cairn {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn json(store: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    Ok(serde_json::from_str(&cairn(store, &a)?)?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs the VM benchmark in `dir`; returns the Markdown report.
+pub fn run(dir: &Path, quick: bool) -> Result<String> {
+    let guest =
+        PathBuf::from(std::env::var("CAIRN_GUEST_DIR").unwrap_or_else(|_| "target/guest".into()));
+    let (kernel, initrd) = (guest.join("vmlinuz"), guest.join("initrd.img"));
+    if !kernel.exists() || !initrd.exists() {
+        bail!(
+            "the test guest is missing in {}; run ./scripts/build-guest.sh (or set CAIRN_GUEST_DIR)",
+            guest.display()
+        );
+    }
+    let (memory, count) = if quick { ("256M", 3) } else { ("1G", 7) };
+    let store = dir.join("store");
+    cairn(&store, &["init"])?;
+    cairn(&store, &["volume", "create", "d1", "--size", "1G"])?;
+    let (k, i) = (
+        std::fs::canonicalize(&kernel)?,
+        std::fs::canonicalize(&initrd)?,
+    );
+    cairn(
+        &store,
+        &[
+            "vm",
+            "create",
+            "g",
+            "--memory",
+            memory,
+            "--disk",
+            "d1",
+            "--kernel",
+            &k.display().to_string(),
+            "--initrd",
+            &i.display().to_string(),
+            "--append",
+            "console=ttyS0 rdinit=/init quiet",
+        ],
+    )?;
+    let exe = std::env::current_exe()?;
+    let mut daemon = Command::new(exe)
+        .arg("--store")
+        .arg(&store)
+        .arg("serve")
+        .env("CAIRN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running cairn serve")?;
+    let control = cairn_control::control_socket(&store);
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&control).is_err() {
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = daemon.kill();
+            bail!("cairn serve did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let result = (|| -> Result<String> {
+        let st = json(&store, &["vm", "start", "g"])?;
+        let accel = st["accel"].as_str().unwrap_or("?").to_string();
+        let console = store.join("vms/g/console.log");
+        let t = Instant::now();
+        while !std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("cairn-counter 00000002")
+        {
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("the guest did not boot within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let allocated =
+            || -> Result<u64> { Ok(json(&store, &["space"])?["allocated"].as_u64().unwrap_or(0)) };
+        let mut costs = Vec::new();
+        let (mut paused, mut downtime, mut total) = (Vec::new(), Vec::new(), Vec::new());
+        for n in 1..=count {
+            let before = allocated()?;
+            cairn(&store, &["checkpoint", "create", &format!("g@c{n}")])?;
+            costs.push(allocated()?.saturating_sub(before));
+            let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(
+                store.join(format!("vms/g/checkpoints/c{n}.json")),
+            )?)?;
+            let tm = &rec["timings"];
+            paused.push(tm["paused_us"].as_f64().unwrap_or(0.0) / 1000.0);
+            downtime.push(tm["snapshot_downtime_ms"].as_f64().unwrap_or(0.0));
+            total.push(tm["total_us"].as_f64().unwrap_or(0.0) / 1000.0);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let mut applies = Vec::new();
+        for n in 1..=count.min(3) {
+            let t = Instant::now();
+            cairn(&store, &["checkpoint", "apply", &format!("g@c{n}")])?;
+            applies.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        cairn(&store, &["vm", "kill", "g"])?;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        Ok(format!(
+            "VM: the test guest with {memory} of RAM and one 1 GiB disk, on {accel}; {count} standard checkpoints 1 s apart, then {} applies.\n\n\
+             | measure | result |\n|---|---|\n\
+             | guest paused by Cairn (QMP stop → disk checkpoints → snapshot start → cont), median | {:.1} ms (max {:.1}) |\n\
+             | snapshot downtime reported by QEMU, median | {:.0} ms |\n\
+             | whole checkpoint (snapshot written, re-laid with fixed page offsets, stored), median | {:.0} ms |\n\
+             | store growth for the 1st / 2nd checkpoint | {:.1} MiB / {:.1} MiB |\n\
+             | apply of a standard checkpoint to the running VM until the guest runs again, median | {:.0} ms |\n",
+            applies.len(),
+            median(paused.clone()),
+            paused.iter().copied().fold(0.0, f64::max),
+            median(downtime),
+            median(total),
+            mib(costs[0]),
+            mib(costs.get(1).copied().unwrap_or(0)),
+            median(applies),
+        ))
+    })();
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    let _ = daemon.wait();
+    result
+}
