@@ -400,3 +400,73 @@ fn standard_checkpoint_resumes_the_guest_where_it_was() {
     );
     fsck_clean(&e);
 }
+
+#[test]
+fn qemu_killed_mid_checkpoint_leaves_all_or_nothing() {
+    let e = env();
+    ok(&e, &["volume", "create", "d1", "--size", "64M"]);
+    ok(&e, &["volume", "create", "d2", "--size", "16M"]);
+    define(&e, "g1", &["d1", "d2"]);
+    let d = Daemon::start(&e);
+    ok(&e, &["vm", "start", "g1"]);
+    wait_console(&e, "g1", "cairn-counter 00000002", 90);
+    let pid = json(&e, &["vm", "status", "g1"])["pid"]
+        .as_u64()
+        .expect("pid");
+    // Start a standard checkpoint and kill QEMU while its memory snapshot is being written.
+    let store = e.store.clone();
+    let taker = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .arg("--store")
+            .arg(&store)
+            .args(["checkpoint", "create", "g1@k"])
+            .output()
+            .expect("run")
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let out = taker.join().expect("taker");
+    eprintln!(
+        "checkpoint during the kill: {}",
+        if out.status.success() {
+            "completed".to_string()
+        } else {
+            String::from_utf8_lossy(&out.stderr).trim().to_string()
+        }
+    );
+    let listed = json(&e, &["checkpoint", "list", "g1"])
+        .as_array()
+        .map(|a| a.iter().any(|c| c["name"] == "k"))
+        .unwrap_or(false);
+    let on_disk = |v: &str| {
+        json(&e, &["checkpoint", "list", v])
+            .as_array()
+            .map(|a| a.iter().any(|c| c["name"] == "k"))
+            .unwrap_or(false)
+    };
+    if out.status.success() {
+        // QEMU died after the snapshot was complete: the checkpoint is whole.
+        assert!(listed && on_disk("d1") && on_disk("d2"));
+    } else {
+        // Otherwise nothing of it remains, on any disk or in the records.
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!listed, "half-made checkpoint listed");
+        assert!(
+            !on_disk("d1") && !on_disk("d2"),
+            "disk checkpoints left behind"
+        );
+    }
+    // The death was noticed, the disks still hold what the guest wrote, the store is sound.
+    let t = Instant::now();
+    while json(&e, &["vm", "status", "g1"])["state"] != "stopped" {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(counter_in(&e, "d1") >= 1);
+    drop(d);
+    fsck_clean(&e);
+}
