@@ -190,6 +190,7 @@ fn missing_qemu_is_a_clear_error() {
         &[("CAIRN_QEMU", "/nonexistent/qemu-system-x86_64")],
     );
     fails(&e, &["vm", "start", "g"], "setup-qemu.sh");
+    assert!(_d.log().contains("VMs cannot run"), "{}", _d.log());
     assert_eq!(json(&e, &["vm", "status", "g"])["state"], "stopped");
 }
 

@@ -81,6 +81,18 @@ pub struct Listening {
 /// Runs the daemon until SIGTERM or SIGINT; `ready` is called once every socket accepts.
 pub fn run(config: DaemonConfig, ready: impl FnOnce(&Listening)) -> Result<(), DaemonError> {
     let store = Arc::new(Store::open(&config.store_dir, config.options.clone())?);
+    // VMs need QEMU; volumes and NBD do not, so a missing or old QEMU is a warning here and an
+    // error only when a VM is started.
+    match cairn_vm::find_qemu() {
+        Ok(q) => info!(
+            "QEMU {}.{}.{} at {}",
+            q.version.0,
+            q.version.1,
+            q.version.2,
+            q.program.display()
+        ),
+        Err(e) => warn!("VMs cannot run: {e}"),
+    }
     // A VM checkpoint half-made when the last owner died is undone before anyone sees it.
     match cairn_vm::VmStore::new(&config.store_dir).roll_back_pending(&store) {
         Ok(gone) if !gone.is_empty() => {
