@@ -61,7 +61,7 @@ const JOBS: &[(&str, &str, &str, u32)] = &[
 ];
 
 /// A server process that is stopped on drop.
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
     uri: String,
     what: String,
@@ -127,7 +127,7 @@ fn qemu_nbd(dir: &Path, image: &Path, format: &str, tag: &str) -> Result<ServerP
     })
 }
 
-fn cairn_serve(store: &Path, volume: &str) -> Result<ServerProcess> {
+pub(crate) fn cairn_serve(store: &Path, volume: &str) -> Result<ServerProcess> {
     let exe = std::env::current_exe().context("finding the cairn binary")?;
     let mut child = Command::new(exe)
         .arg("--store")

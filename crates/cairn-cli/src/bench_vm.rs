@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn cairn(store: &Path, args: &[&str]) -> Result<String> {
@@ -73,26 +73,9 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             "console=ttyS0 rdinit=/init quiet",
         ],
     )?;
-    let exe = std::env::current_exe()?;
-    let mut daemon = Command::new(exe)
-        .arg("--store")
-        .arg(&store)
-        .arg("serve")
-        .env("CAIRN_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("running cairn serve")?;
-    let control = cairn_control::control_socket(&store);
-    let t = Instant::now();
-    while std::os::unix::net::UnixStream::connect(&control).is_err() {
-        if t.elapsed() > Duration::from_secs(30) {
-            let _ = daemon.kill();
-            bail!("cairn serve did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let result = (|| -> Result<String> {
+    // Stopped (SIGTERM, then waited for) when dropped at the end.
+    let _daemon = crate::bench_nbd::cairn_serve(&store, "d1")?;
+    (|| -> Result<String> {
         let st = json(&store, &["vm", "start", "g"])?;
         let accel = st["accel"].as_str().unwrap_or("?").to_string();
         let console = store.join("vms/g/console.log");
@@ -148,10 +131,5 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             mib(costs.get(1).copied().unwrap_or(0)),
             median(applies),
         ))
-    })();
-    let _ = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status();
-    let _ = daemon.wait();
-    result
+    })()
 }

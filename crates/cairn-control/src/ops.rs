@@ -328,9 +328,10 @@ fn vm_store(store: &Store) -> Result<VmStore, OpError> {
 
 /// Checks that every disk is a volume that no other VM has attached.
 fn check_disks(store: &Store, vms: &VmStore, spec: &VmSpec) -> Result<(), OpError> {
+    let others = vms.list()?;
     for d in &spec.disks {
         store.volume_info(d)?;
-        for other in vms.list()? {
+        for other in &others {
             if other.name != spec.name && other.disks.contains(d) {
                 return Err(OpError::new(
                     ErrorKind::State,
@@ -343,13 +344,6 @@ fn check_disks(store: &Store, vms: &VmStore, spec: &VmSpec) -> Result<(), OpErro
         }
     }
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A VM checkpoint shown like a volume checkpoint: sizes are summed over its disks.
@@ -400,7 +394,15 @@ pub fn vm_checkpoint_stopped(
 ) -> Result<cairn_vm::checkpoint::VmCheckpoint, OpError> {
     use cairn_vm::checkpoint as ck;
     let spec = vms.get(vm)?;
-    let cp = ck::begin(vms, store, &spec, name, description, false, now_ms())?;
+    let cp = ck::begin(
+        vms,
+        store,
+        &spec,
+        name,
+        description,
+        false,
+        cairn_vm::now_ms(),
+    )?;
     if let Err(e) = ck::take_disks(store, &cp) {
         ck::abandon(vms, &cp);
         return Err(e.into());
@@ -504,7 +506,13 @@ fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Reply>, OpErro
             ..
         } => {
             let cp = vms.checkpoint(vm, checkpoint)?;
-            Reply::Vm(ck::clone_vm(&vms, store, &cp, new_name, now_ms())?)
+            Reply::Vm(ck::clone_vm(
+                &vms,
+                store,
+                &cp,
+                new_name,
+                cairn_vm::now_ms(),
+            )?)
         }
         _ => return Ok(None),
     }))
@@ -619,7 +627,7 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
                 mac: cairn_vm::spec::fresh_mac(),
                 uuid: cairn_vm::spec::fresh_uuid(),
                 accel: def.accel,
-                created_ms: now_ms(),
+                created_ms: cairn_vm::now_ms(),
                 parent: None,
             };
             spec.validate()?;

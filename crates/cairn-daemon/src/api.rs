@@ -88,21 +88,24 @@ async fn ops(State(st): State<ApiState>, body: Bytes) -> Response {
         .ok()
         .and_then(|v| v["op"].as_str().map(str::to_string))
         .unwrap_or_default();
-    let store = st.store.clone();
-    if let Some(r) = running_vm_checkpoint(&st, &op).await {
-        return match r {
-            Ok(reply) => {
-                info!("api: {name}");
-                (StatusCode::OK, Json(reply)).into_response()
-            }
-            Err(e) => {
-                info!("api: {name} failed: {e}");
-                failure(e)
-            }
-        };
+    match run(&st, op, &name).await {
+        Ok(reply) => {
+            info!("api: {name}");
+            (StatusCode::OK, Json(reply)).into_response()
+        }
+        Err(e) => {
+            info!("api: {name} failed: {e}");
+            failure(e)
+        }
     }
-    // Operations on running VMs, and the checks that need to know what runs, happen here; all
-    // else is the same `execute` the CLI runs without a daemon.
+}
+
+/// Runs one operation: those that need QEMU or know what runs here, all else through the same
+/// `execute` the CLI runs without a daemon.
+async fn run(st: &ApiState, op: Op, name: &str) -> Result<Reply, OpError> {
+    if let Some(r) = running_vm_checkpoint(st, &op).await {
+        return r;
+    }
     let rt = &st.runtime;
     let vm_reply = match &op {
         Op::VmStart { name } => Some(rt.start(name).await.map(Reply::VmStatus)),
@@ -131,31 +134,17 @@ async fn ops(State(st): State<ApiState>, body: Bytes) -> Response {
         _ => None,
     };
     if let Some(r) = vm_reply {
-        return match r {
-            Ok(reply) => {
-                info!("api: {name}");
-                (StatusCode::OK, Json(reply)).into_response()
-            }
-            Err(e) => {
-                info!("api: {name} failed: {e}");
-                failure(e.into())
-            }
-        };
+        return r.map_err(OpError::from);
     }
-    match tokio::task::spawn_blocking(move || execute(&store, op, &mut |_| {})).await {
-        Ok(Ok(reply)) => {
-            info!("api: {name}");
-            (StatusCode::OK, Json(reply)).into_response()
-        }
-        Ok(Err(e)) => {
-            info!("api: {name} failed: {e}");
-            failure(e)
-        }
-        Err(e) => failure(OpError::new(
-            ErrorKind::Daemon,
-            format!("operation {name} crashed in the daemon: {e}"),
-        )),
-    }
+    let store = st.store.clone();
+    tokio::task::spawn_blocking(move || execute(&store, op, &mut |_| {}))
+        .await
+        .map_err(|e| {
+            OpError::new(
+                ErrorKind::Daemon,
+                format!("operation {name} crashed in the daemon: {e}"),
+            )
+        })?
 }
 
 async fn daemon_status(State(st): State<ApiState>) -> Json<DaemonStatus> {
@@ -167,13 +156,6 @@ fn join_err(e: tokio::task::JoinError) -> OpError {
         ErrorKind::Daemon,
         format!("operation crashed in the daemon: {e}"),
     )
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Checkpoint operations that need QEMU: taking one of a running VM, applying one to a running
@@ -250,7 +232,7 @@ async fn take_running(
                 &name,
                 description.as_deref(),
                 true,
-                now_ms(),
+                cairn_vm::now_ms(),
             )
         })
         .await

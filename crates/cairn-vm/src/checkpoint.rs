@@ -115,21 +115,11 @@ impl VmStore {
 
     /// Writes a record atomically.
     pub fn save_checkpoint(&self, cp: &VmCheckpoint) -> Result<(), VmError> {
-        let p = self.checkpoint_path(&cp.vm, &cp.name);
-        let dir = p.parent().map(|d| d.to_path_buf()).unwrap_or_default();
-        std::fs::create_dir_all(&dir).map_err(|e| VmError::io("creating", &dir, e))?;
-        let text = serde_json::to_vec_pretty(cp)
-            .map_err(|e| VmError::Invalid(format!("cannot encode checkpoint: {e}")))?;
-        let tmp = p.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &p)?;
-            std::fs::File::open(&dir)?.sync_all()
-        };
-        write().map_err(|e| VmError::io("saving checkpoint record", &p, e))
+        crate::spec::write_json_atomic(
+            &self.checkpoint_path(&cp.vm, &cp.name),
+            cp,
+            "saving checkpoint record",
+        )
     }
 
     /// Removes a record.

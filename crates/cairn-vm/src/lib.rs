@@ -9,7 +9,7 @@ pub mod qmp;
 pub mod runtime;
 pub mod spec;
 
-pub use runtime::{find_qemu, Runtime, VmStatus};
+pub use runtime::{find_qemu, now_ms, Runtime, VmStatus};
 pub use spec::{VmSpec, VmStore};
 
 /// Why a VM operation failed.

@@ -143,7 +143,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -355,27 +356,13 @@ impl Runtime {
             .spawn()
             .map_err(|e| VmError::Qemu(format!("cannot start {}: {e}", qemu.program.display())))?;
         let pid = child.id().unwrap_or(0);
-        // QEMU creates the QMP socket while starting; connect as soon as it is there.
-        let t = Instant::now();
-        let qmp = loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Err(VmError::Qemu(format!(
-                    "QEMU for VM '{name}' exited at start ({st}): {}",
-                    tail(&log_path)
-                )));
-            }
-            if let Ok(q) = Qmp::connect(&qmp_path).await {
-                break q;
-            }
-            if t.elapsed() > Duration::from_secs(30) {
-                let _ = child.start_kill();
-                return Err(VmError::Qemu(format!(
-                    "QEMU for VM '{name}' did not open its QMP socket within 30 s: {}",
-                    tail(&log_path)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let qmp = connect_qmp(
+            &mut child,
+            &qmp_path,
+            &format!("QEMU for VM '{name}'"),
+            Some(&log_path),
+        )
+        .await?;
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let (exit_tx, exit_rx) = watch::channel(false);
         let run = Arc::new(Running {
@@ -546,21 +533,7 @@ impl Runtime {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| VmError::Qemu(format!("cannot start the helper QEMU: {e}")))?;
-        let t = Instant::now();
-        let qmp = loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Err(VmError::Qemu(format!(
-                    "the helper QEMU exited at start ({st})"
-                )));
-            }
-            if let Ok(q) = Qmp::connect(&qmp_path).await {
-                break q;
-            }
-            if t.elapsed() > Duration::from_secs(30) {
-                return Err(VmError::Qemu("the helper QEMU did not open QMP".into()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let qmp = connect_qmp(&mut child, &qmp_path, "the helper QEMU", None).await?;
         let r: Result<(), VmError> = async {
             qmp.execute(
                 "migrate-incoming",
@@ -586,6 +559,37 @@ impl Runtime {
         let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
         let _ = std::fs::remove_dir_all(&dir);
         r
+    }
+}
+
+/// Connects to a QEMU's QMP socket as soon as QEMU has created it (it does so while starting),
+/// failing if QEMU exits first or takes more than 30 s; `log` is quoted in the error.
+async fn connect_qmp(
+    child: &mut tokio::process::Child,
+    path: &Path,
+    what: &str,
+    log: Option<&Path>,
+) -> Result<Arc<Qmp>, VmError> {
+    let detail = || log.map(|l| format!(": {}", tail(l))).unwrap_or_default();
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(VmError::Qemu(format!(
+                "{what} exited at start ({st}){}",
+                detail()
+            )));
+        }
+        if let Ok(q) = Qmp::connect(path).await {
+            return Ok(q);
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.start_kill();
+            return Err(VmError::Qemu(format!(
+                "{what} did not open its QMP socket within 30 s{}",
+                detail()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -114,6 +114,29 @@ impl VmSpec {
     }
 }
 
+/// Writes `value` as JSON to `path` so that a crash leaves the old file or the new one: a
+/// temporary file is written and synced, renamed over `path`, and the directory synced.
+pub(crate) fn write_json_atomic<T: Serialize>(
+    path: &Path,
+    value: &T,
+    op: &'static str,
+) -> Result<(), VmError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| VmError::io(op, dir, e))?;
+    let text = serde_json::to_vec_pretty(value)
+        .map_err(|e| VmError::Invalid(format!("cannot encode {}: {e}", path.display())))?;
+    let tmp = path.with_extension("json.tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| VmError::io(op, path, e))
+}
+
 /// The VM definitions of one store.
 #[derive(Debug, Clone)]
 pub struct VmStore {
@@ -184,21 +207,7 @@ impl VmStore {
     /// Writes a definition atomically (new or replacing).
     pub fn save(&self, spec: &VmSpec) -> Result<(), VmError> {
         spec.validate()?;
-        let dir = self.vm_dir(&spec.name);
-        std::fs::create_dir_all(&dir).map_err(|e| VmError::io("creating VM directory", &dir, e))?;
-        let p = self.spec_path(&spec.name);
-        let tmp = dir.join("vm.json.tmp");
-        let text = serde_json::to_vec_pretty(spec)
-            .map_err(|e| VmError::Invalid(format!("cannot encode VM '{}': {e}", spec.name)))?;
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &p)?;
-            std::fs::File::open(&dir)?.sync_all()
-        };
-        write().map_err(|e| VmError::io("saving VM definition", &p, e))
+        write_json_atomic(&self.spec_path(&spec.name), spec, "saving VM definition")
     }
 
     /// Removes a definition and its runtime files.
