@@ -493,6 +493,20 @@ fn bad_input_gets_the_spec_error_and_disturbs_nobody() {
     let mut r = Raw::hello(&d);
     r.option(OPT_EXPORT_NAME, b"nosuch");
     assert!(r.closed());
+    // A zero-length READ with structured replies gets one (empty) data chunk, not a hang.
+    let mut r = Raw::hello(&d);
+    r.option(OPT_STRUCTURED_REPLY, b"");
+    assert_eq!(r.reply().0, REP_ACK);
+    assert_eq!(r.go("v"), REP_ACK);
+    r.request(CMD_READ, 0, 0, 0, &[]);
+    let mut h = [0u8; 28];
+    r.s.read_exact(&mut h).expect("structured reply");
+    assert_eq!(h[..4], STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    assert_eq!(u16::from_be_bytes([h[6], h[7]]), REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(
+        u16::from_be_bytes([h[4], h[5]]) & REPLY_FLAG_DONE,
+        REPLY_FLAG_DONE
+    );
     // ABORT is acknowledged.
     let mut r = Raw::hello(&d);
     r.option(OPT_ABORT, b"");

@@ -975,7 +975,8 @@ impl Session {
             .store
             .read_sparse(t, req.offset, &mut out[hs..])
             .map_err(fail)?;
-        let one_chunk = req.flags & CMD_FLAG_DF != 0 || runs.len() <= 1 && !runs[0].1;
+        let one_chunk =
+            req.flags & CMD_FLAG_DF != 0 || runs.len() <= 1 && runs.first().is_none_or(|r| !r.1);
         if len == 0 || one_chunk {
             let mut hdr = Vec::with_capacity(hs);
             chunk_header(
