@@ -211,6 +211,70 @@ fn measure(disk: &dyn Disk, plan: &Plan, seed: u64) -> Result<Throughput> {
     })
 }
 
+const STALL_CHECKPOINTS: usize = 11;
+
+/// How long guest I/O can stall while checkpoints are taken.
+struct Stall {
+    read: f64,
+    write: f64,
+    commit: f64,
+}
+
+/// Takes checkpoints of the head while one thread reads and another writes random 4 KiB blocks
+/// of it, and returns the longest single read and write seen (seconds). A checkpoint holds back
+/// the volume's writes only for its O(1) in-memory part; its commit runs beside the I/O.
+fn stall_during_checkpoints(store: &Store, blocks: u64) -> Result<Stall> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    let head = Target::head("bench");
+    let worst = |write: bool| -> Result<f64> {
+        let mut rng = StdRng::seed_from_u64(if write { 7 } else { 8 });
+        let mut buf = vec![0u8; BLOCK as usize];
+        let mut longest = 0f64;
+        while !stop.load(Ordering::SeqCst) {
+            let b = rng.random_range(0..blocks);
+            let t = Instant::now();
+            if write {
+                buf[0] = buf[0].wrapping_add(1);
+                store.write("bench", b * BLOCK, &buf)?;
+            } else {
+                store.read(&head, b * BLOCK, &mut buf)?;
+            }
+            longest = longest.max(t.elapsed().as_secs_f64());
+        }
+        Ok(longest)
+    };
+    let mut commits = Vec::new();
+    let (read, write) = std::thread::scope(|s| -> Result<(f64, f64)> {
+        let r = s.spawn(|| worst(false));
+        let w = s.spawn(|| worst(true));
+        let mut taken = Ok(());
+        for i in 0..STALL_CHECKPOINTS {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let before = store.stats();
+            if let Err(e) = store.create_checkpoint("bench", &format!("stall{i}"), None) {
+                taken = Err(e);
+                break;
+            }
+            commits.push((store.stats().commit_nanos - before.commit_nanos) as f64 / 1e9);
+        }
+        stop.store(true, Ordering::SeqCst);
+        let read = r
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+        let write = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+        taken?;
+        Ok((read, write))
+    })?;
+    Ok(Stall {
+        read,
+        write,
+        commit: median(&mut commits),
+    })
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -432,6 +496,14 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
             store.write("bench", b * BLOCK, &buf)?;
         }
     }
+    let stall = stall_during_checkpoints(&store, blocks)?;
+    eprintln!(
+        "bench: longest read / write during checkpoints {:.2} / {:.2} ms, commit median {:.1} ms ({:.0?})",
+        stall.read * 1e3,
+        stall.write * 1e3,
+        stall.commit * 1e3,
+        started.elapsed()
+    );
     // A checkpoint holding exactly 1% unique data: write 1%, checkpoint, overwrite the same blocks.
     let n = (blocks as f64 * 0.01).round() as u64;
     let picks: Vec<u64> = (0..n).map(|_| rng.random_range(0..blocks)).collect();
@@ -547,6 +619,12 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
             s * 1e3
         ));
     }
+    report.push_str(&format!(
+        "| longest 4 KiB read / write on the head while {STALL_CHECKPOINTS} checkpoints of it were taken (their commits took {:.1} ms, median) | {:.2} ms / {:.2} ms |\n",
+        stall.commit * 1e3,
+        stall.read * 1e3,
+        stall.write * 1e3
+    ));
     report.push_str(&format!(
         "| delete a checkpoint holding {} unique ({} blocks overwritten after it) | {:.1} ms |\n",
         cairn_units(unique),

@@ -403,7 +403,7 @@ pub fn vm_checkpoint_stopped(
         false,
         cairn_vm::now_ms(),
     )?;
-    if let Err(e) = ck::take_disks(store, &cp) {
+    if let Err(e) = ck::take_disks(store, &cp).and_then(|_| ck::persist_disks(store, &cp)) {
         ck::abandon(vms, &cp);
         return Err(e.into());
     }

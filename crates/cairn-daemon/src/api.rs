@@ -273,12 +273,27 @@ async fn take_running(
     // Resume whatever happened: a failed checkpoint must not leave the guest paused.
     let resumed = qmp.execute("cont", serde_json::json!({})).await;
     let paused = t.elapsed();
-    if let Err(e) = taken {
-        ck::abandon(&vms, &cp);
-        return Err(e);
-    }
     if let Err(e) = resumed {
         warn!("vm {vm}: could not resume after checkpoint {name}: {e}");
+    }
+    // The disk checkpoints are durable from here: one commit, with the guest running again.
+    let taken = match taken {
+        Ok(()) => {
+            let (store, cp) = (store.clone(), cp.clone());
+            tokio::task::spawn_blocking(move || ck::persist_disks(&store, &cp))
+                .await
+                .map_err(join_err)
+                .and_then(|r| r.map_err(OpError::from))
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = taken {
+        if snapshot.as_ref().is_some_and(|s| s.is_ok()) {
+            let _ = qmp.execute("migrate_cancel", serde_json::json!({})).await;
+            let _ = std::fs::remove_file(&state_file);
+        }
+        ck::abandon(&vms, &cp);
+        return Err(e);
     }
     let mut snapshot_downtime = None;
     if let Some(started) = snapshot {

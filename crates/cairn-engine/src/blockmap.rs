@@ -139,7 +139,7 @@ impl Meta {
                 } else {
                     entry(self.cache.get(&*self.dev, p, PageKind::Tree)?, v % FANOUT)
                 };
-                if x != 0 && !shared && self.rc(x)? == 1 && !self.decremented.contains(&x) {
+                if x != 0 && !shared && self.rc(x)? == 1 && !self.dropped_since_durable(x) {
                     out.push((x, Fill::InPlace));
                 } else {
                     let y = self.reserve()?;

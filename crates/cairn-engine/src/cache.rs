@@ -7,10 +7,15 @@ use crate::error::{Error, Result};
 use crate::format::{verify, Page, PageKind, BLOCK_SIZE};
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 struct Cached {
-    page: Box<Page>,
+    /// Shared with a commit in flight that sealed it; modified pages are copied first.
+    page: Arc<Page>,
     dirty: bool,
+    /// The cache epoch of the page's last modification; a commit that sealed epoch `e` may mark
+    /// clean only pages not modified since (see [`PageCache::seal_dirty`]).
+    epoch: u64,
 }
 
 /// Metadata pages by block number.
@@ -20,6 +25,7 @@ pub struct PageCache {
     order: VecDeque<u64>,
     capacity: usize,
     dirty: usize,
+    epoch: u64,
     path: String,
 }
 
@@ -31,6 +37,7 @@ impl PageCache {
             order: VecDeque::new(),
             capacity: capacity.max(16),
             dirty: 0,
+            epoch: 0,
             path: path.into(),
         }
     }
@@ -44,7 +51,14 @@ impl PageCache {
             .map_err(Error::io("metadata read", &self.path))?;
         verify(&page, b, kind)?;
         self.evict();
-        self.map.insert(b, Cached { page, dirty: false });
+        self.map.insert(
+            b,
+            Cached {
+                page: Arc::from(page),
+                dirty: false,
+                epoch: 0,
+            },
+        );
         self.order.push_back(b);
         Ok(())
     }
@@ -83,13 +97,19 @@ impl PageCache {
             c.dirty = true;
             self.dirty += 1;
         }
-        Ok(&mut c.page)
+        c.epoch = self.epoch;
+        Ok(Arc::make_mut(&mut c.page))
     }
 
     /// Installs a freshly built page for block `b`, dirty.
     pub fn insert(&mut self, b: u64, page: Box<Page>) {
         self.evict();
-        match self.map.insert(b, Cached { page, dirty: true }) {
+        let c = Cached {
+            page: Arc::from(page),
+            dirty: true,
+            epoch: self.epoch,
+        };
+        match self.map.insert(b, c) {
             Some(old) if old.dirty => {}
             _ => self.dirty += 1,
         }
@@ -116,10 +136,38 @@ impl PageCache {
             .map
             .iter_mut()
             .filter(|(_, c)| c.dirty)
-            .map(|(b, c)| (*b, &mut *c.page))
+            .map(|(b, c)| (*b, Arc::make_mut(&mut c.page)))
             .collect();
         v.sort_by_key(|(b, _)| *b);
         v
+    }
+
+    /// The dirty pages in block order, shared (not copied: a page modified before the commit is
+    /// done gets copied then), for a commit that writes them while the cache goes on being used.
+    /// Returns the epoch they belong to: [`PageCache::mark_clean_upto`] with it, once they are
+    /// durable, cleans exactly the pages not modified again in between. The pages stay dirty (so
+    /// never evicted and re-read from a disk that lacks them) until then.
+    pub fn seal_dirty(&mut self) -> (u64, Vec<(u64, Arc<Page>)>) {
+        let mut v: Vec<(u64, Arc<Page>)> = self
+            .map
+            .iter()
+            .filter(|(_, c)| c.dirty)
+            .map(|(b, c)| (*b, c.page.clone()))
+            .collect();
+        v.sort_unstable_by_key(|(b, _)| *b);
+        let sealed = self.epoch;
+        self.epoch += 1;
+        (sealed, v)
+    }
+
+    /// Marks clean the dirty pages last modified at or before epoch `sealed`.
+    pub fn mark_clean_upto(&mut self, sealed: u64) {
+        for c in self.map.values_mut() {
+            if c.dirty && c.epoch <= sealed {
+                c.dirty = false;
+                self.dirty -= 1;
+            }
+        }
     }
 
     /// Marks every page clean after a commit.

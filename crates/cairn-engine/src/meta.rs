@@ -36,6 +36,9 @@ pub struct Meta {
     /// Blocks whose count dropped since the last commit: the durable state may still share them,
     /// so their data must not be overwritten in place.
     pub decremented: FxHashSet<u64>,
+    /// `decremented` as it stood when a commit still in flight sealed its transaction: not
+    /// durable yet, so those blocks are not safe to overwrite either.
+    pub decremented_sealed: FxHashSet<u64>,
     /// Data was written since the last commit.
     pub data_written: bool,
     /// Bytes of the data file known to have host storage behind them.
@@ -56,6 +59,12 @@ pub fn child_level(level: u32) -> Level {
 }
 
 impl Meta {
+    /// Whether `b`'s count dropped since the last durable commit (so the durable state may still
+    /// share it and its data must not be overwritten in place).
+    pub fn dropped_since_durable(&self, b: u64) -> bool {
+        self.decremented.contains(&b) || self.decremented_sealed.contains(&b)
+    }
+
     fn check_block(&self, b: u64) -> Result<()> {
         if b < 2 || is_refcount_block(b) || b >= self.sb.high_water {
             return Err(Error::corrupt(
@@ -213,6 +222,17 @@ impl Meta {
         self.sb.high_water = b + 1;
         self.sb.alloc_cursor = b + 1;
         Ok(b)
+    }
+
+    /// The next stretch of the data file to preallocate, once less than half a preallocation
+    /// step is left past the high water mark: `(from, to)` in bytes. Growing ahead, outside the
+    /// state lock, keeps `fallocate` (which waits behind a running `fdatasync` on ext4) off the
+    /// write path; `find_free` still grows by itself if a burst outruns this.
+    pub fn growth_due(&self) -> Option<(u64, u64)> {
+        let bs = BLOCK_SIZE as u64;
+        let want = (self.sb.high_water + METADATA_HEADROOM + 2) * bs + self.prealloc / 2;
+        (want > self.allocated_end)
+            .then(|| (self.allocated_end, self.allocated_end + self.prealloc))
     }
 
     /// Allocates a block with reference count 1.

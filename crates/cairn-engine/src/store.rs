@@ -237,7 +237,10 @@ pub struct SpaceReport {
 
 struct State {
     meta: Meta,
-    journal: Journal,
+    /// Locked by commits only: the state lock to append a whole transaction in place, or from a
+    /// seal to the end of a concurrent commit (see [`Store::commit_concurrent`]), which keeps
+    /// transactions in the order their pages were sealed.
+    journal: Arc<Mutex<Journal>>,
     opts: Options,
     volumes: BTreeMap<u64, VolumeRecord>,
     checkpoints: BTreeMap<u64, CheckpointRecord>,
@@ -265,6 +268,11 @@ pub struct Stats {
 /// An open store. Methods take `&self` and may be called from many threads.
 pub struct Store {
     state: Mutex<State>,
+    /// Serializes concurrent commits, so a second flush waits here rather than on the journal
+    /// while holding the state lock.
+    commit_lock: Mutex<()>,
+    /// Held while the data file is grown ahead of need (see [`Store::grow_ahead`]).
+    grow_lock: Mutex<()>,
     poisoned: Arc<AtomicBool>,
     gate: RwLock<()>,
     volume_gates: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
@@ -436,11 +444,12 @@ impl Store {
             ready: Vec::new(),
             reserved: Default::default(),
             decremented: Default::default(),
+            decremented_sealed: Default::default(),
             data_written: false,
         };
         let mut st = State {
             meta,
-            journal,
+            journal: Arc::new(Mutex::new(journal)),
             opts,
             volumes: BTreeMap::new(),
             checkpoints: BTreeMap::new(),
@@ -455,6 +464,8 @@ impl Store {
         Ok(Store {
             poisoned: st.poisoned.clone(),
             state: Mutex::new(st),
+            commit_lock: Mutex::new(()),
+            grow_lock: Mutex::new(()),
             gate: RwLock::new(()),
             volume_gates: Mutex::new(HashMap::new()),
             data,
@@ -515,9 +526,53 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         self.heal()?;
         let _g = self.shared();
-        self.state().commit(false)?;
+        self.commit_concurrent()?;
         drop(_g);
         self.try_release_space();
+        Ok(())
+    }
+
+    /// Commits without holding the state lock across the syncs, so reads and writes on every
+    /// volume go on during the tens of milliseconds a commit's `fdatasync`s take. The transaction
+    /// is sealed under the lock (records, superblock, copies of the dirty pages), then synced,
+    /// journaled and written in place outside it. Callers hold the store gate shared, so no reload
+    /// or release of freed blocks runs meanwhile. Falls back to a commit under the lock when the
+    /// journal is due for a reset.
+    fn commit_concurrent(&self) -> Result<()> {
+        let _c = lock(&self.commit_lock);
+        let t = std::time::Instant::now();
+        let mut st = self.state();
+        if st.journal_due() {
+            return st.commit(false);
+        }
+        let journal = st.journal.clone();
+        let mut journal = lock(&journal);
+        let sealed = st.seal()?;
+        let Some((epoch, pages)) = sealed else {
+            return Ok(());
+        };
+        let dev = st.meta.dev.clone();
+        let path = st.meta.path.clone();
+        drop(st);
+        // Checksums are computed here, on copies, outside the state lock.
+        let sealed: Vec<(u64, Box<Page>)> = pages
+            .iter()
+            .map(|(b, p)| {
+                let mut c = Box::new(**p);
+                crate::format::seal(&mut c);
+                (*b, c)
+            })
+            .collect();
+        drop(pages);
+        let r = write_transaction(&*dev, &path, &mut journal, &sealed);
+        drop(journal);
+        let mut st = self.state();
+        st.stats.commits += 1;
+        st.stats.commit_nanos += t.elapsed().as_nanos() as u64;
+        st.stats.pages_committed += sealed.len() as u64;
+        st.poison_on(r)?;
+        st.meta.cache.mark_clean_upto(epoch);
+        st.meta.decremented_sealed.clear();
         Ok(())
     }
 
@@ -681,7 +736,25 @@ impl Store {
             return io;
         }
         let r = st.link_write(vid, first, &plan);
-        st.poison_on(r)
+        st.poison_on(r)?;
+        drop(st);
+        self.grow_ahead();
+        Ok(())
+    }
+
+    /// Preallocates the next stretch of the data file when it is due, without the state lock.
+    /// Best effort: on failure (a full disk) the allocator's own growth reports `NoSpace`.
+    fn grow_ahead(&self) {
+        let Ok(_g) = self.grow_lock.try_lock() else {
+            return;
+        };
+        let Some((from, to)) = self.state().meta.growth_due() else {
+            return;
+        };
+        if self.data.allocate(from, to - from).is_ok() {
+            let mut st = self.state();
+            st.meta.allocated_end = st.meta.allocated_end.max(to);
+        }
     }
 
     fn write_planned(
@@ -880,6 +953,24 @@ impl Store {
         name: &str,
         description: Option<&str>,
     ) -> Result<CheckpointInfo> {
+        let info = self.create_checkpoint_unflushed(volume, name, description)?;
+        // Writes after the checkpoint go to the head, never to it, so the commit that makes it
+        // durable runs with the volume open again.
+        let _g = self.shared();
+        self.commit_concurrent()?;
+        Ok(info)
+    }
+
+    /// [`Store::create_checkpoint`] without waiting for durability: O(1), and made durable by the
+    /// next flush (a crash before then loses it, as it loses unflushed writes). For a caller that
+    /// holds I/O back meanwhile, such as a paused VM checkpointing several disks at one instant:
+    /// it resumes the guest first and flushes after.
+    pub fn create_checkpoint_unflushed(
+        &self,
+        volume: &str,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<CheckpointInfo> {
         validate_name(name)?;
         if description.is_some_and(|d| d.len() > MAX_DESCRIPTION) {
             return Err(Error::Invalid(format!(
@@ -888,13 +979,13 @@ impl Store {
         }
         let (_, vg) = self.volume_gate(volume)?;
         let _g = self.shared();
-        // Waits for the writes in flight on this volume only.
+        // Waits for the writes in flight on this volume only, and holds later ones back just for
+        // the in-memory part.
         let _v = write_lock(&vg);
         let mut st = self.state();
         let vid = st.check_new_checkpoint(volume, name)?;
         let r = st.checkpoint_in_memory(vid, name, description);
         let id = st.poison_on(r)?;
-        st.commit(false)?;
         st.checkpoint_info(id)
     }
 
@@ -1615,7 +1706,8 @@ impl State {
             .trim_end_matches(DATA_FILE)
             .trim_end_matches('/')
             .to_string();
-        self.journal = recover(&*self.meta.dev, self.journal.device(), &base)?;
+        let journal_dev = lock(&self.journal).device();
+        *lock(&self.journal) = recover(&*self.meta.dev, journal_dev, &base)?;
         let mut page = Box::new([0u8; BLOCK_SIZE]);
         self.meta
             .dev
@@ -1627,6 +1719,7 @@ impl State {
         self.meta.ready.clear();
         self.meta.reserved.clear();
         self.meta.decremented.clear();
+        self.meta.decremented_sealed.clear();
         self.meta.data_written = false;
         self.meta.allocated_end = self.meta.dev.len().map_err(Error::io("stat", &dpath))?;
         self.volumes.clear();
@@ -1640,6 +1733,40 @@ impl State {
         Ok(())
     }
 
+    /// Whether the next commit must also reset the journal (too long, or too many blocks waiting
+    /// for a reset to become reusable).
+    fn journal_due(&self) -> bool {
+        lock(&self.journal).used() > self.opts.journal_limit
+            || self.meta.quarantine.len() as u64 * BS > self.opts.journal_limit
+    }
+
+    /// The first half of a concurrent commit: writes records and the superblock into their pages
+    /// and takes a shared reference to every dirty page. `None` when there is nothing to commit.
+    fn seal(&mut self) -> Result<Option<Sealed>> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(Error::Invalid(
+                "an earlier operation failed midway; its unsaved changes are being discarded, retry".into(),
+            ));
+        }
+        let nothing = self.meta.cache.dirty_count() == 0
+            && self.dirty_records.is_empty()
+            && self.deleted_records.is_empty()
+            && !self.meta.data_written;
+        if nothing {
+            return Ok(None);
+        }
+        let r = self.store_records();
+        self.poison_on(r)?;
+        self.meta.sb.generation += 1;
+        let sb_page = self.meta.sb.encode();
+        self.meta.cache.insert(SUPERBLOCK, sb_page);
+        let (epoch, pages) = self.meta.cache.seal_dirty();
+        let dropped = std::mem::take(&mut self.meta.decremented);
+        self.meta.decremented_sealed.extend(dropped);
+        self.meta.data_written = false;
+        Ok(Some((epoch, pages)))
+    }
+
     fn commit_inner(&mut self, release_space: bool) -> Result<()> {
         let nothing = self.meta.cache.dirty_count() == 0
             && self.dirty_records.is_empty()
@@ -1649,7 +1776,9 @@ impl State {
             return Ok(());
         }
         let dpath = self.meta.path.clone();
-        self.meta.dev.sync().map_err(Error::io("sync", &dpath))?;
+        // Waits for a concurrent commit in flight, whose transaction must come first.
+        let journal = self.journal.clone();
+        let mut journal = lock(&journal);
         self.store_records()?;
         self.meta.sb.generation += 1;
         let sb_page = self.meta.sb.encode();
@@ -1659,37 +1788,53 @@ impl State {
             crate::format::seal(p);
         }
         let list: Vec<(u64, &Page)> = pages.iter().map(|(b, p)| (*b, &**p)).collect();
-        self.journal.append(&list)?;
+        write_transaction(&*self.meta.dev, &dpath, &mut journal, &list)?;
         self.stats.pages_committed += list.len() as u64;
-        // In place; coalesced into runs of adjacent blocks.
-        let mut i = 0;
-        while i < list.len() {
-            let mut j = i + 1;
-            while j < list.len() && list[j].0 == list[j - 1].0 + 1 {
-                j += 1;
-            }
-            let mut buf = Vec::with_capacity((j - i) * BLOCK_SIZE);
-            for (_, p) in &list[i..j] {
-                buf.extend_from_slice(&p[..]);
-            }
-            self.meta
-                .dev
-                .write_at(&buf, list[i].0 * BS)
-                .map_err(Error::io("metadata write", &dpath))?;
-            i = j;
-        }
         drop(pages);
         self.meta.cache.mark_clean();
         self.meta.decremented.clear();
+        self.meta.decremented_sealed.clear();
         self.meta.data_written = false;
         if release_space
-            || self.journal.used() > self.opts.journal_limit
+            || journal.used() > self.opts.journal_limit
             || self.meta.quarantine.len() as u64 * BS > self.opts.journal_limit
         {
             self.meta.dev.sync().map_err(Error::io("sync", &dpath))?;
-            self.journal.reset()?;
+            journal.reset()?;
             self.meta.journal_was_reset();
         }
         Ok(())
     }
+}
+
+/// A transaction sealed by a concurrent commit: the page cache epoch it covers and its pages.
+type Sealed = (u64, Vec<(u64, Arc<Page>)>);
+
+/// Makes one transaction durable: the data file is synced first (every data block the pages point
+/// to is on disk), then the page images are journaled and synced (the commit point), then written
+/// in place, coalesced into runs of adjacent blocks (no sync: the journal covers them).
+fn write_transaction<P: std::ops::Deref<Target = Page>>(
+    dev: &dyn Device,
+    path: &str,
+    journal: &mut Journal,
+    pages: &[(u64, P)],
+) -> Result<()> {
+    dev.sync().map_err(Error::io("sync", path))?;
+    let list: Vec<(u64, &Page)> = pages.iter().map(|(b, p)| (*b, &**p)).collect();
+    journal.append(&list)?;
+    let mut i = 0;
+    while i < list.len() {
+        let mut j = i + 1;
+        while j < list.len() && list[j].0 == list[j - 1].0 + 1 {
+            j += 1;
+        }
+        let mut buf = Vec::with_capacity((j - i) * BLOCK_SIZE);
+        for (_, p) in &list[i..j] {
+            buf.extend_from_slice(&p[..]);
+        }
+        dev.write_at(&buf, list[i].0 * BS)
+            .map_err(Error::io("metadata write", path))?;
+        i = j;
+    }
+    Ok(())
 }

@@ -216,15 +216,26 @@ pub fn begin(
     Ok(cp)
 }
 
-/// Checkpoints every disk (the caller has paused the guest if it runs); rolls back on failure.
+/// Checkpoints every disk in memory (the caller has paused the guest if it runs, and makes them
+/// durable with [`persist_disks`], after resuming it); rolls back on failure. Each takes
+/// microseconds, so the pause does not include the commit.
 pub fn take_disks(store: &Store, cp: &VmCheckpoint) -> Result<(), VmError> {
     for (i, d) in cp.disks.iter().enumerate() {
-        if let Err(e) = store.create_checkpoint(d, &cp.name, cp.description.as_deref()) {
+        if let Err(e) = store.create_checkpoint_unflushed(d, &cp.name, cp.description.as_deref()) {
             let _ = drop_disk_checkpoints(store, &cp.disks[..i], &cp.name);
             return Err(engine(e));
         }
     }
     Ok(())
+}
+
+/// Makes the disk checkpoints [`take_disks`] took durable, all in one commit; on failure nothing
+/// of them remains (the engine falls back to its last durable state).
+pub fn persist_disks(store: &Store, cp: &VmCheckpoint) -> Result<(), VmError> {
+    store.flush().map_err(|e| {
+        let _ = drop_disk_checkpoints(store, &cp.disks, &cp.name);
+        engine(e)
+    })
 }
 
 /// Marks the record complete and makes it the VM's parent checkpoint.
