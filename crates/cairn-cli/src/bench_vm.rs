@@ -70,7 +70,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             "--initrd",
             &i.display().to_string(),
             "--append",
-            "console=ttyS0 rdinit=/init quiet",
+            "console=ttyS0 rdinit=/init quiet cairn.heartbeat",
         ],
     )?;
     // Stopped (SIGTERM, then waited for) when dropped at the end.
@@ -89,13 +89,17 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let beats = Heartbeat::watch(console.clone());
         let allocated =
             || -> Result<u64> { Ok(json(&store, &["space"])?["allocated"].as_u64().unwrap_or(0)) };
         let mut costs = Vec::new();
+        let (mut gaps, mut quiet) = (Vec::new(), Vec::new());
         let (mut paused, mut downtime, mut total) = (Vec::new(), Vec::new(), Vec::new());
         for n in 1..=count {
             let before = allocated()?;
+            let t0 = Instant::now();
             cairn(&store, &["checkpoint", "create", &format!("g@c{n}")])?;
+            let t1 = Instant::now();
             costs.push(allocated()?.saturating_sub(before));
             let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(
                 store.join(format!("vms/g/checkpoints/c{n}.json")),
@@ -105,7 +109,12 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             downtime.push(tm["snapshot_downtime_ms"].as_f64().unwrap_or(0.0));
             total.push(tm["total_us"].as_f64().unwrap_or(0.0) / 1000.0);
             std::thread::sleep(Duration::from_secs(1));
+            gaps.push(beats.longest_gap(t0, t1)?);
+            // The same length of quiet time, as the reference for the guest's own jitter.
+            let q = Instant::now() - Duration::from_millis(900);
+            quiet.push(beats.longest_gap(q, q + (t1 - t0).min(Duration::from_millis(800)))?);
         }
+        drop(beats);
         let mut applies = Vec::new();
         for n in 1..=count.min(3) {
             let t = Instant::now();
@@ -119,6 +128,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
              | measure | result |\n|---|---|\n\
              | guest paused by Cairn (QMP stop → disk checkpoints → snapshot start → cont), median | {:.1} ms (max {:.1}) |\n\
              | snapshot downtime reported by QEMU, median | {:.0} ms |\n\
+             | seen from the guest: longest gap in its console heartbeat during the whole checkpoint, median (the same in quiet time) | {:.0} ms ({:.0} ms) |\n\
              | whole checkpoint (snapshot written, re-laid with fixed page offsets, stored), median | {:.0} ms |\n\
              | store growth for the 1st / 2nd checkpoint | {:.1} MiB / {:.1} MiB |\n\
              | apply of a standard checkpoint to the running VM until the guest runs again, median | {:.0} ms |\n",
@@ -126,10 +136,67 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             median(paused.clone()),
             paused.iter().copied().fold(0.0, f64::max),
             median(downtime),
+            median(gaps),
+            median(quiet),
             median(total),
             mib(costs[0]),
             mib(costs.get(1).copied().unwrap_or(0)),
             median(applies),
         ))
     })()
+}
+
+/// Arrival times of the guest's console heartbeat (a dot written in a busy loop when the kernel
+/// command line says `cairn.heartbeat`): a thread polls the console log's length every 200 µs and
+/// records when it grows. The longest gap between growths is how long the guest stood still, as
+/// anything outside it would see.
+struct Heartbeat {
+    times: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Heartbeat {
+    fn watch(console: PathBuf) -> Heartbeat {
+        let times = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (t, s) = (times.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut last = 0;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let len = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+                if len != last {
+                    last = len;
+                    if let Ok(mut v) = t.lock() {
+                        v.push(Instant::now());
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        Heartbeat { times, stop }
+    }
+
+    /// The longest time without a heartbeat between `from` and `to`, in milliseconds.
+    fn longest_gap(&self, from: Instant, to: Instant) -> Result<f64> {
+        let v = self
+            .times
+            .lock()
+            .map_err(|_| anyhow::anyhow!("heartbeat watcher panicked"))?;
+        let mut prev = from;
+        let mut longest = Duration::ZERO;
+        for &t in v.iter().filter(|&&t| t > from && t < to) {
+            longest = longest.max(t - prev);
+            prev = t;
+        }
+        if prev == from {
+            bail!("the guest's heartbeat stopped (no console output during a checkpoint)");
+        }
+        Ok((longest.max(to - prev)).as_secs_f64() * 1000.0)
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
