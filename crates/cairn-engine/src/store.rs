@@ -534,10 +534,10 @@ impl Store {
 
     /// Commits without holding the state lock across the syncs, so reads and writes on every
     /// volume go on during the tens of milliseconds a commit's `fdatasync`s take. The transaction
-    /// is sealed under the lock (records, superblock, copies of the dirty pages), then synced,
-    /// journaled and written in place outside it. Callers hold the store gate shared, so no reload
-    /// or release of freed blocks runs meanwhile. Falls back to a commit under the lock when the
-    /// journal is due for a reset.
+    /// is sealed under the lock (records, superblock, shared references to the dirty pages), then
+    /// synced, journaled and written in place outside it. Callers hold the store gate shared, so no
+    /// reload or release of freed blocks runs meanwhile. Falls back to a commit under the lock when
+    /// the journal is due for a reset.
     fn commit_concurrent(&self) -> Result<()> {
         let _c = lock(&self.commit_lock);
         let t = std::time::Instant::now();
@@ -1679,12 +1679,36 @@ impl State {
     }
 
     /// Makes the current state durable: data first, then all metadata through the journal.
-    fn commit(&mut self, release_space: bool) -> Result<()> {
+    /// Refuses to commit an in-memory state that a failed operation left untrusted.
+    fn check_not_poisoned(&self) -> Result<()> {
         if self.poisoned.load(Ordering::SeqCst) {
             return Err(Error::Invalid(
                 "an earlier operation failed midway; its unsaved changes are being discarded, retry".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Whether anything changed since the last commit.
+    fn has_changes(&self) -> bool {
+        self.meta.cache.dirty_count() != 0
+            || !self.dirty_records.is_empty()
+            || !self.deleted_records.is_empty()
+            || self.meta.data_written
+    }
+
+    /// Writes changed catalog records and a new-generation superblock into their pages, the
+    /// first step of every commit.
+    fn stage_records(&mut self) -> Result<()> {
+        self.store_records()?;
+        self.meta.sb.generation += 1;
+        let sb_page = self.meta.sb.encode();
+        self.meta.cache.insert(SUPERBLOCK, sb_page);
+        Ok(())
+    }
+
+    fn commit(&mut self, release_space: bool) -> Result<()> {
+        self.check_not_poisoned()?;
         let t = std::time::Instant::now();
         let r = self.commit_inner(release_space);
         self.stats.commits += 1;
@@ -1743,23 +1767,12 @@ impl State {
     /// The first half of a concurrent commit: writes records and the superblock into their pages
     /// and takes a shared reference to every dirty page. `None` when there is nothing to commit.
     fn seal(&mut self) -> Result<Option<Sealed>> {
-        if self.poisoned.load(Ordering::SeqCst) {
-            return Err(Error::Invalid(
-                "an earlier operation failed midway; its unsaved changes are being discarded, retry".into(),
-            ));
-        }
-        let nothing = self.meta.cache.dirty_count() == 0
-            && self.dirty_records.is_empty()
-            && self.deleted_records.is_empty()
-            && !self.meta.data_written;
-        if nothing {
+        self.check_not_poisoned()?;
+        if !self.has_changes() {
             return Ok(None);
         }
-        let r = self.store_records();
+        let r = self.stage_records();
         self.poison_on(r)?;
-        self.meta.sb.generation += 1;
-        let sb_page = self.meta.sb.encode();
-        self.meta.cache.insert(SUPERBLOCK, sb_page);
         let (epoch, pages) = self.meta.cache.seal_dirty();
         let dropped = std::mem::take(&mut self.meta.decremented);
         self.meta.decremented_sealed.extend(dropped);
@@ -1768,21 +1781,14 @@ impl State {
     }
 
     fn commit_inner(&mut self, release_space: bool) -> Result<()> {
-        let nothing = self.meta.cache.dirty_count() == 0
-            && self.dirty_records.is_empty()
-            && self.deleted_records.is_empty()
-            && !self.meta.data_written;
-        if nothing && !release_space {
+        if !self.has_changes() && !release_space {
             return Ok(());
         }
         let dpath = self.meta.path.clone();
         // Waits for a concurrent commit in flight, whose transaction must come first.
         let journal = self.journal.clone();
         let mut journal = lock(&journal);
-        self.store_records()?;
-        self.meta.sb.generation += 1;
-        let sb_page = self.meta.sb.encode();
-        self.meta.cache.insert(SUPERBLOCK, sb_page);
+        self.stage_records()?;
         let mut pages = self.meta.cache.dirty_pages_mut();
         for (_, p) in pages.iter_mut() {
             crate::format::seal(p);

@@ -10,7 +10,7 @@ mod common;
 
 use cairn_engine::device::{PowerSupply, SimDevice};
 use cairn_engine::{Store, Target};
-use common::{small_opts, BS};
+use common::BS;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
@@ -208,18 +208,7 @@ fn read_all(s: &Store, t: &Target) -> Vec<u8> {
 }
 
 fn verify(s: &Store, exp: &Expect, ctx: &str) {
-    let report = s.fsck().expect("fsck runs");
-    assert!(
-        report.ok(),
-        "{ctx}: fsck after recovery: {:?}",
-        report.errors
-    );
-    let listed: Vec<String> = s
-        .list_checkpoints(VOL)
-        .expect("list")
-        .into_iter()
-        .map(|c| c.name)
-        .collect();
+    let listed = common::recovered_checkpoints(s, VOL, ctx);
     for (n, content) in &exp.checkpoints {
         assert!(
             listed.contains(n),
@@ -269,15 +258,8 @@ fn crash_at(seed: u64, ops: &[COp], cut: u64) {
         eprintln!("images {} {}", dimg.len(), jimg.len());
     }
     drop(store);
-    let power2 = PowerSupply::new();
     let ctx = format!("seed {seed} cut {cut}");
-    let s = Store::open_devices(
-        SimDevice::new(dimg, power2.clone()),
-        SimDevice::new(jimg, power2),
-        small_opts(),
-        "sim",
-    )
-    .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
+    let s = common::reopen_crashed(dimg, jimg, &ctx);
     verify(&s, &exp, &ctx);
     // The recovered store keeps working: new writes and checkpoints leave old ones intact.
     s.write(VOL, 0, &pattern(0xFFFF, 0, 64 * 1024))

@@ -7,7 +7,7 @@
 
 mod common;
 
-use cairn_engine::device::{PowerSupply, SimDevice};
+use cairn_engine::device::PowerSupply;
 use cairn_engine::{Store, Target};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -125,26 +125,8 @@ fn run_once(seed: u64, cut: u64) {
     drop(store);
 
     let ctx = format!("seed {seed} cut {cut}");
-    let power2 = PowerSupply::new();
-    let s = Store::open_devices(
-        SimDevice::new(dimg, power2.clone()),
-        SimDevice::new(jimg, power2),
-        common::small_opts(),
-        "sim",
-    )
-    .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
-    let report = s.fsck().expect("fsck runs");
-    assert!(
-        report.ok(),
-        "{ctx}: fsck after recovery: {:?}",
-        report.errors
-    );
-    let listed: Vec<String> = s
-        .list_checkpoints(VOL)
-        .expect("list")
-        .into_iter()
-        .map(|c| c.name)
-        .collect();
+    let s = common::reopen_crashed(dimg, jimg, &ctx);
+    let listed = common::recovered_checkpoints(&s, VOL, &ctx);
     for (name, window) in &log.acked_checkpoints {
         assert!(
             listed.contains(name),

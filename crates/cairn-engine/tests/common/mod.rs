@@ -27,6 +27,34 @@ pub fn sim_store(power: Arc<PowerSupply>) -> (Arc<SimDevice>, Arc<SimDevice>, St
     (data, journal, store)
 }
 
+/// Opens a store from the disk images a simulated power cut left, panicking with `ctx` on failure.
+pub fn reopen_crashed(data: Vec<u8>, journal: Vec<u8>, ctx: &str) -> Store {
+    let power = PowerSupply::new();
+    Store::open_devices(
+        SimDevice::new(data, power.clone()),
+        SimDevice::new(journal, power),
+        small_opts(),
+        "sim",
+    )
+    .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"))
+}
+
+/// Asserts that fsck finds a recovered store clean, and returns the names of `volume`'s
+/// checkpoints.
+pub fn recovered_checkpoints(s: &Store, volume: &str, ctx: &str) -> Vec<String> {
+    let report = s.fsck().expect("fsck runs");
+    assert!(
+        report.ok(),
+        "{ctx}: fsck after recovery: {:?}",
+        report.errors
+    );
+    s.list_checkpoints(volume)
+        .expect("list")
+        .into_iter()
+        .map(|c| c.name)
+        .collect()
+}
+
 /// One state of a volume in the model: bytes, and a version per block (0 = never written or zeroed
 /// as a whole block) so that diffs can be predicted exactly.
 #[derive(Clone, Debug, PartialEq)]
