@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test guest from Debian packages: the small cloud kernel (the package
 # linux-image-cloud-amd64 depends on) and a busybox-static initramfs whose init writes a counter
-# to its console and its disks every second. Nothing is installed into the host: the packages are
+# to its console and its disks every second, and runs Debian's qemu-guest-agent (with the
+# libraries it links, unpacked from their packages) so Cairn can freeze the guest's filesystems. Nothing is installed into the host: the packages are
 # downloaded and unpacked. Output: $GUEST_DIR (default target/guest) with vmlinuz and initrd.img.
 # Idempotent: quick when the guest is already built.
 set -euo pipefail
@@ -15,17 +16,35 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 kpkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ { print $2; exit }')
 [ -n "$kpkg" ] || { echo "build-guest: cannot find the cloud kernel package (apt-get update?)" >&2; exit 1; }
-echo "build-guest: $kpkg + busybox-static" >&2
-(cd "$work" && apt-get -q -o APT::Sandbox::User=root download "$kpkg" busybox-static >/dev/null)
+# qemu-ga and exactly the shared libraries it needs (`ldd qemu-ga` on bookworm); taken from
+# their packages, not from the host, so the guest does not depend on what the host has installed.
+agent_pkgs="qemu-guest-agent libglib2.0-0 libudev1 libnuma1 liburing2 libpcre2-8-0 libc6"
+agent_libs="libudev.so.1 libnuma.so.1 liburing.so.2 libglib-2.0.so.0 libgmodule-2.0.so.0 libm.so.6 libc.so.6 libpcre2-8.so.0"
+echo "build-guest: $kpkg + busybox-static + $agent_pkgs" >&2
+# shellcheck disable=SC2086
+(cd "$work" && apt-get -q -o APT::Sandbox::User=root download "$kpkg" busybox-static $agent_pkgs >/dev/null)
 dpkg-deb -x "$work"/linux-image-*.deb "$work/kernel"
 dpkg-deb -x "$work"/busybox-static_*.deb "$work/busybox"
+mkdir -p "$work/agent"
+for p in $agent_pkgs; do
+    dpkg-deb -x "$work/${p}"_*.deb "$work/agent"
+done
 cp "$work"/kernel/boot/vmlinuz-* "$out/vmlinuz"
 
 root="$work/root"
-mkdir -p "$root/bin" "$root/lib/modules" "$root/dev" "$root/proc" "$root/sys"
+mkdir -p "$root/bin" "$root/sbin" "$root/lib/modules" "$root/lib64" "$root/lib/x86_64-linux-gnu" \
+    "$root/dev" "$root/proc" "$root/sys" "$root/run" "$root/tmp" "$root/data"
 cp "$work/busybox/bin/busybox" "$root/bin/busybox"
-# virtio is built as modules in the cloud kernel; load order matters.
-mods="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
+cp "$work/agent/usr/sbin/qemu-ga" "$root/sbin/qemu-ga"
+for l in $agent_libs ld-linux-x86-64.so.2; do
+    f=$(find "$work/agent" -name "$l" | head -1)
+    [ -n "$f" ] || { echo "build-guest: $l not found in $agent_pkgs" >&2; exit 1; }
+    cp -L "$f" "$root/lib/x86_64-linux-gnu/$l"
+done
+ln -s ../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$root/lib64/ld-linux-x86-64.so.2"
+# virtio is built as modules in the cloud kernel; load order matters. virtio_console carries
+# the guest agent's port.
+mods="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console"
 for m in $mods; do
     f=$(find "$work/kernel/lib/modules" -name "$m.ko*" | head -1)
     [ -n "$f" ] || { echo "build-guest: module $m not found in $kpkg" >&2; exit 1; }
@@ -43,16 +62,44 @@ exec </dev/console >/dev/console 2>&1
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console; do
     insmod /lib/modules/$m.ko
 done
-disks=$(ls /dev/vd? 2>/dev/null | tr '\n' ' ')
+cmdline=" $(cat /proc/cmdline) "
+# `cairn.datafs=/dev/vdX` mounts that disk (an ext4 file system made on the host) on /data; the
+# counter then also goes to /data/counter, through the page cache and without a sync, as an
+# application would write it. That disk gets no raw counter writes.
+datafs=
+for w in $cmdline; do
+    case "$w" in cairn.datafs=*) datafs=${w#cairn.datafs=} ;; esac
+done
+if [ -n "$datafs" ]; then
+    if mount -t ext4 "$datafs" /data; then
+        echo "cairn-guest: mounted $datafs on /data"
+    else
+        echo "cairn-guest: cannot mount $datafs"
+        datafs=
+    fi
+fi
+disks=$(ls /dev/vd? 2>/dev/null | grep -vx "${datafs:-none}" | tr '\n' ' ')
 disks=${disks% }
 echo "cairn-guest: up, disks: ${disks:-none}"
+# The guest agent listens on the virtio-serial port QEMU names org.qemu.guest_agent.0, unless
+# `cairn.noagent` is on the command line (a guest without one).
+case "$cmdline" in
+    *" cairn.noagent "*) echo "cairn-guest: no guest agent (cairn.noagent)" ;;
+    *)
+        for p in /sys/class/virtio-ports/*; do
+            [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
+            /sbin/qemu-ga -m virtio-serial -p "/dev/${p##*/}" -t /run -f /run/qemu-ga.pid &
+            echo "cairn-guest: guest agent on /dev/${p##*/}"
+        done
+        ;;
+esac
 # With `cairn.heartbeat` on the kernel command line, a busy loop also writes a dot to the console
 # as fast as the guest runs: the host times the gaps between dots to see pauses as the guest lives
 # them (`cairn bench --vm`).
-case " $(cat /proc/cmdline) " in
+case "$cmdline" in
     *" cairn.heartbeat "*) (while :; do echo -n .; done) & ;;
 esac
 # Every second: the counter on the console, in block 0 of every disk (the latest value) and in
@@ -67,7 +114,11 @@ while :; do
     done
     first=${disks%% *}
     [ -n "$first" ] && echo "$line" | dd of="$first" bs=4096 seek="$i" conv=notrunc,sync 2>/dev/null
-    sync
+    # The raw disks are synced; /data is left to the page cache, like most application writes.
+    for d in $disks; do
+        sync "$d"
+    done
+    [ -n "$datafs" ] && echo "$line" > /data/counter
     sleep 1
 done
 INIT

@@ -9,6 +9,8 @@ command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
 # fio (with its nbd engine): the NBD benchmark's load generator.
 command -v fio >/dev/null 2>&1 || need_apt+=(fio)
+# mkfs.ext4 / dumpe2fs / e2fsck / debugfs: the VM tests make and inspect a guest file system.
+[ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)
 # cpio packs the test guest's initramfs.
 command -v cpio >/dev/null 2>&1 || need_apt+=(cpio)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -245,9 +245,15 @@ enum CheckpointCmd {
         /// Description.
         #[arg(short = 'm', long = "message")]
         message: Option<String>,
-        /// For a running VM: only the disks (crash-consistent), no memory state.
+        /// For a running VM: only the disks, no memory state. If the guest runs
+        /// qemu-guest-agent, its file systems are frozen first (application-consistent);
+        /// otherwise the disks are crash-consistent. The output says which.
         #[arg(long)]
         disk_only: bool,
+        /// With --disk-only: fail, taking nothing, unless the guest agent freezes the guest's
+        /// file systems.
+        #[arg(long)]
+        quiesce: bool,
     },
     /// List a volume's checkpoints.
     List {
@@ -702,6 +708,7 @@ fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
             target,
             message,
             disk_only,
+            quiesce,
         } => {
             let (v, c) = checkpoint_target(&target)?;
             let info = store.checkpoint(Op::CheckpointCreate {
@@ -709,11 +716,15 @@ fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
                 name: c,
                 description: message,
                 disk_only,
+                quiesce,
             })?;
             if json {
                 print_json(&info)?;
             } else {
-                println!("created checkpoint {target}");
+                match &info.kind {
+                    Some(kind) => println!("created checkpoint {target}: {kind}"),
+                    None => println!("created checkpoint {target}"),
+                }
             }
         }
         CheckpointCmd::List { name, tree } => {

@@ -20,6 +20,13 @@ fn guest() -> (PathBuf, PathBuf) {
 }
 
 fn define(e: &Env, name: &str, disks: &[&str]) {
+    define_with(e, name, disks, "");
+}
+
+const APPEND: &str = "console=ttyS0 rdinit=/init panic=-1 quiet";
+
+/// [`define`] with more words on the guest's kernel command line.
+fn define_with(e: &Env, name: &str, disks: &[&str], append: &str) {
     let (k, i) = guest();
     let mut args = vec![
         "vm".to_string(),
@@ -32,7 +39,7 @@ fn define(e: &Env, name: &str, disks: &[&str]) {
         "--initrd".into(),
         i.display().to_string(),
         "--append".into(),
-        "console=ttyS0 rdinit=/init panic=-1 quiet".into(),
+        format!("{APPEND} {append}").trim_end().to_string(),
     ];
     for d in disks {
         args.push("--disk".into());
@@ -468,6 +475,189 @@ fn qemu_killed_mid_checkpoint_leaves_all_or_nothing() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(counter_in(&e, "d1") >= 1);
+    drop(d);
+    fsck_clean(&e);
+}
+
+/// A host tool from e2fsprogs (in /sbin, which a user's PATH may lack).
+fn e2fs(tool: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin"]
+        .iter()
+        .map(|d| PathBuf::from(d).join(tool))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{tool} is missing; ./scripts/setup.sh installs e2fsprogs"))
+}
+
+/// Exports a volume or checkpoint holding an ext4 file system and inspects it on the host:
+/// whether it needs journal recovery (set on disk while mounted read-write, cleared by a
+/// freeze or an unmount), whether `e2fsck -fn` finds it clean, and its /counter.
+fn inspect_ext4(e: &Env, target: &str) -> (bool, bool, u64) {
+    let img = e.work.join(format!("{}.img", target.replace('@', "_")));
+    ok(
+        e,
+        &["volume", "export", target, img.to_str().expect("utf-8")],
+    );
+    let out = |cmd: &mut std::process::Command| {
+        let o = cmd.output().expect("run e2fsprogs");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (_, header) = out(std::process::Command::new(e2fs("dumpe2fs"))
+        .arg("-h")
+        .arg(&img));
+    let needs_recovery = header
+        .lines()
+        .any(|l| l.starts_with("Filesystem features:") && l.contains("needs_recovery"));
+    let (clean, _) = out(std::process::Command::new(e2fs("e2fsck"))
+        .arg("-fn")
+        .arg(&img));
+    let (_, counter) = out(std::process::Command::new(e2fs("debugfs"))
+        .arg("-R")
+        .arg("cat /counter")
+        .arg(&img));
+    let counter = counter
+        .trim()
+        .trim_start_matches("cairn-counter ")
+        .parse()
+        .unwrap_or(0);
+    (needs_recovery, clean, counter)
+}
+
+/// The last counter the guest printed on its console.
+fn console_counter(e: &Env, vm: &str) -> u64 {
+    ok(e, &["vm", "console", vm])
+        .lines()
+        .filter_map(|l| l.trim_start_matches('.').strip_prefix("cairn-counter "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn disk_only_checkpoints_are_application_consistent_when_the_guest_agent_answers() {
+    let e = env();
+    // A data disk with an ext4 file system made on the host, as an admin would bring one.
+    let fs = e.work.join("data.img");
+    std::fs::File::create(&fs)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("image");
+    let mk = std::process::Command::new(e2fs("mkfs.ext4"))
+        .args(["-q", "-F"])
+        .arg(&fs)
+        .status()
+        .expect("mkfs.ext4");
+    assert!(mk.success());
+    ok(&e, &["volume", "create", "root", "--size", "16M"]);
+    ok(
+        &e,
+        &["volume", "import", "data", fs.to_str().expect("utf-8")],
+    );
+    define_with(&e, "app", &["root", "data"], "cairn.datafs=/dev/vdb");
+    fails(
+        &e,
+        &["checkpoint", "create", "app@q", "--disk-only", "--quiesce"],
+        "not running",
+    );
+    fails(
+        &e,
+        &["checkpoint", "create", "data@q", "--disk-only", "--quiesce"],
+        "not a VM",
+    );
+    let d = Daemon::start(&e);
+    ok(&e, &["vm", "start", "app"]);
+    wait_console(&e, "app", "cairn-guest: guest agent on", 90);
+    wait_console(&e, "app", "cairn-counter 00000003", 90);
+    // The data disk while mounted: a crash-consistent copy would need journal recovery.
+    let before = console_counter(&e, "app");
+    let out = ok(
+        &e,
+        &[
+            "checkpoint",
+            "create",
+            "app@frozen",
+            "--disk-only",
+            "--quiesce",
+        ],
+    );
+    assert!(
+        out.contains("application-consistent") && out.contains("froze 1 file system"),
+        "{out}"
+    );
+    let (needs_recovery, clean, counter) = inspect_ext4(&e, "data@frozen");
+    assert!(!needs_recovery, "a frozen ext4 needs no journal recovery");
+    assert!(clean, "e2fsck -fn finds the frozen file system clean");
+    // The counter the guest wrote to /data through its page cache (never synced by it) is on
+    // the disk: the freeze flushed it.
+    assert!(
+        counter >= before,
+        "/counter = {counter}, console showed {before}"
+    );
+    // Thawed: the guest goes on writing /data (a frozen /data would block its loop).
+    wait_console(&e, "app", &format!("cairn-counter {:08}", before + 3), 60);
+    let rec = json(&e, &["checkpoint", "list", "app"]);
+    let frozen = rec
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "frozen"))
+        .expect("listed");
+    assert!(
+        frozen["kind"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("disk-only, application-consistent")),
+        "{frozen}"
+    );
+    assert!(d.log().contains("file systems frozen"), "{}", d.log());
+    fails(
+        &e,
+        &["checkpoint", "create", "app@q", "--quiesce"],
+        "--disk-only",
+    );
+
+    // The same guest without its agent: Cairn says so, and takes a crash-consistent checkpoint
+    // unless told to require quiescing.
+    ok(&e, &["vm", "kill", "app"]);
+    ok(
+        &e,
+        &[
+            "vm",
+            "edit",
+            "app",
+            "--append",
+            &format!("{APPEND} cairn.datafs=/dev/vdb cairn.noagent"),
+        ],
+    );
+    ok(&e, &["vm", "start", "app"]);
+    wait_console(&e, "app", "cairn-guest: no guest agent", 90);
+    let t = Instant::now();
+    let out = ok(&e, &["checkpoint", "create", "app@crash", "--disk-only"]);
+    assert!(
+        out.contains("crash-consistent") && out.contains("has not opened its agent port"),
+        "{out}"
+    );
+    // Known at once from QEMU, not by waiting for an agent that is not there.
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let (needs_recovery, _, _) = inspect_ext4(&e, "data@crash");
+    assert!(needs_recovery, "a mounted ext4 copied as is needs recovery");
+    fails(
+        &e,
+        &["checkpoint", "create", "app@q", "--disk-only", "--quiesce"],
+        "cannot quiesce VM 'app'",
+    );
+    // Nothing of the refused checkpoint remains.
+    let names: Vec<String> = json(&e, &["checkpoint", "list", "app"])
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names, vec!["frozen", "crash"]);
+    fails(
+        &e,
+        &["volume", "read", "root@q", "--offset", "0", "--length", "1"],
+        "not found",
+    );
+    ok(&e, &["vm", "kill", "app"]);
     drop(d);
     fsck_clean(&e);
 }

@@ -79,6 +79,10 @@ pub enum Op {
         /// For a running VM: disks only, no memory state.
         #[serde(default)]
         disk_only: bool,
+        /// With `disk_only`: fail unless the guest agent freezes the guest's file systems
+        /// (otherwise Cairn falls back to crash-consistent and says so).
+        #[serde(default)]
+        quiesce: bool,
     },
     /// Checkpoints of a volume.
     CheckpointList {
@@ -361,13 +365,10 @@ pub fn vm_checkpoint_info(
             }
         }
     }
-    let what = match cp.kind {
-        cairn_vm::checkpoint::CheckpointKind::DiskOnly => {
-            format!("disk-only: {}", cp.disks.join(", "))
-        }
-        cairn_vm::checkpoint::CheckpointKind::Standard => {
-            format!("standard: memory + {}", cp.disks.join(", "))
-        }
+    let what = format!("{}: {}", cp.kind_summary(), cp.disks.join(", "));
+    let kind = match &cp.consistency_note {
+        Some(note) => format!("{} ({note})", cp.kind_summary()),
+        None => cp.kind_summary(),
     };
     CheckpointInfo {
         volume: cp.vm.clone(),
@@ -381,6 +382,7 @@ pub fn vm_checkpoint_info(
             None => what,
         }),
         is_head_parent: head == Some(cp.name.as_str()),
+        kind: Some(kind),
     }
 }
 
@@ -456,8 +458,17 @@ fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Reply>, OpErro
     }
     Ok(Some(match op {
         Op::CheckpointCreate {
-            name, description, ..
+            name,
+            description,
+            quiesce,
+            ..
         } => {
+            if *quiesce {
+                return Err(OpError::new(
+                    ErrorKind::State,
+                    format!("VM '{vm}' is not running, so there is no guest to quiesce; its disks are at rest: take the checkpoint without --quiesce"),
+                ));
+            }
             let cp = vm_checkpoint_stopped(store, &vms, vm, name, description.as_deref())?;
             Reply::Checkpoint(vm_checkpoint_info(store, &cp, Some(&cp.name)))
         }
@@ -561,8 +572,17 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             volume,
             name,
             description,
+            quiesce,
             ..
-        } => Reply::Checkpoint(store.create_checkpoint(&volume, &name, description.as_deref())?),
+        } => {
+            if quiesce {
+                return Err(OpError::new(
+                    ErrorKind::Invalid,
+                    format!("'{volume}' is a volume, not a VM: --quiesce freezes a running guest's file systems through its guest agent"),
+                ));
+            }
+            Reply::Checkpoint(store.create_checkpoint(&volume, &name, description.as_deref())?)
+        }
         Op::CheckpointList { volume } => Reply::Checkpoints {
             checkpoints: store.list_checkpoints(&volume)?,
             head_parent: store.volume_info(&volume)?.parent,

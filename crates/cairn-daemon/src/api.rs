@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use cairn_control::{execute, DaemonStatus, ErrorKind, Op, OpError, Reply};
 use cairn_engine::Store;
+use cairn_vm::guest_agent::GuestAgent;
 use cairn_vm::{Runtime, VmError};
 use tracing::{info, warn};
 
@@ -168,8 +169,20 @@ async fn running_vm_checkpoint(st: &ApiState, op: &Op) -> Option<Result<Reply, O
             name,
             description,
             disk_only,
+            quiesce,
         } if rt.is_running(volume) => {
-            Some(take_running(st, volume, name, description.clone(), !disk_only).await)
+            if *quiesce && !disk_only {
+                return Some(Err(OpError::new(
+                    ErrorKind::Invalid,
+                    "--quiesce applies to --disk-only checkpoints: a standard checkpoint keeps the guest's memory, caches included",
+                )));
+            }
+            let how = if *disk_only {
+                Take::DiskOnly { quiesce: *quiesce }
+            } else {
+                Take::Standard
+            };
+            Some(take_running(st, volume, name, description.clone(), how).await)
         }
         Op::CheckpointApply {
             volume,
@@ -206,19 +219,77 @@ async fn undo(st: &ApiState, cp: &cairn_vm::checkpoint::VmCheckpoint, e: OpError
     e
 }
 
+/// What checkpoint of a running VM to take.
+#[derive(Debug, Clone, Copy)]
+enum Take {
+    /// Disks, memory and device state.
+    Standard,
+    /// Disks only, quiesced through the guest agent when one answers; `quiesce` makes that
+    /// a requirement.
+    DiskOnly { quiesce: bool },
+}
+
+/// How long the guest agent gets to answer its first command: it answers in milliseconds when
+/// it runs; when it does not, a disk-only checkpoint falls back to crash-consistent this late.
+const AGENT_ANSWER: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long freezing may take: the guest flushes its dirty data first.
+const AGENT_FREEZE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Flushes and freezes the guest's file systems through its agent. Returns the connection (to
+/// thaw through), how many were frozen, and whether they were frozen already (by someone else,
+/// whose freeze Cairn leaves in place).
+async fn freeze_guest(
+    st: &ApiState,
+    vm: &str,
+) -> Result<(GuestAgent, u64, bool), cairn_vm::guest_agent::AgentError> {
+    let mut agent = st.runtime.guest_agent(vm, AGENT_ANSWER).await?;
+    if agent.is_frozen(AGENT_ANSWER).await? {
+        return Ok((agent, 0, true));
+    }
+    match agent.freeze(AGENT_FREEZE).await {
+        Ok(n) => Ok((agent, n, false)),
+        Err(e) => {
+            // A freeze that failed part-way, or is still running in the guest, may leave some
+            // file systems frozen: thaw after it (the agent runs commands in order).
+            if let Err(t) = agent.thaw(AGENT_FREEZE).await {
+                warn!("vm {vm}: thawing after a failed freeze: {t}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Thaws what [`freeze_guest`] froze; a guest left frozen blocks on its next write, so this
+/// retries before giving up.
+async fn thaw_guest(vm: &str, agent: &mut GuestAgent) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..3 {
+        match agent.thaw(AGENT_FREEZE).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                warn!("vm {vm}: thawing the guest's file systems: {e}");
+                last = e.to_string();
+            }
+        }
+    }
+    Err(last)
+}
+
 /// A checkpoint of every disk of a running VM at one instant: the guest is paused (QEMU drains
 /// and flushes its I/O on `stop`), the disks are checkpointed (O(1) each), and, for a standard
 /// checkpoint, QEMU starts a background snapshot of memory and device state at that same
 /// instant; the guest resumes at once while QEMU writes the snapshot, which then moves into the
-/// VM's state volume.
+/// VM's state volume. A disk-only checkpoint first has the guest agent (if one answers) freeze
+/// the guest's file systems, and thaws them as soon as the guest runs again.
 async fn take_running(
     st: &ApiState,
     vm: &str,
     name: &str,
     description: Option<String>,
-    with_memory: bool,
+    how: Take,
 ) -> Result<Reply, OpError> {
     use cairn_vm::checkpoint as ck;
+    let with_memory = matches!(how, Take::Standard);
     let vms = st.runtime.definitions().clone();
     let spec = vms.get(vm)?;
     let store = st.store.clone();
@@ -250,7 +321,40 @@ async fn take_running(
         }
     }
     let t = std::time::Instant::now();
+    let mut frozen = None;
+    if let Take::DiskOnly { quiesce } = how {
+        match freeze_guest(st, vm).await {
+            Ok((agent, n, already)) => {
+                cp.consistency = Some(ck::Consistency::Application);
+                cp.consistency_note = Some(if already {
+                    "the guest's file systems were already frozen; left frozen".into()
+                } else {
+                    format!(
+                        "the guest agent froze {n} file system{}",
+                        if n == 1 { "" } else { "s" }
+                    )
+                });
+                // Cairn thaws only what it froze.
+                frozen = (!already).then_some((agent, std::time::Instant::now()));
+            }
+            Err(e) if quiesce => {
+                ck::abandon(&vms, &cp);
+                return Err(OpError::new(
+                    ErrorKind::State,
+                    format!("cannot quiesce VM '{vm}': {e}; checkpoint '{name}' was not taken (without --quiesce, Cairn takes a crash-consistent one)"),
+                ));
+            }
+            Err(e) => {
+                cp.consistency = Some(ck::Consistency::Crash);
+                cp.consistency_note = Some(e.to_string());
+            }
+        }
+    }
+    let pause = std::time::Instant::now();
     if let Err(e) = qmp.execute("stop", serde_json::json!({})).await {
+        if let Some((mut agent, _)) = frozen {
+            let _ = thaw_guest(vm, &mut agent).await;
+        }
         ck::abandon(&vms, &cp);
         return Err(VmError::from(e).into());
     }
@@ -272,9 +376,20 @@ async fn take_running(
     };
     // Resume whatever happened: a failed checkpoint must not leave the guest paused.
     let resumed = qmp.execute("cont", serde_json::json!({})).await;
-    let paused = t.elapsed();
+    let paused = pause.elapsed();
     if let Err(e) = resumed {
         warn!("vm {vm}: could not resume after checkpoint {name}: {e}");
+    }
+    let mut frozen_for = None;
+    if let Some((mut agent, since)) = frozen {
+        let thawed = thaw_guest(vm, &mut agent).await;
+        frozen_for = Some(since.elapsed());
+        if let Err(e) = thawed {
+            cp.consistency_note = Some(format!(
+                "{}; but thawing failed ({e}): the guest's file systems may still be frozen",
+                cp.consistency_note.take().unwrap_or_default()
+            ));
+        }
     }
     // The disk checkpoints are durable from here: one commit, with the guest running again.
     let taken = match taken {
@@ -345,11 +460,16 @@ async fn take_running(
         );
     } else {
         info!(
-            "vm {vm}: checkpoint {name} of {} disk(s), guest paused {paused:?}",
-            cp.disks.len()
+            "vm {vm}: checkpoint {name} of {} disk(s), {}, guest paused {paused:?}{}",
+            cp.disks.len(),
+            cp.kind_summary(),
+            frozen_for
+                .map(|f| format!(", file systems frozen {f:?}"))
+                .unwrap_or_default()
         );
     }
     cp.timings = Some(ck::Timings {
+        frozen_us: frozen_for.map(|f| f.as_micros() as u64),
         paused_us: paused.as_micros() as u64,
         snapshot_downtime_ms: snapshot_downtime,
         total_us: t.elapsed().as_micros() as u64,
@@ -376,7 +496,7 @@ async fn apply_running(
     let running = st.runtime.is_running(vm);
     if let Some(s) = &save_current {
         if running {
-            take_running(st, vm, s, None, true).await?;
+            take_running(st, vm, s, None, Take::Standard).await?;
         } else {
             let (store, vms, s) = (
                 st.store.clone(),

@@ -183,6 +183,10 @@ pub struct CheckpointInfo {
     pub description: Option<String>,
     /// Whether the volume's head was last taken or applied from it.
     pub is_head_parent: bool,
+    /// What the checkpoint holds, when a layer above the engine says more than "a volume's
+    /// state" (a VM checkpoint: standard or disk-only, and how consistent); `None` here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 /// One byte range that differs between two states of a volume.
@@ -1459,6 +1463,7 @@ impl State {
             created_ms: c.created_ms,
             description: c.description.clone(),
             is_head_parent: v.parent == Some(id),
+            kind: None,
         })
     }
 

@@ -22,6 +22,20 @@ pub enum CheckpointKind {
     Standard,
 }
 
+/// How the disks of a disk-only checkpoint stand with respect to the guest's file systems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    /// The VM was stopped: nothing was writing to its disks.
+    VmStopped,
+    /// All disks at one instant, as after a power cut: the guest's file systems replay their
+    /// journals (and applications their logs) when it boots from them.
+    Crash,
+    /// The guest agent flushed and froze the guest's file systems first, so they are clean on
+    /// the disks (like a Hyper-V production checkpoint).
+    Application,
+}
+
 /// Name of the volume that keeps a VM's saved memory and device state.
 pub fn state_volume(vm: &str) -> String {
     format!("{vm}.state")
@@ -55,6 +69,33 @@ pub struct VmCheckpoint {
     /// How long taking it took (running VMs), for `vm` benchmarks and diagnosis.
     #[serde(default)]
     pub timings: Option<Timings>,
+    /// For a disk-only checkpoint: how consistent its disks are (`None` in records made before
+    /// Cairn tracked it, and for standard checkpoints, which resume with the guest's caches).
+    #[serde(default)]
+    pub consistency: Option<Consistency>,
+    /// Why the consistency is what it is, e.g. how many file systems the agent froze, or why
+    /// no agent was used.
+    #[serde(default)]
+    pub consistency_note: Option<String>,
+}
+
+impl VmCheckpoint {
+    /// What it holds, in a few words: "standard", "disk-only, application-consistent"...
+    pub fn kind_summary(&self) -> String {
+        match (self.kind, self.consistency) {
+            (CheckpointKind::Standard, _) => "standard (memory and disks)".into(),
+            (CheckpointKind::DiskOnly, None) => "disk-only".into(),
+            (CheckpointKind::DiskOnly, Some(Consistency::VmStopped)) => {
+                "disk-only, VM stopped".into()
+            }
+            (CheckpointKind::DiskOnly, Some(Consistency::Crash)) => {
+                "disk-only, crash-consistent".into()
+            }
+            (CheckpointKind::DiskOnly, Some(Consistency::Application)) => {
+                "disk-only, application-consistent".into()
+            }
+        }
+    }
 }
 
 /// Measured while taking a checkpoint of a running VM.
@@ -66,6 +107,9 @@ pub struct Timings {
     pub snapshot_downtime_ms: Option<u64>,
     /// Microseconds from the request to the checkpoint being recorded.
     pub total_us: u64,
+    /// Microseconds the guest's file systems were frozen (application-consistent checkpoints).
+    #[serde(default)]
+    pub frozen_us: Option<u64>,
 }
 
 impl VmStore {
@@ -211,6 +255,8 @@ pub fn begin(
         pending: true,
         state_len: None,
         timings: None,
+        consistency: (!running).then_some(Consistency::VmStopped),
+        consistency_note: None,
     };
     vms.save_checkpoint(&cp)?;
     Ok(cp)

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 pub mod checkpoint;
+pub mod guest_agent;
 pub mod qmp;
 pub mod runtime;
 pub mod spec;

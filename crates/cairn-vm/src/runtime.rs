@@ -16,6 +16,7 @@ use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
+use crate::guest_agent::{AgentError, GuestAgent};
 use crate::qmp::Qmp;
 use crate::spec::{VmSpec, VmStore};
 use crate::VmError;
@@ -151,6 +152,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// QEMU's id for the guest agent's channel.
+const AGENT_CHARDEV: &str = "qga0";
+
 /// The QEMU command line for a VM (without the program).
 pub fn qemu_args(spec: &VmSpec, dir: &Path, nbd_socket: &Path, accel: &str) -> Vec<String> {
     qemu_args_at(spec, dir, nbd_socket, accel, None)
@@ -197,6 +201,18 @@ fn qemu_args_at(
         "chardev:serial0".into(),
         "-pidfile".into(),
         p("qemu.pid"),
+        // The guest agent's channel: a virtio-serial port the agent in the guest opens, a unix
+        // socket on this side (see guest_agent.rs). Always there, like Hyper-V's integration
+        // services, so any guest that runs qemu-guest-agent can be quiesced.
+        "-chardev".into(),
+        format!(
+            "socket,id={AGENT_CHARDEV},path={},server=on,wait=off",
+            p("qga.sock")
+        ),
+        "-device".into(),
+        "virtio-serial-pci,id=vser0".into(),
+        "-device".into(),
+        format!("virtserialport,bus=vser0.0,chardev={AGENT_CHARDEV},name=org.qemu.guest_agent.0"),
     ];
     for (i, vol) in spec.disks.iter().enumerate() {
         let export = match at {
@@ -464,6 +480,39 @@ impl Runtime {
             .get(name)
             .cloned()
             .ok_or_else(|| VmError::NotRunning(name.to_string()))
+    }
+
+    /// A synchronised connection to the guest agent of a running VM, or why there is none. The
+    /// guest must have opened its agent port (QEMU tells), and the agent must answer within
+    /// `timeout`.
+    pub async fn guest_agent(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<GuestAgent, AgentError> {
+        let qmp = self
+            .qmp(name)
+            .map_err(|e| AgentError::Unavailable(e.to_string()))?;
+        let chardevs = qmp
+            .execute("query-chardev", json!({}))
+            .await
+            .map_err(|e| AgentError::Unavailable(format!("QEMU did not list its channels: {e}")))?;
+        let open = chardevs.as_array().and_then(|a| {
+            a.iter()
+                .find(|c| c["label"] == AGENT_CHARDEV)
+                .map(|c| c["frontend-open"].as_bool().unwrap_or(false))
+        });
+        match open {
+            None => Err(AgentError::Unavailable(
+                "this VM's QEMU has no guest agent channel (started by an older Cairn?)".into(),
+            )),
+            Some(false) => Err(AgentError::Unavailable(
+                "the guest has not opened its agent port (is qemu-guest-agent installed and running in it?)".into(),
+            )),
+            Some(true) => {
+                GuestAgent::connect(&self.vms.vm_dir(name).join("qga.sock"), timeout).await
+            }
+        }
     }
 
     /// The QMP connection of a running VM.
