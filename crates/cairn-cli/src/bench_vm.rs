@@ -95,6 +95,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
         let mut costs = Vec::new();
         let (mut gaps, mut quiet) = (Vec::new(), Vec::new());
         let (mut paused, mut downtime, mut total) = (Vec::new(), Vec::new(), Vec::new());
+        let mut phases = [Vec::new(), Vec::new(), Vec::new()];
         for n in 1..=count {
             let before = allocated()?;
             let t0 = Instant::now();
@@ -108,6 +109,12 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             paused.push(tm["paused_us"].as_f64().unwrap_or(0.0) / 1000.0);
             downtime.push(tm["snapshot_downtime_ms"].as_f64().unwrap_or(0.0));
             total.push(tm["total_us"].as_f64().unwrap_or(0.0) / 1000.0);
+            for (i, k) in ["snapshot_us", "relayout_us", "store_us"]
+                .iter()
+                .enumerate()
+            {
+                phases[i].push(tm[k].as_f64().unwrap_or(0.0) / 1000.0);
+            }
             std::thread::sleep(Duration::from_secs(1));
             gaps.push(beats.longest_gap(t0, t1)?);
             // The same length of quiet time, as the reference for the guest's own jitter.
@@ -129,7 +136,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
              | guest paused by Cairn (QMP stop → disk checkpoints → snapshot start → cont), median | {:.1} ms (max {:.1}) |\n\
              | snapshot downtime reported by QEMU, median | {:.0} ms |\n\
              | seen from the guest: longest gap in its console heartbeat during the whole checkpoint, median (the same in quiet time) | {:.0} ms ({:.0} ms) |\n\
-             | whole checkpoint (snapshot written, re-laid with fixed page offsets, stored), median | {:.0} ms |\n\
+             | whole checkpoint, median: memory snapshot + re-layout with fixed page offsets + store in the state volume | {:.0} ms = {:.0} + {:.0} + {:.0} ms |\n\
              | store growth for the 1st / 2nd checkpoint | {:.1} MiB / {:.1} MiB |\n\
              | apply of a standard checkpoint to the running VM until the guest runs again, median | {:.0} ms |\n",
             applies.len(),
@@ -139,6 +146,9 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             median(gaps),
             median(quiet),
             median(total),
+            median(phases[0].clone()),
+            median(phases[1].clone()),
+            median(phases[2].clone()),
             mib(costs[0]),
             mib(costs.get(1).copied().unwrap_or(0)),
             median(applies),

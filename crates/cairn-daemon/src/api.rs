@@ -312,15 +312,24 @@ async fn take_running(
     let qmp = st.runtime.qmp(vm)?;
     let state_file = vms.vm_dir(vm).join(format!("state-{name}.tmp"));
     if with_memory {
-        let caps = serde_json::json!({ "capabilities": [
-            { "capability": "background-snapshot", "state": true }
-        ]});
-        if let Err(e) = qmp.execute("migrate-set-capabilities", caps).await {
+        if let Err(e) = cairn_vm::runtime::ensure_snapshot_capabilities(&qmp).await {
             ck::abandon(&vms, &cp);
-            return Err(VmError::from(e).into());
+            return Err(e.into());
         }
     }
     let t = std::time::Instant::now();
+    let prepared = if with_memory {
+        let _ = std::fs::remove_file(&state_file);
+        match cairn_vm::runtime::prepare_snapshot(&qmp, &state_file).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                ck::abandon(&vms, &cp);
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     let mut frozen = None;
     if let Take::DiskOnly { quiesce } = how {
         match freeze_guest(st, vm).await {
@@ -355,6 +364,10 @@ async fn take_running(
         if let Some((mut agent, _)) = frozen {
             let _ = thaw_guest(vm, &mut agent).await;
         }
+        if let Some(file) = prepared {
+            cairn_vm::runtime::finish_snapshot(&qmp, file).await;
+            let _ = std::fs::remove_file(&state_file);
+        }
         ck::abandon(&vms, &cp);
         return Err(VmError::from(e).into());
     }
@@ -365,14 +378,21 @@ async fn take_running(
             .map_err(join_err)
             .and_then(|r| r.map_err(OpError::from))
     };
-    let snapshot = if taken.is_ok() && with_memory {
-        let uri = format!("file:{}", state_file.display());
-        Some(
-            qmp.execute("migrate", serde_json::json!({ "uri": uri }))
-                .await,
-        )
-    } else {
-        None
+    let snapshot = match (taken.is_ok(), prepared) {
+        (true, Some(file)) => Some(match cairn_vm::runtime::start_snapshot(&qmp, &file).await {
+            Ok(()) => Ok(file),
+            Err(e) => {
+                cairn_vm::runtime::finish_snapshot(&qmp, file).await;
+                let _ = std::fs::remove_file(&state_file);
+                Err(e)
+            }
+        }),
+        (false, Some(file)) => {
+            cairn_vm::runtime::finish_snapshot(&qmp, file).await;
+            let _ = std::fs::remove_file(&state_file);
+            None
+        }
+        (_, None) => None,
     };
     // Resume whatever happened: a failed checkpoint must not leave the guest paused.
     let resumed = qmp.execute("cont", serde_json::json!({})).await;
@@ -403,20 +423,29 @@ async fn take_running(
         Err(e) => Err(e),
     };
     if let Err(e) = taken {
-        if snapshot.as_ref().is_some_and(|s| s.is_ok()) {
+        if let Some(Ok(file)) = snapshot {
             let _ = qmp.execute("migrate_cancel", serde_json::json!({})).await;
+            let _ =
+                cairn_vm::runtime::wait_migration(&qmp, std::time::Duration::from_secs(30)).await;
+            cairn_vm::runtime::finish_snapshot(&qmp, file).await;
             let _ = std::fs::remove_file(&state_file);
         }
         ck::abandon(&vms, &cp);
         return Err(e);
     }
     let mut snapshot_downtime = None;
+    let mut phases = [None; 3];
     if let Some(started) = snapshot {
+        let phase = std::time::Instant::now();
         let done = match started {
-            Ok(_) => {
-                cairn_vm::runtime::wait_migration(&qmp, std::time::Duration::from_secs(600)).await
+            Ok(file) => {
+                let r =
+                    cairn_vm::runtime::wait_migration(&qmp, std::time::Duration::from_secs(600))
+                        .await;
+                cairn_vm::runtime::finish_snapshot(&qmp, file).await;
+                r
             }
-            Err(e) => Err(VmError::from(e)),
+            Err(e) => Err(e),
         };
         let downtime = done.as_ref().ok().and_then(|r| r["downtime"].as_u64());
         snapshot_downtime = downtime;
@@ -426,6 +455,8 @@ async fn take_running(
         }
         // Re-lay the state with fixed page offsets so unchanged memory is shared between
         // checkpoints; the guest is already running again.
+        phases[0] = Some(phase.elapsed());
+        let phase = std::time::Instant::now();
         let mapped = vms.vm_dir(vm).join(format!("state-{name}.mapped"));
         let converted = st
             .runtime
@@ -436,6 +467,8 @@ async fn take_running(
             let _ = std::fs::remove_file(&mapped);
             return Err(undo(st, &cp, e.into()).await);
         }
+        phases[1] = Some(phase.elapsed());
+        let phase = std::time::Instant::now();
         let state_file = mapped;
         let stored = {
             let (store, cp2, file) = (store.clone(), cp.clone(), state_file.clone());
@@ -445,6 +478,7 @@ async fn take_running(
                 .and_then(|r| r.map_err(OpError::from))
         };
         let _ = std::fs::remove_file(&state_file);
+        phases[2] = Some(phase.elapsed());
         match stored {
             Ok(len) => {
                 cp.kind = ck::CheckpointKind::Standard;
@@ -473,6 +507,9 @@ async fn take_running(
         paused_us: paused.as_micros() as u64,
         snapshot_downtime_ms: snapshot_downtime,
         total_us: t.elapsed().as_micros() as u64,
+        snapshot_us: phases[0].map(|d| d.as_micros() as u64),
+        relayout_us: phases[1].map(|d| d.as_micros() as u64),
+        store_us: phases[2].map(|d| d.as_micros() as u64),
     });
     let (cp, store) =
         tokio::task::spawn_blocking(move || ck::finish(&vms, cp).map(|cp| (cp, store)))

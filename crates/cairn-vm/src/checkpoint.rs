@@ -110,6 +110,15 @@ pub struct Timings {
     /// Microseconds the guest's file systems were frozen (application-consistent checkpoints).
     #[serde(default)]
     pub frozen_us: Option<u64>,
+    /// Standard checkpoints: microseconds QEMU took to write the memory snapshot...
+    #[serde(default)]
+    pub snapshot_us: Option<u64>,
+    /// ...to re-lay it with fixed page offsets (the helper QEMU)...
+    #[serde(default)]
+    pub relayout_us: Option<u64>,
+    /// ...and to store it in the state volume.
+    #[serde(default)]
+    pub store_us: Option<u64>,
 }
 
 impl VmStore {

@@ -4,6 +4,9 @@
 //! broadcast channel. Commands may be sent from many tasks at once.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -139,6 +142,26 @@ impl Qmp {
 
     /// Runs a command and returns its `return` value.
     pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        self.execute_passing(command, arguments, None).await
+    }
+
+    /// Runs a command with a file descriptor attached (`SCM_RIGHTS`), as `getfd` and `add-fd`
+    /// expect; QEMU receives its own copy of `fd`.
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Value,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        self.execute_passing(command, arguments, Some(fd)).await
+    }
+
+    async fn execute_passing(
+        &self,
+        command: &str,
+        arguments: Value,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
@@ -150,7 +173,17 @@ impl Qmp {
         line.push('\n');
         {
             let mut w = self.writer.lock().await;
-            if w.write_all(line.as_bytes()).await.is_err() {
+            let mut rest = line.as_bytes();
+            if let Some(fd) = fd {
+                match send_with_fd(&w, rest, fd).await {
+                    Ok(n) => rest = &rest[n..],
+                    Err(_) => {
+                        lock(&self.pending).remove(&id);
+                        return Err(QmpError::Closed);
+                    }
+                }
+            }
+            if w.write_all(rest).await.is_err() {
                 lock(&self.pending).remove(&id);
                 return Err(QmpError::Closed);
             }
@@ -169,5 +202,38 @@ impl Qmp {
     /// Events from now on.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+}
+
+/// Sends the start of `bytes` with `fd` attached; returns how many bytes went out (at least one
+/// on success: the descriptor travels with the first byte).
+async fn send_with_fd(
+    w: &OwnedWriteHalf,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<usize> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let stream: &tokio::net::UnixStream = w.as_ref();
+    loop {
+        stream.writable().await?;
+        // try_io clears the readiness on EAGAIN, so the next writable() really waits.
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let fds = [fd];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            control.push(SendAncillaryMessage::ScmRights(&fds));
+            sendmsg(
+                stream,
+                &[IoSlice::new(bytes)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
