@@ -122,6 +122,24 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             quiet.push(beats.longest_gap(q, q + (t1 - t0).min(Duration::from_millis(800)))?);
         }
         drop(beats);
+        // Disk-only checkpoints: the test guest runs qemu-guest-agent, so each is quiesced
+        // (its file systems frozen) around the pause.
+        let (mut frozen, mut disk_paused, mut disk_total) = (Vec::new(), Vec::new(), Vec::new());
+        let mut kind = String::new();
+        for n in 1..=count.min(5) {
+            let out = json(
+                &store,
+                &["checkpoint", "create", &format!("g@d{n}"), "--disk-only"],
+            )?;
+            kind = out["kind"].as_str().unwrap_or("?").to_string();
+            let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(
+                store.join(format!("vms/g/checkpoints/d{n}.json")),
+            )?)?;
+            let tm = &rec["timings"];
+            frozen.push(tm["frozen_us"].as_f64().unwrap_or(0.0) / 1000.0);
+            disk_paused.push(tm["paused_us"].as_f64().unwrap_or(0.0) / 1000.0);
+            disk_total.push(tm["total_us"].as_f64().unwrap_or(0.0) / 1000.0);
+        }
         let mut applies = Vec::new();
         for n in 1..=count.min(3) {
             let t = Instant::now();
@@ -138,7 +156,8 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
              | seen from the guest: longest gap in its console heartbeat during the whole checkpoint, median (the same in quiet time) | {:.0} ms ({:.0} ms) |\n\
              | whole checkpoint, median: memory snapshot + re-layout with fixed page offsets + store in the state volume | {:.0} ms = {:.0} + {:.0} + {:.0} ms |\n\
              | store growth for the 1st / 2nd checkpoint | {:.1} MiB / {:.1} MiB |\n\
-             | apply of a standard checkpoint to the running VM until the guest runs again, median | {:.0} ms |\n",
+             | apply of a standard checkpoint to the running VM until the guest runs again, median | {:.0} ms |\n\
+             | disk-only checkpoint ({}): file systems frozen / guest paused / whole, median | {:.1} / {:.1} / {:.0} ms |\n",
             applies.len(),
             median(paused.clone()),
             paused.iter().copied().fold(0.0, f64::max),
@@ -152,6 +171,10 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             mib(costs[0]),
             mib(costs.get(1).copied().unwrap_or(0)),
             median(applies),
+            kind,
+            median(frozen),
+            median(disk_paused),
+            median(disk_total),
         ))
     })()
 }
