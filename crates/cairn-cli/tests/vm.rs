@@ -198,6 +198,18 @@ fn missing_qemu_is_a_clear_error() {
     );
     fails(&e, &["vm", "start", "g"], "setup-qemu.sh");
     assert!(_d.log().contains("VMs cannot run"), "{}", _d.log());
+    drop(_d);
+    // A QEMU too old for mapped-ram state files (Debian bookworm's own 7.2).
+    let old = e.work.join("old-qemu");
+    std::fs::write(
+        &old,
+        "#!/bin/sh\necho 'QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)'\n",
+    )
+    .expect("fake QEMU");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let _d = Daemon::start_env(&e, &[], &[("CAIRN_QEMU", old.to_str().expect("utf-8"))]);
+    fails(&e, &["vm", "start", "g"], "QEMU 7.2.19; Cairn needs 9.0 or newer");
     assert_eq!(json(&e, &["vm", "status", "g"])["state"], "stopped");
 }
 
@@ -281,6 +293,8 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
     wait_console(&e, "g2", "cairn-counter 00000001", 90);
     ok(&e, &["vm", "kill", "g2"]);
     fails(&e, &["clone", "g1@c1", "g2"], "already exists");
+    // A checkpoint of another VM (g1's) cannot be applied to the clone.
+    fails(&e, &["checkpoint", "apply", "g2@blank"], "not found");
     ok(&e, &["checkpoint", "apply", "g1@blank"]);
     assert_eq!(counter_in(&e, "d1"), 0);
     // Delete removes every disk's checkpoint; the others stay.
