@@ -209,7 +209,11 @@ fn missing_qemu_is_a_clear_error() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let _d = Daemon::start_env(&e, &[], &[("CAIRN_QEMU", old.to_str().expect("utf-8"))]);
-    fails(&e, &["vm", "start", "g"], "QEMU 7.2.19; Cairn needs 9.0 or newer");
+    fails(
+        &e,
+        &["vm", "start", "g"],
+        "QEMU 7.2.19; Cairn needs 9.0 or newer",
+    );
     assert_eq!(json(&e, &["vm", "status", "g"])["state"], "stopped");
 }
 

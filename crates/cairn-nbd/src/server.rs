@@ -16,7 +16,7 @@ use std::time::Duration;
 use cairn_engine::{Error as EngineError, Extent, Store, Target};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::proto::*;
 
@@ -775,7 +775,16 @@ impl Server {
             };
             let (tx, sess) = (tx.clone(), sess.clone());
             tokio::task::spawn_blocking(move || {
-                let reply = sess.execute(&req, payload);
+                let reply = guarded(
+                    || sess.execute(&req, payload),
+                    |why| {
+                        error!(
+                            "nbd: {}: request type {} at {}+{} on '{}' crashed: {why}; it gets EIO",
+                            sess.peer, req.kind, req.offset, req.length, sess.export.name
+                        );
+                        sess.error_reply(&req, EIO, "internal error in the server (logged)")
+                    },
+                );
                 let _ = tx.send(reply);
                 drop(permit);
             });
@@ -791,6 +800,24 @@ impl Server {
             _ => {}
         }
         result
+    }
+}
+
+/// Runs `request`; if it panics (a bug), returns `on_panic(message)` instead, so the client gets
+/// an error reply for that cookie rather than waiting forever, and the connection goes on.
+fn guarded(request: impl FnOnce() -> Vec<u8>, on_panic: impl FnOnce(String) -> Vec<u8>) -> Vec<u8> {
+    // The engine's locks recover from poisoning, and a request that panicked is never
+    // acknowledged: the client sees an I/O error, as after a write the disk failed.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(request)) {
+        Ok(reply) => reply,
+        Err(p) => {
+            let why = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic without a message".into());
+            on_panic(why)
+        }
     }
 }
 
@@ -1109,6 +1136,19 @@ fn fail(e: EngineError) -> (u32, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_that_panics_still_gets_a_reply() {
+        let ok = guarded(|| vec![1, 2, 3], |_| vec![9]);
+        assert_eq!(ok, vec![1, 2, 3]);
+        let got = guarded(
+            || panic!("index out of bounds in request 7"),
+            |why| why.into_bytes(),
+        );
+        assert_eq!(got, b"index out of bounds in request 7".to_vec());
+        let formatted = guarded(|| panic!("{} of {}", 1, 2), |why| why.into_bytes());
+        assert_eq!(formatted, b"1 of 2".to_vec());
+    }
 
     #[test]
     fn descriptors_cover_the_range_without_gaps() {
