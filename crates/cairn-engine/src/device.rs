@@ -29,6 +29,11 @@ pub trait Device: Send + Sync {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Bytes the device really occupies on the host (sparse files count only allocated extents).
     fn allocated_bytes(&self) -> io::Result<u64>;
+    /// Hints that `len` bytes at `offset` will be read soon, so their reads can be issued
+    /// together rather than one by one; a device may ignore it.
+    fn prefetch(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A device backed by a host file.
@@ -44,6 +49,14 @@ impl FileDevice {
 }
 
 impl Device for FileDevice {
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let Some(len) = std::num::NonZeroU64::new(len) else {
+            return Ok(());
+        };
+        rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::WillNeed)
+            .map_err(io::Error::from)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {

@@ -1604,23 +1604,24 @@ impl State {
 
     fn load_catalog(&mut self) -> Result<()> {
         let sb = self.meta.sb.clone();
-        let mut ids = Vec::new();
+        // Level by level, each level's pages hinted to the device before any is read: on a
+        // cold page cache, one record page per checkpoint read one at a time was one disk
+        // round trip each (10,000 checkpoints: ~150 ms here, more on slower disks).
+        let mut level_pages = Vec::new();
         if sb.catalog_root != 0 {
-            let mut stack = vec![(sb.catalog_root, sb.catalog_depth - 1)];
-            while let Some((p, level)) = stack.pop() {
-                let page = self.meta.cache.get(&*self.meta.dev, p, PageKind::Tree)?;
-                for i in 0..FANOUT {
-                    let e = entry(page, i);
-                    if e != 0 {
-                        if level == 0 {
-                            ids.push(e);
-                        } else {
-                            stack.push((e, level - 1));
-                        }
-                    }
-                }
-            }
+            level_pages.push(sb.catalog_root);
         }
+        for _ in 0..sb.catalog_depth {
+            self.prefetch_pages(&mut level_pages);
+            let mut next = Vec::new();
+            for &p in &level_pages {
+                let page = self.meta.cache.get(&*self.meta.dev, p, PageKind::Tree)?;
+                next.extend((0..FANOUT).map(|i| entry(page, i)).filter(|&e| e != 0));
+            }
+            level_pages = next;
+        }
+        let mut ids = level_pages;
+        self.prefetch_pages(&mut ids);
         for b in ids {
             let rec = Record::decode(
                 self.meta.cache.get(&*self.meta.dev, b, PageKind::Record)?,
@@ -1639,6 +1640,21 @@ impl State {
             self.meta.cache.remove(b);
         }
         Ok(())
+    }
+
+    /// Sorts `pages` and hints the device to read them, in runs of adjacent pages; a failed
+    /// hint only costs speed.
+    fn prefetch_pages(&self, pages: &mut [u64]) {
+        pages.sort_unstable();
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+                j += 1;
+            }
+            let _ = self.meta.dev.prefetch(pages[i] * BS, (j - i) as u64 * BS);
+            i = j;
+        }
     }
 
     fn store_records(&mut self) -> Result<()> {
