@@ -546,9 +546,7 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     // The same from a cold page cache (as after a host reboot), where each metadata page is a
     // disk read. Dropping the host's cache needs root, and slows whatever else runs there, so
     // only full runs do it (not the quick run CI makes).
-    let cold_open_secs = if !args.quick
-        && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
-    {
+    let cold_open_secs = if !args.quick && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok() {
         let t = Instant::now();
         let reopened = Store::open(&store_dir, Options::default())?;
         reopened.read(&Target::head("bench"), 0, &mut one)?;
