@@ -365,8 +365,7 @@ async fn take_running(
             let _ = thaw_guest(vm, &mut agent).await;
         }
         if let Some(file) = prepared {
-            cairn_vm::runtime::finish_snapshot(&qmp, file).await;
-            let _ = std::fs::remove_file(&state_file);
+            cairn_vm::runtime::discard_snapshot(&qmp, file).await;
         }
         ck::abandon(&vms, &cp);
         return Err(VmError::from(e).into());
@@ -382,14 +381,12 @@ async fn take_running(
         (true, Some(file)) => Some(match cairn_vm::runtime::start_snapshot(&qmp, &file).await {
             Ok(()) => Ok(file),
             Err(e) => {
-                cairn_vm::runtime::finish_snapshot(&qmp, file).await;
-                let _ = std::fs::remove_file(&state_file);
+                cairn_vm::runtime::discard_snapshot(&qmp, file).await;
                 Err(e)
             }
         }),
         (false, Some(file)) => {
-            cairn_vm::runtime::finish_snapshot(&qmp, file).await;
-            let _ = std::fs::remove_file(&state_file);
+            cairn_vm::runtime::discard_snapshot(&qmp, file).await;
             None
         }
         (_, None) => None,
@@ -427,14 +424,13 @@ async fn take_running(
             let _ = qmp.execute("migrate_cancel", serde_json::json!({})).await;
             let _ =
                 cairn_vm::runtime::wait_migration(&qmp, std::time::Duration::from_secs(30)).await;
-            cairn_vm::runtime::finish_snapshot(&qmp, file).await;
-            let _ = std::fs::remove_file(&state_file);
+            cairn_vm::runtime::discard_snapshot(&qmp, file).await;
         }
         ck::abandon(&vms, &cp);
         return Err(e);
     }
     let mut snapshot_downtime = None;
-    let mut phases = [None; 3];
+    let (mut snapshot_for, mut relayout_for, mut store_for) = (None, None, None);
     if let Some(started) = snapshot {
         let phase = std::time::Instant::now();
         let done = match started {
@@ -455,7 +451,7 @@ async fn take_running(
         }
         // Re-lay the state with fixed page offsets so unchanged memory is shared between
         // checkpoints; the guest is already running again.
-        phases[0] = Some(phase.elapsed());
+        snapshot_for = Some(phase.elapsed());
         let phase = std::time::Instant::now();
         let mapped = vms.vm_dir(vm).join(format!("state-{name}.mapped"));
         let converted = st
@@ -467,7 +463,7 @@ async fn take_running(
             let _ = std::fs::remove_file(&mapped);
             return Err(undo(st, &cp, e.into()).await);
         }
-        phases[1] = Some(phase.elapsed());
+        relayout_for = Some(phase.elapsed());
         let phase = std::time::Instant::now();
         let state_file = mapped;
         let stored = {
@@ -478,7 +474,7 @@ async fn take_running(
                 .and_then(|r| r.map_err(OpError::from))
         };
         let _ = std::fs::remove_file(&state_file);
-        phases[2] = Some(phase.elapsed());
+        store_for = Some(phase.elapsed());
         match stored {
             Ok(len) => {
                 cp.kind = ck::CheckpointKind::Standard;
@@ -507,9 +503,9 @@ async fn take_running(
         paused_us: paused.as_micros() as u64,
         snapshot_downtime_ms: snapshot_downtime,
         total_us: t.elapsed().as_micros() as u64,
-        snapshot_us: phases[0].map(|d| d.as_micros() as u64),
-        relayout_us: phases[1].map(|d| d.as_micros() as u64),
-        store_us: phases[2].map(|d| d.as_micros() as u64),
+        snapshot_us: snapshot_for.map(|d| d.as_micros() as u64),
+        relayout_us: relayout_for.map(|d| d.as_micros() as u64),
+        store_us: store_for.map(|d| d.as_micros() as u64),
     });
     let (cp, store) =
         tokio::task::spawn_blocking(move || ck::finish(&vms, cp).map(|cp| (cp, store)))

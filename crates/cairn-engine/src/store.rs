@@ -1781,7 +1781,12 @@ impl State {
     /// Whether the next commit must also reset the journal (too long, or too many blocks waiting
     /// for a reset to become reusable).
     fn journal_due(&self) -> bool {
-        lock(&self.journal).used() > self.opts.journal_limit
+        self.reset_due(lock(&self.journal).used())
+    }
+
+    /// [`journal_due`](Self::journal_due) for a caller that already holds the journal.
+    fn reset_due(&self, journal_used: u64) -> bool {
+        journal_used > self.opts.journal_limit
             || self.meta.quarantine.len() as u64 * BS > self.opts.journal_limit
     }
 
@@ -1822,10 +1827,7 @@ impl State {
         self.meta.decremented.clear();
         self.meta.decremented_sealed.clear();
         self.meta.data_written = false;
-        if release_space
-            || journal.used() > self.opts.journal_limit
-            || self.meta.quarantine.len() as u64 * BS > self.opts.journal_limit
-        {
+        if release_space || self.reset_due(journal.used()) {
             self.meta.dev.sync().map_err(Error::io("sync", &dpath))?;
             journal.reset()?;
             self.meta.journal_was_reset();

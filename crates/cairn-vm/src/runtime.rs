@@ -654,6 +654,7 @@ pub async fn ensure_snapshot_capabilities(qmp: &Qmp) -> Result<(), VmError> {
 pub struct SnapshotFile {
     file: std::fs::File,
     fdset: u64,
+    path: PathBuf,
 }
 
 /// Creates the file a background snapshot of memory and device state will go to, and lends it
@@ -675,23 +676,26 @@ pub async fn prepare_snapshot(qmp: &Qmp, path: &Path) -> Result<SnapshotFile, Vm
         .create_new(true)
         .open(path)
         .map_err(|e| VmError::io("creating the state file", path, e))?;
-    let added = qmp
+    let fdset = match qmp
         .execute_with_fd("add-fd", json!({ "opaque": "cairn-state" }), file.as_fd())
-        .await;
-    let fdset = match added.map(|a| a["fdset-id"].as_u64().ok_or(a)) {
-        Ok(Ok(id)) => id,
-        Ok(Err(a)) => {
-            let _ = std::fs::remove_file(path);
-            return Err(VmError::Qemu(format!(
-                "QEMU's add-fd answered without an fdset-id: {a}"
-            )));
-        }
+        .await
+    {
+        Ok(a) => a["fdset-id"].as_u64().ok_or_else(|| {
+            VmError::Qemu(format!("QEMU's add-fd answered without an fdset-id: {a}"))
+        }),
+        Err(e) => Err(e.into()),
+    };
+    match fdset {
+        Ok(fdset) => Ok(SnapshotFile {
+            file,
+            fdset,
+            path: path.to_path_buf(),
+        }),
         Err(e) => {
             let _ = std::fs::remove_file(path);
-            return Err(e.into());
+            Err(e)
         }
-    };
-    Ok(SnapshotFile { file, fdset })
+    }
 }
 
 /// Starts the background snapshot into a file from [`prepare_snapshot`].
@@ -719,6 +723,14 @@ pub async fn finish_snapshot(qmp: &Qmp, snapshot: SnapshotFile) {
         tokio::time::sleep(SNAPSHOT_FILE_GRACE).await;
         let _ = tokio::task::spawn_blocking(move || drop(file)).await;
     });
+}
+
+/// [`finish_snapshot`] for a snapshot whose file is not wanted (it failed, or the checkpoint
+/// did): also removes the file.
+pub async fn discard_snapshot(qmp: &Qmp, snapshot: SnapshotFile) {
+    let path = snapshot.path.clone();
+    finish_snapshot(qmp, snapshot).await;
+    let _ = std::fs::remove_file(path);
 }
 
 /// How long Cairn keeps its descriptor of a state file after the snapshot into it ended.
@@ -757,8 +769,9 @@ async fn connect_qmp(
 
 /// Waits until the migration (save or load) completes; its failure is an error. QEMU announces
 /// each status change with a `MIGRATION` event (with the `events` capability on, as Cairn sets
-/// it); `query-migrate` is asked only at the start and then rarely, as a safety net: it runs under QEMU's big lock, and polling it every 10 ms
-/// during a background snapshot kept taking that lock from the running guest.
+/// it); `query-migrate` is asked only at the start and then rarely, as a safety net: it runs
+/// under QEMU's big lock, and polling it every 10 ms during a background snapshot kept taking
+/// that lock from the running guest.
 pub async fn wait_migration(qmp: &Qmp, timeout: Duration) -> Result<serde_json::Value, VmError> {
     let mut events = qmp.events();
     let t = Instant::now();
@@ -792,11 +805,8 @@ pub async fn wait_migration(qmp: &Qmp, timeout: Duration) -> Result<serde_json::
                         }
                     }
                     Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        // QEMU went away: the next query says so.
-                        return;
-                    }
+                    // Events missed, or QEMU went away: the next query says where things are.
+                    Err(_) => return,
                 }
             }
         };
