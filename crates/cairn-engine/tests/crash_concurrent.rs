@@ -189,3 +189,104 @@ fn power_cuts_during_concurrent_writes_flushes_and_checkpoints() {
         run_once(seed, cut);
     }
 }
+
+/// Pauses the committing thread at a data-file sync, once armed, until the test lets it go.
+struct PausingDevice {
+    inner: Arc<cairn_engine::device::SimDevice>,
+    armed: std::sync::atomic::AtomicBool,
+    paused: Mutex<std::sync::mpsc::Sender<()>>,
+    resume: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl cairn_engine::device::Device for PausingDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            let _ = self.paused.lock().expect("lock").send(());
+            let _ = self.resume.lock().expect("lock").recv();
+        }
+        self.inner.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.allocate(offset, len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn allocated_bytes(&self) -> std::io::Result<u64> {
+        self.inner.allocated_bytes()
+    }
+}
+
+/// A commit that also resets the journal runs outside the state lock, so a block can be freed
+/// after its transaction was sealed and before the reset. That free is not durable when the reset
+/// is, so the block must stay quarantined: reusing it would let a crash leave the durable head
+/// pointing at someone else's data.
+#[test]
+fn a_block_freed_during_a_journal_reset_commit_is_not_reused_before_its_own_commit() {
+    let power = PowerSupply::new();
+    let sim = cairn_engine::device::SimDevice::new(Vec::new(), power.clone());
+    let journal = cairn_engine::device::SimDevice::new(Vec::new(), power);
+    Store::format(&*sim, "sim").expect("format");
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel();
+    let dev = Arc::new(PausingDevice {
+        inner: sim.clone(),
+        armed: false.into(),
+        paused: Mutex::new(paused_tx),
+        resume: Mutex::new(resume_rx),
+    });
+    // Every commit after the first finds the journal due for a reset.
+    let opts = cairn_engine::Options {
+        journal_limit: 0,
+        ..common::small_opts()
+    };
+    let store =
+        Arc::new(Store::open_devices(dev.clone(), journal.clone(), opts, "sim").expect("open"));
+    store.create_volume(VOL, 64 * BS).expect("create");
+    store.write(VOL, 0, &block_of(1, 1)).expect("write");
+    store.flush().expect("flush");
+    store.write(VOL, 2 * BS, &block_of(2, 1)).expect("write");
+
+    dev.armed.store(true, Ordering::SeqCst);
+    let s = store.clone();
+    let committer = std::thread::spawn(move || s.flush());
+    paused_rx.recv().expect("the commit reached its sync");
+    // Freed after the seal: block 0's only reference goes away.
+    store.trim(VOL, 0, BS).expect("trim");
+    resume_tx.send(()).expect("resume");
+    committer.join().expect("join").expect("flush");
+    assert!(
+        store.stats().journal_resets >= 1,
+        "the commit under test must have reset the journal"
+    );
+    // A new block written now (never flushed) must not land where block 0's data still is.
+    store.write(VOL, 5 * BS, &block_of(3, 1)).expect("write");
+
+    // Power cut that keeps every unsynced write, in order.
+    let data_img = sim.crash_image(&mut |n| n - 1);
+    let journal_img = journal.crash_image(&mut |n| n - 1);
+    let s = common::reopen_crashed(data_img, journal_img, "reset window");
+    let t = Target::head(VOL);
+    let mut buf = vec![0u8; BS as usize];
+    s.read(&t, 0, &mut buf).expect("read");
+    assert!(
+        buf == block_of(1, 1) || buf.iter().all(|&b| b == 0),
+        "block 0 after the crash holds neither its flushed data nor zeros (its trim was never \
+         flushed, so its old block was reused too early)"
+    );
+    let report = s.fsck().expect("fsck");
+    assert!(
+        report.errors.is_empty(),
+        "fsck after the crash: {:?}",
+        report.errors
+    );
+}
