@@ -169,6 +169,21 @@ enum VolumeCmd {
         /// Volume name.
         name: String,
     },
+    /// Make a head contiguous again after overwrites following checkpoints, so sequential I/O
+    /// is as fast as without checkpoints. Blocks shared with checkpoints are copied: that costs
+    /// space until those checkpoints are deleted (`--dry-run` says how much). Safe while the
+    /// volume is in use: its I/O waits for one 2 MiB range at a time.
+    Defrag {
+        /// Volume name.
+        name: String,
+        /// Only report what would be moved and what it would cost.
+        #[arg(long)]
+        dry_run: bool,
+        /// Move a 2 MiB range only when its data lies in at least this many separate extents
+        /// (2: any break). Below the default, sequential reads lose under 10%.
+        #[arg(long, default_value_t = cairn_engine::DEFRAG_MIN_EXTENTS)]
+        min_extents: u64,
+    },
     /// Create a volume from a disk image in any format qemu-img reads (raw, qcow2, vhdx, vmdk,
     /// vdi...); zero ranges stay unallocated.
     Import {
@@ -585,6 +600,60 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
                 print_json(&serde_json::json!({ "deleted": name }))?;
             } else {
                 println!("deleted volume '{name}'");
+            }
+        }
+        VolumeCmd::Defrag {
+            name,
+            dry_run,
+            min_extents,
+        } => {
+            let size = store.volume(Op::VolumeInfo { name: name.clone() })?.size;
+            let pb = progress(
+                size,
+                if dry_run {
+                    "examining"
+                } else {
+                    "defragmenting"
+                },
+            );
+            let reply = store.call_with_progress(
+                Op::VolumeDefrag {
+                    name: name.clone(),
+                    dry_run,
+                    min_extents,
+                },
+                &mut |n| pb.set_position(n),
+            )?;
+            pb.finish_and_clear();
+            let Reply::Defrag(r) = reply else {
+                bail!("the daemon answered a defrag with something else: {reply:?}");
+            };
+            if json {
+                print_json(&r)?;
+            } else if r.moved_bytes == 0 {
+                println!(
+                    "nothing to move: no 2 MiB range of '{name}' lies in {min_extents} or more extents ({} in {} extents in all)",
+                    human(r.mapped_bytes),
+                    r.extents_before
+                );
+            } else if dry_run {
+                println!(
+                    "defrag of '{name}' would move {} of {} ({} extents -> about {}); {} of it is shared with checkpoints or clones and would be stored twice",
+                    human(r.moved_bytes),
+                    human(r.mapped_bytes),
+                    r.extents_before,
+                    r.extents_after,
+                    human(r.shared_bytes)
+                );
+            } else {
+                println!(
+                    "defragmented '{name}': moved {} ({} extents -> {}); {} shared with checkpoints or clones is now stored twice; the store grew by {}",
+                    human(r.moved_bytes),
+                    r.extents_before,
+                    r.extents_after,
+                    human(r.shared_bytes),
+                    human(r.space_delta.max(0) as u64)
+                );
             }
         }
         VolumeCmd::Import { name, file, format } => {

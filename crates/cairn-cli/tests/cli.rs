@@ -227,6 +227,88 @@ fn checkpoint_lifecycle_in(e: Env) {
 }
 
 #[test]
+fn defrag() {
+    defrag_in(env());
+}
+
+/// The same commands through the daemon's control API.
+#[test]
+fn defrag_through_daemon() {
+    defrag_in(env_with_daemon());
+}
+
+fn defrag_in(e: Env) {
+    ok(&e, &["volume", "create", "web", "--size", "8M"]);
+    let w = |off: u64, pat: &str, len: &str| {
+        let off = off.to_string();
+        ok(
+            &e,
+            &[
+                "volume",
+                "write",
+                "web",
+                "--offset",
+                &off,
+                "--pattern",
+                pat,
+                "--length",
+                len,
+            ],
+        );
+    };
+    w(0, "0x11", "2M");
+    ok(&e, &["checkpoint", "create", "web@base"]);
+    // Scattered overwrites after the checkpoint land in new blocks elsewhere.
+    for b in [3u64, 40, 41, 200, 333] {
+        w(b * 4096, "0x22", "4096");
+    }
+    let before = read(&e, "web", 0, 2 << 20);
+    let space = json(&e, &["space"])["allocated"]
+        .as_u64()
+        .expect("allocated");
+
+    // Ten extents in a 2 MiB range cost sequential reads little: the default leaves them.
+    let out = ok(&e, &["volume", "defrag", "web"]);
+    assert!(out.contains("nothing to move"), "{out}");
+    assert_eq!(json(&e, &["space"])["allocated"].as_u64(), Some(space));
+    let any = ["--min-extents", "2"];
+    let dry = json(
+        &e,
+        &["volume", "defrag", "web", "--dry-run", any[0], any[1]],
+    );
+    assert_eq!(dry["dry_run"], true);
+    assert!(dry["moved_bytes"].as_u64() > Some(0), "{dry}");
+    assert!(dry["shared_bytes"].as_u64() > Some(0), "{dry}");
+    assert!(
+        dry["extents_before"].as_u64() > dry["extents_after"].as_u64(),
+        "{dry}"
+    );
+    assert_eq!(json(&e, &["space"])["allocated"].as_u64(), Some(space));
+    assert!(ok(
+        &e,
+        &["volume", "defrag", "web", "--dry-run", any[0], any[1]]
+    )
+    .contains("would move"));
+
+    let out = ok(&e, &["volume", "defrag", "web", any[0], any[1]]);
+    assert!(out.contains("defragmented 'web'"), "{out}");
+    assert!(out.contains("stored twice"), "{out}");
+    assert_eq!(read(&e, "web", 0, 2 << 20), before);
+    assert_eq!(read(&e, "web@base", 4096 * 3, 4096), vec![0x11; 4096]);
+    let grown = json(&e, &["space"])["allocated"]
+        .as_u64()
+        .expect("allocated")
+        - space;
+    assert!(
+        grown >= dry["shared_bytes"].as_u64().expect("shared"),
+        "grew {grown}"
+    );
+    assert!(ok(&e, &["volume", "defrag", "web", any[0], any[1]]).contains("nothing to move"));
+    fails(&e, &["volume", "defrag", "nope"], "nope");
+    assert!(ok(&e, &["fsck"]).contains("no problems"));
+}
+
+#[test]
 fn clone_survives_source_deletion() {
     clone_survives_source_deletion_in(env());
 }

@@ -8,7 +8,8 @@
 
 use cairn_engine::fsck::FsckReport;
 use cairn_engine::{
-    CheckpointInfo, Error as EngineError, Extent, SpaceReport, Store, Target, VolumeInfo,
+    CheckpointInfo, DefragReport, Error as EngineError, Extent, SpaceReport, Store, Target,
+    VolumeInfo,
 };
 use cairn_vm::{VmError, VmSpec, VmStatus, VmStore};
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,17 @@ pub enum Op {
     VolumeDelete {
         /// Name.
         name: String,
+    },
+    /// Move a head's fragmented ranges into contiguous blocks (shared blocks are copied).
+    VolumeDefrag {
+        /// Name.
+        name: String,
+        /// Only report what a run would move and cost.
+        #[serde(default)]
+        dry_run: bool,
+        /// Move a 2 MiB range only when it lies in at least this many extents.
+        #[serde(default = "default_min_extents")]
+        min_extents: u64,
     },
     /// Write bytes to a head, then flush.
     VolumeWrite {
@@ -227,6 +239,8 @@ pub enum Reply {
     Space(SpaceReport),
     /// Fsck report.
     Fsck(FsckReport),
+    /// What a defrag moved and cost.
+    Defrag(DefragReport),
     /// Bytes read (base64 in JSON).
     Bytes(#[serde(with = "b64")] Vec<u8>),
     /// One VM definition.
@@ -235,6 +249,10 @@ pub enum Reply {
     Vms(Vec<VmSpec>),
     /// A VM's run state.
     VmStatus(VmStatus),
+}
+
+fn default_min_extents() -> u64 {
+    cairn_engine::DEFRAG_MIN_EXTENTS
 }
 
 /// What kind of failure an [`OpError`] is, so callers (and HTTP) can react without parsing text.
@@ -552,6 +570,11 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             store.delete_volume_with_progress(&name, progress)?;
             Reply::Done
         }
+        Op::VolumeDefrag {
+            name,
+            dry_run,
+            min_extents,
+        } => Reply::Defrag(store.defrag(&name, min_extents, dry_run, progress)?),
         Op::VolumeWrite { name, offset, data } => {
             checked_len("a write", data.len() as u64)?;
             store.write(&name, offset, &data)?;

@@ -113,14 +113,44 @@ impl Meta {
         &mut self,
         root: u64,
         depth: u32,
-        mut vbn: u64,
+        vbn: u64,
         count: u64,
         out: &mut Vec<(u64, Fill)>,
+    ) -> Result<()> {
+        let mut blocks = Vec::with_capacity(count as usize);
+        self.lookup_shared(root, depth, vbn, count, &mut blocks)?;
+        for (x, shared) in blocks {
+            if x != 0 && !shared && !self.dropped_since_durable(x) {
+                out.push((x, Fill::InPlace));
+            } else {
+                let y = self.reserve()?;
+                out.push((
+                    y,
+                    if x == 0 {
+                        Fill::Zero
+                    } else {
+                        Fill::CopyFrom(x)
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends, for each of `count` blocks from `vbn`, its data block (0 where unmapped) and
+    /// whether anyone else references it: a shared page on its path (then every block below is
+    /// shared too) or a count above 1. Overwriting or moving a shared block costs a new block.
+    pub fn lookup_shared(
+        &mut self,
+        root: u64,
+        depth: u32,
+        mut vbn: u64,
+        count: u64,
+        out: &mut Vec<(u64, bool)>,
     ) -> Result<()> {
         let end = vbn + count;
         while vbn < end {
             let stop = ((vbn / FANOUT + 1) * FANOUT).min(end);
-            // Whether any page on the path is shared: then every block below is shared too.
             let mut shared = false;
             let mut p = root;
             for level in (0..depth).rev() {
@@ -139,19 +169,8 @@ impl Meta {
                 } else {
                     entry(self.cache.get(&*self.dev, p, PageKind::Tree)?, v % FANOUT)
                 };
-                if x != 0 && !shared && self.rc(x)? == 1 && !self.dropped_since_durable(x) {
-                    out.push((x, Fill::InPlace));
-                } else {
-                    let y = self.reserve()?;
-                    out.push((
-                        y,
-                        if x == 0 {
-                            Fill::Zero
-                        } else {
-                            Fill::CopyFrom(x)
-                        },
-                    ));
-                }
+                let shared = x != 0 && (shared || self.rc(x)? > 1);
+                out.push((x, shared));
             }
             vbn = stop;
         }

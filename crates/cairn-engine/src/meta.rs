@@ -248,6 +248,32 @@ impl Meta {
         Ok(b)
     }
 
+    /// Reserves `n` blocks from the end of the allocated range, where free space is contiguous
+    /// (a refcount block every few MiB aside), for data being moved to make it contiguous.
+    pub fn reserve_run(&mut self, n: usize) -> Result<Vec<u64>> {
+        let cursor = self.sb.alloc_cursor;
+        self.sb.alloc_cursor = self.sb.high_water;
+        let mut run = Vec::with_capacity(n);
+        let mut res = Ok(());
+        for _ in 0..n {
+            match self.reserve() {
+                Ok(b) => run.push(b),
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
+        }
+        self.sb.alloc_cursor = cursor;
+        if let Err(e) = res {
+            for b in run {
+                self.unreserve(b);
+            }
+            return Err(e);
+        }
+        Ok(run)
+    }
+
     /// Claims a reserved block (reference count 1) as its pointer is stored.
     pub fn link(&mut self, b: u64) -> Result<()> {
         self.reserved.remove(&b);

@@ -29,6 +29,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod defrag;
+pub use defrag::{DefragReport, DEFRAG_MIN_EXTENTS};
+
 const BS: u64 = BLOCK_SIZE as u64;
 /// Data file name inside a store directory.
 pub const DATA_FILE: &str = "cairn.data";
@@ -1595,26 +1598,30 @@ impl State {
     }
 
     fn link_write(&mut self, vid: u64, first: u64, plan: &[(u64, Fill)]) -> Result<()> {
+        let links: Vec<(u64, u64)> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, fill))| *fill != Fill::InPlace)
+            .map(|(i, (b, _))| (first + i as u64, *b))
+            .collect();
+        self.link_blocks(vid, &links)
+    }
+
+    /// Points each `(vbn, block)` of a volume's head at its reserved block, now written. After
+    /// a failure the remaining blocks are given back.
+    fn link_blocks(&mut self, vid: u64, links: &[(u64, u64)]) -> Result<()> {
         self.meta.data_written = true;
         let v = &self.volumes[&vid];
         let (mut root, depth, mut mapped) = (v.root, tree_depth(v.size), v.mapped);
         let mut leaf = None;
         let mut res = Ok(());
-        for (i, (b, fill)) in plan.iter().enumerate() {
-            if *fill == Fill::InPlace {
-                continue;
-            }
+        for &(vbn, b) in links {
             if res.is_ok() {
-                res = self.meta.link_write(
-                    &mut root,
-                    depth,
-                    first + i as u64,
-                    *b,
-                    &mut leaf,
-                    &mut mapped,
-                );
+                res = self
+                    .meta
+                    .link_write(&mut root, depth, vbn, b, &mut leaf, &mut mapped);
             } else {
-                self.meta.unreserve(*b);
+                self.meta.unreserve(b);
             }
         }
         let vm = self.volume_mut(vid);

@@ -55,6 +55,10 @@ enum Op {
     DeleteVolume {
         v: u8,
     },
+    Defrag {
+        v: u8,
+        dry_run: bool,
+    },
     Read {
         v: u8,
         c: Option<u8>,
@@ -82,6 +86,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3u8, 0..5u8, 0..3u8).prop_map(|(v, c, to)| Op::Clone { v, c, to }),
         1 => (0..3u8, 0..300u16).prop_map(|(v, extra)| Op::Resize { v, extra }),
         1 => (0..3u8).prop_map(|v| Op::DeleteVolume { v }),
+        2 => (0..3u8, any::<bool>()).prop_map(|(v, dry_run)| Op::Defrag { v, dry_run }),
         3 => (0..3u8, proptest::option::of(0..5u8), any::<u32>(), 0..40000u32)
             .prop_map(|(v, c, off, len)| Op::Read { v, c, off, len }),
         2 => (0..3u8, proptest::option::of(0..5u8), proptest::option::of(0..5u8))
@@ -299,6 +304,31 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::DeleteVolume { v } => {
                 let r = s.delete_volume(&vname(v));
                 prop_assert_eq!(r.is_ok(), m.volumes.remove(&vname(v)).is_some());
+            }
+            Op::Defrag { v, dry_run } => {
+                // Contents never change (the reads and diffs after it check that); the report
+                // must add up.
+                let r = s.defrag(&vname(v), 2, dry_run, &mut |_| {});
+                let Some(vol) = m.volumes.get(&vname(v)) else {
+                    prop_assert!(matches!(r, Err(Error::UnknownVolume(_))));
+                    continue;
+                };
+                let rep = r.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let head = vol.head.as_ref().expect("head");
+                let mapped = head.versions.iter().filter(|&&x| x != 0).count() as u64;
+                prop_assert_eq!(rep.mapped_bytes, mapped * BS);
+                prop_assert!(rep.shared_bytes <= rep.moved_bytes);
+                prop_assert!(rep.moved_bytes <= rep.mapped_bytes);
+                prop_assert!(rep.extents_after <= rep.extents_before);
+                if dry_run {
+                    prop_assert_eq!(rep.space_delta, 0);
+                } else {
+                    // A second pass finds nothing left to move.
+                    let again = s
+                        .defrag(&vname(v), 2, true, &mut |_| {})
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(again.moved_bytes, 0, "after {:?}", rep);
+                }
             }
             Op::Read { v, c, off, len } => {
                 let t = target(v, c);
