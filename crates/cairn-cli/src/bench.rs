@@ -457,14 +457,25 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     let last = *plan.create_marks.last().unwrap_or(&0);
     let mut mark_samples: Vec<f64> = Vec::new();
     let mut mark_nocommit: Vec<f64> = Vec::new();
+    let mut defrag = None;
     while depth <= last {
         if plan.depths.contains(&depth) && !tps.iter().any(|(d, _)| *d == depth) {
+            // The deepest head, as it is now, for the defrag comparison (measure writes to it).
+            if plan.depths.last() == Some(&depth) {
+                store.create_checkpoint("bench", "pre-defrag", None)?;
+                store.clone_checkpoint("bench", "pre-defrag", "defragged")?;
+                store.delete_checkpoint("bench", "pre-defrag")?;
+            }
             let t = measure(&vol, &plan, 10 + depth)?;
             eprintln!(
                 "bench: cairn at depth {depth}: seq read {:.0} MiB/s, seq write {:.0} MiB/s, rand read {:.0} IOPS, rand write {:.0} IOPS ({:.0?})",
                 t.seq_read, t.seq_write, t.rand_read, t.rand_write, started.elapsed()
             );
             tps.push((depth, t));
+            if plan.depths.last() == Some(&depth) {
+                defrag = Some(defrag_and_measure(&store, &plan, depth)?);
+                eprintln!("bench: defrag at depth {depth} done ({:.0?})", started.elapsed());
+            }
         }
         if depth == last {
             break;
@@ -622,6 +633,35 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
             }
         }
     }
+    if let Some(d) = &defrag {
+        report.push_str(&format!(
+            "\nThe head at depth {} (a clone of it), before and after `cairn volume defrag` (default threshold: 2 MiB ranges in {} or more extents). It took {:.1} s, moved {} of {} ({} -> {} extents), {} of it shared with checkpoints, so the store grew by {}.\n\n| head workload | cairn @{} | after defrag | after / depth 0 | after / file |\n|---|---|---|---|---|\n",
+            d.depth,
+            cairn_engine::DEFRAG_MIN_EXTENTS,
+            d.secs,
+            cairn_units(d.report.moved_bytes),
+            cairn_units(d.report.mapped_bytes),
+            d.report.extents_before,
+            d.report.extents_after,
+            cairn_units(d.report.shared_bytes),
+            cairn_units(d.report.space_delta.max(0) as u64),
+            d.depth
+        ));
+        let at = tps
+            .iter()
+            .find(|(dd, _)| *dd == d.depth)
+            .map(|(_, t)| *t)
+            .unwrap_or_default();
+        for (name, f, unit) in rows {
+            report.push_str(&format!(
+                "| {name} | {:.0} {unit} | {:.0} | {:.2} | {:.2} |\n",
+                f(&at),
+                f(&d.after),
+                f(&d.after) / f(&base),
+                f(&d.after) / f(&file_tp)
+            ));
+        }
+    }
     report.push_str("\n| operation | result |\n|---|---|\n");
     for (m, s, x) in &creates {
         report.push_str(&format!(
@@ -673,6 +713,39 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
         println!("{report}");
     }
     Ok(())
+}
+
+/// The deepest head, defragmented and measured again.
+struct DefragRun {
+    depth: u64,
+    secs: f64,
+    report: cairn_engine::DefragReport,
+    after: Throughput,
+}
+
+/// Defragments the clone of the head taken at `depth` and measures it as the head was measured.
+fn defrag_and_measure(store: &Store, plan: &Plan, depth: u64) -> Result<DefragRun> {
+    store.flush()?;
+    let t = Instant::now();
+    let report = store.defrag(
+        "defragged",
+        cairn_engine::DEFRAG_MIN_EXTENTS,
+        false,
+        &mut |_| {},
+    )?;
+    let secs = t.elapsed().as_secs_f64();
+    let clone = CairnVolume {
+        store,
+        head: Target::head("defragged"),
+    };
+    let after = measure(&clone, plan, 10 + depth)?;
+    store.delete_volume("defragged")?;
+    Ok(DefragRun {
+        depth,
+        secs,
+        report,
+        after,
+    })
 }
 
 fn cairn_units(b: u64) -> String {
