@@ -474,7 +474,10 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
             tps.push((depth, t));
             if plan.depths.last() == Some(&depth) {
                 defrag = Some(defrag_and_measure(&store, &plan, depth)?);
-                eprintln!("bench: defrag at depth {depth} done ({:.0?})", started.elapsed());
+                eprintln!(
+                    "bench: defrag at depth {depth} done ({:.0?})",
+                    started.elapsed()
+                );
             }
         }
         if depth == last {
