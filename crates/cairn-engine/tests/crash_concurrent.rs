@@ -58,7 +58,15 @@ struct Log {
 
 fn run_once(seed: u64, cut: u64) {
     let power = PowerSupply::new();
-    let (data, journal, store) = common::sim_store(power.clone());
+    let data = cairn_engine::device::SimDevice::new(Vec::new(), power.clone());
+    let journal = cairn_engine::device::SimDevice::new(Vec::new(), power.clone());
+    Store::format(&*data, "sim").expect("format");
+    // With the background committer: commits also start on their own, at any moment.
+    let opts = cairn_engine::Options {
+        background_commits: true,
+        ..common::small_opts()
+    };
+    let store = Store::open_devices(data.clone(), journal.clone(), opts, "sim").expect("open");
     store.create_volume(VOL, 256 * BS).expect("create volume");
     store.flush().expect("flush");
     let store = Arc::new(store);
@@ -289,4 +297,54 @@ fn a_block_freed_during_a_journal_reset_commit_is_not_reused_before_its_own_comm
         "fsck after the crash: {:?}",
         report.errors
     );
+}
+
+/// With a background committer, writes past the dirty limit are committed without a flush, and a
+/// background commit that fails is reported by the next flush (the writes it carried are gone),
+/// once; the store then works again.
+#[test]
+fn background_commits_run_and_their_failure_is_reported_by_the_next_flush() {
+    let power = PowerSupply::new();
+    let data = cairn_engine::device::SimDevice::new(Vec::new(), power.clone());
+    let journal = cairn_engine::device::SimDevice::new(Vec::new(), power);
+    Store::format(&*data, "sim").expect("format");
+    let opts = cairn_engine::Options {
+        background_commits: true,
+        ..common::small_opts()
+    };
+    let s = Store::open_devices(data.clone(), journal.clone(), opts, "sim").expect("open");
+    s.create_volume(VOL, 1 << 32).expect("create");
+    s.flush().expect("flush");
+    let mut i = 0u64;
+    let mut wait_for = |n: u64| {
+        for _ in 0..2000 {
+            if s.stats().background_commits >= n {
+                return;
+            }
+            // A block in a leaf of its own each time: each write dirties a page or more.
+            i += 1;
+            s.write(VOL, (i * 600 % (1 << 20)) * BS, &block_of(9, i))
+                .expect("write");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("no background commit after 2,000 writes past the dirty limit");
+    };
+    wait_for(1);
+    s.flush()
+        .expect("flush after a successful background commit");
+
+    // The next journal write fails: only commits write the journal.
+    journal.fail_next(1);
+    let before = s.stats().background_commits;
+    wait_for(before + 1);
+    let err = s
+        .flush()
+        .expect_err("the failed background commit must be reported");
+    assert!(err.to_string().contains("discarded"), "{err}");
+    s.write(VOL, 0, &block_of(1, 1))
+        .expect("write after the failure");
+    s.flush().expect("reported once; the store works again");
+    let mut buf = vec![0u8; BS as usize];
+    s.read(&Target::head(VOL), 0, &mut buf).expect("read");
+    assert_eq!(buf, block_of(1, 1));
 }

@@ -15,6 +15,8 @@ pub fn small_opts() -> Options {
         dirty_limit: 48,
         journal_limit: 256 * 1024,
         prealloc_bytes: 64 * 1024,
+        // Power-cut tests count device operations: commits happen where the test makes them.
+        background_commits: false,
     }
 }
 
