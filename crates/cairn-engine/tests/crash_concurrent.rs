@@ -58,9 +58,7 @@ struct Log {
 
 fn run_once(seed: u64, cut: u64) {
     let power = PowerSupply::new();
-    let data = cairn_engine::device::SimDevice::new(Vec::new(), power.clone());
-    let journal = cairn_engine::device::SimDevice::new(Vec::new(), power.clone());
-    Store::format(&*data, "sim").expect("format");
+    let (data, journal) = common::sim_devices(power.clone());
     // With the background committer: commits also start on their own, at any moment.
     let opts = cairn_engine::Options {
         background_commits: true,
@@ -241,9 +239,7 @@ impl cairn_engine::device::Device for PausingDevice {
 #[test]
 fn a_block_freed_during_a_journal_reset_commit_is_not_reused_before_its_own_commit() {
     let power = PowerSupply::new();
-    let sim = cairn_engine::device::SimDevice::new(Vec::new(), power.clone());
-    let journal = cairn_engine::device::SimDevice::new(Vec::new(), power);
-    Store::format(&*sim, "sim").expect("format");
+    let (sim, journal) = common::sim_devices(power);
     let (paused_tx, paused_rx) = std::sync::mpsc::channel();
     let (resume_tx, resume_rx) = std::sync::mpsc::channel();
     let dev = Arc::new(PausingDevice {
@@ -305,9 +301,7 @@ fn a_block_freed_during_a_journal_reset_commit_is_not_reused_before_its_own_comm
 #[test]
 fn background_commits_run_and_their_failure_is_reported_by_the_next_flush() {
     let power = PowerSupply::new();
-    let data = cairn_engine::device::SimDevice::new(Vec::new(), power.clone());
-    let journal = cairn_engine::device::SimDevice::new(Vec::new(), power);
-    Store::format(&*data, "sim").expect("format");
+    let (data, journal) = common::sim_devices(power);
     let opts = cairn_engine::Options {
         background_commits: true,
         ..common::small_opts()

@@ -20,10 +20,16 @@ pub fn small_opts() -> Options {
     }
 }
 
-pub fn sim_store(power: Arc<PowerSupply>) -> (Arc<SimDevice>, Arc<SimDevice>, Store) {
+/// A freshly formatted data device and an empty journal device on one power supply.
+pub fn sim_devices(power: Arc<PowerSupply>) -> (Arc<SimDevice>, Arc<SimDevice>) {
     let data = SimDevice::new(Vec::new(), power.clone());
     let journal = SimDevice::new(Vec::new(), power);
     Store::format(&*data, "sim").expect("format");
+    (data, journal)
+}
+
+pub fn sim_store(power: Arc<PowerSupply>) -> (Arc<SimDevice>, Arc<SimDevice>, Store) {
+    let (data, journal) = sim_devices(power);
     let store =
         Store::open_devices(data.clone(), journal.clone(), small_opts(), "sim").expect("open");
     (data, journal, store)
