@@ -603,7 +603,9 @@ fn checkpoint_taken_while_a_client_writes_is_consistent() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let e = env();
-    cairn(&e, &["volume", "create", "v", "--size", "64M"]);
+    // Large enough that the writer is still writing when the checkpoint returns, however fast
+    // writes are (a 64 MiB volume was once written through before `checkpoint create` returned).
+    cairn(&e, &["volume", "create", "v", "--size", "4G"]);
     let d = Daemon::start(&e);
     let mut r = Raw::hello(&d);
     assert_eq!(r.go("v"), REP_ACK);
@@ -612,7 +614,7 @@ fn checkpoint_taken_while_a_client_writes_is_consistent() {
     // One client writes block after block, each stamped with its number, waiting for each ack.
     let writer = std::thread::spawn(move || {
         let mut log = Vec::new();
-        for i in 0..(64u64 << 20) / 4096 {
+        for i in 0..(4u64 << 30) / 4096 {
             if stop2.load(Ordering::Relaxed) {
                 break;
             }
@@ -634,7 +636,9 @@ fn checkpoint_taken_while_a_client_writes_is_consistent() {
     let log = writer.join().expect("writer");
     let path = e.work.join("mid.raw");
     run("nbdcopy", &[&d.uri("v@mid"), path.to_str().expect("utf8")]);
-    let data = std::fs::read(&path).expect("read");
+    let mut data = vec![0u8; log.len() * 4096];
+    std::io::Read::read_exact(&mut std::fs::File::open(&path).expect("open"), &mut data)
+        .expect("read");
     let present: Vec<bool> = (0..log.len())
         .map(|i| data[i * 4096..i * 4096 + 8] == (i as u64 + 1).to_le_bytes())
         .collect();
@@ -661,9 +665,17 @@ fn checkpoint_taken_while_a_client_writes_is_consistent() {
         present[k..].iter().all(|&p| !p),
         "checkpoint is not a prefix"
     );
+    let longest_write = log
+        .iter()
+        .map(|(sent, acked)| *acked - *sent)
+        .max()
+        .unwrap_or_default();
     assert!(
         before > 0 && after > 0,
-        "the test saw writes on both sides ({before}, {after})"
+        "the test saw writes on both sides ({before}, {after}); {} writes in all, the checkpoint \
+         took {:?}, the longest write {longest_write:?}",
+        log.len(),
+        t1 - t0
     );
     drop(d);
     fsck_clean(&e);
