@@ -172,7 +172,8 @@ enum VolumeCmd {
     /// Make a head contiguous again after overwrites following checkpoints, so sequential I/O
     /// is as fast as without checkpoints. Blocks shared with checkpoints are copied: that costs
     /// space until those checkpoints are deleted (`--dry-run` says how much). Safe while the
-    /// volume is in use: its I/O waits for one 2 MiB range at a time.
+    /// volume is in use: its I/O waits for one 2 MiB range at a time. A diff against a checkpoint
+    /// taken before it reports the moved ranges as changed.
     Defrag {
         /// Volume name.
         name: String,

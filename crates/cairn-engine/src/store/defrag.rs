@@ -12,7 +12,8 @@
 //! defragment` makes the same one, unsharing extents). A dry run reports the cost first. The
 //! head's contents never change, so a crash at any point leaves the head as it was at the last
 //! commit, which is readable and identical; a moved block's old copy stays quarantined until the
-//! move is durable.
+//! move is durable. Diff compares block identity, not bytes, so a diff across a defrag reports
+//! the moved ranges as changed.
 
 use super::*;
 use crate::format::is_refcount_block;

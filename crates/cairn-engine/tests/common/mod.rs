@@ -96,6 +96,8 @@ impl MState {
 pub struct MVolume {
     pub head: Option<MState>,
     pub checkpoints: BTreeMap<String, MState>,
+    /// A defrag moved some of its blocks: diffs across it may report moved ranges as changed.
+    pub defragged: bool,
 }
 
 #[derive(Default, Debug)]
