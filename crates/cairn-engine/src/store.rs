@@ -1056,6 +1056,21 @@ impl Store {
         Ok(())
     }
 
+    /// Writes `data` to the blocks `phys` (one per 4 KiB, none 0), a run of adjacent blocks at a
+    /// time: the write-side twin of [`Store::read_blocks`].
+    fn write_blocks(&self, phys: &[u64], data: &[u8]) -> Result<()> {
+        let mut i = 0;
+        while i < phys.len() {
+            let mut j = i + 1;
+            while j < phys.len() && phys[j] == phys[j - 1] + 1 {
+                j += 1;
+            }
+            self.write_data(&data[i * BLOCK_SIZE..j * BLOCK_SIZE], phys[i])?;
+            i = j;
+        }
+        Ok(())
+    }
+
     /// Makes a range read as zeros and releases the whole blocks in it (trim and write-zeroes).
     pub fn write_zeroes(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
         self.check_range("write-zeroes", &Target::head(volume), offset, len)?;

@@ -141,9 +141,8 @@ impl Store {
                     }
                 } else {
                     let vid = st.volume_id(volume)?;
-                    let moved = self.move_blocks(st, vid, vbn, &blocks)?;
-                    for (&(x, _), y) in blocks.iter().zip(moved) {
-                        after.push(if x == 0 { 0 } else { y });
+                    for y in self.move_blocks(st, vid, vbn, &blocks)? {
+                        after.push(y);
                     }
                 }
                 vbn += count;
@@ -177,20 +176,10 @@ impl Store {
         let old: Vec<u64> = blocks.iter().map(|b| b.0).filter(|&x| x != 0).collect();
         let new = st.meta.reserve_run(old.len())?;
         drop(st);
-        let copy = (|| {
-            let mut buf = vec![0u8; old.len() * BLOCK_SIZE];
-            self.read_blocks(&old, &mut buf)?;
-            let mut i = 0;
-            while i < new.len() {
-                let mut j = i + 1;
-                while j < new.len() && new[j] == new[j - 1] + 1 {
-                    j += 1;
-                }
-                self.write_data(&buf[i * BLOCK_SIZE..j * BLOCK_SIZE], new[i])?;
-                i = j;
-            }
-            Ok(())
-        })();
+        let mut buf = vec![0u8; old.len() * BLOCK_SIZE];
+        let copy = self
+            .read_blocks(&old, &mut buf)
+            .and_then(|()| self.write_blocks(&new, &buf));
         let mut st = self.state();
         if let Err(e) = copy {
             for &b in &new {
