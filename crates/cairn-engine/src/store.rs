@@ -277,7 +277,8 @@ pub struct Stats {
     pub pages_committed: u64,
     /// Commits that also reset the journal (it grew past its limit, or freed blocks waited).
     pub journal_resets: u64,
-    /// Commits the background committer made (or tried: a failure is reported by the next flush).
+    /// Transactions the background committer wrote (or tried to: a failure is reported by the next
+    /// flush); wake-ups that found nothing to commit are not counted.
     pub background_commits: u64,
 }
 
@@ -657,14 +658,20 @@ impl Core {
         // The error is recorded before the gate is let go: the reload that discards the writes
         // needs the gate exclusively, so no flush can succeed in between.
         let g = self.shared();
-        if let Err(e) = self.commit_concurrent() {
-            lock(&self.background_error).get_or_insert(Error::Invalid(format!(
-                "a background commit failed ({e}); writes since the last flush were discarded"
-            )));
-        }
+        let attempted = match self.commit_concurrent() {
+            Ok(wrote) => wrote,
+            Err(e) => {
+                lock(&self.background_error).get_or_insert(Error::Invalid(format!(
+                    "a background commit failed ({e}); writes since the last flush were discarded"
+                )));
+                true
+            }
+        };
         drop(g);
         self.try_release_space();
-        self.state().stats.background_commits += 1;
+        if attempted {
+            self.state().stats.background_commits += 1;
+        }
     }
 
     /// Commits without holding the state lock across the syncs, so reads and writes on every
@@ -678,7 +685,8 @@ impl Core {
     /// few seconds and each held every volume's I/O for 20–300 ms. Only the blocks quarantined
     /// when the transaction was sealed become reusable after that reset: a block freed later was
     /// freed by a change the reset does not cover.
-    fn commit_concurrent(&self) -> Result<()> {
+    /// Returns whether there was a transaction to write.
+    fn commit_concurrent(&self) -> Result<bool> {
         let _c = lock(&self.commit_lock);
         let t = std::time::Instant::now();
         let mut st = self.state();
@@ -687,7 +695,7 @@ impl Core {
         let reset = st.reset_due(journal.used());
         let sealed = st.seal()?;
         let Some((epoch, pages)) = sealed else {
-            return Ok(());
+            return Ok(false);
         };
         let freed_at_seal: Vec<u64> = if reset {
             st.meta.quarantine.iter().copied().collect()
@@ -727,7 +735,7 @@ impl Core {
             st.stats.journal_resets += 1;
             st.meta.ready.extend(freed_at_seal);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Like `release_space`, but only if the store happens to be quiescent.
