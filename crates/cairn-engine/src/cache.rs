@@ -116,6 +116,11 @@ impl PageCache {
         self.order.push_back(b);
     }
 
+    /// Whether block `b` is cached.
+    pub fn contains(&self, b: u64) -> bool {
+        self.map.contains_key(&b)
+    }
+
     /// Forgets block `b` (it was freed).
     pub fn remove(&mut self, b: u64) {
         if let Some(c) = self.map.remove(&b) {

@@ -235,6 +235,22 @@ impl Meta {
             .then(|| (self.allocated_end, self.allocated_end + self.prealloc))
     }
 
+    /// Sorts `pages` and hints the device to read them, in runs of adjacent pages; a failed
+    /// hint only costs speed.
+    pub fn prefetch_pages(&self, pages: &mut [u64]) {
+        let bs = BLOCK_SIZE as u64;
+        pages.sort_unstable();
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+                j += 1;
+            }
+            let _ = self.dev.prefetch(pages[i] * bs, (j - i) as u64 * bs);
+            i = j;
+        }
+    }
+
     /// Allocates a block with reference count 1.
     pub fn alloc(&mut self) -> Result<u64> {
         let b = self.find_free(false)?;

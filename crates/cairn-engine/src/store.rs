@@ -1798,7 +1798,7 @@ impl State {
             level_pages.push(sb.catalog_root);
         }
         for _ in 0..sb.catalog_depth {
-            self.prefetch_pages(&mut level_pages);
+            self.meta.prefetch_pages(&mut level_pages);
             let mut next = Vec::new();
             for &p in &level_pages {
                 let page = self.meta.cache.get(&*self.meta.dev, p, PageKind::Tree)?;
@@ -1807,7 +1807,7 @@ impl State {
             level_pages = next;
         }
         let mut ids = level_pages;
-        self.prefetch_pages(&mut ids);
+        self.meta.prefetch_pages(&mut ids);
         for b in ids {
             let rec = Record::decode(
                 self.meta.cache.get(&*self.meta.dev, b, PageKind::Record)?,
@@ -1826,21 +1826,6 @@ impl State {
             self.meta.cache.remove(b);
         }
         Ok(())
-    }
-
-    /// Sorts `pages` and hints the device to read them, in runs of adjacent pages; a failed
-    /// hint only costs speed.
-    fn prefetch_pages(&self, pages: &mut [u64]) {
-        pages.sort_unstable();
-        let mut i = 0;
-        while i < pages.len() {
-            let mut j = i + 1;
-            while j < pages.len() && pages[j] == pages[j - 1] + 1 {
-                j += 1;
-            }
-            let _ = self.meta.dev.prefetch(pages[i] * BS, (j - i) as u64 * BS);
-            i = j;
-        }
     }
 
     fn store_records(&mut self) -> Result<()> {
