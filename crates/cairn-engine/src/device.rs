@@ -239,6 +239,11 @@ impl SimDevice {
         lock(&self.state).failures = n;
     }
 
+    /// How many of the failures [`SimDevice::fail_next`] armed have not happened yet.
+    pub fn failures_pending(&self) -> u64 {
+        lock(&self.state).failures
+    }
+
     /// The image as the running system sees it (including unsynced writes).
     pub fn live_image(&self) -> Vec<u8> {
         lock(&self.state).live.clone()

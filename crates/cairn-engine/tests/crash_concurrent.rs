@@ -310,9 +310,9 @@ fn background_commits_run_and_their_failure_is_reported_by_the_next_flush() {
     s.create_volume(VOL, 1 << 32).expect("create");
     s.flush().expect("flush");
     let mut i = 0u64;
-    let mut wait_for = |n: u64| {
+    let mut wait_until = |done: &dyn Fn() -> bool| {
         for _ in 0..2000 {
-            if s.stats().background_commits >= n {
+            if done() {
                 return;
             }
             // A block in a leaf of its own each time: each write dirties a page or more.
@@ -323,14 +323,15 @@ fn background_commits_run_and_their_failure_is_reported_by_the_next_flush() {
         }
         panic!("no background commit after 2,000 writes past the dirty limit");
     };
-    wait_for(1);
+    wait_until(&|| s.stats().background_commits >= 1);
     s.flush()
         .expect("flush after a successful background commit");
 
-    // The next journal write fails: only commits write the journal.
+    // The next journal write fails: only commits write the journal. Wait for the failure itself,
+    // not for a commit count: a commit already past its journal write when the failure is armed
+    // still counts, and then the flush below would be the one to fail.
     journal.fail_next(1);
-    let before = s.stats().background_commits;
-    wait_for(before + 1);
+    wait_until(&|| journal.failures_pending() == 0);
     let err = s
         .flush()
         .expect_err("the failed background commit must be reported");
