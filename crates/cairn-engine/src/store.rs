@@ -20,6 +20,7 @@ use crate::format::{
 };
 use crate::journal::Journal;
 use crate::meta::Meta;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -256,7 +257,8 @@ struct State {
     opts: Options,
     volumes: BTreeMap<u64, VolumeRecord>,
     checkpoints: BTreeMap<u64, CheckpointRecord>,
-    volume_ids: HashMap<String, u64>,
+    // Fx, not SipHash: looked up on every read and write; names are few and validated.
+    volume_ids: FxHashMap<String, u64>,
     checkpoint_ids: HashMap<(u64, String), u64>,
     dirty_records: BTreeSet<u64>,
     deleted_records: BTreeSet<u64>,
@@ -289,7 +291,7 @@ pub struct Store {
     committer: Option<Committer>,
     /// Held while the data file is grown ahead of need (see [`Store::grow_ahead`]).
     grow_lock: Mutex<()>,
-    volume_gates: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
+    volume_gates: Mutex<FxHashMap<u64, Arc<RwLock<()>>>>,
     data: Arc<dyn Device>,
     journal_dev: Arc<dyn Device>,
     stripes: Vec<Mutex<()>>,
@@ -534,7 +536,7 @@ impl Store {
             opts,
             volumes: BTreeMap::new(),
             checkpoints: BTreeMap::new(),
-            volume_ids: HashMap::new(),
+            volume_ids: FxHashMap::default(),
             checkpoint_ids: HashMap::new(),
             dirty_records: BTreeSet::new(),
             deleted_records: BTreeSet::new(),
@@ -559,7 +561,7 @@ impl Store {
             core,
             committer,
             grow_lock: Mutex::new(()),
-            volume_gates: Mutex::new(HashMap::new()),
+            volume_gates: Mutex::new(FxHashMap::default()),
             data,
             journal_dev,
             stripes: (0..64).map(|_| Mutex::new(())).collect(),
@@ -994,7 +996,7 @@ impl Store {
 
     /// Reads `buf.len()` bytes at `offset` from a head or checkpoint; unwritten ranges read as zeros.
     pub fn read(&self, target: &Target, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_sparse(target, offset, buf).map(drop)
+        self.read_into(target, offset, buf, None)
     }
 
     /// [`Store::read`] that also says which parts of `buf` are holes (read as zeros, no data
@@ -1006,42 +1008,53 @@ impl Store {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<Vec<(u64, bool)>> {
+        let mut runs = Vec::new();
+        self.read_into(target, offset, buf, Some(&mut runs))?;
+        Ok(runs)
+    }
+
+    fn read_into(
+        &self,
+        target: &Target,
+        offset: u64,
+        buf: &mut [u8],
+        runs: Option<&mut Vec<(u64, bool)>>,
+    ) -> Result<()> {
         let len = buf.len() as u64;
         if len == 0 {
-            self.check_range("read", target, offset, 0)?;
-            return Ok(Vec::new());
+            return self.check_range("read", target, offset, 0);
         }
-        let (_, vg) = self.volume_gate(&target.volume)?;
+        let (vid, vg) = self.volume_gate(&target.volume)?;
         let _g = self.shared();
         let _v = read_lock(&vg);
         let first = offset / BS;
         let nblocks = (offset + len).div_ceil(BS) - first;
         let phys = {
             let mut st = self.state();
-            let (root, depth, size) = st.resolve(target)?;
+            let (root, depth, size) = st.resolve_id(vid, target)?;
             check_range("read", target, offset, len, size)?;
             let mut v = Vec::with_capacity(nblocks as usize);
             st.meta.lookup_range(root, depth, first, nblocks, &mut v)?;
             v
         };
-        let mut runs: Vec<(u64, bool)> = Vec::new();
-        for (i, p) in phys.iter().enumerate() {
-            let b = first + i as u64;
-            let l = ((b + 1) * BS).min(offset + len) - (b * BS).max(offset);
-            match runs.last_mut() {
-                Some((rl, hole)) if *hole == (*p == 0) => *rl += l,
-                _ => runs.push((l, *p == 0)),
+        if let Some(runs) = runs {
+            for (i, p) in phys.iter().enumerate() {
+                let b = first + i as u64;
+                let l = ((b + 1) * BS).min(offset + len) - (b * BS).max(offset);
+                match runs.last_mut() {
+                    Some((rl, hole)) if *hole == (*p == 0) => *rl += l,
+                    _ => runs.push((l, *p == 0)),
+                }
             }
         }
         if offset.is_multiple_of(BS) && len.is_multiple_of(BS) {
-            self.read_blocks(&phys, buf)?;
-            return Ok(runs);
+            return self.read_blocks(&phys, buf);
         }
         let mut tmp = vec![0u8; nblocks as usize * BLOCK_SIZE];
         self.read_blocks(&phys, &mut tmp)?;
         let skip = (offset - first * BS) as usize;
         buf.copy_from_slice(&tmp[skip..skip + len as usize]);
-        Ok(runs)
+        Ok(())
     }
 
     fn read_blocks(&self, phys: &[u64], out: &mut [u8]) -> Result<()> {
@@ -1594,10 +1607,18 @@ impl State {
 
     /// Root, depth and size of a head or checkpoint.
     fn resolve(&self, t: &Target) -> Result<(u64, u32, u64)> {
-        let vid = self.volume_id(&t.volume)?;
+        self.resolve_id(self.volume_id(&t.volume)?, t)
+    }
+
+    /// [`State::resolve`] for a volume already looked up by name (its gate held, say); fails if
+    /// the volume was deleted since.
+    fn resolve_id(&self, vid: u64, t: &Target) -> Result<(u64, u32, u64)> {
         match &t.checkpoint {
             None => {
-                let v = &self.volumes[&vid];
+                let v = self
+                    .volumes
+                    .get(&vid)
+                    .ok_or_else(|| Error::UnknownVolume(t.volume.clone()))?;
                 Ok((v.root, tree_depth(v.size), v.size))
             }
             Some(c) => {
