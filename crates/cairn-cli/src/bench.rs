@@ -56,6 +56,10 @@ struct Plan {
     rand_reads: u64,
     rand_writes: u64,
     qcow2_reads: u64,
+    /// Checkpoints taken under load for the latency rows, and how long the same load runs
+    /// without them first.
+    stall_checkpoints: usize,
+    quiet: std::time::Duration,
 }
 
 impl Plan {
@@ -71,6 +75,8 @@ impl Plan {
                 rand_reads: 20_000,
                 rand_writes: 5_000,
                 qcow2_reads: 20_000,
+                stall_checkpoints: 11,
+                quiet: std::time::Duration::from_secs(1),
             }
         } else {
             Plan {
@@ -85,6 +91,8 @@ impl Plan {
                 rand_reads: 100_000,
                 rand_writes: 20_000,
                 qcow2_reads: 100_000,
+                stall_checkpoints: 31,
+                quiet: std::time::Duration::from_secs(10),
             }
         }
     }
@@ -220,26 +228,95 @@ fn measure(disk: &dyn Disk, plan: &Plan, seed: u64) -> Result<Throughput> {
     })
 }
 
-const STALL_CHECKPOINTS: usize = 11;
+/// Latencies of single 4 KiB requests, in seconds, sorted.
+struct Latencies(Vec<f64>);
 
-/// How long guest I/O can stall while checkpoints are taken.
+impl Latencies {
+    fn new(mut v: Vec<f64>) -> Self {
+        v.sort_by(|a, b| a.total_cmp(b));
+        Latencies(v)
+    }
+
+    /// The `q` quantile (0..=1), nearest rank.
+    fn quantile(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.0.len() as f64 * q).ceil() as usize).clamp(1, self.0.len()) - 1;
+        self.0[i]
+    }
+
+    /// "p50 / p99 / p99.9 / max" in microseconds.
+    fn summary(&self) -> String {
+        format!(
+            "{:.0} / {:.0} / {:.0} / {:.0} µs",
+            self.quantile(0.5) * 1e6,
+            self.quantile(0.99) * 1e6,
+            self.quantile(0.999) * 1e6,
+            self.quantile(1.0) * 1e6
+        )
+    }
+}
+
+/// How guest I/O on the head is served while checkpoints of it are taken, against the same load
+/// without them.
 struct Stall {
-    read: f64,
-    write: f64,
+    checkpoints: usize,
+    quiet_reads: Latencies,
+    quiet_writes: Latencies,
+    reads: Latencies,
+    writes: Latencies,
+    /// Median time of the checkpoints' own commits, seconds.
     commit: f64,
 }
 
-/// Takes checkpoints of the head while one thread reads and another writes random 4 KiB blocks
-/// of it, and returns the longest single read and write seen (seconds). A checkpoint holds back
-/// the volume's writes only for its O(1) in-memory part; its commit runs beside the I/O.
-fn stall_during_checkpoints(store: &Store, blocks: u64) -> Result<Stall> {
+/// One thread reads and another writes random 4 KiB blocks of the head, first for `quiet` with
+/// nothing else going on, then while `checkpoints` checkpoints are taken (30 ms apart); every
+/// request's latency is kept. A checkpoint holds back the volume's writes only for its O(1)
+/// in-memory part; its commit runs beside the I/O.
+fn stall_during_checkpoints(
+    store: &Store,
+    blocks: u64,
+    checkpoints: usize,
+    quiet: std::time::Duration,
+) -> Result<Stall> {
+    let (quiet_reads, quiet_writes, _) = load_while(store, blocks, |_| {
+        std::thread::sleep(quiet);
+        Ok(())
+    })?;
+    let (reads, writes, mut commits) = load_while(store, blocks, |commits| {
+        for i in 0..checkpoints {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let before = store.stats();
+            store.create_checkpoint("bench", &format!("stall{i}"), None)?;
+            commits.push((store.stats().commit_nanos - before.commit_nanos) as f64 / 1e9);
+        }
+        Ok(())
+    })?;
+    Ok(Stall {
+        checkpoints,
+        quiet_reads,
+        quiet_writes,
+        reads,
+        writes,
+        commit: median(&mut commits),
+    })
+}
+
+/// Runs a random 4 KiB reader and writer on the head while `during` runs, and returns their
+/// latencies and whatever `during` collected.
+fn load_while(
+    store: &Store,
+    blocks: u64,
+    during: impl FnOnce(&mut Vec<f64>) -> Result<()>,
+) -> Result<(Latencies, Latencies, Vec<f64>)> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let stop = AtomicBool::new(false);
     let head = Target::head("bench");
-    let worst = |write: bool| -> Result<f64> {
+    let run = |write: bool| -> Result<Vec<f64>> {
         let mut rng = StdRng::seed_from_u64(if write { 7 } else { 8 });
         let mut buf = vec![0u8; BLOCK as usize];
-        let mut longest = 0f64;
+        let mut lat = Vec::new();
         while !stop.load(Ordering::SeqCst) {
             let b = rng.random_range(0..blocks);
             let t = Instant::now();
@@ -249,38 +326,24 @@ fn stall_during_checkpoints(store: &Store, blocks: u64) -> Result<Stall> {
             } else {
                 store.read(&head, b * BLOCK, &mut buf)?;
             }
-            longest = longest.max(t.elapsed().as_secs_f64());
+            lat.push(t.elapsed().as_secs_f64());
         }
-        Ok(longest)
+        Ok(lat)
     };
-    let mut commits = Vec::new();
-    let (read, write) = std::thread::scope(|s| -> Result<(f64, f64)> {
-        let r = s.spawn(|| worst(false));
-        let w = s.spawn(|| worst(true));
-        let mut taken = Ok(());
-        for i in 0..STALL_CHECKPOINTS {
-            std::thread::sleep(std::time::Duration::from_millis(30));
-            let before = store.stats();
-            if let Err(e) = store.create_checkpoint("bench", &format!("stall{i}"), None) {
-                taken = Err(e);
-                break;
-            }
-            commits.push((store.stats().commit_nanos - before.commit_nanos) as f64 / 1e9);
-        }
+    let mut collected = Vec::new();
+    std::thread::scope(|s| {
+        let r = s.spawn(|| run(false));
+        let w = s.spawn(|| run(true));
+        let done = during(&mut collected);
         stop.store(true, Ordering::SeqCst);
-        let read = r
+        let reads = r
             .join()
             .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
-        let write = w
+        let writes = w
             .join()
             .map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
-        taken?;
-        Ok((read, write))
-    })?;
-    Ok(Stall {
-        read,
-        write,
-        commit: median(&mut commits),
+        done?;
+        Ok((Latencies::new(reads), Latencies::new(writes), collected))
     })
 }
 
@@ -444,19 +507,26 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     );
     plain.0.set_len(plan.written)?;
     fill(&plain, plan.written, 1)?;
-    let file_tp = measure(&plain, &plan, 2)?;
-    eprintln!("bench: plain file done ({:.0?})", started.elapsed());
 
-    // Cairn.
+    // Cairn: the volume that gets the checkpoints, and a control volume with the same data that
+    // never gets any. The plain file and the control are measured again beside the head at each
+    // depth, so that a ratio compares one moment of the run, not its start with its end (the
+    // store and the host's caches age as the run goes on).
     let store_dir = dir.join("store");
     let store = Store::init(&store_dir, Options::default())?;
     store.create_volume("bench", plan.volume)?;
+    store.create_volume("control", plan.volume)?;
     let vol = CairnVolume {
         store: &store,
         head: Target::head("bench"),
     };
+    let control = CairnVolume {
+        store: &store,
+        head: Target::head("control"),
+    };
     fill(&vol, plan.written, 1)?;
-    let mut tps = Vec::new();
+    fill(&control, plan.written, 1)?;
+    let mut tps: Vec<(u64, Sample)> = Vec::new();
     // (mark, median total, median excluding the checkpoint's own commit)
     let mut creates: Vec<(u64, f64, f64)> = Vec::new();
     let mut depth = 0u64;
@@ -475,14 +545,14 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
                 store.clone_checkpoint("bench", "pre-defrag", "defragged")?;
                 store.delete_checkpoint("bench", "pre-defrag")?;
             }
-            let t = measure(&vol, &plan, 10 + depth)?;
+            let t = Sample::measure(&plain, &control, &vol, &plan, 10 + depth)?;
             eprintln!(
                 "bench: cairn at depth {depth}: seq read {:.0} MiB/s, seq write {:.0} MiB/s, rand read {:.0} IOPS, rand write {:.0} IOPS ({:.0?})",
-                t.seq_read, t.seq_write, t.rand_read, t.rand_write, started.elapsed()
+                t.head.seq_read, t.head.seq_write, t.head.rand_read, t.head.rand_write, started.elapsed()
             );
             tps.push((depth, t));
             if plan.depths.last() == Some(&depth) {
-                defrag = Some(defrag_and_measure(&store, &plan, depth)?);
+                defrag = Some(defrag_and_measure(&store, &plain, &control, &plan, depth)?);
                 eprintln!(
                     "bench: defrag at depth {depth} done ({:.0?})",
                     started.elapsed()
@@ -519,11 +589,11 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
             store.write("bench", b * BLOCK, &buf)?;
         }
     }
-    let stall = stall_during_checkpoints(&store, blocks)?;
+    let stall = stall_during_checkpoints(&store, blocks, plan.stall_checkpoints, plan.quiet)?;
     eprintln!(
-        "bench: longest read / write during checkpoints {:.2} / {:.2} ms, commit median {:.1} ms ({:.0?})",
-        stall.read * 1e3,
-        stall.write * 1e3,
+        "bench: during checkpoints, reads {} and writes {} (p50 / p99 / p99.9 / max), commit median {:.1} ms ({:.0?})",
+        stall.reads.summary(),
+        stall.writes.summary(),
         stall.commit * 1e3,
         started.elapsed()
     );
@@ -597,19 +667,15 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
         })?;
     }
 
-    let base = tps.first().map(|(_, t)| *t).unwrap_or_default();
-    let depth_cols: Vec<String> = tps.iter().map(|(d, _)| format!("cairn @{d}")).collect();
     report.push_str(&format!(
-        "Volume {} GiB, {} MiB written; after each checkpoint, random 4 KiB overwrites of {} of the written data.\n\n",
+        "Volume {} GiB, {} MiB written; after each checkpoint, random 4 KiB overwrites of {} of the written data. At each depth the plain file, a control volume in the same store with the same data and no checkpoints, and the head are measured one after the other.\n\n",
         plan.volume / GIB,
         plan.written / MIB,
         plan.overwrite.iter().map(|(u, f)| if *u == u64::MAX { format!("{}% beyond", f * 100.0) } else { format!("{}% up to depth {u}", f * 100.0) }).collect::<Vec<_>>().join(", ")
     ));
-    report.push_str(&format!(
-        "| head workload | plain file | {} | worst depth / depth 0 | worst cairn / file |\n",
-        depth_cols.join(" | ")
-    ));
-    report.push_str(&format!("|---|---|{}---|---|\n", "---|".repeat(tps.len())));
+    report.push_str(
+        "| head workload | depth | plain file | cairn control (no checkpoints) | cairn head | head / control | head / file |\n|---|---|---|---|---|---|---|\n",
+    );
     type Pick = fn(&Throughput) -> f64;
     let rows: [(&str, Pick, &str); 4] = [
         ("sequential 1 MiB read", |t| t.seq_read, "MiB/s"),
@@ -618,16 +684,43 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
         ("random 4 KiB write, qd1 (+flush)", |t| t.rand_write, "IOPS"),
     ];
     for (name, f, unit) in rows {
-        let worst = tps.iter().map(|(_, t)| f(t)).fold(f64::INFINITY, f64::min);
+        for (d, t) in &tps {
+            report.push_str(&format!(
+                "| {name} | {d} | {:.0} {unit} | {:.0} | {:.0} | {:.2} | {:.2} |\n",
+                f(&t.file),
+                f(&t.control),
+                f(&t.head),
+                f(&t.head) / f(&t.control),
+                f(&t.head) / f(&t.file)
+            ));
+        }
+    }
+    let worst = |f: Pick, by: fn(&Sample) -> &Throughput| {
+        tps.iter()
+            .map(|(_, t)| f(&t.head) / f(by(t)))
+            .fold(f64::INFINITY, f64::min)
+    };
+    report.push_str(&format!(
+        "\nSummary: the worst depth's head against the control and against the plain file{}.\n\n| head workload | worst head / control | worst head / file |{}\n|---|---|---|{}\n",
+        if defrag.is_some() { ", and the deepest head after `cairn volume defrag`" } else { "" },
+        if defrag.is_some() { " after defrag / control | after defrag / file |" } else { "" },
+        if defrag.is_some() { "---|---|" } else { "" }
+    ));
+    for (name, f, _) in rows {
+        let after = defrag
+            .as_ref()
+            .map(|d| {
+                format!(
+                    " {:.2} | {:.2} |",
+                    f(&d.after.head) / f(&d.after.control),
+                    f(&d.after.head) / f(&d.after.file)
+                )
+            })
+            .unwrap_or_default();
         report.push_str(&format!(
-            "| {name} | {:.0} {unit} | {} | {:.2} | {:.2} |\n",
-            f(&file_tp),
-            tps.iter()
-                .map(|(_, t)| format!("{:.0}", f(t)))
-                .collect::<Vec<_>>()
-                .join(" | "),
-            worst / f(&base),
-            worst / f(&file_tp)
+            "| {name} | {:.2} | {:.2} |{after}\n",
+            worst(f, |t| &t.control),
+            worst(f, |t| &t.file)
         ));
     }
     if let Some(raw) = qraw {
@@ -647,7 +740,7 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     }
     if let Some(d) = &defrag {
         report.push_str(&format!(
-            "\nThe head at depth {} (a clone of it), before and after `cairn volume defrag` (default threshold: 2 MiB ranges in {} or more extents). It took {:.1} s, moved {} of {} ({} -> {} extents), {} of it shared with checkpoints, so the store grew by {}.\n\n| head workload | cairn @{} | after defrag | after / depth 0 | after / file |\n|---|---|---|---|---|\n",
+            "\nThe head at depth {} (a clone of it), before and after `cairn volume defrag` (default threshold: 2 MiB ranges in {} or more extents). It took {:.1} s, moved {} of {} ({} -> {} extents), {} of it shared with checkpoints, so the store grew by {}. The plain file and the control were measured again beside it.\n\n| head workload | cairn @{} | plain file | control | after defrag | after / control | after / file |\n|---|---|---|---|---|---|---|\n",
             d.depth,
             cairn_engine::DEFRAG_MIN_EXTENTS,
             d.secs,
@@ -662,15 +755,17 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
         let at = tps
             .iter()
             .find(|(dd, _)| *dd == d.depth)
-            .map(|(_, t)| *t)
+            .map(|(_, t)| t.head)
             .unwrap_or_default();
         for (name, f, unit) in rows {
             report.push_str(&format!(
-                "| {name} | {:.0} {unit} | {:.0} | {:.2} | {:.2} |\n",
+                "| {name} | {:.0} {unit} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |\n",
                 f(&at),
-                f(&d.after),
-                f(&d.after) / f(&base),
-                f(&d.after) / f(&file_tp)
+                f(&d.after.file),
+                f(&d.after.control),
+                f(&d.after.head),
+                f(&d.after.head) / f(&d.after.control),
+                f(&d.after.head) / f(&d.after.file)
             ));
         }
     }
@@ -683,10 +778,21 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
         ));
     }
     report.push_str(&format!(
-        "| longest 4 KiB read / write on the head while {STALL_CHECKPOINTS} checkpoints of it were taken (their commits took {:.1} ms, median) | {:.2} ms / {:.2} ms |\n",
+        "| 4 KiB reads / writes on the head (one thread each), p50 / p99 / p99.9 / max: for {:.0} s without checkpoints, {} reads, {} writes | reads {}; writes {} |\n",
+        plan.quiet.as_secs_f64(),
+        stall.quiet_reads.0.len(),
+        stall.quiet_writes.0.len(),
+        stall.quiet_reads.summary(),
+        stall.quiet_writes.summary()
+    ));
+    report.push_str(&format!(
+        "| the same while {} checkpoints of the head were taken, 30 ms apart (their commits took {:.1} ms, median), {} reads, {} writes | reads {}; writes {} |\n",
+        stall.checkpoints,
         stall.commit * 1e3,
-        stall.read * 1e3,
-        stall.write * 1e3
+        stall.reads.0.len(),
+        stall.writes.0.len(),
+        stall.reads.summary(),
+        stall.writes.summary()
     ));
     report.push_str(&format!(
         "| delete a checkpoint holding {} unique ({} blocks overwritten after it) | {:.1} ms |\n",
@@ -727,16 +833,47 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The plain file, the control volume and a head, measured one after the other with the same
+/// access pattern.
+#[derive(Clone, Copy)]
+struct Sample {
+    file: Throughput,
+    control: Throughput,
+    head: Throughput,
+}
+
+impl Sample {
+    fn measure(
+        file: &dyn Disk,
+        control: &dyn Disk,
+        head: &dyn Disk,
+        plan: &Plan,
+        seed: u64,
+    ) -> Result<Sample> {
+        Ok(Sample {
+            file: measure(file, plan, seed)?,
+            control: measure(control, plan, seed)?,
+            head: measure(head, plan, seed)?,
+        })
+    }
+}
+
 /// The deepest head, defragmented and measured again.
 struct DefragRun {
     depth: u64,
     secs: f64,
     report: cairn_engine::DefragReport,
-    after: Throughput,
+    after: Sample,
 }
 
 /// Defragments the clone of the head taken at `depth` and measures it as the head was measured.
-fn defrag_and_measure(store: &Store, plan: &Plan, depth: u64) -> Result<DefragRun> {
+fn defrag_and_measure(
+    store: &Store,
+    file: &dyn Disk,
+    control: &dyn Disk,
+    plan: &Plan,
+    depth: u64,
+) -> Result<DefragRun> {
     store.flush()?;
     let t = Instant::now();
     let report = store.defrag(
@@ -750,7 +887,7 @@ fn defrag_and_measure(store: &Store, plan: &Plan, depth: u64) -> Result<DefragRu
         store,
         head: Target::head("defragged"),
     };
-    let after = measure(&clone, plan, 10 + depth)?;
+    let after = Sample::measure(file, control, &clone, plan, 10 + depth)?;
     store.delete_volume("defragged")?;
     Ok(DefragRun {
         depth,
