@@ -785,22 +785,31 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
             s * 1e3
         ));
     }
-    report.push_str(&format!(
-        "| 4 KiB reads / writes on the head (one thread each), p50 / p99 / p99.9 / max: for {:.0} s without checkpoints, {} reads, {} writes | reads {}; writes {} |\n",
-        plan.quiet.as_secs_f64(),
-        stall.quiet_reads.0.len(),
-        stall.quiet_writes.0.len(),
-        stall.quiet_reads.summary(),
-        stall.quiet_writes.summary()
+    let latency_row = |what: String, reads: &Latencies, writes: &Latencies| {
+        format!(
+            "| {what}, {} reads, {} writes | reads {}; writes {} |\n",
+            reads.0.len(),
+            writes.0.len(),
+            reads.summary(),
+            writes.summary()
+        )
+    };
+    report.push_str(&latency_row(
+        format!(
+            "4 KiB reads / writes on the head (one thread each), p50 / p99 / p99.9 / max: for {:.0} s without checkpoints",
+            plan.quiet.as_secs_f64()
+        ),
+        &stall.quiet_reads,
+        &stall.quiet_writes,
     ));
-    report.push_str(&format!(
-        "| the same while {} checkpoints of the head were taken, 30 ms apart (their commits took {:.1} ms, median), {} reads, {} writes | reads {}; writes {} |\n",
-        stall.checkpoints,
-        stall.commit * 1e3,
-        stall.reads.0.len(),
-        stall.writes.0.len(),
-        stall.reads.summary(),
-        stall.writes.summary()
+    report.push_str(&latency_row(
+        format!(
+            "the same while {} checkpoints of the head were taken, 30 ms apart (their commits took {:.1} ms, median)",
+            stall.checkpoints,
+            stall.commit * 1e3
+        ),
+        &stall.reads,
+        &stall.writes,
     ));
     report.push_str(&format!(
         "| delete a checkpoint holding {} unique ({} blocks overwritten after it) | {:.1} ms |\n",
