@@ -53,6 +53,25 @@ pub const METADATA_HEADROOM: u64 = 256;
 /// A tree node level, or `None` for a leaf's child (a data block or a catalog record).
 pub type Level = Option<u32>;
 
+/// Splits `blocks` into the runs one I/O can cover, as index ranges in order: consecutive block
+/// numbers (`b, b + 1, ...`), or consecutive zeros (holes, where block numbers are optional).
+pub fn block_runs(blocks: &[u64]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i == blocks.len() {
+            return None;
+        }
+        let start = i;
+        i += 1;
+        while i < blocks.len()
+            && (blocks[i] == blocks[i - 1] + 1 || (blocks[i] == 0 && blocks[i - 1] == 0))
+        {
+            i += 1;
+        }
+        Some(start..i)
+    })
+}
+
 /// Level of the children of a node at `level`.
 pub fn child_level(level: u32) -> Level {
     level.checked_sub(1)
@@ -240,14 +259,8 @@ impl Meta {
     pub fn prefetch_pages(&self, pages: &mut [u64]) {
         let bs = BLOCK_SIZE as u64;
         pages.sort_unstable();
-        let mut i = 0;
-        while i < pages.len() {
-            let mut j = i + 1;
-            while j < pages.len() && pages[j] == pages[j - 1] + 1 {
-                j += 1;
-            }
-            let _ = self.dev.prefetch(pages[i] * bs, (j - i) as u64 * bs);
-            i = j;
+        for r in block_runs(pages) {
+            let _ = self.dev.prefetch(pages[r.start] * bs, r.len() as u64 * bs);
         }
     }
 
@@ -332,20 +345,25 @@ impl Meta {
         if let Some(&first) = blocks.first() {
             self.sb.alloc_cursor = self.sb.alloc_cursor.min(first);
         }
-        let mut i = 0;
-        while i < blocks.len() {
-            let start = blocks[i];
-            let mut end = start + 1;
-            i += 1;
-            while i < blocks.len() && blocks[i] == end {
-                end += 1;
-                i += 1;
-            }
+        for r in block_runs(&blocks) {
             // Punching is best effort: a filesystem without hole support keeps the blocks, which
             // are reused all the same.
-            let _ = self
-                .dev
-                .punch_hole(start * BLOCK_SIZE as u64, (end - start) * BLOCK_SIZE as u64);
+            let _ = self.dev.punch_hole(
+                blocks[r.start] * BLOCK_SIZE as u64,
+                r.len() as u64 * BLOCK_SIZE as u64,
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_runs;
+
+    #[test]
+    fn block_runs_split_at_gaps_and_keep_holes_together() {
+        let runs: Vec<_> = block_runs(&[5, 6, 7, 0, 0, 9, 11, 12, 0, 13]).collect();
+        assert_eq!(runs, vec![0..3, 3..5, 5..6, 6..8, 8..9, 9..10]);
+        assert_eq!(block_runs(&[]).count(), 0);
     }
 }

@@ -19,7 +19,7 @@ use crate::format::{
     Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, SUPERBLOCK,
 };
 use crate::journal::Journal;
-use crate::meta::Meta;
+use crate::meta::{block_runs, Meta};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -1058,21 +1058,12 @@ impl Store {
     }
 
     fn read_blocks(&self, phys: &[u64], out: &mut [u8]) -> Result<()> {
-        let mut i = 0;
-        while i < phys.len() {
-            let mut j = i + 1;
-            if phys[i] == 0 {
-                while j < phys.len() && phys[j] == 0 {
-                    j += 1;
-                }
-                out[i * BLOCK_SIZE..j * BLOCK_SIZE].fill(0);
-            } else {
-                while j < phys.len() && phys[j] == phys[j - 1] + 1 {
-                    j += 1;
-                }
-                self.read_data(&mut out[i * BLOCK_SIZE..j * BLOCK_SIZE], phys[i])?;
+        for r in block_runs(phys) {
+            let dst = &mut out[r.start * BLOCK_SIZE..r.end * BLOCK_SIZE];
+            match phys[r.start] {
+                0 => dst.fill(0),
+                b => self.read_data(dst, b)?,
             }
-            i = j;
         }
         Ok(())
     }
@@ -1080,14 +1071,11 @@ impl Store {
     /// Writes `data` to the blocks `phys` (one per 4 KiB, none 0), a run of adjacent blocks at a
     /// time: the write-side twin of [`Store::read_blocks`].
     fn write_blocks(&self, phys: &[u64], data: &[u8]) -> Result<()> {
-        let mut i = 0;
-        while i < phys.len() {
-            let mut j = i + 1;
-            while j < phys.len() && phys[j] == phys[j - 1] + 1 {
-                j += 1;
-            }
-            self.write_data(&data[i * BLOCK_SIZE..j * BLOCK_SIZE], phys[i])?;
-            i = j;
+        for r in block_runs(phys) {
+            self.write_data(
+                &data[r.start * BLOCK_SIZE..r.end * BLOCK_SIZE],
+                phys[r.start],
+            )?;
         }
         Ok(())
     }
