@@ -477,6 +477,12 @@ fn run(cli: Cli) -> Result<()> {
                     human(r.file_size),
                     human(r.host_used)
                 );
+                if r.dropped_trees > 0 {
+                    println!(
+                        "       {} deleted tree(s) not yet freed (an interrupted delete): the daemon frees them, or the next delete",
+                        r.dropped_trees
+                    );
+                }
             }
         }
         Cmd::Fsck => {
@@ -495,8 +501,12 @@ fn run(cli: Cli) -> Result<()> {
                 for e in &report.errors {
                     println!("error: {e}");
                 }
+                let pending = match report.dropped_trees {
+                    0 => String::new(),
+                    n => format!(", {n} deleted tree(s) still being freed"),
+                };
                 println!(
-                    "checked {} metadata pages, {} data blocks, {} volumes, {} checkpoints: {}",
+                    "checked {} metadata pages, {} data blocks, {} volumes, {} checkpoints{pending}: {}",
                     report.pages,
                     report.data_blocks,
                     report.volumes,

@@ -285,7 +285,13 @@ impl Meta {
         let width = span(level + 1);
         if start <= base && base.saturating_add(width) <= end {
             let n = self.count_mapped(node, level)?;
-            self.decref(node, Some(level))?;
+            if level > 0 && self.rc(node)? == 1 {
+                // Up to 510 leaves of data only this tree holds: freed in committed steps
+                // through a dropped-tree record, not in one go under the state lock.
+                self.to_drop.push((node, level));
+            } else {
+                self.decref(node, Some(level))?;
+            }
             return Ok((0, n));
         }
         let p = self.private_node(node, level)?;

@@ -279,6 +279,19 @@ pub struct CheckpointRecord {
     pub description: Option<String>,
 }
 
+/// A mapping tree that no volume or checkpoint uses any more and that is being freed a step
+/// at a time: the record holds one reference to `root`, and the pages under it that only it
+/// references lose their entries as those are released (so every step leaves counts exact).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DroppedTreeRecord {
+    /// Catalog id.
+    pub id: u64,
+    /// Root page of what is left of the tree.
+    pub root: u64,
+    /// Level of the root page (0 = leaf).
+    pub level: u32,
+}
+
 /// Any catalog record.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -287,6 +300,8 @@ pub enum Record {
     Volume(VolumeRecord),
     /// A checkpoint.
     Checkpoint(CheckpointRecord),
+    /// A tree being freed.
+    Dropped(DroppedTreeRecord),
 }
 
 /// Largest encoded record that fits a block.

@@ -9,8 +9,9 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::format::{
-    depth_for, entry, is_refcount_block, level, refcount, span, verify, CheckpointRecord, Page,
-    PageKind, Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, GROUP_BLOCKS, SUPERBLOCK,
+    depth_for, entry, is_refcount_block, level, refcount, span, verify, CheckpointRecord,
+    DroppedTreeRecord, Page, PageKind, Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT,
+    GROUP_BLOCKS, SUPERBLOCK,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -33,6 +34,9 @@ pub struct FsckReport {
     pub volumes: usize,
     /// Checkpoints found.
     pub checkpoints: usize,
+    /// Trees of deleted checkpoints and volumes still being freed (a delete was interrupted).
+    #[serde(default)]
+    pub dropped_trees: usize,
 }
 
 impl FsckReport {
@@ -202,6 +206,7 @@ pub fn check(dev: &dyn Device, path: &str) -> FsckReport {
     }
     let mut volumes: HashMap<u64, VolumeRecord> = HashMap::new();
     let mut checkpoints: HashMap<u64, CheckpointRecord> = HashMap::new();
+    let mut dropped: Vec<DroppedTreeRecord> = Vec::new();
     for b in record_blocks {
         let Some(p) = c.read(b, PageKind::Record) else {
             continue;
@@ -214,11 +219,13 @@ pub fn check(dev: &dyn Device, path: &str) -> FsckReport {
             Ok(Record::Checkpoint(cp)) => {
                 checkpoints.insert(cp.id, cp);
             }
+            Ok(Record::Dropped(d)) => dropped.push(d),
             Err(e) => c.report.err(e.to_string()),
         }
     }
     c.report.volumes = volumes.len();
     c.report.checkpoints = checkpoints.len();
+    c.report.dropped_trees = dropped.len();
 
     // Records: identity and relations.
     let mut names = HashSet::new();
@@ -313,6 +320,25 @@ pub fn check(dev: &dyn Device, path: &str) -> FsckReport {
             ));
         }
         c.check_bound(&what, root, depth, size.div_ceil(BS));
+    }
+
+    // Trees being freed hold one reference to their root, like a checkpoint, and whatever is
+    // left under it; what a step already released is gone from their pages.
+    for d in &dropped {
+        let what = format!("tree being freed (record {})", d.id);
+        if d.id >= sb.next_id {
+            c.report
+                .err(format!("{what}: id {} >= next id {}", d.id, sb.next_id));
+        }
+        if d.level >= depth_for(u64::MAX) {
+            c.report
+                .err(format!("{what}: root level {} is impossible", d.level));
+            continue;
+        }
+        if c.pointer_ok(&what, d.root) {
+            c.reference(d.root);
+            c.walk(d.root, d.level, &mut None);
+        }
     }
 
     // Reference counts.

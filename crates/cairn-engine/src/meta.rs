@@ -9,8 +9,8 @@ use crate::cache::PageCache;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::format::{
-    entry, is_refcount_block, new_page, refcount, refcount_slot, set_refcount, Page, PageKind,
-    Superblock, BLOCK_SIZE, FANOUT, GROUP_BLOCKS,
+    entry, is_refcount_block, new_page, refcount, refcount_slot, set_entry, set_refcount, Page,
+    PageKind, Superblock, BLOCK_SIZE, FANOUT, GROUP_BLOCKS,
 };
 use rustc_hash::FxHashSet;
 use std::sync::Arc;
@@ -41,6 +41,9 @@ pub struct Meta {
     pub decremented_sealed: FxHashSet<u64>,
     /// Data was written since the last commit.
     pub data_written: bool,
+    /// Private subtrees (root, level) that an unmap let go of, waiting to become dropped-tree
+    /// records at the next commit: freeing them there and then would be unbounded work.
+    pub to_drop: Vec<(u64, u32)>,
     /// Bytes of the data file known to have host storage behind them.
     pub allocated_end: u64,
     /// How far to preallocate at a time when the data file must grow.
@@ -49,6 +52,24 @@ pub struct Meta {
 
 /// Blocks past the end of the data kept preallocated for metadata (1 MiB).
 pub const METADATA_HEADROOM: u64 = 256;
+
+/// How much one step of freeing a dropped tree may do before its work is committed.
+#[derive(Debug, Clone, Copy)]
+pub struct DropStep {
+    /// References to release at most.
+    pub max_released: u64,
+    /// Dirty metadata pages past which the step stops (once it has released something, so that
+    /// every step makes progress).
+    pub max_dirty: usize,
+    /// References released so far.
+    pub released: u64,
+}
+
+impl DropStep {
+    fn spent(&self, dirty: usize) -> bool {
+        self.released >= self.max_released || (self.released > 0 && dirty >= self.max_dirty)
+    }
+}
 
 /// A tree node level, or `None` for a leaf's child (a data block or a catalog record).
 pub type Level = Option<u32>;
@@ -149,21 +170,46 @@ impl Meta {
         Ok(())
     }
 
-    /// Drops one reference to `b`; blocks reaching 0 are freed, and a freed tree page drops the
-    /// references it holds in turn. Work is proportional to what gets freed.
-    pub fn decref(&mut self, b: u64, level: Level) -> Result<()> {
-        self.decref_with_progress(b, level, &mut |_| {})
+    /// Drops one reference to each block in `blocks` (data blocks: no pages below them; sorted
+    /// here), touching each refcount page once, as [`Meta::incref_all`] does; blocks reaching 0
+    /// are freed. Freeing a leaf's worth of blocks one `decref` at a time cost two page-cache
+    /// lookups per block, most of a large delete's time.
+    fn decref_data(&mut self, blocks: &mut [u64]) -> Result<()> {
+        for &b in blocks.iter() {
+            self.check_block(b)?;
+        }
+        blocks.sort_unstable();
+        let mut freed = Vec::new();
+        let mut i = 0;
+        while i < blocks.len() {
+            let (pg, _) = refcount_slot(blocks[i]);
+            let page = self.cache.get_mut(&*self.dev, pg, PageKind::Refcount)?;
+            while i < blocks.len() && refcount_slot(blocks[i]).0 == pg {
+                let (_, idx) = refcount_slot(blocks[i]);
+                let rc = refcount(page, idx);
+                if rc == 0 {
+                    return Err(Error::corrupt(blocks[i], "reference count underflow"));
+                }
+                set_refcount(page, idx, rc - 1);
+                if rc == 1 {
+                    freed.push(blocks[i]);
+                }
+                i += 1;
+            }
+        }
+        self.decremented.extend(blocks.iter().copied());
+        for &b in &freed {
+            self.cache.remove(b);
+        }
+        self.sb.allocated -= freed.len() as u64;
+        self.quarantine.extend(freed);
+        Ok(())
     }
 
-    /// `decref`, calling `progress` with the number of blocks freed so far every 4,096 blocks (a
-    /// large delete is the one long metadata operation).
-    pub fn decref_with_progress(
-        &mut self,
-        b: u64,
-        level: Level,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
-        let mut freed = 0u64;
+    /// Drops one reference to `b`; blocks reaching 0 are freed, and a freed tree page drops the
+    /// references it holds in turn. Work is proportional to what gets freed: callers use it where
+    /// that is at most one leaf's worth, and [`Meta::drop_step`] for whole trees.
+    pub fn decref(&mut self, b: u64, level: Level) -> Result<()> {
         let mut stack = vec![(b, level)];
         while let Some((b, level)) = stack.pop() {
             let rc = self.rc(b)?;
@@ -187,12 +233,73 @@ impl Meta {
             self.cache.remove(b);
             self.quarantine.insert(b);
             self.sb.allocated -= 1;
-            freed += 1;
-            if freed.is_multiple_of(4096) {
-                progress(freed * BLOCK_SIZE as u64);
-            }
         }
         Ok(())
+    }
+
+    /// Frees part of a dropped tree: the caller holds one reference to `root` (a page at
+    /// `level`). Stops when `step` is spent; returns whether the whole tree has been let go of.
+    ///
+    /// Pages only the tree references are emptied in place, entry by entry, as their targets are
+    /// released; a commit between two steps therefore leaves exact counts, and the next step
+    /// resumes by skipping the zeroed entries. Memory and journal space per step are bounded by
+    /// the step, whatever the tree holds.
+    pub fn drop_step(&mut self, root: u64, level: u32, step: &mut DropStep) -> Result<bool> {
+        if self.rc(root)? > 1 || self.empty_page(root, level, step)? {
+            self.decref(root, Some(level))?;
+            step.released += 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Releases every entry of `page` (a page at `level` that only its parent references),
+    /// descending into children only it references; false if the step was spent first.
+    fn empty_page(&mut self, page: u64, level: u32, step: &mut DropStep) -> Result<bool> {
+        if level == 0 {
+            return self.empty_leaf(page, step);
+        }
+        for i in 0..FANOUT {
+            let e = entry(self.cache.get(&*self.dev, page, PageKind::Tree)?, i);
+            if e == 0 {
+                continue;
+            }
+            if step.spent(self.cache.dirty_count()) {
+                return Ok(false);
+            }
+            if self.rc(e)? == 1 && !self.empty_page(e, level - 1, step)? {
+                return Ok(false);
+            }
+            // Now shared or emptied: one decrement releases just `e`.
+            self.decref(e, Some(level - 1))?;
+            set_entry(self.cache.get_mut(&*self.dev, page, PageKind::Tree)?, i, 0);
+            step.released += 1;
+        }
+        Ok(true)
+    }
+
+    /// [`Meta::empty_page`] for a leaf: its data blocks are released in one batch, as many as
+    /// the step allows.
+    fn empty_leaf(&mut self, page: u64, step: &mut DropStep) -> Result<bool> {
+        if step.spent(self.cache.dirty_count()) {
+            return Ok(false);
+        }
+        let room = usize::try_from(step.max_released - step.released).unwrap_or(usize::MAX);
+        let p = self.cache.get(&*self.dev, page, PageKind::Tree)?;
+        let mapped: Vec<u64> = (0..FANOUT).filter(|&i| entry(p, i) != 0).collect();
+        let taken = &mapped[..mapped.len().min(room)];
+        if taken.is_empty() {
+            return Ok(true);
+        }
+        let mut blocks: Vec<u64> = taken.iter().map(|&i| entry(p, i)).collect();
+        self.decref_data(&mut blocks)?;
+        let p = self.cache.get_mut(&*self.dev, page, PageKind::Tree)?;
+        for &i in taken {
+            set_entry(p, i, 0);
+        }
+        let all = taken.len() == mapped.len();
+        step.released += taken.len() as u64;
+        Ok(all)
     }
 
     /// Finds a free block (count 0, not quarantined, not reserved), preferring the lowest one from the

@@ -15,11 +15,11 @@ use crate::cache::PageCache;
 use crate::device::{Device, FileDevice};
 use crate::error::{Error, Result};
 use crate::format::{
-    depth_for, entry, new_page, refcount_slot, set_refcount, CheckpointRecord, Page, PageKind,
-    Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, SUPERBLOCK,
+    depth_for, entry, new_page, refcount_slot, set_refcount, CheckpointRecord, DroppedTreeRecord,
+    Page, PageKind, Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, SUPERBLOCK,
 };
 use crate::journal::Journal;
-use crate::meta::{block_runs, Meta};
+use crate::meta::{block_runs, DropStep, Meta};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -62,6 +62,9 @@ pub struct Options {
     /// Run a background thread that commits once `dirty_limit` is passed, so writes do not wait
     /// for commits (tests that count device operations turn it off for determinism).
     pub background_commits: bool,
+    /// References one step of freeing a deleted tree releases before committing: bounds the
+    /// memory and journal space a delete needs, and how long it holds the state lock at a time.
+    pub drop_step: u64,
 }
 
 impl Default for Options {
@@ -72,6 +75,7 @@ impl Default for Options {
             journal_limit: 256 << 20,
             prealloc_bytes: 64 << 20,
             background_commits: true,
+            drop_step: 256 * 1024,
         }
     }
 }
@@ -246,6 +250,10 @@ pub struct SpaceReport {
     pub file_size: u64,
     /// Bytes the data and journal files really occupy on the host.
     pub host_used: u64,
+    /// Trees of deleted checkpoints and volumes not yet freed (a delete was interrupted); their
+    /// blocks are in `allocated` until the background committer or the next delete frees them.
+    #[serde(default)]
+    pub dropped_trees: usize,
 }
 
 struct State {
@@ -257,6 +265,8 @@ struct State {
     opts: Options,
     volumes: BTreeMap<u64, VolumeRecord>,
     checkpoints: BTreeMap<u64, CheckpointRecord>,
+    /// Trees of deleted checkpoints and volumes (and unmapped subtrees) still being freed.
+    dropped: BTreeMap<u64, DroppedTreeRecord>,
     // Fx, not SipHash: looked up on every read and write; names are few and validated.
     volume_ids: FxHashMap<String, u64>,
     checkpoint_ids: HashMap<(u64, String), u64>,
@@ -344,6 +354,14 @@ impl Committer {
                     g.wanted = false;
                 }
                 core.background_commit();
+                // Trees left by a crashed delete or a large unmap: a step at a time, each
+                // committed, stopping early when the store closes.
+                while !lock(&sig.0).stop
+                    && !core.poisoned.load(Ordering::SeqCst)
+                    && core.background_free_step()
+                {
+                    core.try_release_space();
+                }
             })
             .map_err(Error::io("start the background commit thread", "store"))?;
         Ok(Committer {
@@ -529,6 +547,7 @@ impl Store {
             decremented: Default::default(),
             decremented_sealed: Default::default(),
             data_written: false,
+            to_drop: Vec::new(),
         };
         let mut st = State {
             meta,
@@ -536,6 +555,7 @@ impl Store {
             opts,
             volumes: BTreeMap::new(),
             checkpoints: BTreeMap::new(),
+            dropped: BTreeMap::new(),
             volume_ids: FxHashMap::default(),
             checkpoint_ids: HashMap::new(),
             dirty_records: BTreeSet::new(),
@@ -552,8 +572,13 @@ impl Store {
             gate: RwLock::new(()),
             background_error: Mutex::new(None),
         });
+        let pending = !lock(&core.state).dropped.is_empty();
         let committer = if background {
-            Some(Committer::start(core.clone())?)
+            let c = Committer::start(core.clone())?;
+            if pending {
+                c.wake();
+            }
+            Some(c)
         } else {
             None
         };
@@ -740,6 +765,30 @@ impl Core {
         Ok(true)
     }
 
+    /// The background committer's share of [`Store::free_dropped`]: one step, committed. Says
+    /// whether there was anything to free; a failure is kept for the next flush, as a failed
+    /// background commit is (recorded before the gate is let go, for the same reason).
+    fn background_free_step(&self) -> bool {
+        let _g = self.shared();
+        let mut freed = 0;
+        let r = {
+            let mut st = self.state();
+            if st.dropped.is_empty() {
+                return false;
+            }
+            st.drop_some(&mut freed)
+        };
+        match r.and_then(|()| self.commit_concurrent()) {
+            Ok(_) => true,
+            Err(e) => {
+                lock(&self.background_error).get_or_insert(Error::Invalid(format!(
+                    "freeing a deleted tree in the background failed ({e}); writes since the last flush were discarded"
+                )));
+                false
+            }
+        }
+    }
+
     /// Like `release_space`, but only if the store happens to be quiescent.
     fn try_release_space(&self) {
         if let Ok(_g) = self.gate.try_write() {
@@ -752,10 +801,43 @@ impl Core {
 }
 
 impl Store {
-    /// Returns freed blocks to the allocator and the host once no request can still read them.
-    fn release_space(&self) {
-        let _g = self.exclusive();
-        self.state().meta.release_ready();
+    /// Frees what deleted checkpoints and volumes (and large unmaps) left behind, a committed
+    /// step at a time, reporting bytes freed so far to `progress`; returns when nothing is left.
+    /// Other requests run between steps. Deletes call it; after a crash the background committer
+    /// (or the next delete) finishes what a killed delete had started.
+    pub fn free_dropped(&self, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        self.heal()?;
+        let mut freed = 0;
+        loop {
+            let g = self.shared();
+            let left = {
+                let mut st = self.state();
+                st.drop_some(&mut freed)?;
+                !st.dropped.is_empty()
+            };
+            if !left {
+                break;
+            }
+            self.core.commit_concurrent()?;
+            drop(g);
+            progress(freed * BS);
+            self.core.try_release_space();
+        }
+        // The last step's commit (and, for a small tree, the delete's only one) also resets the
+        // journal, so freed blocks go back to the host now, as a delete promises.
+        {
+            let _g = self.exclusive();
+            let mut st = self.state();
+            st.commit(true)?;
+            st.meta.release_ready();
+        }
+        progress(freed * BS);
+        Ok(())
+    }
+
+    /// Trees waiting to be freed (see [`Store::free_dropped`]).
+    pub fn dropped_trees(&self) -> usize {
+        self.state().dropped.len()
     }
 
     /// Commits once enough metadata is dirty: in the background past `dirty_limit`, here past
@@ -867,12 +949,11 @@ impl Store {
             let _g = self.shared();
             let _v = write_lock(&vg);
             let mut st = self.state();
-            let r = st.delete_volume(name, progress);
+            let r = st.delete_volume(name);
             st.poison_on(r)?;
         }
         lock(&self.volume_gates).remove(&vid);
-        self.release_space();
-        Ok(())
+        self.free_dropped(progress)
     }
     /// Writes `data` at byte `offset` of a volume's head. Not durable until `flush`.
     pub fn write(&self, volume: &str, offset: u64, data: &[u8]) -> Result<()> {
@@ -1122,6 +1203,14 @@ impl Store {
         let vm = st.volume_mut(id);
         vm.root = root;
         vm.mapped -= n;
+        let handed_over = !st.meta.to_drop.is_empty();
+        drop(st);
+        if handed_over {
+            // Its commit turns the subtree into a dropped tree, which it then frees.
+            if let Some(c) = &self.committer {
+                c.wake();
+            }
+        }
         Ok(())
     }
 
@@ -1209,7 +1298,9 @@ impl Store {
             let r = st.apply_checkpoint(vid, cid, save_current);
             st.poison_on(r)?
         };
-        self.release_space();
+        // Commits the apply; the head's old tree is freed before returning, so `space` right
+        // after shows it gone.
+        self.free_dropped(&mut |_| {})?;
         Ok(info)
     }
 
@@ -1232,12 +1323,11 @@ impl Store {
             let _v = write_lock(&vg);
             let mut st = self.state();
             let cid = st.checkpoint_id(vid, volume, checkpoint)?;
-            let r = st.drop_checkpoint(cid, progress);
+            let r = st.drop_checkpoint(cid);
             st.poison_on(r)?;
-            st.commit(true)?;
         }
-        self.release_space();
-        Ok(())
+        // Commits the delete together with the first step of freeing its tree.
+        self.free_dropped(progress)
     }
 
     /// Renames a checkpoint.
@@ -1425,6 +1515,7 @@ impl Store {
             allocated: st.meta.sb.allocated * BS,
             file_size,
             host_used,
+            dropped_trees: st.dropped.len(),
         })
     }
 
@@ -1504,7 +1595,7 @@ fn check_range(op: &'static str, t: &Target, offset: u64, len: u64, size: u64) -
 }
 
 impl State {
-    fn delete_volume(&mut self, name: &str, progress: &mut dyn FnMut(u64)) -> Result<()> {
+    fn delete_volume(&mut self, name: &str) -> Result<()> {
         let id = self.volume_id(name)?;
         let cps: Vec<u64> = self
             .checkpoints
@@ -1512,14 +1603,8 @@ impl State {
             .filter(|c| c.volume == id)
             .map(|c| c.id)
             .collect();
-        // Bytes freed so far across the checkpoints and the head, for one running total.
-        let mut done = 0u64;
         for c in cps {
-            let base = done;
-            self.drop_checkpoint(c, &mut |n| {
-                done = base + n;
-                progress(done);
-            })?;
+            self.drop_checkpoint(c)?;
         }
         let v = self
             .volumes
@@ -1527,14 +1612,11 @@ impl State {
             .ok_or_else(|| Error::UnknownVolume(name.into()))?;
         self.volume_ids.remove(&v.name);
         if v.root != 0 {
-            self.meta
-                .decref_with_progress(v.root, Some(tree_depth(v.size) - 1), &mut |n| {
-                    progress(done + n)
-                })?;
+            self.queue_drop(v.root, tree_depth(v.size) - 1);
         }
         self.dirty_records.remove(&id);
         self.deleted_records.insert(id);
-        self.commit(true)
+        Ok(())
     }
     /// Applies checkpoint `cid` to volume `vid` (both validated by the caller).
     fn apply_checkpoint(
@@ -1552,14 +1634,13 @@ impl State {
             self.meta.incref(c.root)?;
         }
         if v.root != 0 {
-            self.meta.decref(v.root, Some(tree_depth(v.size) - 1))?;
+            self.queue_drop(v.root, tree_depth(v.size) - 1);
         }
         let vm = self.volume_mut(vid);
         vm.root = c.root;
         vm.size = c.size;
         vm.mapped = c.mapped;
         vm.parent = Some(cid);
-        self.commit(true)?;
         self.volume_info(vid)
     }
 
@@ -1567,6 +1648,36 @@ impl State {
         let id = self.meta.sb.next_id;
         self.meta.sb.next_id += 1;
         id
+    }
+
+    /// One step of freeing the oldest dropped tree, if any (not committed); adds the blocks it
+    /// freed to `freed`.
+    fn drop_some(&mut self, freed: &mut u64) -> Result<()> {
+        let Some(rec) = self.dropped.values().next().cloned() else {
+            return Ok(());
+        };
+        let mut step = DropStep {
+            max_released: self.opts.drop_step.max(1),
+            max_dirty: self.opts.dirty_limit,
+            released: 0,
+        };
+        let before = self.meta.sb.allocated;
+        let r = self.meta.drop_step(rec.root, rec.level, &mut step);
+        if self.poison_on(r)? {
+            self.dropped.remove(&rec.id);
+            self.deleted_records.insert(rec.id);
+        }
+        *freed += before.saturating_sub(self.meta.sb.allocated);
+        Ok(())
+    }
+
+    /// Hands a reference to a tree (a page at `level`) over to a dropped-tree record, to be
+    /// freed a step at a time (see [`Store::free_dropped`]).
+    fn queue_drop(&mut self, root: u64, level: u32) {
+        let id = self.new_id();
+        self.dropped
+            .insert(id, DroppedTreeRecord { id, root, level });
+        self.dirty_records.insert(id);
     }
 
     fn volume_id(&self, name: &str) -> Result<u64> {
@@ -1702,7 +1813,7 @@ impl State {
         Ok(id)
     }
 
-    fn drop_checkpoint(&mut self, cid: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
+    fn drop_checkpoint(&mut self, cid: u64) -> Result<()> {
         let c = self
             .checkpoints
             .remove(&cid)
@@ -1730,8 +1841,7 @@ impl State {
             self.volume_mut(h).parent = c.parent;
         }
         if c.root != 0 {
-            self.meta
-                .decref_with_progress(c.root, Some(tree_depth(c.size) - 1), progress)?;
+            self.queue_drop(c.root, tree_depth(c.size) - 1);
         }
         self.dirty_records.remove(&cid);
         self.deleted_records.insert(cid);
@@ -1831,6 +1941,9 @@ impl State {
                     self.checkpoint_ids.insert((c.volume, c.name.clone()), c.id);
                     self.checkpoints.insert(c.id, c);
                 }
+                Record::Dropped(d) => {
+                    self.dropped.insert(d.id, d);
+                }
             }
             self.meta.cache.remove(b);
         }
@@ -1838,6 +1951,9 @@ impl State {
     }
 
     fn store_records(&mut self) -> Result<()> {
+        for (root, level) in std::mem::take(&mut self.meta.to_drop) {
+            self.queue_drop(root, level);
+        }
         let needed = depth_for(self.meta.sb.next_id);
         if needed > self.meta.sb.catalog_depth {
             let mut root = self.meta.sb.catalog_root;
@@ -1853,10 +1969,14 @@ impl State {
             self.meta.sb.catalog_root = root;
         }
         for id in std::mem::take(&mut self.dirty_records) {
-            let rec = match (self.volumes.get(&id), self.checkpoints.get(&id)) {
-                (Some(v), _) => Record::Volume(v.clone()),
-                (_, Some(c)) => Record::Checkpoint(c.clone()),
-                _ => continue,
+            let rec = if let Some(v) = self.volumes.get(&id) {
+                Record::Volume(v.clone())
+            } else if let Some(c) = self.checkpoints.get(&id) {
+                Record::Checkpoint(c.clone())
+            } else if let Some(d) = self.dropped.get(&id) {
+                Record::Dropped(d.clone())
+            } else {
+                continue;
             };
             let page = rec.encode()?;
             let mut root = self.meta.sb.catalog_root;
@@ -1893,6 +2013,7 @@ impl State {
     /// Whether anything changed since the last commit.
     fn has_changes(&self) -> bool {
         self.meta.cache.dirty_count() != 0
+            || !self.meta.to_drop.is_empty()
             || !self.dirty_records.is_empty()
             || !self.deleted_records.is_empty()
             || self.meta.data_written
@@ -1949,6 +2070,8 @@ impl State {
         self.meta.allocated_end = self.meta.dev.len().map_err(Error::io("stat", &dpath))?;
         self.volumes.clear();
         self.checkpoints.clear();
+        self.dropped.clear();
+        self.meta.to_drop.clear();
         self.volume_ids.clear();
         self.checkpoint_ids.clear();
         self.dirty_records.clear();

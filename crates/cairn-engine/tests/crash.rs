@@ -14,6 +14,11 @@ use common::BS;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Crash points that left a tree half freed: the campaign must hit some, or it proves nothing
+/// about resuming a free.
+static INTERRUPTED_FREES: AtomicU64 = AtomicU64::new(0);
 
 const VOL: &str = "v";
 const BLOCKS: u64 = 600;
@@ -261,6 +266,14 @@ fn crash_at(seed: u64, ops: &[COp], cut: u64) {
     let ctx = format!("seed {seed} cut {cut}");
     let s = common::reopen_crashed(dimg, jimg, &ctx);
     verify(&s, &exp, &ctx);
+    // A delete or apply the cut interrupted while it freed a tree finishes now, as the
+    // background committer or the next delete would finish it.
+    if s.dropped_trees() > 0 {
+        INTERRUPTED_FREES.fetch_add(1, Ordering::Relaxed);
+    }
+    s.free_dropped(&mut |_| {})
+        .unwrap_or_else(|e| panic!("{ctx}: finishing an interrupted free: {e}"));
+    assert_eq!(s.dropped_trees(), 0, "{ctx}: trees left to free");
     // The recovered store keeps working: new writes and checkpoints leave old ones intact.
     s.write(VOL, 0, &pattern(0xFFFF, 0, 64 * 1024))
         .expect("write after recovery");
@@ -324,8 +337,13 @@ fn crash_points_short() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(14);
     let points = campaign(0..n, 150, 60);
-    eprintln!("crash points checked: {points}");
+    let interrupted = INTERRUPTED_FREES.load(Ordering::Relaxed);
+    eprintln!("crash points checked: {points}, {interrupted} of them in the middle of a free");
     assert!(points >= n * 100);
+    assert!(
+        interrupted > 0,
+        "no crash point fell while a tree was being freed"
+    );
 }
 
 #[test]

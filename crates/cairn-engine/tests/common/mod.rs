@@ -17,6 +17,8 @@ pub fn small_opts() -> Options {
         prealloc_bytes: 64 * 1024,
         // Power-cut tests count device operations: commits happen where the test makes them.
         background_commits: false,
+        // Deletes free their trees over several committed steps, and crashes land between them.
+        drop_step: 7,
     }
 }
 
