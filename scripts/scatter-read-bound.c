@@ -14,7 +14,15 @@
  * 4 GiB against 2 M from the spread blocks, three times. It needs about 12 GiB of disk and of
  * page cache.
  *
+ * `folios`: docs/design.md ("Read path") cites this: how a file was written decides how fast its
+ * cached blocks read back, because the kernel (ext4 since 6.16, XFS earlier) caches a file in
+ * folios as large as each write covers, aligned, and looks large folios up faster. It writes three
+ * 1 GiB files: 1 MiB pwrites at 1 MiB-aligned offsets, 1 MiB pwrites 12 KiB off that alignment (as
+ * Cairn's data runs are, between its metadata pages), and 4 KiB pwrites; then times 2 M random
+ * cached 4 KiB preads of each, three times.
+ *
  *   gcc -O2 scripts/scatter-read-bound.c -o /tmp/scatter && /tmp/scatter && /tmp/scatter spread
+ *   /tmp/scatter folios
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -132,8 +140,48 @@ static int spread(char *buf) {
     return 0;
 }
 
+static int folios(char *buf) {
+    const size_t size = 1UL << 30, nb = size / blk;
+    const int n = 2000000;
+    const struct { const char *name; size_t start, chunk; } ways[] = {
+        {"1 MiB aligned", 0, mib}, {"1 MiB 12 KiB off", 3 * blk, mib}, {"4 KiB", 0, blk}};
+    int fds[3];
+    char path[64];
+    memset(buf, 1, mib);
+    for (int w = 0; w < 3; w++) {
+        snprintf(path, sizeof path, "folio-read-bound-%d.tmp", w);
+        fds[w] = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+        unlink(path);
+        if (fds[w] < 0) {
+            perror(path);
+            return 1;
+        }
+        for (size_t o = ways[w].start; o < ways[w].start + size; o += ways[w].chunk)
+            if (pwrite(fds[w], buf, ways[w].chunk, o) != (ssize_t)ways[w].chunk) {
+                perror("pwrite");
+                return 1;
+            }
+    }
+    for (int round = 0; round < 3; round++) {
+        double aligned = 0;
+        for (int w = 0; w < 3; w++) {
+            double t = now();
+            for (int i = 0; i < n; i++)
+                if (pread(fds[w], buf, blk, ways[w].start + (next() % nb) * blk) != (ssize_t)blk)
+                    perror("pread");
+            double us = (now() - t) / n * 1e6;
+            if (w == 0) aligned = us;
+            printf("%s: %.2f us per cached 4 KiB pread (%.2f of aligned's rate)%s", ways[w].name,
+                   us, aligned / us, w == 2 ? "\n" : "; ");
+        }
+    }
+    for (int w = 0; w < 3; w++) close(fds[w]);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     char *buf = aligned_alloc(blk, mib);
     if (argc > 1 && strcmp(argv[1], "spread") == 0) return spread(buf);
+    if (argc > 1 && strcmp(argv[1], "folios") == 0) return folios(buf);
     return scatter(buf);
 }

@@ -150,6 +150,19 @@ impl Meta {
     /// Adds one reference to every block in `blocks` (sorted here), touching each refcount page once:
     /// shadowing a page references all its children, and they are mostly neighbours.
     pub fn incref_all(&mut self, blocks: &mut [u64]) -> Result<()> {
+        self.update_counts(blocks, |b, rc| {
+            rc.checked_add(1)
+                .ok_or_else(|| Error::corrupt(b, "reference count overflow"))
+        })
+    }
+
+    /// Sorts `blocks` and replaces each one's count `rc` with `change(block, rc)`, fetching each
+    /// refcount page once for all its blocks in the batch.
+    fn update_counts(
+        &mut self,
+        blocks: &mut [u64],
+        mut change: impl FnMut(u64, u32) -> Result<u32>,
+    ) -> Result<()> {
         for &b in blocks.iter() {
             self.check_block(b)?;
         }
@@ -160,10 +173,7 @@ impl Meta {
             let page = self.cache.get_mut(&*self.dev, pg, PageKind::Refcount)?;
             while i < blocks.len() && refcount_slot(blocks[i]).0 == pg {
                 let (_, idx) = refcount_slot(blocks[i]);
-                let rc = refcount(page, idx)
-                    .checked_add(1)
-                    .ok_or_else(|| Error::corrupt(blocks[i], "reference count overflow"))?;
-                set_refcount(page, idx, rc);
+                set_refcount(page, idx, change(blocks[i], refcount(page, idx))?);
                 i += 1;
             }
         }
@@ -175,28 +185,15 @@ impl Meta {
     /// are freed. Freeing a leaf's worth of blocks one `decref` at a time cost two page-cache
     /// lookups per block, most of a large delete's time.
     fn decref_data(&mut self, blocks: &mut [u64]) -> Result<()> {
-        for &b in blocks.iter() {
-            self.check_block(b)?;
-        }
-        blocks.sort_unstable();
         let mut freed = Vec::new();
-        let mut i = 0;
-        while i < blocks.len() {
-            let (pg, _) = refcount_slot(blocks[i]);
-            let page = self.cache.get_mut(&*self.dev, pg, PageKind::Refcount)?;
-            while i < blocks.len() && refcount_slot(blocks[i]).0 == pg {
-                let (_, idx) = refcount_slot(blocks[i]);
-                let rc = refcount(page, idx);
-                if rc == 0 {
-                    return Err(Error::corrupt(blocks[i], "reference count underflow"));
-                }
-                set_refcount(page, idx, rc - 1);
-                if rc == 1 {
-                    freed.push(blocks[i]);
-                }
-                i += 1;
+        self.update_counts(blocks, |b, rc| match rc {
+            0 => Err(Error::corrupt(b, "reference count underflow")),
+            1 => {
+                freed.push(b);
+                Ok(0)
             }
-        }
+            _ => Ok(rc - 1),
+        })?;
         self.decremented.extend(blocks.iter().copied());
         for &b in &freed {
             self.cache.remove(b);
