@@ -206,3 +206,32 @@ fn trimming_a_whole_subtree_hands_it_to_a_dropped_tree() {
     let left = s.space(None).expect("space").allocated - empty;
     assert!(left <= 4 * BS, "{left} bytes still allocated");
 }
+
+#[test]
+fn the_background_committer_frees_a_trimmed_subtree_by_itself() {
+    let (data, journal) = common::sim_devices(PowerSupply::new());
+    let s = Store::open_devices(data, journal, opts(64, true), "sim").expect("open");
+    let span = 510 * 510 * BS;
+    s.create_volume("v", 2 * span).expect("create");
+    s.flush().expect("flush");
+    let empty = s.space(None).expect("space").allocated;
+    for i in 0..40 {
+        s.write("v", i * 3 * 510 * BS, &block(5, i)).expect("write");
+    }
+    s.flush().expect("flush");
+    // No flush, no delete after the trim: the committer has to notice on its own.
+    s.trim("v", 0, span).expect("trim");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.space(None).expect("space").allocated > empty + 2 * BS {
+        assert!(
+            Instant::now() < deadline,
+            "trimmed blocks still allocated: {} trees waiting",
+            s.dropped_trees()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(s.dropped_trees(), 0);
+    s.flush().expect("flush");
+    let report = s.fsck().expect("fsck");
+    assert!(report.ok(), "{:?}", report.errors);
+}
