@@ -54,7 +54,7 @@ impl Meta {
     /// Hints the device to read every leaf under `parent` that is not cached. Without it a cold
     /// sequential read waited for one synchronous leaf read per 2 MiB: 0.53 s of a 1.8 s read
     /// of 2 GiB. A parent covers 1 GiB, so this reads at most 2 MiB of metadata per GiB touched.
-    fn read_ahead_leaves(&mut self, parent: u64) -> Result<()> {
+    pub(crate) fn read_ahead_leaves(&mut self, parent: u64) -> Result<()> {
         let page = self.cache.get(&*self.dev, parent, PageKind::Tree)?;
         let mut leaves: Vec<u64> = (0..FANOUT).map(|i| entry(page, i)).collect();
         leaves.retain(|&l| l != 0 && !self.cache.contains(l));
@@ -247,6 +247,9 @@ impl Meta {
         let mut n = 0;
         let mut stack = vec![(node, level)];
         while let Some((p, l)) = stack.pop() {
+            if l == 1 {
+                self.read_ahead_leaves(p)?;
+            }
             let page = self.cache.get(&*self.dev, p, PageKind::Tree)?;
             for i in 0..FANOUT {
                 let e = entry(page, i);

@@ -256,6 +256,11 @@ impl Meta {
         if level == 0 {
             return self.empty_leaf(page, step);
         }
+        if level == 1 {
+            // An old checkpoint's leaves are rarely cached: ask for all of them at once rather
+            // than waiting for each in turn.
+            self.read_ahead_leaves(page)?;
+        }
         for i in 0..FANOUT {
             let e = entry(self.cache.get(&*self.dev, page, PageKind::Tree)?, i);
             if e == 0 {
