@@ -807,7 +807,25 @@ impl Store {
     /// (or the next delete) finishes what a killed delete had started.
     pub fn free_dropped(&self, progress: &mut dyn FnMut(u64)) -> Result<()> {
         self.heal()?;
-        let mut freed = 0;
+        self.free_rest(0, progress)
+    }
+
+    /// The end of a delete or apply that committed itself with a first step of freeing
+    /// ([`State::commit_with_first_step`]): frees what is `left`, or just releases the blocks.
+    fn finish_drop(&self, left: bool, freed: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        if left {
+            return self.free_rest(freed, progress);
+        }
+        {
+            let _g = self.exclusive();
+            self.state().meta.release_ready();
+        }
+        progress(freed * BS);
+        Ok(())
+    }
+
+    /// [`Store::free_dropped`] with `freed` blocks already counted.
+    fn free_rest(&self, mut freed: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
         loop {
             let g = self.shared();
             let left = {
@@ -823,8 +841,8 @@ impl Store {
             progress(freed * BS);
             self.core.try_release_space();
         }
-        // The last step's commit (and, for a small tree, the delete's only one) also resets the
-        // journal, so freed blocks go back to the host now, as a delete promises.
+        // The last step's commit also resets the journal, so freed blocks go back to the host
+        // now, as a delete promises.
         {
             let _g = self.exclusive();
             let mut st = self.state();
@@ -945,15 +963,17 @@ impl Store {
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
         let (vid, vg) = self.volume_gate(name)?;
-        {
+        let mut freed = 0;
+        let left = {
             let _g = self.shared();
             let _v = write_lock(&vg);
             let mut st = self.state();
             let r = st.delete_volume(name);
             st.poison_on(r)?;
-        }
+            st.commit_with_first_step(&mut freed)?
+        };
         lock(&self.volume_gates).remove(&vid);
-        self.free_dropped(progress)
+        self.finish_drop(left, freed, progress)
     }
     /// Writes `data` at byte `offset` of a volume's head. Not durable until `flush`.
     pub fn write(&self, volume: &str, offset: u64, data: &[u8]) -> Result<()> {
@@ -1286,7 +1306,8 @@ impl Store {
             validate_name(s)?;
         }
         let (_, vg) = self.volume_gate(volume)?;
-        let info = {
+        let mut freed = 0;
+        let (info, left) = {
             let _g = self.shared();
             let _v = write_lock(&vg);
             let mut st = self.state();
@@ -1296,11 +1317,11 @@ impl Store {
                 st.check_new_checkpoint(volume, s)?;
             }
             let r = st.apply_checkpoint(vid, cid, save_current);
-            st.poison_on(r)?
+            let info = st.poison_on(r)?;
+            (info, st.commit_with_first_step(&mut freed)?)
         };
-        // Commits the apply; the head's old tree is freed before returning, so `space` right
-        // after shows it gone.
-        self.free_dropped(&mut |_| {})?;
+        // The head's old tree is freed before returning, so `space` right after shows it gone.
+        self.finish_drop(left, freed, &mut |_| {})?;
         Ok(info)
     }
 
@@ -1318,16 +1339,17 @@ impl Store {
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
         let (vid, vg) = self.volume_gate(volume)?;
-        {
+        let mut freed = 0;
+        let left = {
             let _g = self.shared();
             let _v = write_lock(&vg);
             let mut st = self.state();
             let cid = st.checkpoint_id(vid, volume, checkpoint)?;
             let r = st.drop_checkpoint(cid);
             st.poison_on(r)?;
-        }
-        // Commits the delete together with the first step of freeing its tree.
-        self.free_dropped(progress)
+            st.commit_with_first_step(&mut freed)?
+        };
+        self.finish_drop(left, freed, progress)
     }
 
     /// Renames a checkpoint.
@@ -1648,6 +1670,17 @@ impl State {
         let id = self.meta.sb.next_id;
         self.meta.sb.next_id += 1;
         id
+    }
+
+    /// Commits an operation that handed trees over to be freed, together with the first step of
+    /// freeing them, under the locks the operation holds (so no other failure can undo it
+    /// unseen); returns whether trees are left. A delete that fits one step is one commit, as
+    /// before steps, and that commit resets the journal so its blocks can go back to the host.
+    fn commit_with_first_step(&mut self, freed: &mut u64) -> Result<bool> {
+        self.drop_some(freed)?;
+        let left = !self.dropped.is_empty();
+        self.commit(!left)?;
+        Ok(left)
     }
 
     /// One step of freeing the oldest dropped tree, if any (not committed); adds the blocks it
