@@ -426,3 +426,42 @@ pub fn check_dir(dir: &std::path::Path) -> Result<FsckReport> {
     recover(&*data, journal, &path)?;
     Ok(check(&*data, &path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::check;
+    use crate::device::{PowerSupply, SimDevice};
+    use crate::store::{Options, Store};
+
+    #[test]
+    fn a_pointer_past_the_end_of_the_data_file_is_reported() {
+        let power = PowerSupply::new();
+        let data = SimDevice::new(Vec::new(), power.clone());
+        let journal = SimDevice::new(Vec::new(), power.clone());
+        Store::format(&*data, "sim").expect("format");
+        let opts = Options {
+            background_commits: false,
+            ..Options::default()
+        };
+        let s = Store::open_devices(data.clone(), journal, opts, "sim").expect("open");
+        s.create_volume("v", 1 << 20).expect("create");
+        s.write("v", 0, &[7u8; 4096]).expect("write");
+        // A clean close leaves every page in place in the data file.
+        drop(s);
+        let mut img = data.live_image();
+        assert!(check(&*SimDevice::new(img.clone(), power.clone()), "sim").ok());
+
+        // Cut the file just before the last block handed out, which something points to.
+        let hw = u64::from_le_bytes(img[4096 + 48..4096 + 56].try_into().expect("8 bytes"));
+        img.truncate(((hw - 1) * 4096) as usize);
+        let report = check(&*SimDevice::new(img, power), "sim");
+        assert!(
+            report
+                .errors
+                .iter()
+                .any(|e| e.contains("past the end of the data file")),
+            "{:?}",
+            report.errors
+        );
+    }
+}
