@@ -429,7 +429,7 @@ pub fn check_dir(dir: &std::path::Path) -> Result<FsckReport> {
 
 #[cfg(test)]
 mod tests {
-    use super::check;
+    use super::{check, Page, Superblock};
     use crate::device::{PowerSupply, SimDevice};
     use crate::store::{Options, Store};
 
@@ -452,7 +452,10 @@ mod tests {
         assert!(check(&*SimDevice::new(img.clone(), power.clone()), "sim").ok());
 
         // Cut the file just before the last block handed out, which something points to.
-        let hw = u64::from_le_bytes(img[4096 + 48..4096 + 56].try_into().expect("8 bytes"));
+        let sb_page: &Page = img[4096..8192].try_into().expect("a superblock page");
+        let hw = Superblock::decode(sb_page, "sim")
+            .expect("superblock")
+            .high_water;
         img.truncate(((hw - 1) * 4096) as usize);
         let report = check(&*SimDevice::new(img, power), "sim");
         assert!(

@@ -565,6 +565,7 @@ impl Store {
         };
         st.load_catalog()?;
         let background = st.opts.background_commits;
+        let pending = !st.dropped.is_empty();
         let core = Arc::new(Core {
             poisoned: st.poisoned.clone(),
             state: Mutex::new(st),
@@ -572,7 +573,6 @@ impl Store {
             gate: RwLock::new(()),
             background_error: Mutex::new(None),
         });
-        let pending = !lock(&core.state).dropped.is_empty();
         let committer = if background {
             let c = Committer::start(core.clone())?;
             if pending {
