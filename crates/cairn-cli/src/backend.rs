@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use cairn_control::{Client, Op, OpError, Reply};
-use cairn_engine::{CheckpointInfo, Extent, Options, Store, VolumeInfo};
+use cairn_engine::{CheckpointInfo, Extent, Store, VolumeInfo};
 
 /// The store or daemon commands talk to.
 pub enum Backend {
@@ -25,7 +25,7 @@ impl Backend {
         }
         Ok(Backend::Local(Arc::new(Store::open(
             dir,
-            Options::default(),
+            crate::store_options(),
         )?)))
     }
 

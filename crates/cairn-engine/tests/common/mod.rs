@@ -19,6 +19,7 @@ pub fn small_opts() -> Options {
         background_commits: false,
         // Deletes free their trees over several committed steps, and crashes land between them.
         drop_step: 7,
+        mapped_reads: true,
     }
 }
 
