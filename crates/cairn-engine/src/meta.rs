@@ -30,6 +30,11 @@ pub struct Meta {
     pub quarantine: FxHashSet<u64>,
     /// Quarantined blocks whose journal reset is done; released when the store is quiescent.
     pub ready: Vec<u64>,
+    /// The token of the release whose blocks are being punched right now, if any (see
+    /// [`Meta::start_release`]).
+    pub releasing: Option<u64>,
+    /// Tokens handed out by [`Meta::start_release`].
+    pub release_tokens: u64,
     /// Blocks handed to writes in flight, linked into a tree once their data is written. Their
     /// count stays 0 on disk, so a crash before linking leaks nothing.
     pub reserved: FxHashSet<u64>,
@@ -442,26 +447,59 @@ impl Meta {
         self.ready.extend(self.quarantine.iter().copied());
     }
 
-    /// Makes ready blocks allocatable again and punches them out of the host file. The caller
-    /// guarantees no request that looked them up is still in flight.
+    /// Punches ready blocks out of the host file and makes them allocatable again, all under
+    /// the caller's locks. The caller guarantees no request that looked them up is still in
+    /// flight. (The store's usual path punches without its locks: [`Meta::start_release`].)
     pub fn release_ready(&mut self) {
+        if let Some((token, blocks)) = self.start_release() {
+            punch_blocks(&*self.dev, &blocks);
+            self.finish_release(token, &blocks);
+        }
+    }
+
+    /// Takes the ready blocks (sorted, each once) for release, with a token for
+    /// [`Meta::finish_release`]; `None` if there are none or another release is under way. The
+    /// blocks stay quarantined, so nothing allocates them while they are punched. The caller
+    /// guarantees no request that looked them up is still in flight.
+    pub fn start_release(&mut self) -> Option<(u64, Vec<u64>)> {
+        if self.releasing.is_some() || self.ready.is_empty() {
+            return None;
+        }
         let mut blocks = std::mem::take(&mut self.ready);
         blocks.sort_unstable();
         blocks.dedup();
-        for b in &blocks {
+        self.release_tokens += 1;
+        self.releasing = Some(self.release_tokens);
+        Some((self.release_tokens, blocks))
+    }
+
+    /// Makes the blocks of release `token` allocatable again; nothing if a reload of the durable
+    /// state came in between (it started over from what is on disk).
+    pub fn finish_release(&mut self, token: u64, blocks: &[u64]) {
+        if self.releasing != Some(token) {
+            return;
+        }
+        self.releasing = None;
+        for b in blocks {
             self.quarantine.remove(b);
         }
+        // A journal reset while they were punched made them ready a second time.
+        self.ready.retain(|b| blocks.binary_search(b).is_err());
         if let Some(&first) = blocks.first() {
             self.sb.alloc_cursor = self.sb.alloc_cursor.min(first);
         }
-        for r in block_runs(&blocks) {
-            // Punching is best effort: a filesystem without hole support keeps the blocks, which
-            // are reused all the same.
-            let _ = self.dev.punch_hole(
-                blocks[r.start] * BLOCK_SIZE as u64,
-                r.len() as u64 * BLOCK_SIZE as u64,
-            );
-        }
+    }
+}
+
+/// Punches `blocks` (sorted) out of the host file, a run of adjacent blocks per call. Best effort:
+/// a filesystem without hole support keeps the blocks, which are reused all the same. Needs no
+/// lock: the blocks are free and quarantined, so nothing reads, writes or allocates them.
+pub fn punch_blocks(dev: &dyn Device, blocks: &[u64]) {
+    for r in block_runs(blocks) {
+        let _ = dev.punch_hole(
+            blocks[r.start] * BLOCK_SIZE as u64,
+            r.len() as u64 * BLOCK_SIZE as u64,
+        );
     }
 }
 

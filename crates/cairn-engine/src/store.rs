@@ -551,6 +551,8 @@ impl Store {
             sb,
             quarantine: Default::default(),
             ready: Vec::new(),
+            releasing: None,
+            release_tokens: 0,
             reserved: Default::default(),
             decremented: Default::default(),
             decremented_sealed: Default::default(),
@@ -797,14 +799,55 @@ impl Core {
         }
     }
 
-    /// Like `release_space`, but only if the store happens to be quiescent.
+    /// Releases the blocks whose journal reset is done, if the store happens to be quiescent.
     fn try_release_space(&self) {
-        if let Ok(_g) = self.gate.try_write() {
-            let mut st = self.state();
-            if !st.meta.ready.is_empty() {
-                st.meta.release_ready();
+        let taken = match self.gate.try_write() {
+            Ok(_g) => self.state().meta.start_release(),
+            Err(_) => None,
+        };
+        if let Some(taken) = taken {
+            self.punch_and_release(taken);
+        }
+    }
+
+    /// Releases the blocks whose journal reset is done, waiting until the store is quiescent
+    /// and until a release already under way is done (a delete returns with its space back).
+    fn release_space(&self) {
+        loop {
+            let taken = {
+                let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+                let mut st = self.state();
+                if st.meta.ready.is_empty() {
+                    return;
+                }
+                st.meta.start_release()
+            };
+            match taken {
+                Some(taken) => return self.punch_and_release(taken),
+                // Another release took its blocks and has not yet taken the gate to punch them;
+                // the next turn waits for its punching.
+                None => std::thread::yield_now(),
             }
         }
+    }
+
+    /// Punches the blocks [`Meta::start_release`] took and makes them allocatable. Taking them
+    /// needed the gate exclusively, for one instant: once nothing is in flight, no request can
+    /// still read them, since none can look them up any more. Punching needs it only shared, so
+    /// that no reload of the durable state runs meanwhile: on a filesystem that discards
+    /// synchronously (this project's machine, ext4 without a journal, mounted with `discard`) a
+    /// delete's punches took 0.6 s, and all that time every volume's I/O used to wait.
+    fn punch_and_release(&self, (token, blocks): (u64, Vec<u64>)) {
+        let _g = self.shared();
+        let dev = {
+            let st = self.state();
+            if st.meta.releasing != Some(token) {
+                return;
+            }
+            st.meta.dev.clone()
+        };
+        crate::meta::punch_blocks(&*dev, &blocks);
+        self.state().meta.finish_release(token, &blocks);
     }
 }
 
@@ -824,10 +867,7 @@ impl Store {
         if left {
             return self.free_rest(freed, progress);
         }
-        {
-            let _g = self.exclusive();
-            self.state().meta.release_ready();
-        }
+        self.core.release_space();
         progress(freed * BS);
         Ok(())
     }
@@ -853,10 +893,9 @@ impl Store {
         // now, as a delete promises.
         {
             let _g = self.exclusive();
-            let mut st = self.state();
-            st.commit(true)?;
-            st.meta.release_ready();
+            self.state().commit(true)?;
         }
+        self.core.release_space();
         progress(freed * BS);
         Ok(())
     }
@@ -2110,6 +2149,8 @@ impl State {
         self.meta.cache = PageCache::new(self.opts.cache_pages, &base);
         self.meta.quarantine.clear();
         self.meta.ready.clear();
+        // A release punching outside the locks finds its token gone and leaves the blocks be.
+        self.meta.releasing = None;
         self.meta.reserved.clear();
         self.meta.decremented.clear();
         self.meta.decremented_sealed.clear();
