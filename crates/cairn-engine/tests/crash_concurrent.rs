@@ -196,42 +196,6 @@ fn power_cuts_during_concurrent_writes_flushes_and_checkpoints() {
     }
 }
 
-/// Pauses the committing thread at a data-file sync, once armed, until the test lets it go.
-struct PausingDevice {
-    inner: Arc<cairn_engine::device::SimDevice>,
-    armed: std::sync::atomic::AtomicBool,
-    paused: Mutex<std::sync::mpsc::Sender<()>>,
-    resume: Mutex<std::sync::mpsc::Receiver<()>>,
-}
-
-impl cairn_engine::device::Device for PausingDevice {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            let _ = self.paused.lock().expect("lock").send(());
-            let _ = self.resume.lock().expect("lock").recv();
-        }
-        self.inner.sync()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.allocate(offset, len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch_hole(offset, len)
-    }
-    fn allocated_bytes(&self) -> std::io::Result<u64> {
-        self.inner.allocated_bytes()
-    }
-}
-
 /// A commit that also resets the journal runs outside the state lock, so a block can be freed
 /// after its transaction was sealed and before the reset. That free is not durable when the reset
 /// is, so the block must stay quarantined: reusing it would let a crash leave the durable head
@@ -240,14 +204,8 @@ impl cairn_engine::device::Device for PausingDevice {
 fn a_block_freed_during_a_journal_reset_commit_is_not_reused_before_its_own_commit() {
     let power = PowerSupply::new();
     let (sim, journal) = common::sim_devices(power);
-    let (paused_tx, paused_rx) = std::sync::mpsc::channel();
-    let (resume_tx, resume_rx) = std::sync::mpsc::channel();
-    let dev = Arc::new(PausingDevice {
-        inner: sim.clone(),
-        armed: false.into(),
-        paused: Mutex::new(paused_tx),
-        resume: Mutex::new(resume_rx),
-    });
+    let (dev, paused_rx, resume_tx) =
+        common::PausingDevice::new(sim.clone(), common::PauseAt::Sync);
     // Every commit after the first finds the journal due for a reset.
     let opts = cairn_engine::Options {
         journal_limit: 0,
@@ -260,7 +218,7 @@ fn a_block_freed_during_a_journal_reset_commit_is_not_reused_before_its_own_comm
     store.flush().expect("flush");
     store.write(VOL, 2 * BS, &block_of(2, 1)).expect("write");
 
-    dev.armed.store(true, Ordering::SeqCst);
+    dev.arm();
     let s = store.clone();
     let committer = std::thread::spawn(move || s.flush());
     paused_rx.recv().expect("the commit reached its sync");

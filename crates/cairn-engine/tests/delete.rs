@@ -236,53 +236,13 @@ fn the_background_committer_frees_a_trimmed_subtree_by_itself() {
     assert!(report.ok(), "{:?}", report.errors);
 }
 
-/// A simulated disk whose hole punching stops until the test lets it go on, as a filesystem that
-/// discards synchronously makes it slow.
-struct SlowPunch {
-    inner: Arc<SimDevice>,
-    /// Told each time a punch starts.
-    started: std::sync::Mutex<mpsc::Sender<()>>,
-    /// Each punch waits for one message here (or for the sender to go away).
-    go: std::sync::Mutex<mpsc::Receiver<()>>,
-}
-
-impl cairn_engine::device::Device for SlowPunch {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.inner.sync()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.allocate(offset, len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        let _ = self.started.lock().expect("lock").send(());
-        let _ = self.go.lock().expect("lock").recv();
-        self.inner.punch_hole(offset, len)
-    }
-    fn allocated_bytes(&self) -> std::io::Result<u64> {
-        self.inner.allocated_bytes()
-    }
-}
-
 #[test]
 fn a_delete_punching_holes_does_not_hold_up_other_volumes() {
     let (data, journal) = common::sim_devices(PowerSupply::new());
-    let (started_tx, started) = mpsc::channel();
-    let (go, go_rx) = mpsc::channel();
-    let dev = Arc::new(SlowPunch {
-        inner: data,
-        started: std::sync::Mutex::new(started_tx),
-        go: std::sync::Mutex::new(go_rx),
-    });
-    let s = Arc::new(Store::open_devices(dev, journal, opts(1 << 20, false), "sim").expect("open"));
+    let (dev, started, go) = common::PausingDevice::new(data, common::PauseAt::PunchHole);
+    let s = Arc::new(
+        Store::open_devices(dev.clone(), journal, opts(1 << 20, false), "sim").expect("open"),
+    );
     s.create_volume("v", 64 * BS).expect("create v");
     s.create_volume("other", 16 * BS).expect("create other");
     s.write("other", 0, &block(9, 0)).expect("write other");
@@ -294,6 +254,7 @@ fn a_delete_punching_holes_does_not_hold_up_other_volumes() {
     s.flush().expect("flush");
     let before = s.space(None).expect("space").host_used;
 
+    dev.arm();
     let deleter = {
         let s = s.clone();
         std::thread::spawn(move || s.delete_checkpoint("v", "old"))

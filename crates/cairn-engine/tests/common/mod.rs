@@ -173,3 +173,82 @@ impl Model {
         out
     }
 }
+
+/// Where a [`PausingDevice`] stops.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum PauseAt {
+    Sync,
+    PunchHole,
+}
+
+/// A simulated disk that, once armed, stops the next `sync` or hole punch (as chosen) until the
+/// test lets it go on: the way to hold a store in the middle of a commit or a release.
+pub struct PausingDevice {
+    pub inner: Arc<SimDevice>,
+    at: PauseAt,
+    armed: std::sync::atomic::AtomicBool,
+    paused: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    resume: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl PausingDevice {
+    /// The device, a receiver told when it has stopped, and a sender that lets it go on (a
+    /// message, or dropping the sender).
+    pub fn new(
+        inner: Arc<SimDevice>,
+        at: PauseAt,
+    ) -> (
+        Arc<Self>,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (paused_tx, paused_rx) = std::sync::mpsc::channel();
+        let (resume_tx, resume_rx) = std::sync::mpsc::channel();
+        let dev = Arc::new(PausingDevice {
+            inner,
+            at,
+            armed: false.into(),
+            paused: std::sync::Mutex::new(paused_tx),
+            resume: std::sync::Mutex::new(resume_rx),
+        });
+        (dev, paused_rx, resume_tx)
+    }
+
+    /// Makes the next pause point stop.
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn maybe_pause(&self, here: PauseAt) {
+        if here == self.at && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let _ = self.paused.lock().expect("lock").send(());
+            let _ = self.resume.lock().expect("lock").recv();
+        }
+    }
+}
+
+impl cairn_engine::device::Device for PausingDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.maybe_pause(PauseAt::Sync);
+        self.inner.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.allocate(offset, len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.maybe_pause(PauseAt::PunchHole);
+        self.inner.punch_hole(offset, len)
+    }
+    fn allocated_bytes(&self) -> std::io::Result<u64> {
+        self.inner.allocated_bytes()
+    }
+}
