@@ -824,9 +824,11 @@ impl Core {
             };
             match taken {
                 Some(taken) => return self.punch_and_release(taken),
-                // Another release took its blocks and has not yet taken the gate to punch them;
-                // the next turn waits for its punching.
-                None => std::thread::yield_now(),
+                // Another release took its blocks and has not yet taken the gate to punch them.
+                // Sleep rather than spin, so that taking the gate exclusively again and again
+                // cannot keep it from the shared hold it waits for; the next turn then waits
+                // for its punching.
+                None => std::thread::sleep(std::time::Duration::from_millis(1)),
             }
         }
     }
