@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 mod mapping;
 use mapping::ReadMapping;
-pub use mapping::MAPPED_READ_MAX;
 
 /// Positional I/O with explicit durability, as the engine needs it from a file or a disk.
 pub trait Device: Send + Sync {
@@ -68,11 +67,6 @@ impl FileDevice {
         FileDevice { file, mapping }
     }
 
-    /// Whether short data reads are served from a mapping.
-    pub fn is_mapped(&self) -> bool {
-        self.mapping.is_some()
-    }
-
     fn note_len(&self, end: u64) {
         if let Some(m) = &self.mapping {
             m.note_len(end);
@@ -82,12 +76,8 @@ impl FileDevice {
 
 impl Device for FileDevice {
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if buf.len() <= MAPPED_READ_MAX {
-            if let Some(m) = &self.mapping {
-                if m.read(buf, offset) {
-                    return Ok(());
-                }
-            }
+        if self.mapping.as_ref().is_some_and(|m| m.read(buf, offset)) {
+            return Ok(());
         }
         // Volume data never lies past the end of the file Cairn grew to hold it, so reaching the
         // end means the file was cut short: an error (UnexpectedEof), not zeros.

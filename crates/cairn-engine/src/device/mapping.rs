@@ -41,7 +41,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 
 /// Longest read served from the mapping (see the module documentation for why it is short).
-pub const MAPPED_READ_MAX: usize = 4096;
+const MAPPED_READ_MAX: usize = 4096;
 
 /// Address space reserved per mapped file. It costs nothing until touched; data past it (a data
 /// file over 4 TiB) is read with `pread`.
@@ -136,10 +136,13 @@ impl ReadMapping {
     }
 
     /// Copies `buf.len()` bytes at `offset` from the mapping; false when the caller must use
-    /// `pread` instead: the read continues this thread's last one (a sequential stream, which
-    /// wants readahead), or lies past the known end of the file or the mapping, or a page was
-    /// unreadable.
+    /// `pread` instead: the read is longer than [`MAPPED_READ_MAX`], or continues this thread's
+    /// last one (a sequential stream, which wants readahead), or lies past the known end of the
+    /// file or the mapping, or a page was unreadable.
     pub(crate) fn read(&self, buf: &mut [u8], offset: u64) -> bool {
+        if buf.len() > MAPPED_READ_MAX {
+            return false;
+        }
         let Some(end) = offset.checked_add(buf.len() as u64) else {
             return false;
         };
@@ -312,6 +315,8 @@ mod tests {
         );
         assert!(!m.read(&mut buf, 8192), "past the end must go to pread");
         assert!(!m.read(&mut buf, u64::MAX - 10));
+        let mut two = [0u8; 8192];
+        assert!(!m.read(&mut two, 0), "a read of two blocks goes to pread");
     }
 
     #[test]
