@@ -14,15 +14,22 @@ fn block(i: u64) -> Vec<u8> {
     (0..4096u64).map(|j| (i * 31 + j) as u8).collect()
 }
 
-#[test]
-fn short_reads_return_what_was_written() {
+/// A store on real files (so with the read mapping) whose volume `v` holds `block(i)` in each of
+/// its first `blocks` blocks, flushed.
+fn store_with_blocks(blocks: u64) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Store::init(dir.path(), Options::default()).expect("init");
     s.create_volume("v", 64 * MIB).expect("create");
-    for i in 0..2048 {
+    for i in 0..blocks {
         s.write("v", i * 4096, &block(i)).expect("write");
     }
     s.flush().expect("flush");
+    (dir, s)
+}
+
+#[test]
+fn short_reads_return_what_was_written() {
+    let (_dir, s) = store_with_blocks(2048);
     // Relocate every third block, so that reads mix runs and lone blocks.
     s.create_checkpoint("v", "c", None).expect("checkpoint");
     for i in (0..2048).step_by(3) {
@@ -63,13 +70,7 @@ fn short_reads_return_what_was_written() {
 
 #[test]
 fn a_data_file_cut_short_under_an_open_store_gives_errors_not_a_crash() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let s = Store::init(dir.path(), Options::default()).expect("init");
-    s.create_volume("v", 64 * MIB).expect("create");
-    for i in 0..4096 {
-        s.write("v", i * 4096, &block(i)).expect("write");
-    }
-    s.flush().expect("flush");
+    let (dir, s) = store_with_blocks(4096);
     let mut buf = vec![0u8; 4096];
     // Read everything once through the mapping, so that its pages are in the page tables.
     for i in 0..4096 {

@@ -125,7 +125,9 @@ enum Backend {
     Files,
 }
 
+/// Runs `ops` after creating volume 0, so that most operations have something to act on.
 fn run(ops: Vec<Op>, backend: Backend) -> Result<(), TestCaseError> {
+    let ops = std::iter::once(Op::Create { v: 0, blocks: 600 }).chain(ops);
     let power = PowerSupply::new();
     let (data, journal) = sim_devices(power);
     let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -503,37 +505,37 @@ fn run(ops: Vec<Op>, backend: Backend) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("CAIRN_PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(64),
+/// `CAIRN_PROPTEST_CASES` (64 by default) divided by `share`.
+fn config(share: u32) -> ProptestConfig {
+    let cases: u32 = std::env::var("CAIRN_PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
+    ProptestConfig {
+        cases: cases / share,
         max_shrink_iters: 2000,
         ..ProptestConfig::default()
-    })]
-
-    #[test]
-    fn engine_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
-        // Every sequence starts with a volume so that most operations have something to act on.
-        let mut all = vec![Op::Create { v: 0, blocks: 600 }];
-        all.extend(ops);
-        run(all, Backend::Sim)?;
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // A quarter as many: each case formats a store on the host's disk.
-        cases: std::env::var("CAIRN_PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(64) / 4,
-        max_shrink_iters: 2000,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(config(1))]
+
+    #[test]
+    fn engine_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops, Backend::Sim)?;
+    }
+}
+
+proptest! {
+    // A quarter as many: each case formats a store on the host's disk.
+    #![proptest_config(config(4))]
 
     /// The same on real files, where short reads are copied from a mapping of the data file
     /// while writes, hole punches and file growth go through system calls.
     #[test]
     fn engine_on_files_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
-        let mut all = vec![Op::Create { v: 0, blocks: 600 }];
-        all.extend(ops);
-        run(all, Backend::Files)?;
+        run(ops, Backend::Files)?;
     }
 }
 
