@@ -301,16 +301,21 @@ enum CheckpointCmd {
     },
 }
 
-/// The engine's options for this process: the defaults, except that `CAIRN_MAPPED_READS=0` turns
-/// off serving short reads from a mapping of the data file (docs/design.md, "Read path"): the
-/// mapped pages then no longer count in this process's resident memory, at the cost of a third
-/// of the speed of random reads from the host's cache.
+/// The engine's options for this process: the defaults, except for two switches meant for
+/// comparisons and for hosts where a fast path misbehaves. `CAIRN_MAPPED_READS=0` turns off serving
+/// short reads from a mapping of the data file (docs/design.md, "Read path"): the mapped pages then
+/// no longer count in this process's resident memory, at the cost of a third of the speed of random
+/// reads from the host's cache. `CAIRN_DIRECT_WRITES=0` sends long writes of fresh blocks through
+/// the page cache like every other write (docs/design.md, "Write path").
 pub(crate) fn store_options() -> Options {
-    let mapped = std::env::var("CAIRN_MAPPED_READS")
-        .map(|v| !matches!(v.trim(), "0" | "off" | "false" | "no"))
-        .unwrap_or(true);
+    let on = |var: &str| {
+        std::env::var(var)
+            .map(|v| !matches!(v.trim(), "0" | "off" | "false" | "no"))
+            .unwrap_or(true)
+    };
     Options {
-        mapped_reads: mapped,
+        mapped_reads: on("CAIRN_MAPPED_READS"),
+        direct_writes: on("CAIRN_DIRECT_WRITES"),
         ..Options::default()
     }
 }

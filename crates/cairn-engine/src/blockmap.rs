@@ -125,7 +125,7 @@ impl Meta {
     /// First phase of a write of `count` blocks from `vbn`: for each block, where its data goes. A
     /// block only this tree references, whose sharing did not end in this transaction, is written in
     /// place; any other gets a fresh reserved block (to fill with zeros or a copy of the old one for
-    /// a partial write) that [`Meta::link_write`] links once the data is written.
+    /// a partial write) that [`Meta::link_writes`] links once the data is written.
     pub fn prepare_write(
         &mut self,
         root: u64,
@@ -203,43 +203,43 @@ impl Meta {
         }
     }
 
-    /// Last phase of a write: points `vbn` at `block` (reserved by [`Meta::prepare_write`], its data
-    /// now written), making the path private and dropping the block it replaces. `mapped` counts the
-    /// tree's mapped blocks.
-    pub fn link_write(
+    /// Last phase of a write: points each `(vbn, block)` of `links` (vbns ascending, blocks
+    /// reserved by [`Meta::prepare_write`], their data now written) at its block, making the paths
+    /// private and dropping the blocks they replace. `mapped` counts the tree's mapped blocks.
+    ///
+    /// A leaf's entries are set together, and the new and replaced blocks' counts change one
+    /// refcount page at a time: linking block by block cost five page-cache lookups per block,
+    /// a quarter of a sequential copy-on-write's time once its data went straight to the disk.
+    pub fn link_writes(
         &mut self,
         root: &mut u64,
         depth: u32,
-        vbn: u64,
-        block: u64,
-        leaf: &mut Option<(u64, u64)>,
+        links: &[(u64, u64)],
         mapped: &mut u64,
     ) -> Result<()> {
-        // `leaf` caches (leaf number, private leaf page) across calls under one lock hold.
-        let page = match *leaf {
-            Some((n, page)) if n == vbn / FANOUT => page,
-            _ => {
-                let page = self.leaf_for_write(root, depth, vbn)?;
-                *leaf = Some((vbn / FANOUT, page));
-                page
+        let mut linked = Vec::with_capacity(links.len());
+        let mut replaced = Vec::new();
+        let mut i = 0;
+        while i < links.len() {
+            let leaf_no = links[i].0 / FANOUT;
+            let page = self.leaf_for_write(root, depth, links[i].0)?;
+            let p = self.cache.get_mut(&*self.dev, page, PageKind::Tree)?;
+            while let Some(&(vbn, block)) = links.get(i).filter(|l| l.0 / FANOUT == leaf_no) {
+                let idx = vbn % FANOUT;
+                // Either shared, or a concurrent write to the same block linked first: drop it.
+                // A freed block stays quarantined, so a copy from it in flight still reads its
+                // bytes.
+                match entry(p, idx) {
+                    0 => *mapped += 1,
+                    old => replaced.push(old),
+                }
+                set_entry(p, idx, block);
+                linked.push(block);
+                i += 1;
             }
-        };
-        let idx = vbn % FANOUT;
-        let old = entry(self.cache.get(&*self.dev, page, PageKind::Tree)?, idx);
-        set_entry(
-            self.cache.get_mut(&*self.dev, page, PageKind::Tree)?,
-            idx,
-            block,
-        );
-        self.link(block)?;
-        if old == 0 {
-            *mapped += 1;
-        } else {
-            // Either shared, or a concurrent write to the same block linked first: drop it. A
-            // freed block stays quarantined, so a copy from it in flight still reads its bytes.
-            self.decref(old, None)?;
         }
-        Ok(())
+        self.link_all(&mut linked)?;
+        self.decref_data(&mut replaced)
     }
 
     /// Number of mapped data blocks under `node` (a page at `level`).

@@ -6,9 +6,13 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod direct;
 mod mapping;
+use direct::DirectWriter;
+pub(crate) use direct::LONG_WRITE;
 use mapping::ReadMapping;
 
 /// Positional I/O with explicit durability, as the engine needs it from a file or a disk.
@@ -23,6 +27,12 @@ pub trait Device: Send + Sync {
     }
     /// Writes all of `buf` at `offset`, growing the device if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// [`Device::write_at`] for whole data blocks freshly allocated to a long write (at least
+    /// `LONG_WRITE` bytes) or a bulk copy, which nothing has read since: a device may send them
+    /// straight to the disk, past its cache.
+    fn write_new_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
     /// Makes every write completed before this call durable.
     fn sync(&self) -> io::Result<()>;
     /// Current length in bytes.
@@ -49,6 +59,7 @@ pub trait Device: Send + Sync {
 pub struct FileDevice {
     file: File,
     mapping: Option<ReadMapping>,
+    direct: Option<DirectWriter>,
 }
 
 impl FileDevice {
@@ -57,6 +68,7 @@ impl FileDevice {
         FileDevice {
             file,
             mapping: None,
+            direct: None,
         }
     }
 
@@ -64,7 +76,19 @@ impl FileDevice {
     /// (`device/mapping.rs` says why); without one if the file cannot be mapped.
     pub fn with_read_mapping(file: File) -> Self {
         let mapping = ReadMapping::new(&file);
-        FileDevice { file, mapping }
+        FileDevice {
+            file,
+            mapping,
+            direct: None,
+        }
+    }
+
+    /// Also sends long writes of fresh blocks straight to the disk (`device/direct.rs` says why),
+    /// through a second handle on `path`, the file this device wraps; unchanged if the file system
+    /// cannot do that.
+    pub fn with_direct_writes(mut self, path: &Path) -> Self {
+        self.direct = DirectWriter::open(path);
+        self
     }
 
     fn note_len(&self, end: u64) {
@@ -112,6 +136,16 @@ impl Device for FileDevice {
         self.file.write_all_at(buf, offset)?;
         self.note_len(offset + buf.len() as u64);
         Ok(())
+    }
+
+    fn write_new_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            if d.write(buf, offset)? {
+                self.note_len(offset + buf.len() as u64);
+                return Ok(());
+            }
+        }
+        self.write_at(buf, offset)
     }
 
     fn sync(&self) -> io::Result<()> {

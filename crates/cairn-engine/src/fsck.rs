@@ -414,14 +414,14 @@ pub fn check(dev: &dyn Device, path: &str) -> FsckReport {
 
 /// Checks a store directory that may not even open: takes the lock, replays the journal, checks.
 pub fn check_dir(dir: &std::path::Path) -> Result<FsckReport> {
-    use crate::store::{open_file, recover, DATA_FILE, JOURNAL_FILE};
+    use crate::store::{open_file, recover, FileAccess, DATA_FILE, JOURNAL_FILE};
     let data_path = dir.join(DATA_FILE);
     if !data_path.exists() {
         return Err(Error::NoStore(dir.display().to_string()));
     }
     let _lock = crate::store::lock_dir(dir)?;
-    let data = open_file(&data_path, false, false)?;
-    let journal = open_file(&dir.join(JOURNAL_FILE), true, false)?;
+    let data = open_file(&data_path, false, FileAccess::PLAIN)?;
+    let journal = open_file(&dir.join(JOURNAL_FILE), true, FileAccess::PLAIN)?;
     let path = dir.display().to_string();
     recover(&*data, journal, &path)?;
     Ok(check(&*data, &path))

@@ -189,7 +189,7 @@ impl Meta {
     /// here), touching each refcount page once, as [`Meta::incref_all`] does; blocks reaching 0
     /// are freed. Freeing a leaf's worth of blocks one `decref` at a time cost two page-cache
     /// lookups per block, most of a large delete's time.
-    fn decref_data(&mut self, blocks: &mut [u64]) -> Result<()> {
+    pub(crate) fn decref_data(&mut self, blocks: &mut [u64]) -> Result<()> {
         let mut freed = Vec::new();
         self.update_counts(blocks, |b, rc| match rc {
             0 => Err(Error::corrupt(b, "reference count underflow")),
@@ -417,10 +417,15 @@ impl Meta {
         Ok(run)
     }
 
-    /// Claims a reserved block (reference count 1) as its pointer is stored.
-    pub fn link(&mut self, b: u64) -> Result<()> {
-        self.reserved.remove(&b);
-        self.take(b).map(|_| ())
+    /// Claims reserved blocks (reference count 1) as their pointers are stored; sorts `blocks`
+    /// and touches each refcount page once.
+    pub fn link_all(&mut self, blocks: &mut [u64]) -> Result<()> {
+        for b in blocks.iter() {
+            self.reserved.remove(b);
+        }
+        self.update_counts(blocks, |_, _| Ok(1))?;
+        self.sb.allocated += blocks.len() as u64;
+        Ok(())
     }
 
     /// Gives back a reserved block that will not be linked.

@@ -12,7 +12,7 @@
 
 use crate::blockmap::Fill;
 use crate::cache::PageCache;
-use crate::device::{Device, FileDevice};
+use crate::device::{Device, FileDevice, LONG_WRITE};
 use crate::error::{Error, Result};
 use crate::format::{
     depth_for, entry, new_page, refcount_slot, set_refcount, CheckpointRecord, DroppedTreeRecord,
@@ -68,6 +68,10 @@ pub struct Options {
     /// Serve short data reads from a read-only mapping of the data file instead of `pread`
     /// (`device/mapping.rs`): about a third faster from the host's cache, the same when cold.
     pub mapped_reads: bool,
+    /// Send long writes of fresh blocks (a copy-on-write of checkpointed data, a write to an
+    /// unwritten range) straight to the disk with `O_DIRECT` (`device/direct.rs`): 2–8 times
+    /// faster here, and they no longer fill the host's page cache.
+    pub direct_writes: bool,
 }
 
 impl Default for Options {
@@ -80,6 +84,7 @@ impl Default for Options {
             background_commits: true,
             drop_step: 256 * 1024,
             mapped_reads: true,
+            direct_writes: true,
         }
     }
 }
@@ -458,7 +463,29 @@ pub fn lock_dir(dir: &Path) -> Result<File> {
 }
 
 /// Opens one of a store's files as a device, with a read mapping if `mapped`.
-pub(crate) fn open_file(path: &Path, create: bool, mapped: bool) -> Result<Arc<dyn Device>> {
+/// How a store file is opened: plain, or (the data file of a serving store) with the fast paths
+/// the options ask for.
+#[derive(Clone, Copy)]
+pub(crate) struct FileAccess {
+    pub(crate) mapped_reads: bool,
+    pub(crate) direct_writes: bool,
+}
+
+impl FileAccess {
+    pub(crate) const PLAIN: FileAccess = FileAccess {
+        mapped_reads: false,
+        direct_writes: false,
+    };
+
+    fn data(opts: &Options) -> FileAccess {
+        FileAccess {
+            mapped_reads: opts.mapped_reads,
+            direct_writes: opts.direct_writes,
+        }
+    }
+}
+
+pub(crate) fn open_file(path: &Path, create: bool, access: FileAccess) -> Result<Arc<dyn Device>> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -466,11 +493,15 @@ pub(crate) fn open_file(path: &Path, create: bool, mapped: bool) -> Result<Arc<d
         .truncate(false)
         .open(path)
         .map_err(Error::io("open", path.display().to_string()))?;
-    Ok(Arc::new(if mapped {
+    let mut dev = if access.mapped_reads {
         FileDevice::with_read_mapping(f)
     } else {
         FileDevice::new(f)
-    }))
+    };
+    if access.direct_writes {
+        dev = dev.with_direct_writes(path);
+    }
+    Ok(Arc::new(dev))
 }
 
 impl Store {
@@ -483,8 +514,8 @@ impl Store {
         if data_path.exists() {
             return Err(Error::StoreExists(dir.display().to_string()));
         }
-        let data = open_file(&data_path, true, opts.mapped_reads)?;
-        let journal = open_file(&dir.join(JOURNAL_FILE), true, false)?;
+        let data = open_file(&data_path, true, FileAccess::data(&opts))?;
+        let journal = open_file(&dir.join(JOURNAL_FILE), true, FileAccess::PLAIN)?;
         Self::format(&*data, &data_path.display().to_string())?;
         let mut s = Self::open_devices(data, journal, opts, &dir.display().to_string())?;
         s.dir = Some(dir.to_path_buf());
@@ -499,8 +530,8 @@ impl Store {
             return Err(Error::NoStore(dir.display().to_string()));
         }
         let lockf = lock_dir(dir)?;
-        let data = open_file(&data_path, false, opts.mapped_reads)?;
-        let journal = open_file(&dir.join(JOURNAL_FILE), true, false)?;
+        let data = open_file(&data_path, false, FileAccess::data(&opts))?;
+        let journal = open_file(&dir.join(JOURNAL_FILE), true, FileAccess::PLAIN)?;
         let mut s = Self::open_devices(data, journal, opts, &dir.display().to_string())?;
         s.dir = Some(dir.to_path_buf());
         s._lock = Some(lockf);
@@ -1086,6 +1117,7 @@ impl Store {
     ) -> Result<()> {
         let end = offset + data.len() as u64;
         let partial = |vbn: u64| offset > vbn * BS || end < (vbn + 1) * BS;
+        let long = data.len() >= LONG_WRITE;
         let mut i = 0;
         while i < plan.len() {
             let vbn = first + i as u64;
@@ -1106,14 +1138,33 @@ impl Store {
                 i += 1;
                 continue;
             }
-            // A run of whole blocks that are contiguous on the host goes out as one write.
+            // A run of whole blocks that are contiguous on the host and of one kind goes out as
+            // one write. Long copies-on-write go straight to the disk (`device/direct.rs`); first
+            // writes to unwritten ranges stay buffered: written direct, they come back into the
+            // page cache through readahead in small folios, and a later in-place overwrite of
+            // them ran 20-25% slower.
+            let kind = |f: Fill| match f {
+                Fill::InPlace => 0,
+                Fill::Zero => 1,
+                Fill::CopyFrom(_) => 2,
+            };
+            let k = kind(plan[i].1);
             let mut j = i + 1;
-            while j < plan.len() && plan[j].0 == plan[j - 1].0 + 1 && !partial(first + j as u64) {
+            while j < plan.len()
+                && plan[j].0 == plan[j - 1].0 + 1
+                && kind(plan[j].1) == k
+                && !partial(first + j as u64)
+            {
                 j += 1;
             }
             let src_start = (vbn * BS - offset) as usize;
             let src_end = src_start + (j - i) * BLOCK_SIZE;
-            self.write_data(&data[src_start..src_end], plan[i].0)?;
+            let run = &data[src_start..src_end];
+            if long && matches!(plan[i].1, Fill::CopyFrom(_)) {
+                self.write_new_data(run, plan[i].0)?;
+            } else {
+                self.write_data(run, plan[i].0)?;
+            }
             i = j;
         }
         Ok(())
@@ -1141,6 +1192,14 @@ impl Store {
     fn write_data(&self, buf: &[u8], block: u64) -> Result<()> {
         self.data
             .write_at(buf, block * BS)
+            .map_err(Error::io("data write", "data file"))
+    }
+
+    /// [`Store::write_data`] for blocks reserved to a long write or a bulk copy, which no reader
+    /// can reach yet.
+    fn write_new_data(&self, buf: &[u8], block: u64) -> Result<()> {
+        self.data
+            .write_new_at(buf, block * BS)
             .map_err(Error::io("data write", "data file"))
     }
 
@@ -1224,11 +1283,11 @@ impl Store {
         Ok(())
     }
 
-    /// Writes `data` to the blocks `phys` (one per 4 KiB, none 0), a run of adjacent blocks at a
-    /// time: the write-side twin of [`Store::read_blocks`].
-    fn write_blocks(&self, phys: &[u64], data: &[u8]) -> Result<()> {
+    /// Writes `data` to the fresh blocks `phys` (one per 4 KiB, none 0, reserved to the caller),
+    /// a run of adjacent blocks at a time: the write-side twin of [`Store::read_blocks`].
+    fn write_new_blocks(&self, phys: &[u64], data: &[u8]) -> Result<()> {
         for r in block_runs(phys) {
-            self.write_data(
+            self.write_new_data(
                 &data[r.start * BLOCK_SIZE..r.end * BLOCK_SIZE],
                 phys[r.start],
             )?;
@@ -1972,20 +2031,15 @@ impl State {
         self.link_blocks(vid, &links)
     }
 
-    /// Points each `(vbn, block)` of a volume's head at its reserved block, now written. After
-    /// a failure the remaining blocks are given back.
+    /// Points each `(vbn, block)` of a volume's head at its reserved block, now written (vbns
+    /// ascending). After a failure the blocks not linked are given back.
     fn link_blocks(&mut self, vid: u64, links: &[(u64, u64)]) -> Result<()> {
         self.meta.data_written = true;
         let v = &self.volumes[&vid];
         let (mut root, depth, mut mapped) = (v.root, tree_depth(v.size), v.mapped);
-        let mut leaf = None;
-        let mut res = Ok(());
-        for &(vbn, b) in links {
-            if res.is_ok() {
-                res = self
-                    .meta
-                    .link_write(&mut root, depth, vbn, b, &mut leaf, &mut mapped);
-            } else {
+        let res = self.meta.link_writes(&mut root, depth, links, &mut mapped);
+        if res.is_err() {
+            for &(_, b) in links {
                 self.meta.unreserve(b);
             }
         }

@@ -20,7 +20,7 @@ enum Op {
     Write {
         v: u8,
         off: u32,
-        len: u16,
+        len: u32,
         byte: u8,
         aligned: bool,
     },
@@ -76,7 +76,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         1 => (0..3u8, 1..700u16).prop_map(|(v, blocks)| Op::Create { v, blocks }),
-        8 => (0..3u8, any::<u32>(), 1..20000u16, any::<u8>(), any::<bool>())
+        // Now and then a write long enough to go past the page cache on real files.
+        8 => (0..3u8, any::<u32>(), prop_oneof![9 => 1..20000u32, 1 => 250_000..1_100_000u32], any::<u8>(), any::<bool>())
             .prop_map(|(v, off, len, byte, aligned)| Op::Write { v, off, len, byte, aligned }),
         2 => (0..3u8, any::<u32>(), 0..3_000_000u32).prop_map(|(v, off, len)| Op::Zero { v, off, len }),
         1 => Just(Op::Flush),

@@ -20,6 +20,7 @@ pub fn small_opts() -> Options {
         // Deletes free their trees over several committed steps, and crashes land between them.
         drop_step: 7,
         mapped_reads: true,
+        direct_writes: true,
     }
 }
 

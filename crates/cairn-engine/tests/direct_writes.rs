@@ -1,0 +1,152 @@
+//! Long copies-on-write go straight to the disk with `O_DIRECT` (`device/direct.rs`), everything
+//! else through the page cache. These tests check both halves on a real file: that the data written
+//! either way reads back the same, from the head and from checkpoints, before and after a reopen,
+//! and that the direct path is really taken (its blocks are not left in the page cache, which a
+//! buffered write always leaves behind).
+
+#![allow(missing_docs)]
+
+use cairn_engine::{Options, Store, Target};
+use std::fs::File;
+use std::path::Path;
+
+const MIB: usize = 1 << 20;
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((i / 4096) * 131 + i % 251 + seed * 7) as u8)
+        .collect()
+}
+
+/// Bytes of data (4 KiB blocks not all zeros) of `path` in the host's page cache: a read that
+/// may not wait for the disk (`RWF_NOWAIT`) fails where a block must be read from the disk. (It
+/// succeeds on unwritten ranges, which need no disk read, but those read as zeros.)
+fn cached_bytes(path: &Path) -> u64 {
+    use rustix::io::{preadv2, Errno, ReadWriteFlags};
+    let f = File::open(path).expect("open data file");
+    let len = f.metadata().expect("stat").len();
+    let mut buf = [0u8; 4096];
+    let mut cached = 0;
+    for off in (0..len).step_by(4096) {
+        match preadv2(
+            &f,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            off,
+            ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(n) if buf[..n].iter().any(|&b| b != 0) => cached += n as u64,
+            Ok(_) => {}
+            Err(Errno::AGAIN) => {}
+            Err(e) => panic!("preadv2 at {off}: {e}"),
+        }
+    }
+    cached
+}
+
+/// Whether the page cache is the storage itself (tmpfs), where nothing can bypass it.
+fn on_tmpfs(path: &Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    rustix::fs::statfs(path).expect("statfs").f_type as i64 == TMPFS_MAGIC
+}
+
+fn opts(direct_writes: bool) -> Options {
+    Options {
+        direct_writes,
+        ..Options::default()
+    }
+}
+
+fn read(s: &Store, t: &Target, off: usize, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    s.read(t, off as u64, &mut buf).expect("read");
+    buf
+}
+
+/// Head and checkpoint `c` of volume `v` hold `old` and `new` (the head: `new` with 4 KiB
+/// blocks of `small` at every 5th block); checked with long reads, lone blocks and unaligned bytes.
+fn check(s: &Store, old: &[u8], new: &[u8], ctx: &str) {
+    let head = Target::head("v");
+    let cp = Target::checkpoint("v", "c");
+    let mut want = new.to_vec();
+    for b in (0..new.len() / 4096).step_by(5) {
+        want[b * 4096..(b + 1) * 4096].copy_from_slice(&pattern(4096, 1000 + b as u64));
+    }
+    assert!(
+        read(s, &cp, 0, old.len()) == old,
+        "{ctx}: checkpoint differs"
+    );
+    assert!(read(s, &head, 0, want.len()) == want, "{ctx}: head differs");
+    for b in (0..want.len() / 4096).step_by(3) {
+        let got = read(s, &head, b * 4096, 4096);
+        assert!(
+            got == want[b * 4096..(b + 1) * 4096],
+            "{ctx}: head block {b}"
+        );
+        let got = read(s, &cp, b * 4096 + 100, 300);
+        assert!(
+            got == old[b * 4096 + 100..][..300],
+            "{ctx}: checkpoint bytes at block {b}"
+        );
+    }
+}
+
+fn write_and_check(direct: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_file = dir.path().join("cairn.data");
+    let s = Store::init(dir.path(), opts(direct)).expect("init");
+    s.create_volume("v", 64 * MIB as u64).expect("create");
+    // 16 MiB of 1 MiB writes to an unwritten range: every block fresh, written through the page
+    // cache.
+    let old = pattern(16 * MIB, 1);
+    for (i, chunk) in old.chunks(MIB).enumerate() {
+        s.write("v", (i * MIB) as u64, chunk).expect("write");
+    }
+    s.flush().expect("flush");
+    let before = cached_bytes(&data_file);
+    // A checkpoint, then the same range rewritten with 1 MiB writes: copies-on-write, so direct.
+    // The buffer is one byte into its allocation, so the direct path must copy it through its
+    // aligned buffer. Then a 4 KiB write into every 5th block overwrites a block the head alone
+    // holds (in place, buffered).
+    s.create_checkpoint("v", "c", None).expect("checkpoint");
+    let new = pattern(16 * MIB + 1, 2);
+    let new = &new[1..];
+    for (i, chunk) in new.chunks(MIB).enumerate() {
+        s.write("v", (i * MIB) as u64, chunk).expect("rewrite");
+    }
+    s.flush().expect("flush");
+    let added = cached_bytes(&data_file).saturating_sub(before);
+    if on_tmpfs(dir.path()) {
+        eprintln!("the test directory is on tmpfs: page-cache check skipped");
+    } else if direct {
+        assert!(
+            added < 4 * MIB as u64,
+            "{added} more bytes of the data file cached after 16 MiB of direct copies-on-write"
+        );
+    } else {
+        assert!(
+            added >= 16 * MIB as u64,
+            "only {added} more bytes cached after 16 MiB of buffered copies-on-write"
+        );
+    }
+    for b in (0..new.len() / 4096).step_by(5) {
+        s.write("v", (b * 4096) as u64, &pattern(4096, 1000 + b as u64))
+            .expect("small write");
+    }
+    check(&s, &old, new, "before reopen");
+    s.flush().expect("flush");
+    drop(s);
+    let s = Store::open(dir.path(), opts(direct)).expect("reopen");
+    check(&s, &old, new, "after reopen");
+    let report = s.fsck().expect("fsck");
+    assert!(report.errors.is_empty(), "fsck: {:?}", report.errors);
+}
+
+#[test]
+fn long_copies_on_write_go_past_the_page_cache_and_read_back() {
+    write_and_check(true);
+}
+
+#[test]
+fn with_direct_writes_off_the_same_writes_are_cached_and_read_back() {
+    write_and_check(false);
+}
