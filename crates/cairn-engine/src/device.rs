@@ -27,9 +27,9 @@ pub trait Device: Send + Sync {
     }
     /// Writes all of `buf` at `offset`, growing the device if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
-    /// [`Device::write_at`] for whole data blocks freshly allocated to a long write (at least
-    /// `LONG_WRITE` bytes) or a bulk copy, which nothing has read since: a device may send them
-    /// straight to the disk, past its cache.
+    /// [`Device::write_at`] for whole data blocks freshly allocated to a long copy-on-write (at
+    /// least `LONG_WRITE` bytes), which nothing has read since: a device may send them straight
+    /// to the disk, past its cache.
     fn write_new_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset)
     }

@@ -179,7 +179,7 @@ impl Store {
         let mut buf = vec![0u8; old.len() * BLOCK_SIZE];
         let copy = self
             .read_blocks(&old, &mut buf)
-            .and_then(|()| self.write_new_blocks(&new, &buf));
+            .and_then(|()| self.write_blocks(&new, &buf));
         let mut st = self.state();
         if let Err(e) = copy {
             for &b in &new {
