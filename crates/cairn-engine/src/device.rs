@@ -83,9 +83,9 @@ impl FileDevice {
         }
     }
 
-    /// Also sends long writes of fresh blocks straight to the disk (`device/direct.rs` says why),
-    /// through a second handle on `path`, the file this device wraps; unchanged if the file system
-    /// cannot do that.
+    /// Also sends the writes the engine marks as fresh ([`Device::write_new_at`]) straight to the
+    /// disk (`device/direct.rs` says why), through a second handle on `path`, the file this device
+    /// wraps; unchanged if the file system cannot do that.
     pub fn with_direct_writes(mut self, path: &Path) -> Self {
         self.direct = DirectWriter::open(path);
         self
