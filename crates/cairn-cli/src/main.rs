@@ -305,8 +305,8 @@ enum CheckpointCmd {
 /// comparisons and for hosts where a fast path misbehaves. `CAIRN_MAPPED_READS=0` turns off serving
 /// short reads from a mapping of the data file (docs/design.md, "Read path"): the mapped pages then
 /// no longer count in this process's resident memory, at the cost of a third of the speed of random
-/// reads from the host's cache. `CAIRN_DIRECT_WRITES=0` sends long writes of fresh blocks through
-/// the page cache like every other write (docs/design.md, "Write path").
+/// reads from the host's cache. `CAIRN_DIRECT_WRITES=0` sends long copies-on-write through the
+/// page cache like every other write (docs/design.md, "Write path").
 pub(crate) fn store_options() -> Options {
     let on = |var: &str| {
         std::env::var(var)

@@ -1138,21 +1138,15 @@ impl Store {
                 i += 1;
                 continue;
             }
-            // A run of whole blocks that are contiguous on the host and of one kind goes out as
-            // one write. Long copies-on-write go straight to the disk (`device/direct.rs`); first
-            // writes to unwritten ranges stay buffered: written direct, they come back into the
-            // page cache through readahead in small folios, and a later in-place overwrite of
-            // them ran 20-25% slower.
-            let kind = |f: Fill| match f {
-                Fill::InPlace => 0,
-                Fill::Zero => 1,
-                Fill::CopyFrom(_) => 2,
-            };
-            let k = kind(plan[i].1);
+            // A run of whole blocks that are contiguous on the host goes out as one write, straight
+            // to the disk if it is part of a long copy-on-write (`device/direct.rs` says why only
+            // those, not first writes to unwritten ranges).
+            let direct = |f: Fill| long && matches!(f, Fill::CopyFrom(_));
+            let d = direct(plan[i].1);
             let mut j = i + 1;
             while j < plan.len()
                 && plan[j].0 == plan[j - 1].0 + 1
-                && kind(plan[j].1) == k
+                && direct(plan[j].1) == d
                 && !partial(first + j as u64)
             {
                 j += 1;
@@ -1160,7 +1154,7 @@ impl Store {
             let src_start = (vbn * BS - offset) as usize;
             let src_end = src_start + (j - i) * BLOCK_SIZE;
             let run = &data[src_start..src_end];
-            if long && matches!(plan[i].1, Fill::CopyFrom(_)) {
+            if d {
                 self.write_new_data(run, plan[i].0)?;
             } else {
                 self.write_data(run, plan[i].0)?;
