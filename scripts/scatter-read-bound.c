@@ -14,6 +14,11 @@
  * 4 GiB against 2 M from the spread blocks, three times. It needs about 12 GiB of disk and of
  * page cache.
  *
+ * `prefetch`: docs/design.md ("Read path") cites this: the default experiment's mapped copies
+ * again, plain and with a software prefetch of the first two cache lines of the block 1, 2, 4 or
+ * 8 places ahead, as Cairn's fragmented reads do since session 10. The default experiment's
+ * "bound" was the latency of each block's TLB and cache misses, which the prefetch overlaps.
+ *
  * `folios`: docs/design.md ("Read path") cites this: how a file was written decides how fast its
  * cached blocks read back, because the kernel (ext4 since 6.16, XFS earlier) caches a file in
  * folios as large as each write covers, aligned, and looks large folios up faster. It writes three
@@ -22,7 +27,7 @@
  * cached 4 KiB preads of each, three times.
  *
  *   gcc -O2 scripts/scatter-read-bound.c -o /tmp/scatter && /tmp/scatter && /tmp/scatter spread
- *   /tmp/scatter folios
+ *   /tmp/scatter folios; /tmp/scatter prefetch
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -95,6 +100,54 @@ static int scatter(char *buf) {
         printf("sequential 1 MiB pread %.0f MiB/s | scattered 4 KiB pread %.0f MiB/s (%.2f us/block) | "
                "scattered memcpy from mmap %.0f MiB/s (%.2f us/block)\n",
                1024 / seq, 1024 / scattered, scattered / nb * 1e6, 1024 / mapped, mapped / nb * 1e6);
+    }
+    munmap(map, size);
+    close(fd);
+    unlink(path);
+    return 0;
+}
+
+static int prefetch(char *buf) {
+    const size_t size = 1UL << 30, nb = size / blk;
+    const char *path = "prefetch-read-bound.tmp";
+    int fd = fill_file(path, size, buf);
+    if (fd < 0) return 1;
+    unsigned *perm = malloc(nb * sizeof *perm);
+    for (size_t i = 0; i < nb; i++) perm[i] = i;
+    srand(1);
+    for (size_t i = nb - 1; i > 0; i--) {
+        size_t j = (size_t)rand() % (i + 1);
+        unsigned t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    char *map = mmap(0, size, PROT_READ, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED) {
+        perror("mmap");
+        unlink(path);
+        return 1;
+    }
+    const int dists[] = {0, 1, 2, 4, 8};
+    for (int rep = 0; rep < 4; rep++) {
+        double t = now();
+        for (size_t o = 0; o < size; o += mib)
+            if (pread(fd, buf, mib, o) != (ssize_t)mib) return 1;
+        double seq = now() - t;
+        printf("sequential 1 MiB pread %.0f MiB/s; scattered memcpy from mmap, prefetch distance:", 1024 / seq);
+        for (int d = 0; d < 5; d++) {
+            size_t dist = dists[d];
+            t = now();
+            for (size_t i = 0; i < nb; i++) {
+                if (dist && i + dist < nb) {
+                    const char *p = map + (size_t)perm[i + dist] * blk;
+                    __builtin_prefetch(p);
+                    __builtin_prefetch(p + 64);
+                }
+                memcpy(buf + (i % 256) * blk, map + (size_t)perm[i] * blk, blk);
+            }
+            double mapped = now() - t;
+            printf(" %zu: %.0f MiB/s (%.2f)%s", dist, 1024 / mapped, seq / mapped, d == 4 ? "\n" : ";");
+        }
     }
     munmap(map, size);
     close(fd);
@@ -183,5 +236,6 @@ int main(int argc, char **argv) {
     char *buf = aligned_alloc(blk, mib);
     if (argc > 1 && strcmp(argv[1], "spread") == 0) return spread(buf);
     if (argc > 1 && strcmp(argv[1], "folios") == 0) return folios(buf);
+    if (argc > 1 && strcmp(argv[1], "prefetch") == 0) return prefetch(buf);
     return scatter(buf);
 }

@@ -25,6 +25,12 @@ pub trait Device: Send + Sync {
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_at(buf, offset)
     }
+    /// [`Device::read_data_at`] for one run of a read in many runs (a fragmented range), whose
+    /// blocks the caller found in the host's cache or has just hinted with [`Device::prefetch`]:
+    /// a device may serve somewhat longer runs from its mapping.
+    fn read_fragment_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_data_at(buf, offset)
+    }
     /// Writes all of `buf` at `offset`, growing the device if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// [`Device::write_at`] for whole data blocks freshly allocated to a long copy-on-write (at
@@ -52,6 +58,14 @@ pub trait Device: Send + Sync {
     /// together rather than one by one; a device may ignore it.
     fn prefetch(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
+    }
+    /// Hints that the data block at `offset` will be copied from memory soon, if the device
+    /// serves it from a mapping (see [`Device::read_data_at`]); a device may ignore it.
+    fn prefetch_block(&self, _offset: u64) {}
+    /// Whether the data block at `offset` is in the host's memory (its page cache); `None` if
+    /// the device cannot tell.
+    fn is_cached(&self, _offset: u64) -> Option<bool> {
+        None
     }
 }
 
@@ -108,12 +122,33 @@ impl Device for FileDevice {
         self.file.read_exact_at(buf, offset)
     }
 
+    fn read_fragment_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self
+            .mapping
+            .as_ref()
+            .is_some_and(|m| m.read_fragment(buf, offset))
+        {
+            return Ok(());
+        }
+        self.file.read_exact_at(buf, offset)
+    }
+
     fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
         let Some(len) = std::num::NonZeroU64::new(len) else {
             return Ok(());
         };
         rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::WillNeed)
             .map_err(io::Error::from)
+    }
+
+    fn prefetch_block(&self, offset: u64) {
+        if let Some(m) = &self.mapping {
+            m.prefetch(offset);
+        }
+    }
+
+    fn is_cached(&self, offset: u64) -> Option<bool> {
+        self.mapping.as_ref().and_then(|m| m.is_resident(offset))
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
