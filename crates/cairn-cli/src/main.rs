@@ -306,7 +306,9 @@ enum CheckpointCmd {
 /// short reads from a mapping of the data file (docs/design.md, "Read path"): the mapped pages then
 /// no longer count in this process's resident memory, at the cost of a third of the speed of random
 /// reads from the host's cache. `CAIRN_DIRECT_WRITES=0` sends long copies-on-write through the
-/// page cache like every other write (docs/design.md, "Write path").
+/// page cache like every other write (docs/design.md, "Write path"). `CAIRN_WRITE_BEHIND=0` makes
+/// long copies-on-write wait for their data and metadata before they are acknowledged
+/// (`store/write_behind.rs` in the engine).
 pub(crate) fn store_options() -> Options {
     let on = |var: &str| {
         std::env::var(var)
@@ -316,6 +318,7 @@ pub(crate) fn store_options() -> Options {
     Options {
         mapped_reads: on("CAIRN_MAPPED_READS"),
         direct_writes: on("CAIRN_DIRECT_WRITES"),
+        write_behind: on("CAIRN_WRITE_BEHIND"),
         ..Options::default()
     }
 }

@@ -31,7 +31,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod defrag;
+mod write_behind;
 pub use defrag::{DefragReport, DEFRAG_MIN_EXTENTS};
+use write_behind::WriteBehind;
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -42,6 +44,9 @@ const PREFETCH_RUNS: usize = 4;
 /// A read in at least this many runs of data is fragmented enough to check whether it is cold
 /// (see [`Store::hint_if_cold`]); a shorter one costs at most this many disk reads in a row.
 const COLD_CHECK_RUNS: usize = 8;
+
+/// Threads that write and link acknowledged long copies-on-write (`store/write_behind.rs`).
+const WRITE_BEHIND_THREADS: usize = 2;
 /// Data file name inside a store directory.
 pub const DATA_FILE: &str = "cairn.data";
 /// Journal file name inside a store directory.
@@ -80,6 +85,10 @@ pub struct Options {
     /// `O_DIRECT` (`device/direct.rs`): 1.4–5 times faster here; what they wrote is then not in the
     /// host's page cache until read.
     pub direct_writes: bool,
+    /// Acknowledge long copies-on-write once their bytes are queued, and write and link them on
+    /// a thread of the store's (`store/write_behind.rs`): sequential rewrites after a checkpoint
+    /// then overlap the disk with the caller's next request.
+    pub write_behind: bool,
 }
 
 impl Default for Options {
@@ -93,6 +102,7 @@ impl Default for Options {
             drop_step: 256 * 1024,
             mapped_reads: true,
             direct_writes: true,
+            write_behind: true,
         }
     }
 }
@@ -309,6 +319,8 @@ pub struct Stats {
     /// Transactions the background committer wrote (or tried to: a failure is reported by the next
     /// flush); wake-ups that found nothing to commit are not counted.
     pub background_commits: u64,
+    /// Long copies-on-write acknowledged before their data was written (write-behind).
+    pub writes_behind: u64,
 }
 
 /// An open store. Methods take `&self` and may be called from many threads.
@@ -316,6 +328,8 @@ pub struct Store {
     core: Arc<Core>,
     /// The background committer, if the options ask for one.
     committer: Option<Committer>,
+    /// The write-behind threads, if the options ask for them.
+    writers: Vec<std::thread::JoinHandle<()>>,
     /// Held while the data file is grown ahead of need (see [`Store::grow_ahead`]).
     grow_lock: Mutex<()>,
     volume_gates: Mutex<FxHashMap<u64, Arc<RwLock<()>>>>,
@@ -337,6 +351,8 @@ struct Core {
     /// Why a background commit failed; the next flush reports it, since the writes it was making
     /// durable were dropped when the store reloaded its durable state.
     background_error: Mutex<Option<Error>>,
+    /// Long copies-on-write acknowledged and not yet linked.
+    write_behind: WriteBehind,
 }
 
 /// A thread that commits when writes have dirtied `dirty_limit` metadata pages, so the write that
@@ -614,6 +630,7 @@ impl Store {
         };
         st.load_catalog()?;
         let background = st.opts.background_commits;
+        let write_behind = st.opts.write_behind;
         let pending = !st.dropped.is_empty();
         let core = Arc::new(Core {
             poisoned: st.poisoned.clone(),
@@ -621,7 +638,22 @@ impl Store {
             commit_lock: Mutex::new(()),
             gate: RwLock::new(()),
             background_error: Mutex::new(None),
+            write_behind: WriteBehind::new(),
         });
+        let mut writers = Vec::new();
+        for _ in 0..if write_behind {
+            WRITE_BEHIND_THREADS
+        } else {
+            0
+        } {
+            let (c, d) = (core.clone(), data.clone());
+            writers.push(
+                std::thread::Builder::new()
+                    .name("cairn-write".into())
+                    .spawn(move || c.write_behind.run(&c, &*d))
+                    .map_err(Error::io("start the write-behind thread", "store"))?,
+            );
+        }
         let committer = if background {
             let c = Committer::start(core.clone())?;
             if pending {
@@ -634,6 +666,7 @@ impl Store {
         Ok(Store {
             core,
             committer,
+            writers,
             grow_lock: Mutex::new(()),
             volume_gates: Mutex::new(FxHashMap::default()),
             data,
@@ -646,7 +679,9 @@ impl Store {
 
     /// Counters since the store was opened.
     pub fn stats(&self) -> Stats {
-        self.state().stats
+        let mut s = self.state().stats;
+        s.writes_behind = self.core.write_behind.queued();
+        s
     }
 
     /// The directory this store lives in, if it was opened from one.
@@ -672,6 +707,7 @@ impl Store {
             return Ok(());
         }
         let _g = self.exclusive();
+        self.core.write_behind.wait_all();
         let mut st = self.state();
         if st.poisoned.load(Ordering::SeqCst) {
             let unflushed = st.has_changes();
@@ -700,6 +736,7 @@ impl Store {
 
     /// Makes every write acknowledged so far durable.
     pub fn flush(&self) -> Result<()> {
+        self.core.write_behind.wait_all();
         self.heal()?;
         if let Some(e) = lock(&self.core.background_error).take() {
             return Err(e);
@@ -994,6 +1031,8 @@ impl Store {
     /// Every volume, by name.
     pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
         self.heal()?;
+        // Mapped sizes count every acknowledged write.
+        self.core.write_behind.wait_all();
         let st = self.state();
         let mut ids: Vec<(&String, &u64)> = st.volume_ids.iter().collect();
         ids.sort();
@@ -1006,6 +1045,7 @@ impl Store {
     /// One volume.
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
         self.heal()?;
+        self.wait_for_head(&Target::head(name))?;
         let st = self.state();
         let id = st.volume_id(name)?;
         st.volume_info(id)
@@ -1014,9 +1054,10 @@ impl Store {
     /// Grows a volume; shrinking is refused since it would silently drop data.
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
         check_size(name, size)?;
-        let (_, vg) = self.volume_gate(name)?;
+        let (vid, vg) = self.volume_gate(name)?;
         let _g = self.shared();
         let _v = write_lock(&vg);
+        self.core.write_behind.wait_volume(vid);
         let mut st = self.state();
         let id = st.volume_id(name)?;
         let v = st.volumes[&id].clone();
@@ -1055,6 +1096,7 @@ impl Store {
         let left = {
             let _g = self.shared();
             let _v = write_lock(&vg);
+            self.core.write_behind.wait_volume(vid);
             let mut st = self.state();
             let r = st.delete_volume(name);
             st.poison_on(r)?;
@@ -1075,6 +1117,9 @@ impl Store {
         let first = offset / BS;
         let end = offset + data.len() as u64;
         let last = (end - 1) / BS;
+        self.core
+            .write_behind
+            .wait_range(vid, first, last - first + 1);
         let partial = |vbn: u64| offset > vbn * BS || end < (vbn + 1) * BS;
         // Partial blocks are read-modify-write: serialize them per block.
         let mut stripe_ids: Vec<usize> = [first, last]
@@ -1085,9 +1130,18 @@ impl Store {
         stripe_ids.sort_unstable();
         stripe_ids.dedup();
         let _stripes: Vec<_> = stripe_ids.iter().map(|&i| lock(&self.stripes[i])).collect();
-        let plan = self
+        let mut plan = self
             .state()
             .prepare_write(vid, volume, offset, data.len() as u64)?;
+        if !self.writers.is_empty() && WriteBehind::qualifies(offset, data, &plan) {
+            match self.core.write_behind.try_queue(vid, first, plan, data) {
+                Ok(()) => {
+                    self.grow_ahead();
+                    return Ok(());
+                }
+                Err(p) => plan = p,
+            }
+        }
         let io = self.write_planned(&plan, first, offset, data);
         let mut st = self.state();
         if io.is_err() {
@@ -1253,6 +1307,9 @@ impl Store {
         let _v = read_lock(&vg);
         let first = offset / BS;
         let nblocks = (offset + len).div_ceil(BS) - first;
+        if target.checkpoint.is_none() {
+            self.core.write_behind.wait_range(vid, first, nblocks);
+        }
         let phys = {
             let mut st = self.state();
             let (root, depth, size) = st.resolve_id(vid, target)?;
@@ -1369,9 +1426,12 @@ impl Store {
         }
         self.maybe_commit()?;
         // Freed blocks stay quarantined while reads that looked them up may be in flight.
-        let (_, vg) = self.volume_gate(volume)?;
+        let (vid, vg) = self.volume_gate(volume)?;
         let _g = self.shared();
         let _v = read_lock(&vg);
+        self.core
+            .write_behind
+            .wait_range(vid, full_start, full_end - full_start);
         let mut st = self.state();
         let id = st.volume_id(volume)?;
         let v = st.volumes[&id].clone();
@@ -1430,11 +1490,12 @@ impl Store {
                 "description is longer than {MAX_DESCRIPTION} bytes"
             )));
         }
-        let (_, vg) = self.volume_gate(volume)?;
+        let (vid, vg) = self.volume_gate(volume)?;
         let _g = self.shared();
         // Waits for the writes in flight on this volume only, and holds later ones back just for
         // the in-memory part.
         let _v = write_lock(&vg);
+        self.core.write_behind.wait_volume(vid);
         let mut st = self.state();
         let vid = st.check_new_checkpoint(volume, name)?;
         let r = st.checkpoint_in_memory(vid, name, description);
@@ -1465,11 +1526,12 @@ impl Store {
         if let Some(s) = save_current {
             validate_name(s)?;
         }
-        let (_, vg) = self.volume_gate(volume)?;
+        let (vid, vg) = self.volume_gate(volume)?;
         let mut freed = 0;
         let (info, left) = {
             let _g = self.shared();
             let _v = write_lock(&vg);
+            self.core.write_behind.wait_volume(vid);
             let mut st = self.state();
             let vid = st.volume_id(volume)?;
             let cid = st.checkpoint_id(vid, volume, checkpoint)?;
@@ -1503,6 +1565,7 @@ impl Store {
         let left = {
             let _g = self.shared();
             let _v = write_lock(&vg);
+            self.core.write_behind.wait_volume(vid);
             let mut st = self.state();
             let cid = st.checkpoint_id(vid, volume, checkpoint)?;
             let r = st.drop_checkpoint(cid);
@@ -1576,6 +1639,16 @@ impl Store {
         st.volume_info(id)
     }
 
+    /// Waits for the pending long writes of `t`'s volume if `t` is a head (see
+    /// `store/write_behind.rs`); checkpoints never change.
+    fn wait_for_head(&self, t: &Target) -> Result<()> {
+        if t.checkpoint.is_none() {
+            let vid = self.state().volume_id(&t.volume)?;
+            self.core.write_behind.wait_volume(vid);
+        }
+        Ok(())
+    }
+
     /// Byte ranges that differ between two states of one volume, found by walking only the parts
     /// of the two trees that are not shared.
     pub fn diff(&self, a: &Target, b: &Target) -> Result<Vec<Extent>> {
@@ -1585,6 +1658,8 @@ impl Store {
     /// [`Store::diff`] limited to the bytes `offset..offset + len` (extents are clipped to it).
     pub fn diff_range(&self, a: &Target, b: &Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.heal()?;
+        self.wait_for_head(a)?;
+        self.wait_for_head(b)?;
         {
             let st = self.state();
             st.resolve(a)?;
@@ -1615,6 +1690,7 @@ impl Store {
     /// [`Store::mapped_extents`] limited to the bytes `offset..offset + len`.
     pub fn mapped_range(&self, target: &Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.heal()?;
+        self.wait_for_head(target)?;
         let mut st = self.state();
         let (root, depth, size) = st.resolve(target)?;
         let end = size.min(offset.saturating_add(len));
@@ -1632,6 +1708,8 @@ impl Store {
     /// Space per checkpoint and volume (all volumes if `volume` is `None`) and store totals.
     pub fn space(&self, volume: Option<&str>) -> Result<SpaceReport> {
         self.heal()?;
+        // Every figure counts every acknowledged write.
+        self.core.write_behind.wait_all();
         let mut st = self.state();
         let ids: Vec<u64> = match volume {
             Some(n) => vec![st.volume_id(n)?],
@@ -1705,6 +1783,7 @@ impl Store {
     pub fn fsck(&self) -> Result<crate::fsck::FsckReport> {
         self.heal()?;
         let _g = self.exclusive();
+        self.core.write_behind.wait_all();
         let mut st = self.state();
         st.commit(true)?;
         st.meta.release_ready();
@@ -1716,6 +1795,11 @@ impl Drop for Store {
     fn drop(&mut self) {
         if let Some(c) = self.committer.as_mut() {
             c.stop();
+        }
+        // Every acknowledged write is linked before the closing commit.
+        self.core.write_behind.stop();
+        for t in self.writers.drain(..) {
+            let _ = t.join();
         }
         // Closing a store is a flush, as closing a disk would be; errors have nowhere to go here, and
         // whatever was not committed is exactly what a crash would have lost.

@@ -88,7 +88,7 @@ impl Store {
         dry_run: bool,
         progress: &mut dyn FnMut(u64),
     ) -> Result<DefragReport> {
-        let (_, vg) = self.volume_gate(volume)?;
+        let (vid, vg) = self.volume_gate(volume)?;
         let head = Target::head(volume);
         let allocated_before = self.state().meta.sb.allocated;
         let mut rep = DefragReport {
@@ -103,6 +103,7 @@ impl Store {
                 let _g = self.shared();
                 // Writes and reads of this volume wait for one chunk; other volumes go on.
                 let _v = write_lock(&vg);
+                self.core.write_behind.wait_volume(vid);
                 let mut st = self.state();
                 let (root, depth, size) = st.resolve(&head)?;
                 let nblocks = size.div_ceil(BS);
@@ -140,7 +141,6 @@ impl Store {
                         });
                     }
                 } else {
-                    let vid = st.volume_id(volume)?;
                     for y in self.move_blocks(st, vid, vbn, &blocks)? {
                         after.push(y);
                     }
