@@ -320,6 +320,7 @@ pub struct Stats {
     /// flush); wake-ups that found nothing to commit are not counted.
     pub background_commits: u64,
     /// Long copies-on-write acknowledged before their data was written (write-behind).
+    #[serde(default)]
     pub writes_behind: u64,
 }
 

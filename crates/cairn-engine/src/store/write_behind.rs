@@ -9,8 +9,8 @@
 //! control's advantage is write-behind. Disk semantics allow the same here: an acknowledged
 //! write need not be durable, or even on the disk, until a flush.
 //!
-//! **How.** A write that qualifies (whole blocks, at least `LONG_WRITE` bytes, every block a
-//! copy of a shared one) is planned as usual, its bytes copied into an aligned buffer of this
+//! **How.** A write that qualifies (whole blocks, at least `LONG_WRITE` bytes, some of them
+//! copies of shared blocks) is planned as usual, its bytes copied into an aligned buffer of this
 //! module's (so the direct write needs no second copy), and handed to the `cairn-write` thread,
 //! which writes them and links the blocks; the caller returns at once. While a job is queued or
 //! running, the blocks it covers are *pending*, and everything that would look at them waits
@@ -91,15 +91,15 @@ impl WriteBehind {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Whether a planned write may be handed to the thread: whole blocks, long, all of them
-    /// fresh (nothing is read, or written in place), and some of them copies of shared blocks,
-    /// the ones that go straight to the disk. A first write to an unwritten range goes through
-    /// the page cache and is quick anyway.
+    /// Whether a planned write may be handed to the thread: whole blocks (nothing to read
+    /// first), long, and some of them copies of shared blocks, the ones that go straight to the
+    /// disk. A write with none (a first write, or an overwrite in place) goes through the page
+    /// cache and is quick anyway. Blocks written in place may be among them: until the job is
+    /// done nothing can make them shared, since a checkpoint of the volume waits for it.
     pub(super) fn qualifies(offset: u64, data: &[u8], plan: &[(u64, Fill)]) -> bool {
         data.len() >= LONG_WRITE
             && offset.is_multiple_of(BS)
             && data.len().is_multiple_of(BLOCK_SIZE)
-            && plan.iter().all(|(_, f)| *f != Fill::InPlace)
             && plan.iter().any(|(_, f)| matches!(f, Fill::CopyFrom(_)))
     }
 
@@ -231,8 +231,8 @@ impl WriteBehind {
 }
 
 /// Writes a job's blocks, a run of host-adjacent blocks of one kind at a time: copies of shared
-/// blocks straight to the disk, first writes through the page cache, as `Store::write_planned`
-/// does for a long write.
+/// blocks straight to the disk, first writes and blocks written in place through the page cache,
+/// as `Store::write_planned` does for a long write.
 fn write_job(data: &dyn Device, job: &Job) -> Result<()> {
     let plan = &job.plan;
     let direct = |i: usize| matches!(plan[i].1, Fill::CopyFrom(_));
