@@ -631,7 +631,11 @@ impl Store {
         };
         st.load_catalog()?;
         let background = st.opts.background_commits;
-        let write_behind = st.opts.write_behind;
+        let writer_threads = if st.opts.write_behind {
+            WRITE_BEHIND_THREADS
+        } else {
+            0
+        };
         let pending = !st.dropped.is_empty();
         let core = Arc::new(Core {
             poisoned: st.poisoned.clone(),
@@ -642,11 +646,7 @@ impl Store {
             write_behind: WriteBehind::new(),
         });
         let mut writers = Vec::new();
-        for _ in 0..if write_behind {
-            WRITE_BEHIND_THREADS
-        } else {
-            0
-        } {
+        for _ in 0..writer_threads {
             let (c, d) = (core.clone(), data.clone());
             writers.push(
                 std::thread::Builder::new()
