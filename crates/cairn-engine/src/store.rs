@@ -606,6 +606,7 @@ impl Store {
             cache: PageCache::new(opts.cache_pages, path),
             sb,
             quarantine: Default::default(),
+            frees: 0,
             ready: Vec::new(),
             releasing: None,
             release_tokens: 0,
@@ -676,6 +677,12 @@ impl Store {
             dir: None,
             _lock: None,
         })
+    }
+
+    /// Runs `f` on the store's metadata under the state lock (unit tests of `meta`).
+    #[cfg(test)]
+    pub(crate) fn with_meta<R>(&self, f: impl FnOnce(&mut Meta) -> R) -> R {
+        f(&mut self.state().meta)
     }
 
     /// Counters since the store was opened.
@@ -811,11 +818,7 @@ impl Core {
         let Some((epoch, pages)) = sealed else {
             return Ok(false);
         };
-        let freed_at_seal: Vec<u64> = if reset {
-            st.meta.quarantine.iter().copied().collect()
-        } else {
-            Vec::new()
-        };
+        let frees_at_seal = st.meta.frees;
         let dev = st.meta.dev.clone();
         let path = st.meta.path.clone();
         drop(st);
@@ -847,7 +850,7 @@ impl Core {
         st.meta.decremented_sealed.clear();
         if reset {
             st.stats.journal_resets += 1;
-            st.meta.ready.extend(freed_at_seal);
+            st.meta.reset_covered(frees_at_seal);
         }
         Ok(true)
     }
