@@ -65,11 +65,8 @@ static int fill_file(const char *path, size_t size, char *buf) {
     return fd;
 }
 
-static int scatter(char *buf) {
-    const size_t size = 1UL << 30, nb = size / blk;
-    const char *path = "scatter-read-bound.tmp";
-    int fd = fill_file(path, size, buf);
-    if (fd < 0) return 1;
+/* The block numbers 0..nb in a fixed random order. */
+static unsigned *shuffled(size_t nb) {
     unsigned *perm = malloc(nb * sizeof *perm);
     for (size_t i = 0; i < nb; i++) perm[i] = i;
     srand(1);
@@ -79,12 +76,28 @@ static int scatter(char *buf) {
         perm[i] = perm[j];
         perm[j] = t;
     }
+    return perm;
+}
+
+/* A read-only shared mapping of `size` bytes of `fd`, or NULL (and `path` deleted). */
+static char *map_file(int fd, size_t size, const char *path) {
     char *map = mmap(0, size, PROT_READ, MAP_SHARED, fd, 0);
     if (map == MAP_FAILED) {
         perror("mmap");
         unlink(path);
-        return 1;
+        return NULL;
     }
+    return map;
+}
+
+static int scatter(char *buf) {
+    const size_t size = 1UL << 30, nb = size / blk;
+    const char *path = "scatter-read-bound.tmp";
+    int fd = fill_file(path, size, buf);
+    if (fd < 0) return 1;
+    unsigned *perm = shuffled(nb);
+    char *map = map_file(fd, size, path);
+    if (!map) return 1;
     for (int rep = 0; rep < 3; rep++) {
         double t = now();
         for (size_t o = 0; o < size; o += mib)
@@ -112,21 +125,9 @@ static int prefetch(char *buf) {
     const char *path = "prefetch-read-bound.tmp";
     int fd = fill_file(path, size, buf);
     if (fd < 0) return 1;
-    unsigned *perm = malloc(nb * sizeof *perm);
-    for (size_t i = 0; i < nb; i++) perm[i] = i;
-    srand(1);
-    for (size_t i = nb - 1; i > 0; i--) {
-        size_t j = (size_t)rand() % (i + 1);
-        unsigned t = perm[i];
-        perm[i] = perm[j];
-        perm[j] = t;
-    }
-    char *map = mmap(0, size, PROT_READ, MAP_SHARED, fd, 0);
-    if (map == MAP_FAILED) {
-        perror("mmap");
-        unlink(path);
-        return 1;
-    }
+    unsigned *perm = shuffled(nb);
+    char *map = map_file(fd, size, path);
+    if (!map) return 1;
     const int dists[] = {0, 1, 2, 4, 8};
     for (int rep = 0; rep < 4; rep++) {
         double t = now();

@@ -8,84 +8,14 @@
 
 mod common;
 
-use cairn_engine::device::{Device, PowerSupply, SimDevice};
+use cairn_engine::device::PowerSupply;
 use cairn_engine::{Options, Store, Target};
-use common::{sim_devices, small_opts, BS};
-use std::io;
+use common::{sim_devices, small_opts, Event, RecordingDevice, BS};
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Event {
-    /// A hint to the disk: offset and length.
-    Hint(u64, u64),
-    /// A hint to the CPU of one block.
-    Warm(u64),
-    /// A read of data: offset and length.
-    Read(u64, u64),
-}
-
-/// A simulated disk that answers "is it cached?" as the test says and records what it is asked.
-struct RecordingDevice {
-    inner: Arc<SimDevice>,
-    /// 0: cannot tell; 1: cached; 2: not cached.
-    cached: AtomicU8,
-    events: Mutex<Vec<Event>>,
-}
-
-impl RecordingDevice {
-    fn take(&self) -> Vec<Event> {
-        std::mem::take(&mut *self.events.lock().expect("events"))
-    }
-    fn record(&self, e: Event) {
-        self.events.lock().expect("events").push(e);
-    }
-}
-
-impl Device for RecordingDevice {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn read_data_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.record(Event::Read(offset, buf.len() as u64));
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.inner.sync()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.allocate(offset, len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(offset, len)
-    }
-    fn allocated_bytes(&self) -> io::Result<u64> {
-        self.inner.allocated_bytes()
-    }
-    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.record(Event::Hint(offset, len));
-        Ok(())
-    }
-    fn prefetch_block(&self, offset: u64) {
-        self.record(Event::Warm(offset));
-    }
-    fn is_cached(&self, _offset: u64) -> Option<bool> {
-        match self.cached.load(Ordering::SeqCst) {
-            1 => Some(true),
-            2 => Some(false),
-            _ => None,
-        }
-    }
-}
 
 fn block(i: u64, round: u64) -> Vec<u8> {
     (0..BS).map(|j| (i * 31 + j + round * 101) as u8).collect()
@@ -111,11 +41,7 @@ fn fragment(s: &Store, blocks: u64) {
 
 fn recording_store() -> (Arc<RecordingDevice>, Store) {
     let (data, journal) = sim_devices(PowerSupply::new());
-    let dev = Arc::new(RecordingDevice {
-        inner: data,
-        cached: AtomicU8::new(0),
-        events: Mutex::new(Vec::new()),
-    });
+    let dev = RecordingDevice::new(data);
     let s = Store::open_devices(dev.clone(), journal, small_opts(), "sim").expect("open");
     (dev, s)
 }

@@ -1,10 +1,12 @@
 //! Helpers shared by the engine's integration tests: an in-memory model of volumes and checkpoints.
 #![allow(dead_code, missing_docs)]
 
-use cairn_engine::device::{PowerSupply, SimDevice};
+use cairn_engine::device::{Device, PowerSupply, SimDevice};
 use cairn_engine::{Options, Store};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::io;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub const BS: u64 = 4096;
 
@@ -254,5 +256,95 @@ impl cairn_engine::device::Device for PausingDevice {
     }
     fn allocated_bytes(&self) -> std::io::Result<u64> {
         self.inner.allocated_bytes()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A hint to the disk: offset and length.
+    Hint(u64, u64),
+    /// A hint to the CPU of one block.
+    Warm(u64),
+    /// A read of data: offset and length.
+    Read(u64, u64),
+}
+
+/// A simulated disk that answers "is it cached?" as the test says and records what it is asked.
+pub struct RecordingDevice {
+    pub inner: Arc<SimDevice>,
+    /// 0: cannot tell; 1: cached; 2: not cached.
+    pub cached: AtomicU8,
+    pub events: Mutex<Vec<Event>>,
+}
+
+impl RecordingDevice {
+    /// Wraps `inner`; it cannot tell what is cached until the test says.
+    pub fn new(inner: Arc<SimDevice>) -> Arc<Self> {
+        Arc::new(RecordingDevice {
+            inner,
+            cached: AtomicU8::new(0),
+            events: Mutex::new(Vec::new()),
+        })
+    }
+    /// Everything recorded so far, forgotten here.
+    pub fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock().expect("events"))
+    }
+    fn record(&self, e: Event) {
+        self.events.lock().expect("events").push(e);
+    }
+    /// Blocks hinted to the disk so far.
+    pub fn hinted_blocks(&self) -> u64 {
+        self.events
+            .lock()
+            .expect("events")
+            .iter()
+            .map(|e| match e {
+                Event::Hint(_, len) => len / BS,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+impl Device for RecordingDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn read_data_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.record(Event::Read(offset, buf.len() as u64));
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.allocate(offset, len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.inner.allocated_bytes()
+    }
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.record(Event::Hint(offset, len));
+        Ok(())
+    }
+    fn prefetch_block(&self, offset: u64) {
+        self.record(Event::Warm(offset));
+    }
+    fn is_cached(&self, _offset: u64) -> Option<bool> {
+        match self.cached.load(Ordering::SeqCst) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
     }
 }
