@@ -11,8 +11,8 @@
 //!
 //! **How.** A write that qualifies (whole blocks, at least `LONG_WRITE` bytes, some of them
 //! copies of shared blocks) is planned as usual, its bytes copied into an aligned buffer of this
-//! module's (so the direct write needs no second copy), and handed to the `cairn-write` thread,
-//! which writes them and links the blocks; the caller returns at once. While a job is queued or
+//! module's (so the direct write needs no second copy), and handed to the two `cairn-write`
+//! threads, which write them and link the blocks; the caller returns at once. While a job is queued or
 //! running, the blocks it covers are *pending*, and everything that would look at them waits
 //! for it first: reads and writes of an overlapping range, and whatever reads or changes the
 //! head's mapping as a whole (checkpoints, apply, diff, trim, resize, delete, defrag), each after
@@ -21,8 +21,8 @@
 //! by the next flush, as a failed write-back is by `fsync`.
 //!
 //! **Bounds.** At most `MAX_BYTES` (8 MiB) are pending at once; a write that finds no room is
-//! done by its caller as before, beside the thread, so several writers still write in
-//! parallel. The thread needs no gate: everything that could change what a job links takes a
+//! done by its caller as before, beside the threads, so several writers still write in
+//! parallel. The threads need no gate: everything that could change what a job links takes a
 //! gate exclusively and then waits for the job, never the other way round.
 
 use super::*;
@@ -180,7 +180,10 @@ impl WriteBehind {
         self.changed.notify_all();
     }
 
-    /// The `cairn-write` thread: writes and links jobs in the order they were queued.
+    /// One `cairn-write` thread: takes jobs in the order they were queued and writes and links
+    /// each. With two threads, two jobs may finish in either order; only jobs of concurrent
+    /// callers can overlap (a caller's next write waits for its last), and their order is
+    /// unspecified anyway.
     pub(super) fn run(&self, core: &Core, data: &dyn Device) {
         loop {
             let job = {
