@@ -2145,9 +2145,10 @@ impl State {
         let first = offset / BS;
         let count = (offset + len - 1) / BS - first + 1;
         let mut plan = Vec::with_capacity(count as usize);
+        let long = len >= LONG_WRITE as u64;
         if let Err(e) = self
             .meta
-            .prepare_write(root, depth, first, count, &mut plan)
+            .prepare_write(root, depth, first, count, long, &mut plan)
         {
             self.meta.unreserve_plan(&plan);
             return Err(e);

@@ -195,3 +195,37 @@ fn writes_during_defrag_are_kept() {
     let report = s.fsck().expect("fsck");
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
+
+/// A long rewrite over a range that holds a few blocks the head owns alone, amid blocks shared
+/// with a checkpoint, lands in one run: those few are copied too rather than written in place,
+/// which split each 1 MiB write into several disk writes and left its data in pieces.
+#[test]
+fn a_long_rewrite_lands_in_one_run() {
+    let (_, _, s) = sim_store(PowerSupply::new());
+    s.create_volume(VOL, BLOCKS * BS).expect("create");
+    s.write(VOL, 0, &vec![1u8; (BLOCKS * BS) as usize])
+        .expect("fill");
+    s.create_checkpoint(VOL, "c", None).expect("checkpoint");
+    for b in [3u64, 100, 200] {
+        s.write(VOL, b * BS, &block(1, b)).expect("short write");
+    }
+    s.write(VOL, 0, &vec![2u8; (256 * BS) as usize])
+        .expect("long rewrite");
+    let extents = |s: &Store| {
+        s.defrag(VOL, 2, true, &mut |_| {})
+            .expect("dry run")
+            .extents_before
+    };
+    // The rewritten first MiB is one run; the rest of the volume is the original run, and the
+    // two need not touch.
+    assert!(
+        extents(&s) <= 2,
+        "the long rewrite is in pieces: {} extents",
+        extents(&s)
+    );
+    assert!(
+        read_all(&s, &Target::head(VOL))[..(256 * BS) as usize] == vec![2u8; (256 * BS) as usize]
+    );
+    assert!(read_all(&s, &Target::checkpoint(VOL, "c")) == vec![1u8; (BLOCKS * BS) as usize]);
+    assert!(s.fsck().expect("fsck").ok());
+}
