@@ -1183,51 +1183,49 @@ impl Store {
     ) -> Result<()> {
         let end = offset + data.len() as u64;
         let partial = |vbn: u64| offset > vbn * BS || end < (vbn + 1) * BS;
-        let long = data.len() >= LONG_WRITE;
-        let mut i = 0;
-        while i < plan.len() {
-            let vbn = first + i as u64;
-            if partial(vbn) {
-                let (phys, fill) = plan[i];
-                let mut buf = [0u8; BLOCK_SIZE];
-                match fill {
-                    Fill::Zero => {}
-                    Fill::InPlace => self.read_data(&mut buf, phys)?,
-                    Fill::CopyFrom(src) => self.read_data(&mut buf, src)?,
-                }
-                let bstart = vbn * BS;
-                let lo = offset.max(bstart);
-                let hi = end.min(bstart + BS);
-                buf[(lo - bstart) as usize..(hi - bstart) as usize]
-                    .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
-                self.write_data(&buf, phys)?;
-                i += 1;
-                continue;
-            }
-            // A run of whole blocks that are contiguous on the host goes out as one write, straight
-            // to the disk if it is part of a long copy-on-write (`device/direct.rs` says why only
-            // those, not first writes to unwritten ranges).
-            let direct = |f: Fill| long && matches!(f, Fill::CopyFrom(_));
-            let d = direct(plan[i].1);
-            let mut j = i + 1;
-            while j < plan.len()
-                && plan[j].0 == plan[j - 1].0 + 1
-                && direct(plan[j].1) == d
-                && !partial(first + j as u64)
-            {
-                j += 1;
-            }
-            let src_start = (vbn * BS - offset) as usize;
-            let src_end = src_start + (j - i) * BLOCK_SIZE;
-            let run = &data[src_start..src_end];
-            if d {
-                self.write_new_data(run, plan[i].0)?;
-            } else {
-                self.write_data(run, plan[i].0)?;
-            }
-            i = j;
+        // Only the first and the last block can be partial.
+        let (mut lo, mut hi) = (0, plan.len());
+        if partial(first) {
+            self.write_partial(plan[0], first, offset, data)?;
+            lo = 1;
         }
-        Ok(())
+        if hi > lo && partial(first + hi as u64 - 1) {
+            self.write_partial(plan[hi - 1], first + hi as u64 - 1, offset, data)?;
+            hi -= 1;
+        }
+        if lo == hi {
+            return Ok(());
+        }
+        let src = ((first + lo as u64) * BS - offset) as usize;
+        write_runs(
+            &*self.data,
+            &plan[lo..hi],
+            &data[src..src + (hi - lo) * BLOCK_SIZE],
+            data.len() >= LONG_WRITE,
+        )
+    }
+
+    /// Read-modify-write of block `vbn`, which the write of `data` at `offset` covers in part.
+    fn write_partial(
+        &self,
+        (phys, fill): (u64, Fill),
+        vbn: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let end = offset + data.len() as u64;
+        let mut buf = [0u8; BLOCK_SIZE];
+        match fill {
+            Fill::Zero => {}
+            Fill::InPlace => self.read_data(&mut buf, phys)?,
+            Fill::CopyFrom(src) => self.read_data(&mut buf, src)?,
+        }
+        let bstart = vbn * BS;
+        let lo = offset.max(bstart);
+        let hi = end.min(bstart + BS);
+        buf[(lo - bstart) as usize..(hi - bstart) as usize]
+            .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
+        self.write_data(&buf, phys)
     }
 
     /// The lock stripe of block `vbn` of volume `vid`: a cheap multiplicative mix, since this is
@@ -1259,14 +1257,6 @@ impl Store {
     fn write_data(&self, buf: &[u8], block: u64) -> Result<()> {
         self.data
             .write_at(buf, block * BS)
-            .map_err(Error::io("data write", "data file"))
-    }
-
-    /// [`Store::write_data`] for the fresh blocks of a long copy-on-write, which no reader can
-    /// reach yet.
-    fn write_new_data(&self, buf: &[u8], block: u64) -> Result<()> {
-        self.data
-            .write_new_at(buf, block * BS)
             .map_err(Error::io("data write", "data file"))
     }
 
@@ -2420,6 +2410,32 @@ type Sealed = (u64, Vec<(u64, Arc<Page>)>);
 /// Makes one transaction durable: the data file is synced first (every data block the pages point
 /// to is on disk), then the page images are journaled and synced (the commit point), then written
 /// in place, coalesced into runs of adjacent blocks (no sync: the journal covers them).
+/// Writes whole blocks `data` to their planned blocks, one write per run of host-adjacent blocks
+/// of one kind: the fresh copies of shared blocks in a `long` write straight to the disk
+/// ([`Device::write_new_at`]; `device/direct.rs` says why only those, not first writes to
+/// unwritten ranges), the rest through the page cache. Shared by [`Store::write_planned`] and the
+/// write-behind threads.
+fn write_runs(dev: &dyn Device, plan: &[(u64, Fill)], data: &[u8], long: bool) -> Result<()> {
+    let direct = |i: usize| long && matches!(plan[i].1, Fill::CopyFrom(_));
+    let mut i = 0;
+    while i < plan.len() {
+        let mut j = i + 1;
+        while j < plan.len() && plan[j].0 == plan[j - 1].0 + 1 && direct(j) == direct(i) {
+            j += 1;
+        }
+        let run = &data[i * BLOCK_SIZE..j * BLOCK_SIZE];
+        let at = plan[i].0 * BS;
+        if direct(i) {
+            dev.write_new_at(run, at)
+        } else {
+            dev.write_at(run, at)
+        }
+        .map_err(Error::io("data write", "data file"))?;
+        i = j;
+    }
+    Ok(())
+}
+
 fn write_transaction<P: std::ops::Deref<Target = Page>>(
     dev: &dyn Device,
     path: &str,

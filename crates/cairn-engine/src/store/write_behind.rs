@@ -198,7 +198,7 @@ impl WriteBehind {
                     g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            let written = write_job(data, &job);
+            let written = write_runs(data, &job.plan, job.data(), true);
             let mut st = core.state();
             let r = match written {
                 Ok(()) => {
@@ -231,29 +231,4 @@ impl WriteBehind {
             self.changed.notify_all();
         }
     }
-}
-
-/// Writes a job's blocks, a run of host-adjacent blocks of one kind at a time: copies of shared
-/// blocks straight to the disk, first writes and blocks written in place through the page cache,
-/// as `Store::write_planned` does for a long write.
-fn write_job(data: &dyn Device, job: &Job) -> Result<()> {
-    let plan = &job.plan;
-    let direct = |i: usize| matches!(plan[i].1, Fill::CopyFrom(_));
-    let mut i = 0;
-    while i < plan.len() {
-        let mut j = i + 1;
-        while j < plan.len() && plan[j].0 == plan[j - 1].0 + 1 && direct(j) == direct(i) {
-            j += 1;
-        }
-        let run = &job.data()[i * BLOCK_SIZE..j * BLOCK_SIZE];
-        let at = plan[i].0 * BS;
-        if direct(i) {
-            data.write_new_at(run, at)
-        } else {
-            data.write_at(run, at)
-        }
-        .map_err(Error::io("data write", "data file"))?;
-        i = j;
-    }
-    Ok(())
 }
