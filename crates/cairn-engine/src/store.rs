@@ -749,7 +749,15 @@ impl Store {
         if let Some(e) = lock(&self.core.background_error).take() {
             return Err(e);
         }
-        self.core.flush()
+        self.core.flush().map_err(|e| {
+            // A background commit that failed just before this one (and made it fail) has
+            // recorded why by now: that is the error to report. The reload comes now, while
+            // this flush reports the loss, so that the next flush does not report it again.
+            let earlier = lock(&self.core.background_error).take();
+            let _ = self.heal();
+            lock(&self.core.background_error).take();
+            earlier.unwrap_or(e)
+        })
     }
 }
 
@@ -777,9 +785,12 @@ impl Core {
             return;
         }
         // The error is recorded before the gate is let go: the reload that discards the writes
-        // needs the gate exclusively, so no flush can succeed in between.
+        // needs the gate exclusively, so no flush can succeed in between. And before the commit
+        // lock is: a flush waiting for it then fails on the poisoned store and reports this
+        // error (once), not its own.
         let g = self.shared();
-        let attempted = match self.commit_concurrent() {
+        let c = self.commit_lock();
+        let attempted = match self.commit_holding(&c, false) {
             Ok(wrote) => wrote,
             Err(e) => {
                 lock(&self.background_error).get_or_insert(Error::Invalid(format!(
@@ -788,6 +799,7 @@ impl Core {
                 true
             }
         };
+        drop(c);
         drop(g);
         self.try_release_space();
         if attempted {
@@ -808,15 +820,30 @@ impl Core {
     /// freed by a change the reset does not cover.
     /// Returns whether there was a transaction to write.
     fn commit_concurrent(&self) -> Result<bool> {
-        let _c = lock(&self.commit_lock);
+        self.commit_holding(&lock(&self.commit_lock), false)
+    }
+
+    /// The commit lock, for an operation that makes a change and then commits it with
+    /// [`Core::commit_holding`]: holding it from before the change, no other concurrent commit
+    /// can seal the change first and fail with it, leaving a reload to undo it while this caller
+    /// finds nothing to commit and reports success. Taken after a volume's gate, never before.
+    fn commit_lock(&self) -> MutexGuard<'_, ()> {
+        lock(&self.commit_lock)
+    }
+
+    /// [`Core::commit_concurrent`] with the commit lock already held; `reset` resets the journal
+    /// even if it is not due, so that the blocks freed so far go back to the host (deletes).
+    fn commit_holding(&self, _c: &MutexGuard<'_, ()>, reset: bool) -> Result<bool> {
         let t = std::time::Instant::now();
         let mut st = self.state();
         let journal = st.journal.clone();
         let mut journal = lock(&journal);
-        let reset = st.reset_due(journal.used());
+        let reset = reset || st.reset_due(journal.used());
         let sealed = st.seal()?;
-        let Some((epoch, pages)) = sealed else {
-            return Ok(false);
+        let (epoch, pages) = match sealed {
+            Some(sealed) => sealed,
+            None if reset => (0, Vec::new()),
+            None => return Ok(false),
         };
         let frees_at_seal = st.meta.frees;
         let dev = st.meta.dev.clone();
@@ -832,7 +859,11 @@ impl Core {
             })
             .collect();
         drop(pages);
-        let mut r = write_transaction(&*dev, &path, &mut journal, &sealed);
+        let mut r = if sealed.is_empty() {
+            Ok(())
+        } else {
+            write_transaction(&*dev, &path, &mut journal, &sealed)
+        };
         if reset && r.is_ok() {
             // The in-place writes must be durable before the journal forgets their images.
             r = dev
@@ -846,13 +877,16 @@ impl Core {
         st.stats.commit_nanos += t.elapsed().as_nanos() as u64;
         st.stats.pages_committed += sealed.len() as u64;
         st.poison_on(r)?;
-        st.meta.cache.mark_clean_upto(epoch);
-        st.meta.decremented_sealed.clear();
+        let wrote = !sealed.is_empty();
+        if wrote {
+            st.meta.cache.mark_clean_upto(epoch);
+            st.meta.decremented_sealed.clear();
+        }
         if reset {
             st.stats.journal_resets += 1;
             st.meta.reset_covered(frees_at_seal);
         }
-        Ok(true)
+        Ok(wrote)
     }
 
     /// The background committer's share of [`Store::free_dropped`]: one step, committed. Says
@@ -860,6 +894,7 @@ impl Core {
     /// background commit is (recorded before the gate is let go, for the same reason).
     fn background_free_step(&self) -> bool {
         let _g = self.shared();
+        let c = self.commit_lock();
         let mut freed = 0;
         let r = {
             let mut st = self.state();
@@ -868,7 +903,7 @@ impl Core {
             }
             st.drop_some(&mut freed)
         };
-        match r.and_then(|()| self.commit_concurrent()) {
+        match r.and_then(|()| self.commit_holding(&c, false)) {
             Ok(_) => true,
             Err(e) => {
                 lock(&self.background_error).get_or_insert(Error::Invalid(format!(
@@ -944,7 +979,7 @@ impl Store {
     }
 
     /// The end of a delete or apply that committed itself with a first step of freeing
-    /// ([`State::commit_with_first_step`]): frees what is `left`, or just releases the blocks.
+    /// ([`State::first_step`], [`Core::commit_holding`]): frees what is `left`, or just releases the blocks.
     fn finish_drop(&self, left: bool, freed: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
         if left {
             return self.free_rest(freed, progress);
@@ -957,25 +992,23 @@ impl Store {
     /// [`Store::free_dropped`] with `freed` blocks already counted.
     fn free_rest(&self, mut freed: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
         loop {
-            let g = self.shared();
+            let _g = self.shared();
+            let c = self.core.commit_lock();
             let left = {
                 let mut st = self.state();
                 st.drop_some(&mut freed)?;
                 !st.dropped.is_empty()
             };
+            // The last step's commit also resets the journal, so freed blocks go back to the
+            // host now, as a delete promises.
+            self.core.commit_holding(&c, !left)?;
+            drop(c);
             if !left {
                 break;
             }
-            self.core.commit_concurrent()?;
-            drop(g);
+            drop(_g);
             progress(freed * BS);
             self.core.try_release_space();
-        }
-        // The last step's commit also resets the journal, so freed blocks go back to the host
-        // now, as a delete promises.
-        {
-            let _g = self.exclusive();
-            self.state().commit(true)?;
         }
         self.core.release_space();
         progress(freed * BS);
@@ -1101,10 +1134,15 @@ impl Store {
             let _g = self.shared();
             let _v = write_lock(&vg);
             self.core.write_behind.wait_volume(vid);
-            let mut st = self.state();
-            let r = st.delete_volume(name);
-            st.poison_on(r)?;
-            st.commit_with_first_step(&mut freed)?
+            let c = self.core.commit_lock();
+            let left = {
+                let mut st = self.state();
+                let r = st.delete_volume(name);
+                st.poison_on(r)?;
+                st.first_step(&mut freed)?
+            };
+            self.core.commit_holding(&c, !left)?;
+            left
         };
         lock(&self.volume_gates).remove(&vid);
         self.finish_drop(left, freed, progress)
@@ -1460,10 +1498,14 @@ impl Store {
         name: &str,
         description: Option<&str>,
     ) -> Result<CheckpointInfo> {
-        let info = self.create_checkpoint_unflushed(volume, name, description)?;
+        let vg = self.checkpoint_gate(volume, name, description)?;
+        // The store gate is held from the change to its commit, so no reload can undo the
+        // checkpoint in between (after a failed background commit that had sealed it) while
+        // this commit finds nothing to write and reports success.
+        let _g = self.shared();
+        let info = self.checkpoint_holding_gate(&vg, volume, name, description)?;
         // Writes after the checkpoint go to the head, never to it, so the commit that makes it
         // durable runs with the volume open again.
-        let _g = self.shared();
         self.core.commit_concurrent()?;
         Ok(info)
     }
@@ -1478,18 +1520,40 @@ impl Store {
         name: &str,
         description: Option<&str>,
     ) -> Result<CheckpointInfo> {
+        let vg = self.checkpoint_gate(volume, name, description)?;
+        let _g = self.shared();
+        self.checkpoint_holding_gate(&vg, volume, name, description)
+    }
+
+    /// Checks a new checkpoint's name and description, and finds its volume's gate (which may
+    /// heal the store, so it comes before the store gate is taken).
+    fn checkpoint_gate(
+        &self,
+        volume: &str,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<(u64, Arc<RwLock<()>>)> {
         validate_name(name)?;
         if description.is_some_and(|d| d.len() > MAX_DESCRIPTION) {
             return Err(Error::Invalid(format!(
                 "description is longer than {MAX_DESCRIPTION} bytes"
             )));
         }
-        let (vid, vg) = self.volume_gate(volume)?;
-        let _g = self.shared();
+        self.volume_gate(volume)
+    }
+
+    /// The in-memory part of taking a checkpoint; the caller holds the store gate shared.
+    fn checkpoint_holding_gate(
+        &self,
+        (vid, vg): &(u64, Arc<RwLock<()>>),
+        volume: &str,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<CheckpointInfo> {
         // Waits for the writes in flight on this volume only, and holds later ones back just for
         // the in-memory part.
-        let _v = write_lock(&vg);
-        self.core.write_behind.wait_volume(vid);
+        let _v = write_lock(vg);
+        self.core.write_behind.wait_volume(*vid);
         let mut st = self.state();
         let vid = st.check_new_checkpoint(volume, name)?;
         let r = st.checkpoint_in_memory(vid, name, description);
@@ -1526,15 +1590,20 @@ impl Store {
             let _g = self.shared();
             let _v = write_lock(&vg);
             self.core.write_behind.wait_volume(vid);
-            let mut st = self.state();
-            let vid = st.volume_id(volume)?;
-            let cid = st.checkpoint_id(vid, volume, checkpoint)?;
-            if let Some(s) = save_current {
-                st.check_new_checkpoint(volume, s)?;
-            }
-            let r = st.apply_checkpoint(vid, cid, save_current);
-            let info = st.poison_on(r)?;
-            (info, st.commit_with_first_step(&mut freed)?)
+            let c = self.core.commit_lock();
+            let (info, left) = {
+                let mut st = self.state();
+                let vid = st.volume_id(volume)?;
+                let cid = st.checkpoint_id(vid, volume, checkpoint)?;
+                if let Some(s) = save_current {
+                    st.check_new_checkpoint(volume, s)?;
+                }
+                let r = st.apply_checkpoint(vid, cid, save_current);
+                let info = st.poison_on(r)?;
+                (info, st.first_step(&mut freed)?)
+            };
+            self.core.commit_holding(&c, !left)?;
+            (info, left)
         };
         // The head's old tree is freed before returning, so `space` right after shows it gone.
         self.finish_drop(left, freed, &mut |_| {})?;
@@ -1560,11 +1629,16 @@ impl Store {
             let _g = self.shared();
             let _v = write_lock(&vg);
             self.core.write_behind.wait_volume(vid);
-            let mut st = self.state();
-            let cid = st.checkpoint_id(vid, volume, checkpoint)?;
-            let r = st.drop_checkpoint(cid);
-            st.poison_on(r)?;
-            st.commit_with_first_step(&mut freed)?
+            let c = self.core.commit_lock();
+            let left = {
+                let mut st = self.state();
+                let cid = st.checkpoint_id(vid, volume, checkpoint)?;
+                let r = st.drop_checkpoint(cid);
+                st.poison_on(r)?;
+                st.first_step(&mut freed)?
+            };
+            self.core.commit_holding(&c, !left)?;
+            left
         };
         self.finish_drop(left, freed, progress)
     }
@@ -1910,15 +1984,13 @@ impl State {
         id
     }
 
-    /// Commits an operation that handed trees over to be freed, together with the first step of
-    /// freeing them, under the locks the operation holds (so no other failure can undo it
-    /// unseen); returns whether trees are left. A delete that fits one step is one commit, as
-    /// before steps, and that commit resets the journal so its blocks can go back to the host.
-    fn commit_with_first_step(&mut self, freed: &mut u64) -> Result<bool> {
+    /// The first step of freeing the trees an operation just handed over, made before its commit
+    /// ([`Core::commit_holding`]) so that a delete that fits one step is one commit; returns
+    /// whether trees are left. When none are, that commit also resets the journal, so the
+    /// freed blocks can go back to the host.
+    fn first_step(&mut self, freed: &mut u64) -> Result<bool> {
         self.drop_some(freed)?;
-        let left = !self.dropped.is_empty();
-        self.commit(!left)?;
-        Ok(left)
+        Ok(!self.dropped.is_empty())
     }
 
     /// One step of freeing the oldest dropped tree, if any (not committed); adds the blocks it
@@ -2407,9 +2479,6 @@ impl State {
 /// A transaction sealed by a concurrent commit: the page cache epoch it covers and its pages.
 type Sealed = (u64, Vec<(u64, Arc<Page>)>);
 
-/// Makes one transaction durable: the data file is synced first (every data block the pages point
-/// to is on disk), then the page images are journaled and synced (the commit point), then written
-/// in place, coalesced into runs of adjacent blocks (no sync: the journal covers them).
 /// Writes whole blocks `data` to their planned blocks, one write per run of host-adjacent blocks
 /// of one kind: the fresh copies of shared blocks in a `long` write straight to the disk
 /// ([`Device::write_new_at`]; `device/direct.rs` says why only those, not first writes to
@@ -2436,6 +2505,9 @@ fn write_runs(dev: &dyn Device, plan: &[(u64, Fill)], data: &[u8], long: bool) -
     Ok(())
 }
 
+/// Makes one transaction durable: the data file is synced first (every data block the pages point
+/// to is on disk), then the page images are journaled and synced (the commit point), then written
+/// in place, coalesced into runs of adjacent blocks (no sync: the journal covers them).
 fn write_transaction<P: std::ops::Deref<Target = Page>>(
     dev: &dyn Device,
     path: &str,

@@ -301,3 +301,55 @@ fn background_commits_run_and_their_failure_is_reported_by_the_next_flush() {
     s.read(&Target::head(VOL), 0, &mut buf).expect("read");
     assert_eq!(buf, block_of(1, 1));
 }
+
+/// A flush that waits behind a background commit which then fails reports that failure, and the
+/// loss is reported once: the flush after it succeeds. (The flush used to fail on the poisoned
+/// store with its own error, and the next flush then reported the background commit's.)
+#[test]
+fn a_flush_behind_a_failing_background_commit_reports_it_once() {
+    let (data, journal) = common::sim_devices(PowerSupply::new());
+    let (dev, paused, go) = common::PausingDevice::new(data, common::PauseAt::Sync);
+    let opts = cairn_engine::Options {
+        background_commits: true,
+        ..common::small_opts()
+    };
+    let s = Arc::new(Store::open_devices(dev.clone(), journal.clone(), opts, "sim").expect("open"));
+    s.create_volume(VOL, 1 << 32).expect("create");
+    s.flush().expect("flush");
+
+    // Writes past the dirty limit wake the background committer, which stops in its data sync.
+    dev.arm();
+    let mut i = 0u64;
+    loop {
+        i += 1;
+        s.write(VOL, (i * 600 % (1 << 20)) * BS, &block_of(9, i))
+            .expect("write");
+        if paused
+            .recv_timeout(std::time::Duration::from_millis(1))
+            .is_ok()
+        {
+            break;
+        }
+        assert!(i < 2000, "no background commit after 2,000 writes");
+    }
+    // Its journal write will fail; a flush meanwhile waits for it.
+    journal.fail_next(1);
+    let flusher = {
+        let s = s.clone();
+        std::thread::spawn(move || s.flush())
+    };
+    // Only lets the flush reach the commit lock first; if it has not, the test checks less.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    drop(go);
+    let err = flusher
+        .join()
+        .expect("flush thread")
+        .expect_err("the failed background commit must be reported");
+    assert!(err.to_string().contains("discarded"), "{err}");
+    s.write(VOL, 0, &block_of(1, 1))
+        .expect("write after the failure");
+    s.flush().expect("reported once; the store works again");
+    let mut buf = vec![0u8; BS as usize];
+    s.read(&Target::head(VOL), 0, &mut buf).expect("read");
+    assert_eq!(buf, block_of(1, 1));
+}

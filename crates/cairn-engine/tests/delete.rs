@@ -236,10 +236,18 @@ fn the_background_committer_frees_a_trimmed_subtree_by_itself() {
     assert!(report.ok(), "{:?}", report.errors);
 }
 
-#[test]
-fn a_delete_punching_holes_does_not_hold_up_other_volumes() {
+/// A store on a disk that stops at `at` once armed: volume `v` with checkpoint `old` holding 64
+/// blocks nothing else references, and volume `other`.
+fn pausing_store(
+    at: common::PauseAt,
+) -> (
+    Arc<common::PausingDevice>,
+    mpsc::Receiver<()>,
+    mpsc::Sender<()>,
+    Arc<Store>,
+) {
     let (data, journal) = common::sim_devices(PowerSupply::new());
-    let (dev, started, go) = common::PausingDevice::new(data, common::PauseAt::PunchHole);
+    let (dev, started, go) = common::PausingDevice::new(data, at);
     let s = Arc::new(
         Store::open_devices(dev.clone(), journal, opts(1 << 20, false), "sim").expect("open"),
     );
@@ -252,17 +260,22 @@ fn a_delete_punching_holes_does_not_hold_up_other_volumes() {
     s.write("v", 0, &vec![2u8; 64 * BS as usize])
         .expect("overwrite v");
     s.flush().expect("flush");
-    let before = s.space(None).expect("space").host_used;
+    (dev, started, go, s)
+}
 
-    dev.arm();
-    let deleter = {
-        let s = s.clone();
-        std::thread::spawn(move || s.delete_checkpoint("v", "old"))
-    };
+/// Runs `op` until the disk stops it, then reads and writes volume `other`: both must be done
+/// while `op` is still stopped. Returns `op`'s result.
+fn other_volume_served_while<T: Send + 'static>(
+    started: mpsc::Receiver<()>,
+    go: mpsc::Sender<()>,
+    s: &Arc<Store>,
+    what: &str,
+    op: impl FnOnce() -> cairn_engine::Result<T> + Send + 'static,
+) -> cairn_engine::Result<T> {
+    let worker = std::thread::spawn(op);
     started
         .recv_timeout(Duration::from_secs(30))
-        .expect("the delete punches a hole");
-    // The delete is stuck in a punch: the other volume must still be served.
+        .unwrap_or_else(|_| panic!("{what} never reached the pause point"));
     let (done_tx, done) = mpsc::channel();
     let reader = {
         let s = s.clone();
@@ -274,13 +287,64 @@ fn a_delete_punching_holes_does_not_hold_up_other_volumes() {
         })
     };
     let served = done.recv_timeout(Duration::from_secs(10));
-    drop(go); // every punch may go on now
-    let deleted = deleter.join().expect("delete thread");
+    drop(go); // the disk may go on now
+    let r = worker.join().expect("worker thread");
     reader.join().expect("reader thread");
     assert_eq!(
-        served.expect("a read and a write of another volume waited for the delete's hole punching"),
+        served.unwrap_or_else(|_| panic!("a read and a write of another volume waited for {what}")),
         (true, true)
     );
+    r
+}
+
+#[test]
+fn commits_that_release_space_do_not_hold_up_other_volumes() {
+    // Each operation's own commit syncs the data file first; the disk stops in that sync.
+    type Op = fn(&Store) -> cairn_engine::Result<()>;
+    let ops: [(&str, Op); 4] = [
+        ("a checkpoint delete's commit", |s| {
+            s.delete_checkpoint("v", "old")
+        }),
+        ("an apply's commit", |s| {
+            s.apply_checkpoint("v", "old", None).map(|_| ())
+        }),
+        ("an apply saving the head's commit", |s| {
+            s.apply_checkpoint("v", "old", Some("saved")).map(|_| ())
+        }),
+        ("a volume delete's commit", |s| s.delete_volume("v")),
+    ];
+    for (what, op) in ops {
+        let (dev, started, go, s) = pausing_store(common::PauseAt::Sync);
+        let before = s.space(None).expect("space").host_used;
+        dev.arm();
+        let worker = s.clone();
+        other_volume_served_while(started, go, &s, what, move || op(&worker))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut buf = vec![0u8; BS as usize];
+        s.read(&Target::head("other"), BS, &mut buf)
+            .expect("read other");
+        assert_eq!(buf, block(9, 1), "{what}: the write made meanwhile");
+        if what != "an apply saving the head's commit" {
+            let after = s.space(None).expect("space").host_used;
+            assert!(
+                after + 32 * BS <= before,
+                "{what} returned before its blocks were released: {before} -> {after}"
+            );
+        }
+        assert!(s.fsck().expect("fsck").ok(), "{what}");
+    }
+}
+
+#[test]
+fn a_delete_punching_holes_does_not_hold_up_other_volumes() {
+    let (dev, started, go, s) = pausing_store(common::PauseAt::PunchHole);
+    let before = s.space(None).expect("space").host_used;
+    dev.arm();
+    let deleter = s.clone();
+    let deleted =
+        other_volume_served_while(started, go, &s, "the delete's hole punching", move || {
+            deleter.delete_checkpoint("v", "old")
+        });
     deleted.expect("delete");
     let after = s.space(None).expect("space").host_used;
     assert!(
