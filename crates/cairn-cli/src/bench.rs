@@ -411,6 +411,41 @@ impl AnonPeak {
     }
 }
 
+/// Bytes the kernel's DAMON has paged out so far, summed over every running `pageout` scheme;
+/// `None` without DAMON, or without the permission to refresh its counters. The VMs this project
+/// runs on page out whatever has been idle for about a minute, the page cache included, at up to
+/// 128 MiB/s: a file the bench read into the cache may be partly back on disk when it is timed,
+/// and runs differ by how much (docs/benchmarks.md, "Noise").
+fn damon_paged_out() -> Option<u64> {
+    let dirs = |p: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(p)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let mut total = None;
+    for kdamond in dirs(Path::new("/sys/kernel/mm/damon/admin/kdamonds")) {
+        if read(kdamond.join("state")).trim() != "on" {
+            continue;
+        }
+        // The counters are refreshed on request only.
+        std::fs::write(kdamond.join("state"), "update_schemes_stats").ok()?;
+        for context in dirs(&kdamond.join("contexts")) {
+            for scheme in dirs(&context.join("schemes")) {
+                if read(scheme.join("action")).trim() == "pageout" {
+                    let bytes = read(scheme.join("stats/sz_applied")).trim().parse::<u64>();
+                    *total.get_or_insert(0) += bytes.unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
+
 /// A `/proc/self/status` field given in kB, in MiB (0 if missing).
 fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -550,6 +585,9 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     let mut report = String::new();
     let started = Instant::now();
     let anon = AnonPeak::start();
+    let paged_at_start = damon_paged_out();
+    // (depth, bytes the host paged out while that depth's throughput was measured)
+    let mut paged_out: Vec<(u64, u64)> = Vec::new();
     eprintln!("bench: scratch directory {}", dir.display());
 
     // Plain file.
@@ -602,7 +640,11 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
                 store.clone_checkpoint("bench", "pre-defrag", "defragged")?;
                 store.delete_checkpoint("bench", "pre-defrag")?;
             }
+            let paged_before = damon_paged_out();
             let t = Sample::measure(&plain, &control, &vol, &plan, 10 + depth)?;
+            if let (Some(a), Some(b)) = (paged_before, damon_paged_out()) {
+                paged_out.push((depth, b.saturating_sub(a)));
+            }
             eprintln!(
                 "bench: cairn at depth {depth}: seq read {:.0} MiB/s, seq write {:.0} MiB/s, rand read {:.0} / {:.0} IOPS (first time / again), rand write {:.0} IOPS ({:.0?})",
                 t.head.seq_read, t.head.seq_write, t.head.rand_read_first, t.head.rand_read, t.head.rand_write, started.elapsed()
@@ -927,6 +969,17 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
         "| peak memory of the whole benchmark process: its own (anonymous, sampled every 50 ms) / resident, counting the pages of the data file its mapping has touched (VmHWM) | {:.0} MiB / {rss:.0} MiB |\n",
         anon.stop()
     ));
+    if let (Some(a), Some(b)) = (paged_at_start, damon_paged_out()) {
+        let phases: Vec<String> = paged_out
+            .iter()
+            .map(|(d, bytes)| format!("{} at depth {d}", cairn_units(*bytes)))
+            .collect();
+        report.push_str(&format!(
+            "| memory the host kernel paged out (DAMON) during the whole run; during each depth's throughput measurements | {}; {} |\n",
+            cairn_units(b.saturating_sub(a)),
+            phases.join(", ")
+        ));
+    }
     report.push_str(&format!(
         "\ntotal benchmark time {:.0} s\n",
         started.elapsed().as_secs_f64()
