@@ -699,3 +699,116 @@ fn corruption_is_reported_not_panicked() {
     std::fs::write(&data, &pristine).expect("restore");
     assert!(ok(&e, &["fsck"]).contains("no problems"));
 }
+
+/// `size` bytes whose 4 KiB block `i` is `(tag, i)` repeated, so any block read back names the
+/// write it came from.
+fn tagged(tag: u64, size: usize) -> Vec<u8> {
+    (0..size / 4096)
+        .flat_map(|i| (tag * 1_000_003 + i as u64).to_le_bytes().repeat(512))
+        .collect()
+}
+
+/// Starts `cairn args`, kills it with SIGKILL after `delay`; says whether it was still running.
+fn kill_after(e: &Env, args: &[&str], delay: std::time::Duration) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("--store")
+        .arg(&e.store)
+        .args(args)
+        .env_remove("CAIRN_STORE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn cairn");
+    std::thread::sleep(delay);
+    let running = child.try_wait().expect("try_wait").is_none();
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    running
+}
+
+/// A `cairn` process killed (SIGKILL) in the middle of a long write or of a large delete, at
+/// several moments: the next command gets the store (the lock died with the process), fsck is
+/// clean, every checkpoint reads as it was taken, every block of the head reads as one of the
+/// writes made to it, and a delete cut short either never happened or finishes.
+#[test]
+fn a_killed_process_leaves_a_consistent_store() {
+    const SIZE: usize = 64 << 20;
+    let e = env();
+    ok(&e, &["volume", "create", "v", "--size", "64M"]);
+    let file = |tag: u64| {
+        let p = e.work.join(format!("tag{tag}.bin"));
+        std::fs::write(&p, tagged(tag, SIZE)).expect("write source file");
+        p
+    };
+    let old = file(1);
+    let new = file(2);
+    let (old, new) = (old.to_str().expect("utf8"), new.to_str().expect("utf8"));
+    ok(
+        &e,
+        &["volume", "write", "v", "--offset", "0", "--from", old],
+    );
+    ok(&e, &["checkpoint", "create", "v@old"]);
+    let delays = [5, 20, 50, 100, 200, 400].map(std::time::Duration::from_millis);
+    let mut killed_running = 0;
+
+    for delay in delays {
+        let write = ["volume", "write", "v", "--offset", "0", "--from", new];
+        killed_running += kill_after(&e, &write, delay) as usize;
+        fsck_clean(&e);
+        let head = read(&e, "v", 0, SIZE as u64);
+        let (a, b) = (tagged(1, SIZE), tagged(2, SIZE));
+        for (i, got) in head.chunks(4096).enumerate() {
+            let r = i * 4096..(i + 1) * 4096;
+            assert!(
+                got == &a[r.clone()] || got == &b[r],
+                "block {i} of the head after a write killed at {delay:?} is neither old nor new"
+            );
+        }
+        assert!(
+            read(&e, "v@old", 0, SIZE as u64) == a,
+            "checkpoint old changed by a write killed at {delay:?}"
+        );
+    }
+
+    for (round, delay) in delays.into_iter().enumerate() {
+        // A checkpoint holding 64 MiB nothing else references.
+        let tag = 10 + round as u64;
+        let src = file(tag);
+        let src = src.to_str().expect("utf8");
+        ok(
+            &e,
+            &["volume", "write", "v", "--offset", "0", "--from", src],
+        );
+        let name = format!("v@c{round}");
+        ok(&e, &["checkpoint", "create", &name]);
+        ok(
+            &e,
+            &["volume", "write", "v", "--offset", "0", "--from", new],
+        );
+        killed_running += kill_after(&e, &["checkpoint", "delete", &name], delay) as usize;
+        fsck_clean(&e);
+        let listed = ok(&e, &["checkpoint", "list", "v"]);
+        if listed.contains(&format!("c{round}")) {
+            assert!(
+                read(&e, &name, 0, SIZE as u64) == tagged(tag, SIZE),
+                "checkpoint c{round} kept after a delete killed at {delay:?} lost data"
+            );
+            ok(&e, &["checkpoint", "delete", &name]);
+        }
+        assert!(read(&e, "v@old", 0, SIZE as u64) == tagged(1, SIZE));
+        assert!(read(&e, "v", 0, SIZE as u64) == tagged(2, SIZE));
+        // Whatever the killed delete left to free is freed now.
+        let space = json(&e, &["space"]);
+        assert_eq!(
+            space["dropped_trees"].as_u64(),
+            Some(0),
+            "after a delete killed at {delay:?}: {space}"
+        );
+        fsck_clean(&e);
+    }
+    eprintln!("{killed_running} of 12 kills found the process running");
+    assert!(
+        killed_running >= 4,
+        "only {killed_running} of 12 kills found the process still running: the test checks little"
+    );
+}
