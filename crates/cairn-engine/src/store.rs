@@ -889,6 +889,28 @@ impl Core {
         Ok(wrote)
     }
 
+    /// Makes `change` under the state lock, then one step of freeing the dropped trees, and
+    /// commits both as one transaction, holding the commit lock from before the change (see
+    /// [`Core::commit_lock`]); the caller holds its volume's gate, if any, and the store gate
+    /// shared. Returns the change's value and whether trees are left to free. When none are,
+    /// the commit also resets the journal, so the freed blocks can go back to the host: a delete
+    /// that fits one step is one commit.
+    fn commit_with_free_step<T>(
+        &self,
+        freed: &mut u64,
+        change: impl FnOnce(&mut State) -> Result<T>,
+    ) -> Result<(T, bool)> {
+        let c = self.commit_lock();
+        let (value, left) = {
+            let mut st = self.state();
+            let value = change(&mut st)?;
+            st.drop_some(freed)?;
+            (value, !st.dropped.is_empty())
+        };
+        self.commit_holding(&c, !left)?;
+        Ok((value, left))
+    }
+
     /// The background committer's share of [`Store::free_dropped`]: one step, committed. Says
     /// whether there was anything to free; a failure is kept for the next flush, as a failed
     /// background commit is (recorded before the gate is let go, for the same reason).
@@ -979,7 +1001,7 @@ impl Store {
     }
 
     /// The end of a delete or apply that committed itself with a first step of freeing
-    /// ([`State::first_step`], [`Core::commit_holding`]): frees what is `left`, or just releases the blocks.
+    /// ([`Core::commit_with_free_step`]): frees what is `left`, or just releases the blocks.
     fn finish_drop(&self, left: bool, freed: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
         if left {
             return self.free_rest(freed, progress);
@@ -992,21 +1014,15 @@ impl Store {
     /// [`Store::free_dropped`] with `freed` blocks already counted.
     fn free_rest(&self, mut freed: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
         loop {
-            let _g = self.shared();
-            let c = self.core.commit_lock();
-            let left = {
-                let mut st = self.state();
-                st.drop_some(&mut freed)?;
-                !st.dropped.is_empty()
-            };
             // The last step's commit also resets the journal, so freed blocks go back to the
             // host now, as a delete promises.
-            self.core.commit_holding(&c, !left)?;
-            drop(c);
+            let ((), left) = {
+                let _g = self.shared();
+                self.core.commit_with_free_step(&mut freed, |_| Ok(()))?
+            };
             if !left {
                 break;
             }
-            drop(_g);
             progress(freed * BS);
             self.core.try_release_space();
         }
@@ -1134,14 +1150,10 @@ impl Store {
             let _g = self.shared();
             let _v = write_lock(&vg);
             self.core.write_behind.wait_volume(vid);
-            let c = self.core.commit_lock();
-            let left = {
-                let mut st = self.state();
+            let ((), left) = self.core.commit_with_free_step(&mut freed, |st| {
                 let r = st.delete_volume(name);
-                st.poison_on(r)?;
-                st.first_step(&mut freed)?
-            };
-            self.core.commit_holding(&c, !left)?;
+                st.poison_on(r)
+            })?;
             left
         };
         lock(&self.volume_gates).remove(&vid);
@@ -1590,20 +1602,15 @@ impl Store {
             let _g = self.shared();
             let _v = write_lock(&vg);
             self.core.write_behind.wait_volume(vid);
-            let c = self.core.commit_lock();
-            let (info, left) = {
-                let mut st = self.state();
+            self.core.commit_with_free_step(&mut freed, |st| {
                 let vid = st.volume_id(volume)?;
                 let cid = st.checkpoint_id(vid, volume, checkpoint)?;
                 if let Some(s) = save_current {
                     st.check_new_checkpoint(volume, s)?;
                 }
                 let r = st.apply_checkpoint(vid, cid, save_current);
-                let info = st.poison_on(r)?;
-                (info, st.first_step(&mut freed)?)
-            };
-            self.core.commit_holding(&c, !left)?;
-            (info, left)
+                st.poison_on(r)
+            })?
         };
         // The head's old tree is freed before returning, so `space` right after shows it gone.
         self.finish_drop(left, freed, &mut |_| {})?;
@@ -1629,15 +1636,11 @@ impl Store {
             let _g = self.shared();
             let _v = write_lock(&vg);
             self.core.write_behind.wait_volume(vid);
-            let c = self.core.commit_lock();
-            let left = {
-                let mut st = self.state();
+            let ((), left) = self.core.commit_with_free_step(&mut freed, |st| {
                 let cid = st.checkpoint_id(vid, volume, checkpoint)?;
                 let r = st.drop_checkpoint(cid);
-                st.poison_on(r)?;
-                st.first_step(&mut freed)?
-            };
-            self.core.commit_holding(&c, !left)?;
+                st.poison_on(r)
+            })?;
             left
         };
         self.finish_drop(left, freed, progress)
@@ -1982,15 +1985,6 @@ impl State {
         let id = self.meta.sb.next_id;
         self.meta.sb.next_id += 1;
         id
-    }
-
-    /// The first step of freeing the trees an operation just handed over, made before its commit
-    /// ([`Core::commit_holding`]) so that a delete that fits one step is one commit; returns
-    /// whether trees are left. When none are, that commit also resets the journal, so the
-    /// freed blocks can go back to the host.
-    fn first_step(&mut self, freed: &mut u64) -> Result<bool> {
-        self.drop_some(freed)?;
-        Ok(!self.dropped.is_empty())
     }
 
     /// One step of freeing the oldest dropped tree, if any (not committed); adds the blocks it
