@@ -710,11 +710,7 @@ fn tagged(tag: u64, size: usize) -> Vec<u8> {
 
 /// Starts `cairn args`, kills it with SIGKILL after `delay`; says whether it was still running.
 fn kill_after(e: &Env, args: &[&str], delay: std::time::Duration) -> bool {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .arg("--store")
-        .arg(&e.store)
-        .args(args)
-        .env_remove("CAIRN_STORE")
+    let mut child = command(e, args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

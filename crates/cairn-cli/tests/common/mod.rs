@@ -35,14 +35,18 @@ pub fn env_with_daemon() -> Env {
     e
 }
 
-pub fn cairn(e: &Env, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .arg("--store")
+/// `cairn --store STORE args`, not started yet.
+pub fn command(e: &Env, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    c.arg("--store")
         .arg(&e.store)
         .args(args)
-        .env_remove("CAIRN_STORE")
-        .output()
-        .expect("run cairn")
+        .env_remove("CAIRN_STORE");
+    c
+}
+
+pub fn cairn(e: &Env, args: &[&str]) -> Output {
+    command(e, args).output().expect("run cairn")
 }
 
 /// Runs a command that must succeed; returns its stdout.
