@@ -172,3 +172,147 @@ fn a_power_cut_behind_an_acknowledged_write_loses_only_what_was_not_flushed() {
     }
     assert!(read(&s, &Target::checkpoint("v", "c"), 0, 4 * MIB) == old);
 }
+
+/// One block whose bytes name the writer and the write.
+fn block_of(tag: u64, seq: u64) -> Vec<u8> {
+    (tag << 32 | seq).to_le_bytes().repeat(512)
+}
+
+#[test]
+fn short_copies_on_write_go_behind_and_every_reader_sees_them() {
+    const BLOCKS: u64 = 2048;
+    const THREADS: u64 = 4;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let head = Target::head("v");
+    let c = Target::checkpoint("v", "c");
+    let mut model = vec![block_of(0, 0); BLOCKS as usize];
+    {
+        let s = std::sync::Arc::new(Store::init(dir.path(), Options::default()).expect("init"));
+        s.create_volume("v", BLOCKS * BS).expect("create");
+        let fill: Vec<u8> = model.concat();
+        s.write("v", 0, &fill).expect("fill");
+        s.create_checkpoint("v", "c", None).expect("checkpoint");
+        let before = s.stats().writes_behind;
+        // Each thread rewrites blocks of its own (block % THREADS), in a random order, some
+        // twice, and reads every write back at once: the read waits for the write it overlaps.
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (s, head) = (s.clone(), head.clone());
+                std::thread::spawn(move || {
+                    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
+                    let mut written = Vec::new();
+                    for seq in 1..=400u64 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let b = (x % (BLOCKS / THREADS)) * THREADS + t;
+                        let data = block_of(t + 1, seq);
+                        s.write("v", b * BS, &data).expect("write");
+                        assert!(read(&s, &head, b * BS, BS) == data, "block {b} read back");
+                        written.push((b, data));
+                    }
+                    written
+                })
+            })
+            .collect();
+        for w in workers {
+            for (b, data) in w.join().expect("writer") {
+                model[b as usize] = data;
+            }
+        }
+        let behind = s.stats().writes_behind - before;
+        assert!(
+            behind >= 1000,
+            "only {behind} of 1,600 short copies-on-write went behind"
+        );
+        // A write of several blocks, all shared, goes behind as one job.
+        let before = s.stats().writes_behind;
+        s.create_checkpoint("v", "d", None).expect("checkpoint");
+        let long: Vec<u8> = (0..16).flat_map(|k| block_of(9, k)).collect();
+        s.write("v", 64 * BS, &long).expect("16-block write");
+        assert_eq!(s.stats().writes_behind, before + 1, "it went behind");
+        for k in 0..16 {
+            model[64 + k as usize] = block_of(9, k);
+        }
+        // A checkpoint right after holds every acknowledged write; the diff sees them all.
+        s.create_checkpoint("v", "e", None).expect("checkpoint");
+        let e = Target::checkpoint("v", "e");
+        assert!(read(&s, &e, 0, BLOCKS * BS) == model.concat());
+        let changed: u64 = s.diff(&c, &e).expect("diff").iter().map(|x| x.length).sum();
+        let expect = model.iter().filter(|b| **b != block_of(0, 0)).count() as u64 * BS;
+        assert_eq!(
+            changed, expect,
+            "the diff covers exactly the blocks written"
+        );
+        // More short rewrites, then the store is closed without a flush: closing is one.
+        for b in 0..32u64 {
+            let data = block_of(7, b);
+            s.write("v", b * 3 * BS, &data).expect("write");
+            model[(b * 3) as usize] = data;
+        }
+    }
+    let s = Store::open(dir.path(), Options::default()).expect("reopen");
+    assert!(
+        read(&s, &head, 0, BLOCKS * BS) == model.concat(),
+        "head after reopen"
+    );
+    assert!(read(&s, &c, 0, BLOCKS * BS) == vec![block_of(0, 0); BLOCKS as usize].concat());
+    assert!(s.fsck().expect("fsck").ok());
+}
+
+#[test]
+fn short_writes_queued_together_go_out_as_one_write_and_a_failure_loses_all_of_them_once() {
+    let (data, journal) = common::sim_devices(PowerSupply::new());
+    let (dev, started, go) = common::PausingDevice::new(data.clone(), common::PauseAt::Write);
+    let opts = Options {
+        background_commits: false,
+        ..Options::default()
+    };
+    let s = Store::open_devices(dev.clone(), journal, opts, "sim").expect("open");
+    let head = Target::head("v");
+    s.create_volume("v", 64 * BS).expect("create");
+    s.write("v", 0, &block_of(1, 0).repeat(64)).expect("fill");
+    s.create_checkpoint("v", "c", None).expect("checkpoint");
+    let before = s.stats().writes_behind;
+    // The first copy-on-write is acknowledged, and its thread stops in the disk write.
+    dev.arm();
+    s.write("v", 0, &block_of(2, 0)).expect("acknowledged");
+    started
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the write went to the disk");
+    // Eight more queue behind it, acknowledged while the disk is stopped; their fresh blocks
+    // follow each other, so they go out together as one write.
+    for b in 10..18u64 {
+        s.write("v", b * BS, &block_of(2, b)).expect("acknowledged");
+    }
+    assert_eq!(s.stats().writes_behind, before + 9, "all nine went behind");
+    // The stopped write fails, and so does the next one: if the eight went out one by one,
+    // seven of them would land.
+    data.fail_next(2);
+    go.send(()).expect("resume");
+    let err = s
+        .flush()
+        .expect_err("failed writes must not pass for durable");
+    assert!(
+        err.to_string().contains("data write"),
+        "the error says what failed: {err}"
+    );
+    assert_eq!(data.failures_pending(), 0, "both failures happened");
+    s.flush().expect("the loss is reported once");
+    for b in [0].into_iter().chain(10..18) {
+        assert!(
+            read(&s, &head, b * BS, BS) == block_of(1, 0),
+            "block {b} keeps what it held"
+        );
+    }
+    // The store goes on.
+    for b in 10..18u64 {
+        s.write("v", b * BS, &block_of(3, b)).expect("write");
+    }
+    s.flush().expect("flush");
+    for b in 10..18u64 {
+        assert!(read(&s, &head, b * BS, BS) == block_of(3, b));
+    }
+    assert!(read(&s, &Target::checkpoint("v", "c"), 0, 64 * BS) == block_of(1, 0).repeat(64));
+    assert!(s.fsck().expect("fsck").ok());
+}
