@@ -307,7 +307,7 @@ enum CheckpointCmd {
 /// no longer count in this process's resident memory, at the cost of a third of the speed of random
 /// reads from the host's cache. `CAIRN_DIRECT_WRITES=0` sends long copies-on-write through the
 /// page cache like every other write (docs/design.md, "Write path"). `CAIRN_WRITE_BEHIND=0` makes
-/// copies-on-write wait for their data and metadata before they are acknowledged
+/// long copies-on-write wait for their data and metadata before they are acknowledged
 /// (`store/write_behind.rs` in the engine).
 pub(crate) fn store_options() -> Options {
     let on = |var: &str| {

@@ -45,7 +45,7 @@ const PREFETCH_RUNS: usize = 4;
 /// (see [`Store::hint_if_cold`]); a shorter one costs at most this many disk reads in a row.
 const COLD_CHECK_RUNS: usize = 8;
 
-/// Threads that write and link acknowledged copies-on-write (`store/write_behind.rs`).
+/// Threads that write and link acknowledged long copies-on-write (`store/write_behind.rs`).
 const WRITE_BEHIND_THREADS: usize = 2;
 /// Data file name inside a store directory.
 pub const DATA_FILE: &str = "cairn.data";
@@ -85,10 +85,9 @@ pub struct Options {
     /// `O_DIRECT` (`device/direct.rs`): 1.4–5 times faster here; what they wrote is then not in the
     /// host's page cache until read.
     pub direct_writes: bool,
-    /// Acknowledge copies-on-write of whole blocks once their bytes are queued, and write and
-    /// link them on a thread of the store's (`store/write_behind.rs`): sequential rewrites after
-    /// a checkpoint then overlap the disk with the caller's next request, and short ones leave
-    /// the cost of their new page to the thread, which writes adjacent ones together.
+    /// Acknowledge long copies-on-write once their bytes are queued, and write and link them on
+    /// a thread of the store's (`store/write_behind.rs`): sequential rewrites after a checkpoint
+    /// then overlap the disk with the caller's next request.
     pub write_behind: bool,
 }
 
@@ -320,7 +319,7 @@ pub struct Stats {
     /// Transactions the background committer wrote (or tried to: a failure is reported by the next
     /// flush); wake-ups that found nothing to commit are not counted.
     pub background_commits: u64,
-    /// Copies-on-write acknowledged before their data was written (write-behind).
+    /// Long copies-on-write acknowledged before their data was written (write-behind).
     #[serde(default)]
     pub writes_behind: u64,
 }
@@ -1188,13 +1187,8 @@ impl Store {
         let mut plan = self
             .state()
             .prepare_write(vid, volume, offset, data.len() as u64)?;
-        let kind = WriteBehind::qualifies(offset, data, &plan);
-        if let Some(kind) = kind.filter(|_| !self.writers.is_empty()) {
-            match self
-                .core
-                .write_behind
-                .try_queue(kind, vid, first, plan, data)
-            {
+        if !self.writers.is_empty() && WriteBehind::qualifies(offset, data, &plan) {
+            match self.core.write_behind.try_queue(vid, first, plan, data) {
                 Ok(()) => {
                     self.grow_ahead();
                     return Ok(());
@@ -1221,14 +1215,7 @@ impl Store {
         let Ok(_g) = self.grow_lock.try_lock() else {
             return;
         };
-        // Checked after every write: a busy state lock means someone else is at work, and
-        // waiting for it here cost single writers a sleep and a wake-up several times in ten.
-        let due = match self.core.state.try_lock() {
-            Ok(st) => st.meta.growth_due(),
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().meta.growth_due(),
-            Err(std::sync::TryLockError::WouldBlock) => return,
-        };
-        let Some((from, to)) = due else {
+        let Some((from, to)) = self.state().meta.growth_due() else {
             return;
         };
         if self.data.allocate(from, to - from).is_ok() {

@@ -185,10 +185,9 @@ impl Model {
 pub enum PauseAt {
     Sync,
     PunchHole,
-    Write,
 }
 
-/// A simulated disk that, once armed, stops the next `sync`, hole punch or write (as chosen) until the
+/// A simulated disk that, once armed, stops the next `sync` or hole punch (as chosen) until the
 /// test lets it go on: the way to hold a store in the middle of a commit or a release.
 pub struct PausingDevice {
     pub inner: Arc<SimDevice>,
@@ -239,7 +238,6 @@ impl cairn_engine::device::Device for PausingDevice {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.maybe_pause(PauseAt::Write);
         self.inner.write_at(buf, offset)
     }
     fn sync(&self) -> std::io::Result<()> {
