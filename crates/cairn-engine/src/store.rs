@@ -45,6 +45,11 @@ const PREFETCH_RUNS: usize = 4;
 /// (see [`Store::hint_if_cold`]); a shorter one costs at most this many disk reads in a row.
 const COLD_CHECK_RUNS: usize = 8;
 
+/// Blocks of a fragmented read asked about before it (see [`Store::hint_if_cold`]). One, the
+/// first, missed reads that the host had paged out in part (DAMON takes idle pages here, see
+/// docs/benchmarks.md, "Noise"): each of their other blocks then cost a disk read in turn.
+const COLD_PROBES: usize = 4;
+
 /// Threads that write and link acknowledged long copies-on-write (`store/write_behind.rs`).
 const WRITE_BEHIND_THREADS: usize = 2;
 /// Data file name inside a store directory.
@@ -1408,19 +1413,24 @@ impl Store {
         Ok(())
     }
 
-    /// Before a fragmented read, asks the device whether its first block is in the host's cache;
-    /// if not, hints every run of it to the device at once. Without that a cold fragmented read
-    /// waited for one disk read per run, one after the other, since no readahead follows
-    /// scattered blocks: 66-78 MiB/s for a head 63% rewritten after checkpoints.
-    /// Returns whether the read is fragmented (then its first block was cached, or every run
-    /// has been hinted).
+    /// Before a fragmented read, asks the device whether a few of its blocks are in the host's
+    /// cache ([`COLD_PROBES`], spread over the read); if one is not, hints every run of it to the
+    /// device at once. Without that a cold fragmented read waited for one disk read per run, one
+    /// after the other, since no readahead follows scattered blocks: 66-78 MiB/s for a head 63%
+    /// rewritten after checkpoints. Returns whether the read is fragmented (then the probes
+    /// were cached, or every run has been hinted).
     fn hint_if_cold(&self, phys: &[u64]) -> bool {
         let data_runs = || block_runs(phys).filter(|r| phys[r.start] != 0);
-        if data_runs().nth(COLD_CHECK_RUNS - 1).is_none() {
+        let runs = data_runs().count();
+        if runs < COLD_CHECK_RUNS {
             return false;
         }
-        let first = data_runs().next().map_or(0, |r| phys[r.start]);
-        if self.data.is_cached(first * BS) == Some(false) {
+        let mut probes = (0..COLD_PROBES).map(|k| k * runs / COLD_PROBES).peekable();
+        let cold = data_runs().enumerate().any(|(i, r)| {
+            probes.next_if_eq(&i).is_some()
+                && self.data.is_cached(phys[r.start] * BS) == Some(false)
+        });
+        if cold {
             for r in data_runs() {
                 let _ = self.data.prefetch(phys[r.start] * BS, r.len() as u64 * BS);
             }

@@ -1,6 +1,7 @@
 //! Reads of a fragmented range (a head whose blocks were rewritten after checkpoints lies in many
-//! runs on the host). A read in many runs first asks whether its first block is cached; if not,
-//! it hints every run to the device at once instead of waiting for one disk read per run, and
+//! runs on the host). A read in many runs first asks whether a few of its blocks are cached; if
+//! one is not, it hints every run to the device at once instead of waiting for one disk read per
+//! run, and
 //! while it copies one run it hints the next ones to the CPU. These tests check what the store
 //! asks of the device, and that the bytes are right on real files, cold and warm.
 
@@ -109,7 +110,7 @@ fn a_cached_or_short_read_gives_the_disk_no_hints() {
         let events = dev.take();
         assert!(
             !events.iter().any(|e| matches!(e, Event::Hint(..))),
-            "no disk hints when the first block is cached or nobody can tell: {events:?}"
+            "no disk hints when the blocks asked about are cached or nobody can tell: {events:?}"
         );
         // While a run is copied, the CPU is asked to fetch later ones: each run but the first
         // is hinted exactly once, before it is read.
@@ -214,4 +215,53 @@ fn fragmented_reads_on_real_files_return_what_was_written_cold_and_warm() {
         assert!(c == want, "{pass} read of the checkpoint");
     }
     assert!(s.fsck().expect("fsck").ok());
+}
+
+#[test]
+fn a_fragmented_read_the_host_dropped_in_part_is_hinted_whole() {
+    let (dev, s) = recording_store();
+    fragment(&s, 512);
+    // Where each of 256 runs lies, from a read the device can say nothing about.
+    dev.cached.store(0, Ordering::SeqCst);
+    dev.take();
+    let want: Vec<u8> = (0..256).flat_map(expected).collect();
+    assert!(read_head(&s, 0, 256 * BS) == want);
+    let runs: Vec<u64> = dev
+        .take()
+        .iter()
+        .filter_map(|e| match *e {
+            Event::Read(o, _) => Some(o),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(runs.len(), 256);
+    // The host dropped one block half-way through the read, not the first: the read is
+    // hinted whole before any run is read.
+    dev.cached.store(3, Ordering::SeqCst);
+    dev.cold_offset.store(runs[128], Ordering::SeqCst);
+    assert!(read_head(&s, 0, 256 * BS) == want);
+    let events = dev.take();
+    let asked = events
+        .iter()
+        .filter(|e| matches!(e, Event::Asked(_)))
+        .count();
+    assert!(
+        asked <= 4,
+        "a few blocks are asked about, not every one: {asked}"
+    );
+    let hints = events
+        .iter()
+        .filter(|e| matches!(e, Event::Hint(..)))
+        .count();
+    assert_eq!(hints, 256, "one hint per run");
+    let first_read = events
+        .iter()
+        .position(|e| matches!(e, Event::Read(..)))
+        .expect("reads");
+    assert!(
+        !events[first_read..]
+            .iter()
+            .any(|e| matches!(e, Event::Hint(..))),
+        "every hint comes before the first read"
+    );
 }

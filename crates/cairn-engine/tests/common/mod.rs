@@ -5,7 +5,7 @@ use cairn_engine::device::{Device, PowerSupply, SimDevice};
 use cairn_engine::{Options, Store};
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub const BS: u64 = 4096;
@@ -267,13 +267,17 @@ pub enum Event {
     Warm(u64),
     /// A read of data: offset and length.
     Read(u64, u64),
+    /// A question whether the block at this offset is cached.
+    Asked(u64),
 }
 
 /// A simulated disk that answers "is it cached?" as the test says and records what it is asked.
 pub struct RecordingDevice {
     pub inner: Arc<SimDevice>,
-    /// 0: cannot tell; 1: cached; 2: not cached.
+    /// 0: cannot tell; 1: cached; 2: not cached; 3: cached but for the block at `cold_offset`.
     pub cached: AtomicU8,
+    /// The one block not cached in mode 3 of `cached`.
+    pub cold_offset: AtomicU64,
     pub events: Mutex<Vec<Event>>,
 }
 
@@ -283,6 +287,7 @@ impl RecordingDevice {
         Arc::new(RecordingDevice {
             inner,
             cached: AtomicU8::new(0),
+            cold_offset: AtomicU64::new(0),
             events: Mutex::new(Vec::new()),
         })
     }
@@ -340,10 +345,12 @@ impl Device for RecordingDevice {
     fn prefetch_block(&self, offset: u64) {
         self.record(Event::Warm(offset));
     }
-    fn is_cached(&self, _offset: u64) -> Option<bool> {
+    fn is_cached(&self, offset: u64) -> Option<bool> {
+        self.record(Event::Asked(offset));
         match self.cached.load(Ordering::SeqCst) {
             1 => Some(true),
             2 => Some(false),
+            3 => Some(offset != self.cold_offset.load(Ordering::SeqCst)),
             _ => None,
         }
     }
