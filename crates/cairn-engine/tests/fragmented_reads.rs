@@ -1,9 +1,8 @@
 //! Reads of a fragmented range (a head whose blocks were rewritten after checkpoints lies in many
 //! runs on the host). A read in many runs first asks whether a few of its blocks are cached; if
 //! one is not, it hints every run to the device at once instead of waiting for one disk read per
-//! run, and
-//! while it copies one run it hints the next ones to the CPU. These tests check what the store
-//! asks of the device, and that the bytes are right on real files, cold and warm.
+//! run, and while it copies one run it hints the next ones to the CPU. These tests check what the
+//! store asks of the device, and that the bytes are right on real files, cold and warm.
 
 #![allow(missing_docs)]
 
