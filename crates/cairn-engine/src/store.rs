@@ -33,7 +33,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 mod defrag;
 mod write_behind;
 pub use defrag::{DefragReport, DEFRAG_MIN_EXTENTS};
-use write_behind::{JobKind, WriteBehind};
+use write_behind::WriteBehind;
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -90,10 +90,9 @@ pub struct Options {
     /// `O_DIRECT` (`device/direct.rs`): 1.4–5 times faster here; what they wrote is then not in the
     /// host's page cache until read.
     pub direct_writes: bool,
-    /// Acknowledge copies-on-write of whole blocks before their data is written
-    /// (`store/write_behind.rs`): long ones are written and linked by a thread of the store's,
-    /// so sequential rewrites after a checkpoint overlap the disk with the caller's next
-    /// request; short ones are parked until a flush, which writes them together in runs.
+    /// Acknowledge long copies-on-write once their bytes are queued, and write and link them on
+    /// a thread of the store's (`store/write_behind.rs`): sequential rewrites after a checkpoint
+    /// then overlap the disk with the caller's next request.
     pub write_behind: bool,
 }
 
@@ -650,7 +649,7 @@ impl Store {
             commit_lock: Mutex::new(()),
             gate: RwLock::new(()),
             background_error: Mutex::new(None),
-            write_behind: WriteBehind::new(data.clone()),
+            write_behind: WriteBehind::new(),
         });
         let mut writers = Vec::new();
         for _ in 0..writer_threads {
@@ -721,7 +720,7 @@ impl Store {
             return Ok(());
         }
         let _g = self.exclusive();
-        self.core.write_behind.wait_all(&self.core);
+        self.core.write_behind.wait_all();
         let mut st = self.state();
         if st.poisoned.load(Ordering::SeqCst) {
             let unflushed = st.has_changes();
@@ -750,7 +749,7 @@ impl Store {
 
     /// Makes every write acknowledged so far durable.
     pub fn flush(&self) -> Result<()> {
-        self.core.write_behind.wait_all(&self.core);
+        self.core.write_behind.wait_all();
         self.heal()?;
         if let Some(e) = lock(&self.core.background_error).take() {
             return Err(e);
@@ -1091,7 +1090,7 @@ impl Store {
     pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
         self.heal()?;
         // Mapped sizes count every acknowledged write.
-        self.core.write_behind.wait_all(&self.core);
+        self.core.write_behind.wait_all();
         let st = self.state();
         let mut ids: Vec<(&String, &u64)> = st.volume_ids.iter().collect();
         ids.sort();
@@ -1116,7 +1115,7 @@ impl Store {
         let (vid, vg) = self.volume_gate(name)?;
         let _g = self.shared();
         let _v = write_lock(&vg);
-        self.core.write_behind.wait_volume(&self.core, vid);
+        self.core.write_behind.wait_volume(vid);
         let mut st = self.state();
         let id = st.volume_id(name)?;
         let v = st.volumes[&id].clone();
@@ -1155,7 +1154,7 @@ impl Store {
         let left = {
             let _g = self.shared();
             let _v = write_lock(&vg);
-            self.core.write_behind.wait_volume(&self.core, vid);
+            self.core.write_behind.wait_volume(vid);
             let ((), left) = self.core.commit_with_free_step(&mut freed, |st| {
                 let r = st.delete_volume(name);
                 st.poison_on(r)
@@ -1179,7 +1178,7 @@ impl Store {
         let last = (end - 1) / BS;
         self.core
             .write_behind
-            .wait_range(&self.core, vid, first, last - first + 1);
+            .wait_range(vid, first, last - first + 1);
         let partial = |vbn: u64| offset > vbn * BS || end < (vbn + 1) * BS;
         // Partial blocks are read-modify-write: serialize them per block.
         let mut stripe_ids: Vec<usize> = [first, last]
@@ -1193,16 +1192,8 @@ impl Store {
         let mut plan = self
             .state()
             .prepare_write(vid, volume, offset, data.len() as u64)?;
-        let kind = WriteBehind::qualifies(offset, data, &plan);
-        if let Some(kind) = kind.filter(|_| !self.writers.is_empty()) {
-            if kind == JobKind::Short {
-                self.core.write_behind.make_room(&self.core, data.len());
-            }
-            match self
-                .core
-                .write_behind
-                .try_queue(kind, vid, first, plan, data)
-            {
+        if !self.writers.is_empty() && WriteBehind::qualifies(offset, data, &plan) {
+            match self.core.write_behind.try_queue(vid, first, plan, data) {
                 Ok(()) => {
                     self.grow_ahead();
                     return Ok(());
@@ -1366,9 +1357,7 @@ impl Store {
         let first = offset / BS;
         let nblocks = (offset + len).div_ceil(BS) - first;
         if target.checkpoint.is_none() {
-            self.core
-                .write_behind
-                .wait_range(&self.core, vid, first, nblocks);
+            self.core.write_behind.wait_range(vid, first, nblocks);
         }
         let phys = {
             let mut st = self.state();
@@ -1496,7 +1485,7 @@ impl Store {
         let _v = read_lock(&vg);
         self.core
             .write_behind
-            .wait_range(&self.core, vid, full_start, full_end - full_start);
+            .wait_range(vid, full_start, full_end - full_start);
         let mut st = self.state();
         let id = st.volume_id(volume)?;
         let v = st.volumes[&id].clone();
@@ -1586,7 +1575,7 @@ impl Store {
         // Waits for the writes in flight on this volume only, and holds later ones back just for
         // the in-memory part.
         let _v = write_lock(vg);
-        self.core.write_behind.wait_volume(&self.core, *vid);
+        self.core.write_behind.wait_volume(*vid);
         let mut st = self.state();
         let vid = st.check_new_checkpoint(volume, name)?;
         let r = st.checkpoint_in_memory(vid, name, description);
@@ -1622,7 +1611,7 @@ impl Store {
         let (info, left) = {
             let _g = self.shared();
             let _v = write_lock(&vg);
-            self.core.write_behind.wait_volume(&self.core, vid);
+            self.core.write_behind.wait_volume(vid);
             self.core.commit_with_free_step(&mut freed, |st| {
                 let vid = st.volume_id(volume)?;
                 let cid = st.checkpoint_id(vid, volume, checkpoint)?;
@@ -1656,7 +1645,7 @@ impl Store {
         let left = {
             let _g = self.shared();
             let _v = write_lock(&vg);
-            self.core.write_behind.wait_volume(&self.core, vid);
+            self.core.write_behind.wait_volume(vid);
             let ((), left) = self.core.commit_with_free_step(&mut freed, |st| {
                 let cid = st.checkpoint_id(vid, volume, checkpoint)?;
                 let r = st.drop_checkpoint(cid);
@@ -1736,7 +1725,7 @@ impl Store {
     fn wait_for_head(&self, t: &Target) -> Result<()> {
         if t.checkpoint.is_none() {
             let vid = self.state().volume_id(&t.volume)?;
-            self.core.write_behind.wait_volume(&self.core, vid);
+            self.core.write_behind.wait_volume(vid);
         }
         Ok(())
     }
@@ -1801,7 +1790,7 @@ impl Store {
     pub fn space(&self, volume: Option<&str>) -> Result<SpaceReport> {
         self.heal()?;
         // Every figure counts every acknowledged write.
-        self.core.write_behind.wait_all(&self.core);
+        self.core.write_behind.wait_all();
         let mut st = self.state();
         let ids: Vec<u64> = match volume {
             Some(n) => vec![st.volume_id(n)?],
@@ -1875,7 +1864,7 @@ impl Store {
     pub fn fsck(&self) -> Result<crate::fsck::FsckReport> {
         self.heal()?;
         let _g = self.exclusive();
-        self.core.write_behind.wait_all(&self.core);
+        self.core.write_behind.wait_all();
         let mut st = self.state();
         st.commit(true)?;
         st.meta.release_ready();
@@ -1889,7 +1878,7 @@ impl Drop for Store {
             c.stop();
         }
         // Every acknowledged write is linked before the closing commit.
-        self.core.write_behind.stop(&self.core);
+        self.core.write_behind.stop();
         for t in self.writers.drain(..) {
             let _ = t.join();
         }

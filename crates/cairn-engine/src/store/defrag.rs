@@ -103,7 +103,7 @@ impl Store {
                 let _g = self.shared();
                 // Writes and reads of this volume wait for one chunk; other volumes go on.
                 let _v = write_lock(&vg);
-                self.core.write_behind.wait_volume(&self.core, vid);
+                self.core.write_behind.wait_volume(vid);
                 let mut st = self.state();
                 let (root, depth, size) = st.resolve(&head)?;
                 let nblocks = size.div_ceil(BS);
