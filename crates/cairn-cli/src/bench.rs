@@ -57,6 +57,9 @@ struct Plan {
     seq_bytes: u64,
     rand_reads: u64,
     rand_writes: u64,
+    /// Rounds of random writes, the plain file, the control and the head in turn; the table
+    /// shows each one's median.
+    write_rounds: u64,
     qcow2_reads: u64,
     /// Checkpoints taken under load for the latency rows, and how long the same load runs
     /// without them first.
@@ -76,6 +79,7 @@ impl Plan {
                 seq_bytes: 64 * MIB,
                 rand_reads: 20_000,
                 rand_writes: 5_000,
+                write_rounds: 3,
                 qcow2_reads: 20_000,
                 stall_checkpoints: 11,
                 quiet: std::time::Duration::from_secs(1),
@@ -92,6 +96,7 @@ impl Plan {
                 seq_bytes: 2 * GIB,
                 rand_reads: 100_000,
                 rand_writes: 20_000,
+                write_rounds: 5,
                 qcow2_reads: 100_000,
                 stall_checkpoints: 31,
                 quiet: std::time::Duration::from_secs(10),
@@ -231,22 +236,30 @@ fn measure(disk: &dyn Disk, plan: &Plan, seed: u64) -> Result<Throughput> {
         );
     }
     let seq_write = seq as f64 / MIB as f64 / t.elapsed().as_secs_f64();
-
-    let t = Instant::now();
-    for i in 0..plan.rand_writes {
-        let b = rng.random_range(0..blocks);
-        buf[0..8].copy_from_slice(&i.to_le_bytes());
-        disk.write(b * BLOCK, &buf[..BLOCK as usize])?;
-    }
-    disk.flush()?;
-    let rand_write = plan.rand_writes as f64 / t.elapsed().as_secs_f64();
     Ok(Throughput {
         seq_read,
         seq_write,
         rand_read_first,
         rand_read,
-        rand_write,
+        // Measured in rounds by `Sample::measure`.
+        rand_write: 0.0,
     })
+}
+
+/// Random 4 KiB writes at queue depth 1 plus a flush, in IOPS.
+fn rand_writes(disk: &dyn Disk, plan: &Plan, seed: u64) -> Result<f64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let blocks = plan.written / BLOCK;
+    let mut buf = vec![0u8; BLOCK as usize];
+    rng.fill(&mut buf[..]);
+    let t = Instant::now();
+    for i in 0..plan.rand_writes {
+        let b = rng.random_range(0..blocks);
+        buf[0..8].copy_from_slice(&i.to_le_bytes());
+        disk.write(b * BLOCK, &buf)?;
+    }
+    disk.flush()?;
+    Ok(plan.rand_writes as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Latencies of single 4 KiB requests, in seconds, sorted.
@@ -446,6 +459,35 @@ fn damon_paged_out() -> Option<u64> {
     total
 }
 
+/// Bytes of free memory the guest kernel has handed back to the host so far (free page
+/// reporting), or `None` where the kernel does not count them. On this project's VMs a page handed
+/// back costs a fault in the host when the guest uses it again, so a workload that needs new
+/// pages (Cairn's writes to fresh blocks) runs slower while the guest has plenty of free memory
+/// than when its page cache fills it (docs/benchmarks.md, "Noise").
+fn reported_to_host() -> Option<u64> {
+    std::fs::read_to_string("/sys/module/page_reporting/parameters/reported_kib")
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
+/// Free memory (`MemFree`), in bytes: where the kernel takes new pages from before it
+/// reclaims its cache, and on this project's VMs mostly memory handed back to the host
+/// ([`reported_to_host`]).
+fn free_memory() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("MemFree:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
 /// A `/proc/self/status` field given in kB, in MiB (0 if missing).
 fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -586,8 +628,13 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     let started = Instant::now();
     let anon = AnonPeak::start();
     let paged_at_start = damon_paged_out();
+    let reported_at_start = reported_to_host();
     // (depth, bytes the host paged out while that depth's throughput was measured)
     let mut paged_out: Vec<(u64, u64)> = Vec::new();
+    // (depth, bytes of free memory handed back to the host meanwhile)
+    let mut reported: Vec<(u64, u64)> = Vec::new();
+    // (depth, free memory when that depth's measurements began)
+    let mut free_at: Vec<(u64, u64)> = Vec::new();
     eprintln!("bench: scratch directory {}", dir.display());
 
     // Plain file.
@@ -641,9 +688,16 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
                 store.delete_checkpoint("bench", "pre-defrag")?;
             }
             let paged_before = damon_paged_out();
+            let reported_before = reported_to_host();
+            if let Some(f) = free_memory() {
+                free_at.push((depth, f));
+            }
             let t = Sample::measure(&plain, &control, &vol, &plan, 10 + depth)?;
             if let (Some(a), Some(b)) = (paged_before, damon_paged_out()) {
                 paged_out.push((depth, b.saturating_sub(a)));
+            }
+            if let (Some(a), Some(b)) = (reported_before, reported_to_host()) {
+                reported.push((depth, b.saturating_sub(a)));
             }
             eprintln!(
                 "bench: cairn at depth {depth}: seq read {:.0} MiB/s, seq write {:.0} MiB/s, rand read {:.0} / {:.0} IOPS (first time / again), rand write {:.0} IOPS ({:.0?})",
@@ -835,6 +889,15 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
             ));
         }
     }
+    report.push_str(&format!(
+        "\nRandom writes: the median of {} rounds of {} writes plus a flush each, the plain file, the control and the head in turn, new blocks every round. Head / control per round: {}.\n",
+        plan.write_rounds,
+        plan.rand_writes,
+        tps.iter()
+            .map(|(d, t)| format!("depth {d}: {}", round_ratios(&t.write_rounds)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    ));
     let worst = |f: Pick, by: fn(&Sample) -> &Throughput| {
         tps.iter()
             .map(|(_, t)| f(&t.head) / f(by(t)))
@@ -908,6 +971,10 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
                 f(&d.after.head) / f(&d.after.file)
             ));
         }
+        report.push_str(&format!(
+            "\nRandom writes after defrag, head / control per round: {}.\n",
+            round_ratios(&d.after.write_rounds)
+        ));
     }
     report.push_str("\n| operation | result |\n|---|---|\n");
     for (m, s, x) in &creates {
@@ -980,6 +1047,27 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
             phases.join(", ")
         ));
     }
+    if let (Some(a), Some(b)) = (reported_at_start, reported_to_host()) {
+        let phases: Vec<String> = reported
+            .iter()
+            .map(|(d, bytes)| format!("{} at depth {d}", cairn_units(*bytes)))
+            .collect();
+        report.push_str(&format!(
+            "| free memory the guest kernel handed back to the host (free page reporting) during the whole run; during each depth's throughput measurements | {}; {} |\n",
+            cairn_units(b.saturating_sub(a)),
+            phases.join(", ")
+        ));
+    }
+    if !free_at.is_empty() {
+        let phases: Vec<String> = free_at
+            .iter()
+            .map(|(d, bytes)| format!("{} at depth {d}", cairn_units(*bytes)))
+            .collect();
+        report.push_str(&format!(
+            "| free memory (`MemFree`) when each depth's throughput measurements began | {} |\n",
+            phases.join(", ")
+        ));
+    }
     report.push_str(&format!(
         "\ntotal benchmark time {:.0} s\n",
         started.elapsed().as_secs_f64()
@@ -997,11 +1085,13 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
 
 /// The plain file, the control volume and a head, measured one after the other with the same
 /// access pattern.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Sample {
     file: Throughput,
     control: Throughput,
     head: Throughput,
+    /// Each round's random writes: plain file, control, head (IOPS).
+    write_rounds: Vec<[f64; 3]>,
 }
 
 impl Sample {
@@ -1012,11 +1102,33 @@ impl Sample {
         plan: &Plan,
         seed: u64,
     ) -> Result<Sample> {
-        Ok(Sample {
+        let mut sample = Sample {
             file: measure(file, plan, seed)?,
             control: measure(control, plan, seed)?,
             head: measure(head, plan, seed)?,
-        })
+            write_rounds: Vec::new(),
+        };
+        // Random writes take well under a second each, and the time a 4 KiB write into a new
+        // page costs here depends on whether the kernel's free memory is still the guest's or
+        // was handed back to the host (docs/benchmarks.md, "Noise"): one round swung by a factor
+        // of two where the data was the same. So the three take turns, several rounds, each
+        // round new blocks, and the table shows medians.
+        for round in 0..plan.write_rounds {
+            let seed = seed * 1000 + round;
+            sample.write_rounds.push([
+                rand_writes(file, plan, seed)?,
+                rand_writes(control, plan, seed)?,
+                rand_writes(head, plan, seed)?,
+            ]);
+        }
+        let median_of = |k: usize| {
+            let mut v: Vec<f64> = sample.write_rounds.iter().map(|r| r[k]).collect();
+            median(&mut v)
+        };
+        sample.file.rand_write = median_of(0);
+        sample.control.rand_write = median_of(1);
+        sample.head.rand_write = median_of(2);
+        Ok(sample)
     }
 }
 
@@ -1057,6 +1169,15 @@ fn defrag_and_measure(
         report,
         after,
     })
+}
+
+/// Head / control of each round of random writes, for the report.
+fn round_ratios(rounds: &[[f64; 3]]) -> String {
+    rounds
+        .iter()
+        .map(|r| format!("{:.2}", r[2] / r[1]))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn cairn_units(b: u64) -> String {
