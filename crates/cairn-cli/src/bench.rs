@@ -1037,35 +1037,23 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
         anon.stop()
     ));
     if let (Some(a), Some(b)) = (paged_at_start, damon_paged_out()) {
-        let phases: Vec<String> = paged_out
-            .iter()
-            .map(|(d, bytes)| format!("{} at depth {d}", cairn_units(*bytes)))
-            .collect();
         report.push_str(&format!(
             "| memory the host kernel paged out (DAMON) during the whole run; during each depth's throughput measurements | {}; {} |\n",
             cairn_units(b.saturating_sub(a)),
-            phases.join(", ")
+            per_depth(&paged_out)
         ));
     }
     if let (Some(a), Some(b)) = (reported_at_start, reported_to_host()) {
-        let phases: Vec<String> = reported
-            .iter()
-            .map(|(d, bytes)| format!("{} at depth {d}", cairn_units(*bytes)))
-            .collect();
         report.push_str(&format!(
             "| free memory the guest kernel handed back to the host (free page reporting) during the whole run; during each depth's throughput measurements | {}; {} |\n",
             cairn_units(b.saturating_sub(a)),
-            phases.join(", ")
+            per_depth(&reported)
         ));
     }
     if !free_at.is_empty() {
-        let phases: Vec<String> = free_at
-            .iter()
-            .map(|(d, bytes)| format!("{} at depth {d}", cairn_units(*bytes)))
-            .collect();
         report.push_str(&format!(
             "| free memory (`MemFree`) when each depth's throughput measurements began | {} |\n",
-            phases.join(", ")
+            per_depth(&free_at)
         ));
     }
     report.push_str(&format!(
@@ -1169,6 +1157,14 @@ fn defrag_and_measure(
         report,
         after,
     })
+}
+
+/// `(depth, bytes)` pairs as "1.0 GiB at depth 0, ...", for the report.
+fn per_depth(v: &[(u64, u64)]) -> String {
+    v.iter()
+        .map(|(d, bytes)| format!("{} at depth {d}", cairn_units(*bytes)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Head / control of each round of random writes, for the report.
