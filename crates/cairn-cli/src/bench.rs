@@ -477,30 +477,24 @@ fn reported_to_host() -> Option<u64> {
 /// reclaims its cache, and on this project's VMs mostly memory handed back to the host
 /// ([`reported_to_host`]).
 fn free_memory() -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
+    proc_kib("/proc/meminfo", "MemFree:").map(|kib| kib * 1024)
+}
+
+/// A field given in kB in a `/proc` file of `Name: value kB` lines.
+fn proc_kib(path: &str, field: &str) -> Option<u64> {
+    std::fs::read_to_string(path)
         .ok()?
         .lines()
-        .find(|l| l.starts_with("MemFree:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse::<u64>()
         .ok()
-        .map(|kib| kib * 1024)
 }
 
 /// A `/proc/self/status` field given in kB, in MiB (0 if missing).
 fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|k| k.parse::<f64>().ok())
-            })
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
+    proc_kib("/proc/self/status", field).map_or(0.0, |kib| kib as f64 / 1024.0)
 }
 
 /// Runs `qemu-img bench` reads (queue depth 1, 4 KiB, 1 MiB + 4 KiB stride) and returns IOPS.
