@@ -158,7 +158,7 @@ impl Meta {
             fresh = in_place.len();
         }
         let mut run = if long && fresh > 1 {
-            self.reserve_run(fresh)?
+            self.reserve_run(fresh, true)?
         } else {
             Vec::new()
         }

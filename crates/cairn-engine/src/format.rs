@@ -12,12 +12,25 @@ pub const HEADER_SIZE: usize = 16;
 pub const FANOUT: u64 = ((BLOCK_SIZE - HEADER_SIZE) / 8) as u64;
 /// Reference counts per refcount page (4 bytes each after the header).
 pub const REFS_PER_PAGE: u64 = ((BLOCK_SIZE - HEADER_SIZE) / 4) as u64;
-/// A group is one refcount page followed by the blocks it counts.
-pub const GROUP_BLOCKS: u64 = REFS_PER_PAGE + 1;
-/// Block holding the superblock; block 0 is group 0's refcount page, so address 0 can mean "none".
+/// Blocks at the start of every cluster that hold its refcount pages (and, in cluster 0, the
+/// superblock), never data: 2 MiB, so that the data area after it starts 2 MiB-aligned.
+pub const CLUSTER_HEADER_BLOCKS: u64 = 512;
+/// Data blocks of a cluster: a multiple of 512 (so every cluster keeps 2 MiB alignment), and as
+/// many as the header's refcount pages can count (511 pages of 1,020 counts).
+pub const CLUSTER_DATA_BLOCKS: u64 = 1018 * 512;
+/// A cluster: its header, then its data area. The data file is a sequence of clusters.
+pub const CLUSTER_BLOCKS: u64 = CLUSTER_HEADER_BLOCKS + CLUSTER_DATA_BLOCKS;
+/// Block holding the superblock; block 0 is cluster 0's first refcount page, so address 0 can
+/// mean "none".
 pub const SUPERBLOCK: u64 = 1;
-/// Format version written by this code.
-pub const FORMAT_VERSION: u32 = 1;
+/// The first block that can hold data or tree pages: where an empty store's high water starts.
+pub const FIRST_DATA_BLOCK: u64 = CLUSTER_HEADER_BLOCKS;
+/// Format version written by this code. Version 1 put a refcount page every 1,021 blocks, so no
+/// data run could sit at an aligned file offset (docs/design.md, "Blocks and pages").
+pub const FORMAT_VERSION: u32 = 2;
+
+const _: () = assert!(CLUSTER_DATA_BLOCKS.div_ceil(REFS_PER_PAGE) < CLUSTER_HEADER_BLOCKS);
+const _: () = assert!(CLUSTER_BLOCKS.is_multiple_of(512));
 
 const MAGIC: u32 = 0x4341_4952; // "CAIR"
 
@@ -149,15 +162,143 @@ pub fn set_refcount(p: &mut Page, idx: u64, v: u32) {
     put_u32(p, HEADER_SIZE + idx as usize * 4, v)
 }
 
-/// Whether block `b` is a group's refcount page (never allocated for anything else).
-pub fn is_refcount_block(b: u64) -> bool {
-    b.is_multiple_of(GROUP_BLOCKS)
+/// How a data file places its refcount pages, which fixes where every count lives. New stores
+/// use [`Layout::Clusters`] (format 2); stores written in format 1 keep [`Layout::Groups`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Format 1: a refcount page in front of every 1,020 blocks, block 1 (the superblock)
+    /// counted like any other.
+    Groups,
+    /// Format 2: clusters of a 2 MiB header of refcount pages and a 2 MiB-aligned data area.
+    Clusters,
 }
 
-/// The refcount page covering block `b`, and `b`'s index in it.
-pub fn refcount_slot(b: u64) -> (u64, u64) {
-    let page = b - b % GROUP_BLOCKS;
-    (page, b - page - 1)
+/// Format 1's group: one refcount page followed by the blocks it counts.
+const GROUP_BLOCKS: u64 = REFS_PER_PAGE + 1;
+
+impl Layout {
+    /// The layout of a format version, if this build reads it.
+    pub fn of_version(version: u32) -> Option<Layout> {
+        match version {
+            1 => Some(Layout::Groups),
+            2 => Some(Layout::Clusters),
+            _ => None,
+        }
+    }
+
+    /// The format version that has this layout.
+    pub fn version(self) -> u32 {
+        match self {
+            Layout::Groups => 1,
+            Layout::Clusters => 2,
+        }
+    }
+
+    /// Whether long runs are placed at aligned blocks ([`crate::meta::Meta::reserve_run`]):
+    /// only clusters leave stretches long enough for that to cost nothing.
+    pub fn aligns_runs(self) -> bool {
+        self == Layout::Clusters
+    }
+
+    /// Whether the superblock has a reference count (format 1 counts it as allocated).
+    pub fn counts_superblock(self) -> bool {
+        self == Layout::Groups
+    }
+
+    /// The first block an empty store allocates.
+    pub fn first_data_block(self) -> u64 {
+        match self {
+            Layout::Groups => SUPERBLOCK + 1,
+            Layout::Clusters => FIRST_DATA_BLOCK,
+        }
+    }
+
+    /// Whether block `b` may hold data, tree pages or catalog records (everything that has a
+    /// reference count and can be pointed to).
+    pub fn is_data_block(self, b: u64) -> bool {
+        match self {
+            Layout::Groups => b > SUPERBLOCK && !b.is_multiple_of(GROUP_BLOCKS),
+            Layout::Clusters => b % CLUSTER_BLOCKS >= CLUSTER_HEADER_BLOCKS,
+        }
+    }
+
+    /// The first data block at or after `b`.
+    pub fn next_data_block(self, b: u64) -> u64 {
+        if self.is_data_block(b) {
+            b
+        } else {
+            match self {
+                Layout::Groups => (b + 1).max(SUPERBLOCK + 1),
+                Layout::Clusters => b - b % CLUSTER_BLOCKS + CLUSTER_HEADER_BLOCKS,
+            }
+        }
+    }
+
+    /// The refcount page counting block `b` (a data block, or format 1's superblock), and
+    /// `b`'s index in it.
+    pub fn refcount_slot(self, b: u64) -> (u64, u64) {
+        match self {
+            Layout::Groups => {
+                let page = b - b % GROUP_BLOCKS;
+                (page, b - page - 1)
+            }
+            Layout::Clusters => {
+                debug_assert!(self.is_data_block(b));
+                let cluster = b - b % CLUSTER_BLOCKS;
+                let d = b - cluster - CLUSTER_HEADER_BLOCKS;
+                // Header slot 1 is skipped: cluster 0 keeps its superblock there.
+                let j = d / REFS_PER_PAGE;
+                (cluster + if j == 0 { 0 } else { j + 1 }, d % REFS_PER_PAGE)
+            }
+        }
+    }
+
+    /// The blocks counted by the same refcount page as block `b`: `first..end`, `first`
+    /// taking slot 0.
+    pub fn refcount_range(self, b: u64) -> (u64, u64) {
+        let (_, idx) = self.refcount_slot(b);
+        let first = b - idx;
+        let end = match self {
+            Layout::Groups => first + REFS_PER_PAGE,
+            Layout::Clusters => {
+                (first + REFS_PER_PAGE).min(b - b % CLUSTER_BLOCKS + CLUSTER_BLOCKS)
+            }
+        };
+        (first, end)
+    }
+
+    /// Every refcount page that counts a block below `end`, in block order of what they count:
+    /// the page, and the blocks `first..last` it counts.
+    pub fn refcount_pages_below(self, end: u64) -> impl Iterator<Item = (u64, u64, u64)> {
+        let from = if self.counts_superblock() {
+            SUPERBLOCK
+        } else {
+            self.first_data_block()
+        };
+        self.refcount_pages_in(from, end)
+    }
+
+    /// [`Layout::refcount_pages_below`], starting with the page that counts the first data
+    /// block at or after `from` (or `from` itself, format 1's superblock).
+    pub fn refcount_pages_in(self, from: u64, end: u64) -> impl Iterator<Item = (u64, u64, u64)> {
+        let start = if self.counts_superblock() && from == SUPERBLOCK {
+            from
+        } else {
+            self.next_data_block(from)
+        };
+        let mut b = self.refcount_range(start).0;
+        std::iter::from_fn(move || {
+            if b != SUPERBLOCK || !self.counts_superblock() {
+                b = self.next_data_block(b);
+            }
+            if b >= end {
+                return None;
+            }
+            let (first, last) = self.refcount_range(b);
+            b = last;
+            Some((self.refcount_slot(first).0, first, last))
+        })
+    }
 }
 
 /// Leaves needed to address `blocks` blocks: the tree depth, at least 1.
@@ -191,15 +332,17 @@ pub struct Superblock {
     pub alloc_cursor: u64,
     /// Bumped on every commit.
     pub generation: u64,
-    /// Blocks with a non-zero reference count (superblock included).
+    /// Blocks with a non-zero reference count (format 1 counts the superblock too).
     pub allocated: u64,
+    /// Where refcount pages live: the store's format version.
+    pub layout: Layout,
 }
 
 impl Superblock {
     /// Encodes into a sealed page.
     pub fn encode(&self) -> Box<Page> {
         let mut p = new_page(PageKind::Super, 0);
-        put_u32(&mut p, 16, FORMAT_VERSION);
+        put_u32(&mut p, 16, self.layout.version());
         put_u32(&mut p, 20, BLOCK_SIZE as u32);
         put_u64(&mut p, 24, self.catalog_root);
         put_u32(&mut p, 32, self.catalog_depth);
@@ -217,12 +360,13 @@ impl Superblock {
         verify(p, SUPERBLOCK, PageKind::Super)?;
         let version = get_u32(p, 16);
         let bs = get_u32(p, 20);
-        if version != FORMAT_VERSION || bs as usize != BLOCK_SIZE {
+        let layout = Layout::of_version(version);
+        let Some(layout) = layout.filter(|_| bs as usize == BLOCK_SIZE) else {
             return Err(Error::Format {
                 path: path.into(),
-                what: format!("format version {version} block size {bs}, this build reads version {FORMAT_VERSION} with {BLOCK_SIZE}-byte blocks"),
+                what: format!("format version {version} block size {bs}, this build reads versions 1 and {FORMAT_VERSION} with {BLOCK_SIZE}-byte blocks"),
             });
-        }
+        };
         Ok(Superblock {
             catalog_root: get_u64(p, 24),
             catalog_depth: get_u32(p, 32),
@@ -231,6 +375,7 @@ impl Superblock {
             alloc_cursor: get_u64(p, 56),
             generation: get_u64(p, 64),
             allocated: get_u64(p, 72),
+            layout,
         })
     }
 }
@@ -348,9 +493,81 @@ mod tests {
         assert_eq!(depth_for(1), 1);
         assert_eq!(depth_for(510), 1);
         assert_eq!(depth_for(511), 2);
-        assert_eq!(refcount_slot(1), (0, 0));
-        assert_eq!(refcount_slot(GROUP_BLOCKS + 5), (GROUP_BLOCKS, 4));
-        assert!(is_refcount_block(GROUP_BLOCKS * 3));
+        assert_eq!(CLUSTER_BLOCKS, 521_728);
+        let l = Layout::Clusters;
+        assert_eq!(l.refcount_slot(512), (0, 0));
+        assert_eq!(l.refcount_slot(512 + 1020), (2, 0));
+        assert_eq!(l.refcount_slot(512 + 1020 * 2 + 5), (3, 5));
+        let last = CLUSTER_BLOCKS - 1;
+        assert_eq!(
+            l.refcount_slot(last),
+            (511, CLUSTER_DATA_BLOCKS - 1 - 510 * 1020)
+        );
+        assert_eq!(l.refcount_slot(CLUSTER_BLOCKS + 512), (CLUSTER_BLOCKS, 0));
+        assert!(!l.is_data_block(0) && !l.is_data_block(SUPERBLOCK) && !l.is_data_block(511));
+        assert!(l.is_data_block(512) && l.is_data_block(last));
+        assert!(!l.is_data_block(CLUSTER_BLOCKS + 300));
+        assert_eq!(l.next_data_block(CLUSTER_BLOCKS + 3), CLUSTER_BLOCKS + 512);
+        assert_eq!(l.next_data_block(700), 700);
+        assert_eq!(l.refcount_range(700), (512, 1532));
+        assert_eq!(l.refcount_range(last), (512 + 510 * 1020, CLUSTER_BLOCKS));
+        assert_eq!(l.first_data_block(), 512);
+
+        // Format 1, as builds before format 2 wrote it.
+        let g = Layout::Groups;
+        assert_eq!(g.refcount_slot(SUPERBLOCK), (0, 0));
+        assert_eq!(g.refcount_slot(GROUP_BLOCKS + 5), (GROUP_BLOCKS, 4));
+        assert!(!g.is_data_block(GROUP_BLOCKS * 3) && !g.is_data_block(SUPERBLOCK));
+        assert_eq!(g.next_data_block(GROUP_BLOCKS * 3), GROUP_BLOCKS * 3 + 1);
+        assert_eq!(g.next_data_block(0), 2);
+        assert_eq!(g.first_data_block(), 2);
+        for v in [1, 2] {
+            assert_eq!(Layout::of_version(v).map(Layout::version), Some(v));
+        }
+        assert_eq!(Layout::of_version(3), None);
+    }
+
+    /// Every block with a count is counted exactly once, by one page that is never a data block;
+    /// in format 2 by a page of its own cluster, and data areas start 2 MiB-aligned (why the
+    /// format has clusters).
+    #[test]
+    fn refcount_pages_cover_every_counted_block_once() {
+        for l in [Layout::Clusters, Layout::Groups] {
+            let end = 2 * CLUSTER_BLOCKS + 5000;
+            let mut next = if l.counts_superblock() {
+                SUPERBLOCK
+            } else {
+                l.first_data_block()
+            };
+            let mut pages = std::collections::HashSet::new();
+            for (page, first, last) in l.refcount_pages_below(end) {
+                assert!(!l.is_data_block(page) && page != SUPERBLOCK, "{l:?}");
+                assert!(pages.insert(page), "{l:?}: page {page} counts two ranges");
+                assert_eq!(
+                    first,
+                    if first == SUPERBLOCK {
+                        first
+                    } else {
+                        l.next_data_block(next)
+                    }
+                );
+                assert!(last - first <= REFS_PER_PAGE);
+                for b in [first, last - 1] {
+                    assert_eq!(l.refcount_slot(b).0, page);
+                }
+                next = last;
+            }
+            assert!(next >= end, "{l:?}");
+            // Starting in the middle finds the page of the range it starts in.
+            let (p, first, _) = l.refcount_pages_in(700, end).next().expect("a page");
+            assert_eq!(
+                (p, first),
+                (l.refcount_slot(700).0, l.refcount_range(700).0)
+            );
+        }
+        for c in 0..3 {
+            assert!((c * CLUSTER_BLOCKS + FIRST_DATA_BLOCK).is_multiple_of(512));
+        }
     }
 
     #[test]
@@ -366,15 +583,34 @@ mod tests {
 
     #[test]
     fn superblock_roundtrip() {
-        let sb = Superblock {
-            catalog_root: 5,
-            catalog_depth: 1,
-            next_id: 9,
-            high_water: 77,
-            alloc_cursor: 3,
-            generation: 11,
-            allocated: 4,
-        };
-        assert_eq!(Superblock::decode(&sb.encode(), "x").expect("decodes"), sb);
+        for layout in [Layout::Groups, Layout::Clusters] {
+            let sb = Superblock {
+                catalog_root: 5,
+                catalog_depth: 1,
+                next_id: 9,
+                high_water: 77,
+                alloc_cursor: 3,
+                generation: 11,
+                allocated: 4,
+                layout,
+            };
+            assert_eq!(Superblock::decode(&sb.encode(), "x").expect("decodes"), sb);
+        }
+    }
+
+    /// A store from a later build is refused with both versions named, not misread.
+    #[test]
+    fn an_unknown_format_version_is_refused_clearly() {
+        let mut p = new_page(PageKind::Super, 0);
+        put_u32(&mut p, 16, 3);
+        put_u32(&mut p, 20, BLOCK_SIZE as u32);
+        seal(&mut p);
+        let e = Superblock::decode(&p, "/s")
+            .expect_err("version 3")
+            .to_string();
+        assert!(
+            e.contains("format version 3") && e.contains("versions 1 and 2"),
+            "{e}"
+        );
     }
 }

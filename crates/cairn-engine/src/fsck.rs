@@ -9,9 +9,8 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::format::{
-    depth_for, entry, is_refcount_block, level, refcount, span, verify, CheckpointRecord,
-    DroppedTreeRecord, Page, PageKind, Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT,
-    GROUP_BLOCKS, SUPERBLOCK,
+    depth_for, entry, level, refcount, span, verify, CheckpointRecord, DroppedTreeRecord, Page,
+    PageKind, Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, REFS_PER_PAGE, SUPERBLOCK,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -79,7 +78,7 @@ impl Checker<'_> {
     }
 
     fn pointer_ok(&mut self, from: &str, b: u64) -> bool {
-        if b < 2 || is_refcount_block(b) || b >= self.sb.high_water {
+        if !self.sb.layout.is_data_block(b) || b >= self.sb.high_water {
             self.report.err(format!(
                 "{from}: pointer to block {b} outside the allocatable range (high water {})",
                 self.sb.high_water
@@ -212,7 +211,6 @@ pub fn check(dev: &dyn Device, path: &str) -> FsckReport {
         mapped_below: HashMap::new(),
         report,
     };
-    c.reference(SUPERBLOCK);
 
     // Catalog.
     let mut record_blocks = Vec::new();
@@ -369,22 +367,27 @@ pub fn check(dev: &dyn Device, path: &str) -> FsckReport {
 
     // Reference counts.
     let mut allocated = 0u64;
-    let mut g = 0;
-    while g < sb.high_water {
-        let page = c.read(g, PageKind::Refcount);
-        for idx in 0..GROUP_BLOCKS - 1 {
-            let b = g + 1 + idx;
+    if sb.layout.counts_superblock() {
+        c.reference(SUPERBLOCK);
+    }
+    for (pg, first, last) in sb.layout.refcount_pages_below(sb.high_water) {
+        let page = c.read(pg, PageKind::Refcount);
+        for idx in 0..REFS_PER_PAGE {
+            let b = first + idx;
             let stored = page.as_ref().map(|p| refcount(p, idx)).unwrap_or(0);
-            let want = c.refs_to(b);
-            if b >= sb.high_water {
+            if b >= last || b >= sb.high_water {
                 if stored != 0 {
-                    c.report.err(format!(
-                        "block {b}: refcount {stored} past the high water mark {}",
-                        sb.high_water
-                    ));
+                    let why = if b >= last {
+                        format!("a slot of refcount page {pg} that counts no block")
+                    } else {
+                        format!("past the high water mark {}", sb.high_water)
+                    };
+                    c.report
+                        .err(format!("block {b}: refcount {stored} in {why}"));
                 }
                 continue;
             }
+            let want = c.refs_to(b);
             if stored != 0 {
                 allocated += 1;
             }
@@ -401,7 +404,6 @@ pub fn check(dev: &dyn Device, path: &str) -> FsckReport {
                 ));
             }
         }
-        g += GROUP_BLOCKS;
     }
     if allocated != sb.allocated {
         c.report.err(format!(

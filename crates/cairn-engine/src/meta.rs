@@ -9,8 +9,8 @@ use crate::cache::PageCache;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::format::{
-    entry, is_refcount_block, new_page, refcount, refcount_slot, set_entry, set_refcount, Page,
-    PageKind, Superblock, BLOCK_SIZE, FANOUT, GROUP_BLOCKS,
+    entry, new_page, refcount, set_entry, set_refcount, Page, PageKind, Superblock, BLOCK_SIZE,
+    FANOUT,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Arc;
@@ -102,6 +102,16 @@ pub fn block_runs(blocks: &[u64]) -> impl Iterator<Item = std::ops::Range<usize>
     })
 }
 
+/// The block alignment of a fresh run of `n` blocks (see [`Meta::reserve_run`]): runs under 16
+/// blocks (64 KiB) are not aligned, the gap would cost more than small folios do.
+pub fn run_alignment(n: u64) -> u64 {
+    if n < 16 {
+        1
+    } else {
+        1 << n.min(512).ilog2()
+    }
+}
+
 /// Level of the children of a node at `level`.
 pub fn child_level(level: u32) -> Level {
     level.checked_sub(1)
@@ -115,7 +125,7 @@ impl Meta {
     }
 
     fn check_block(&self, b: u64) -> Result<()> {
-        if b < 2 || is_refcount_block(b) || b >= self.sb.high_water {
+        if !self.sb.layout.is_data_block(b) || b >= self.sb.high_water {
             return Err(Error::corrupt(
                 b,
                 format!(
@@ -130,7 +140,7 @@ impl Meta {
     /// Reference count of block `b`.
     pub fn rc(&mut self, b: u64) -> Result<u32> {
         self.check_block(b)?;
-        let (pg, idx) = refcount_slot(b);
+        let (pg, idx) = self.sb.layout.refcount_slot(b);
         Ok(refcount(
             self.cache.get(&*self.dev, pg, PageKind::Refcount)?,
             idx,
@@ -138,7 +148,7 @@ impl Meta {
     }
 
     fn set_rc(&mut self, b: u64, v: u32) -> Result<()> {
-        let (pg, idx) = refcount_slot(b);
+        let (pg, idx) = self.sb.layout.refcount_slot(b);
         set_refcount(
             self.cache.get_mut(&*self.dev, pg, PageKind::Refcount)?,
             idx,
@@ -178,10 +188,11 @@ impl Meta {
         blocks.sort_unstable();
         let mut i = 0;
         while i < blocks.len() {
-            let (pg, _) = refcount_slot(blocks[i]);
+            let layout = self.sb.layout;
+            let (pg, _) = layout.refcount_slot(blocks[i]);
             let page = self.cache.get_mut(&*self.dev, pg, PageKind::Refcount)?;
-            while i < blocks.len() && refcount_slot(blocks[i]).0 == pg {
-                let (_, idx) = refcount_slot(blocks[i]);
+            while i < blocks.len() && layout.refcount_slot(blocks[i]).0 == pg {
+                let (_, idx) = layout.refcount_slot(blocks[i]);
                 set_refcount(page, idx, change(blocks[i], refcount(page, idx))?);
                 i += 1;
             }
@@ -322,17 +333,15 @@ impl Meta {
     /// writes fail first and commits (and so checkpoints) still find room for their metadata.
     fn find_free(&mut self, for_data: bool) -> Result<u64> {
         let hw = self.sb.high_water;
-        let mut b = self.sb.alloc_cursor.max(2);
+        let layout = self.sb.layout;
+        let mut b = layout.next_data_block(self.sb.alloc_cursor);
         while b < hw {
-            if is_refcount_block(b) {
-                b += 1;
-                continue;
-            }
-            let (pg, _) = refcount_slot(b);
-            let end = (pg + GROUP_BLOCKS).min(hw);
+            let (first, end) = layout.refcount_range(b);
+            let end = end.min(hw);
+            let (pg, _) = self.sb.layout.refcount_slot(b);
             let page = self.cache.get(&*self.dev, pg, PageKind::Refcount)?;
             let found = (b..end).find(|&x| {
-                refcount(page, x - pg - 1) == 0
+                refcount(page, x - first) == 0
                     && !self.quarantine.contains_key(&x)
                     && !self.reserved.contains(&x)
             });
@@ -340,9 +349,9 @@ impl Meta {
                 self.sb.alloc_cursor = x + 1;
                 return Ok(x);
             }
-            b = end;
+            b = layout.next_data_block(end);
         }
-        let mut b = hw.max(b);
+        let b = layout.next_data_block(hw.max(b));
         // Reserve host space before handing out blocks past the end: a full disk then fails here,
         // cleanly, instead of in a later write of data or metadata already pointed to. Writes into
         // preallocated space are also several times faster on ext4 than appends.
@@ -355,9 +364,12 @@ impl Meta {
                 .map_err(Error::io("preallocate", &self.path))?;
             self.allocated_end = end;
         }
-        if is_refcount_block(b) {
-            self.cache.insert(b, new_page(PageKind::Refcount, 0));
-            b += 1;
+        // Every block below the new high water must have its refcount page, including blocks
+        // skipped to align a run (`reserve_run`): they are free, for later short allocations.
+        for (page, first, _) in layout.refcount_pages_in(hw, b + 1) {
+            if first >= hw {
+                self.cache.insert(page, new_page(PageKind::Refcount, 0));
+            }
         }
         self.sb.high_water = b + 1;
         self.sb.alloc_cursor = b + 1;
@@ -398,11 +410,22 @@ impl Meta {
         Ok(b)
     }
 
-    /// Reserves `n` blocks from the end of the allocated range, where free space is contiguous
-    /// (a refcount block every few MiB aside), for data being moved to make it contiguous.
-    pub fn reserve_run(&mut self, n: usize) -> Result<Vec<u64>> {
+    /// Reserves `n` blocks from the end of the allocated range, where free space is contiguous,
+    /// for a long write or data being moved to make it contiguous. The run starts at a block
+    /// aligned to `n`'s largest power of two up to 512 (2 MiB): the host caches a file in folios
+    /// no larger than the alignment of the writes that created them, and a large folio is both
+    /// found faster by `pread` and mapped whole by one page fault (docs/design.md, "Aligned
+    /// runs"). The blocks skipped stay free for metadata pages and short writes, which take the
+    /// lowest free blocks. A defrag asks for no alignment (`aligned` false): its runs, one per
+    /// leaf of 510 blocks, must follow each other to make the head one extent.
+    pub fn reserve_run(&mut self, n: usize, aligned: bool) -> Result<Vec<u64>> {
         let cursor = self.sb.alloc_cursor;
-        self.sb.alloc_cursor = self.sb.high_water;
+        let align = if aligned && self.sb.layout.aligns_runs() {
+            run_alignment(n as u64)
+        } else {
+            1
+        };
+        self.sb.alloc_cursor = self.sb.high_water.next_multiple_of(align);
         let mut run = Vec::with_capacity(n);
         let mut res = Ok(());
         for _ in 0..n {
@@ -533,6 +556,40 @@ pub fn punch_blocks(dev: &dyn Device, blocks: &[u64]) {
 #[cfg(test)]
 mod tests {
     use super::block_runs;
+
+    /// A run reserved near a cluster's end skips the next cluster's header, gets that cluster's
+    /// refcount page, and leaves the blocks it skipped free for the next allocation.
+    #[test]
+    fn a_run_crosses_into_the_next_cluster_over_its_header() {
+        use super::Meta;
+        use crate::format::{new_page, PageKind, CLUSTER_BLOCKS, CLUSTER_HEADER_BLOCKS};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s =
+            crate::store::Store::init(dir.path(), crate::store::Options::default()).expect("init");
+        s.with_meta(|m: &mut Meta| {
+            // Pretend cluster 0 is allocated up to 100 blocks before its end: only the refcount
+            // page of that last range has to exist for this.
+            let hw = CLUSTER_BLOCKS - 100;
+            let layout = m.sb.layout;
+            m.cache
+                .insert(layout.refcount_slot(hw).0, new_page(PageKind::Refcount, 0));
+            m.sb.high_water = hw;
+            m.sb.alloc_cursor = hw;
+            let run = m.reserve_run(1024, true).expect("reserve");
+            let start = CLUSTER_BLOCKS + CLUSTER_HEADER_BLOCKS;
+            assert_eq!(run, (start..start + 1024).collect::<Vec<_>>());
+            assert_eq!(m.sb.high_water, start + 1024);
+            // Cluster 1's first two refcount pages exist now (header slots 0 and 2).
+            assert_eq!(m.rc(start).expect("count"), 0);
+            assert_eq!(m.rc(start + 1023).expect("count"), 0);
+            assert_eq!(layout.refcount_slot(start + 1023).0, CLUSTER_BLOCKS + 2);
+            // The skipped end of cluster 0 is what the next allocation gets.
+            assert_eq!(m.alloc().expect("alloc"), hw);
+            for b in run {
+                m.unreserve(b);
+            }
+        });
+    }
 
     #[test]
     fn a_reset_readies_only_what_was_quarantined_before_its_seal() {

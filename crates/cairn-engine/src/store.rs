@@ -15,8 +15,8 @@ use crate::cache::PageCache;
 use crate::device::{Device, FileDevice, LONG_WRITE};
 use crate::error::{Error, Result};
 use crate::format::{
-    depth_for, entry, new_page, refcount_slot, set_refcount, CheckpointRecord, DroppedTreeRecord,
-    Page, PageKind, Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, SUPERBLOCK,
+    depth_for, entry, new_page, set_refcount, CheckpointRecord, DroppedTreeRecord, Layout, Page,
+    PageKind, Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, FIRST_DATA_BLOCK, SUPERBLOCK,
 };
 use crate::journal::Journal;
 use crate::meta::{block_runs, DropStep, Meta};
@@ -570,20 +570,35 @@ impl Store {
 
     /// Writes an empty store's first blocks to a data device (the journal starts empty).
     pub fn format(data: &dyn Device, path: &str) -> Result<()> {
-        let sb = Superblock {
+        Self::format_layout(data, path, Layout::Clusters)
+    }
+
+    /// [`Store::format`] in a given layout. Format 1 ([`Layout::Groups`]) is what builds before
+    /// format 2 wrote; tests create such stores to check that they keep working.
+    pub fn format_layout(data: &dyn Device, path: &str, layout: Layout) -> Result<()> {
+        let mut sb = Superblock {
             catalog_root: 0,
             catalog_depth: 1,
             next_id: 1,
-            high_water: 2,
-            alloc_cursor: 2,
+            high_water: FIRST_DATA_BLOCK,
+            alloc_cursor: FIRST_DATA_BLOCK,
             generation: 1,
-            allocated: 1,
+            allocated: 0,
+            layout,
         };
-        let mut rc = new_page(PageKind::Refcount, 0);
-        set_refcount(&mut rc, refcount_slot(SUPERBLOCK).1, 1);
-        crate::format::seal(&mut rc);
-        data.write_at(&rc[..], 0)
-            .map_err(Error::io("write", path))?;
+        if layout.counts_superblock() {
+            // Format 1 counts the superblock as allocated, in group 0's refcount page (block 0).
+            sb.high_water = layout.first_data_block();
+            sb.alloc_cursor = sb.high_water;
+            sb.allocated = 1;
+            let mut rc = new_page(PageKind::Refcount, 0);
+            set_refcount(&mut rc, layout.refcount_slot(SUPERBLOCK).1, 1);
+            crate::format::seal(&mut rc);
+            data.write_at(&rc[..], 0)
+                .map_err(Error::io("write", path))?;
+        }
+        // In format 2 nothing is allocated yet, so no refcount page exists: the first
+        // allocation creates cluster 0's first one (`Meta::find_free`).
         data.write_at(&sb.encode()[..], SUPERBLOCK * BS)
             .map_err(Error::io("write", path))?;
         data.sync().map_err(Error::io("sync", path))

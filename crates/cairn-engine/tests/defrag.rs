@@ -144,9 +144,11 @@ fn a_power_cut_during_defrag_loses_nothing() {
         if done {
             break;
         }
-        cut += 3;
+        cut += 1;
     }
-    assert!(cut > 20, "the defrag made too few writes to test: {cut}");
+    // Format 2 gathers the metadata pages a commit writes into fewer runs, so this defrag makes
+    // fewer writes than the 20 that format 1 made.
+    assert!(cut > 15, "the defrag made too few writes to test: {cut}");
 }
 
 /// Writes racing a defrag of the same volume are never lost or overwritten by a stale copy.

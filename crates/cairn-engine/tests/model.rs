@@ -7,6 +7,7 @@
 mod common;
 
 use cairn_engine::device::PowerSupply;
+use cairn_engine::format::Layout;
 use cairn_engine::{Error, Store, Target};
 use common::*;
 use proptest::prelude::*;
@@ -124,16 +125,24 @@ enum Backend {
     Sim,
     /// Real files in a temporary directory, read through the data file's mapping as in production.
     Files,
+    /// Simulated disks holding a format-1 store, as builds before format 2 wrote them.
+    SimFormat1,
 }
 
 /// Runs `ops` after creating volume 0, so that most operations have something to act on.
 fn run(ops: Vec<Op>, backend: Backend) -> Result<(), TestCaseError> {
     let ops = std::iter::once(Op::Create { v: 0, blocks: 600 }).chain(ops);
     let power = PowerSupply::new();
-    let (data, journal) = sim_devices(power);
+    let layout = match backend {
+        Backend::SimFormat1 => Layout::Groups,
+        _ => Layout::Clusters,
+    };
+    let (data, journal) = sim_devices_in(power, layout);
     let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
     let open = |fresh: bool| match backend {
-        Backend::Sim => Store::open_devices(data.clone(), journal.clone(), small_opts(), "sim"),
+        Backend::Sim | Backend::SimFormat1 => {
+            Store::open_devices(data.clone(), journal.clone(), small_opts(), "sim")
+        }
         Backend::Files if fresh => Store::init(dir.path(), small_opts()),
         Backend::Files => Store::open(dir.path(), small_opts()),
     };
@@ -539,6 +548,17 @@ proptest! {
     #[test]
     fn engine_on_files_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
         run(ops, Backend::Files)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(4))]
+
+    /// A store in format 1 (a refcount page every 1,021 blocks), as builds before format 2
+    /// wrote it, still works in every operation.
+    #[test]
+    fn format_1_store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops, Backend::SimFormat1)?;
     }
 }
 

@@ -16,7 +16,7 @@
 //! the moved ranges as changed.
 
 use super::*;
-use crate::format::is_refcount_block;
+use crate::format::Layout;
 
 /// Blocks examined and moved at a time: one leaf of the block map. The volume's I/O waits for
 /// one chunk's copy (2 MiB), never for the whole defrag.
@@ -51,25 +51,33 @@ pub struct DefragReport {
 
 /// Counts extents over a stream of physical blocks in logical order (0: unmapped): runs that
 /// are contiguous on the host.
-#[derive(Default)]
 struct ExtentCounter {
+    layout: Layout,
     prev: u64,
     extents: u64,
 }
 
-/// Whether block `next` continues a run ending at `prev` on the host. The refcount block that
-/// every group of blocks begins with does not break a run: no placement can avoid it.
-fn follows(prev: u64, next: u64) -> bool {
-    prev != 0 && (next == prev + 1 || (next == prev + 2 && is_refcount_block(prev + 1)))
+/// Whether block `next` continues a run ending at `prev` on the host. The header of refcount
+/// pages that every cluster begins with does not break a run: no placement can avoid it.
+fn follows(layout: Layout, prev: u64, next: u64) -> bool {
+    prev != 0 && next == layout.next_data_block(prev + 1)
 }
 
 impl ExtentCounter {
+    fn new(layout: Layout) -> Self {
+        ExtentCounter {
+            layout,
+            prev: 0,
+            extents: 0,
+        }
+    }
+
     /// A hole does not end an extent: it splits a read anyway, wherever the data lies.
     fn push(&mut self, phys: u64) {
         if phys == 0 {
             return;
         }
-        if !follows(self.prev, phys) {
+        if !follows(self.layout, self.prev, phys) {
             self.extents += 1;
         }
         self.prev = phys;
@@ -96,7 +104,8 @@ impl Store {
             dry_run,
             ..DefragReport::default()
         };
-        let (mut before, mut after) = (ExtentCounter::default(), ExtentCounter::default());
+        let layout = self.state().meta.sb.layout;
+        let (mut before, mut after) = (ExtentCounter::new(layout), ExtentCounter::new(layout));
         let mut vbn = 0u64;
         loop {
             {
@@ -114,7 +123,7 @@ impl Store {
                 let mut blocks = Vec::with_capacity(count as usize);
                 st.meta
                     .lookup_shared(root, depth, vbn, count, &mut blocks)?;
-                let mut chunk = ExtentCounter::default();
+                let mut chunk = ExtentCounter::new(layout);
                 for &(x, _) in &blocks {
                     chunk.push(x);
                 }
@@ -131,10 +140,10 @@ impl Store {
                 }
                 if !fragmented || dry_run {
                     // A dry run assumes moved chunks land contiguously, as a real run's do.
-                    let mut next = after.prev.max(1);
+                    let mut next = after.prev;
                     for &(x, _) in &blocks {
                         after.push(if fragmented && x != 0 {
-                            next += 1;
+                            next = layout.next_data_block(next + 1);
                             next
                         } else {
                             x
@@ -174,7 +183,7 @@ impl Store {
         blocks: &[(u64, bool)],
     ) -> Result<Vec<u64>> {
         let old: Vec<u64> = blocks.iter().map(|b| b.0).filter(|&x| x != 0).collect();
-        let new = st.meta.reserve_run(old.len())?;
+        let new = st.meta.reserve_run(old.len(), false)?;
         drop(st);
         let mut buf = vec![0u8; old.len() * BLOCK_SIZE];
         let copy = self

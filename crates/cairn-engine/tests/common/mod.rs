@@ -2,6 +2,7 @@
 #![allow(dead_code, missing_docs)]
 
 use cairn_engine::device::{Device, PowerSupply, SimDevice};
+use cairn_engine::format::Layout;
 use cairn_engine::{Options, Store};
 use std::collections::BTreeMap;
 use std::io;
@@ -31,9 +32,14 @@ pub fn small_opts() -> Options {
 
 /// A freshly formatted data device and an empty journal device on one power supply.
 pub fn sim_devices(power: Arc<PowerSupply>) -> (Arc<SimDevice>, Arc<SimDevice>) {
+    sim_devices_in(power, Layout::Clusters)
+}
+
+/// [`sim_devices`] in a given layout (format 1 for stores written by earlier builds).
+pub fn sim_devices_in(power: Arc<PowerSupply>, layout: Layout) -> (Arc<SimDevice>, Arc<SimDevice>) {
     let data = SimDevice::new(Vec::new(), power.clone());
     let journal = SimDevice::new(Vec::new(), power);
-    Store::format(&*data, "sim").expect("format");
+    Store::format_layout(&*data, "sim", layout).expect("format");
     (data, journal)
 }
 
