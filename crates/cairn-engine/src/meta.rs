@@ -338,7 +338,7 @@ impl Meta {
         while b < hw {
             let (first, end) = layout.refcount_range(b);
             let end = end.min(hw);
-            let (pg, _) = self.sb.layout.refcount_slot(b);
+            let (pg, _) = layout.refcount_slot(b);
             let page = self.cache.get(&*self.dev, pg, PageKind::Refcount)?;
             let found = (b..end).find(|&x| {
                 refcount(page, x - first) == 0
