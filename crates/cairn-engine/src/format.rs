@@ -286,16 +286,14 @@ impl Layout {
         } else {
             self.next_data_block(from)
         };
+        // `b` is always a counted block: the first of its page's range.
         let mut b = self.refcount_range(start).0;
         std::iter::from_fn(move || {
-            if b != SUPERBLOCK || !self.counts_superblock() {
-                b = self.next_data_block(b);
-            }
             if b >= end {
                 return None;
             }
             let (first, last) = self.refcount_range(b);
-            b = last;
+            b = self.next_data_block(last);
             Some((self.refcount_slot(first).0, first, last))
         })
     }

@@ -16,7 +16,7 @@ use crate::device::{Device, FileDevice, LONG_WRITE};
 use crate::error::{Error, Result};
 use crate::format::{
     depth_for, entry, new_page, set_refcount, CheckpointRecord, DroppedTreeRecord, Layout, Page,
-    PageKind, Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, FIRST_DATA_BLOCK, SUPERBLOCK,
+    PageKind, Record, Superblock, VolumeRecord, BLOCK_SIZE, FANOUT, SUPERBLOCK,
 };
 use crate::journal::Journal;
 use crate::meta::{block_runs, DropStep, Meta};
@@ -576,21 +576,18 @@ impl Store {
     /// [`Store::format`] in a given layout. Format 1 ([`Layout::Groups`]) is what builds before
     /// format 2 wrote; tests create such stores to check that they keep working.
     pub fn format_layout(data: &dyn Device, path: &str, layout: Layout) -> Result<()> {
-        let mut sb = Superblock {
+        let sb = Superblock {
             catalog_root: 0,
             catalog_depth: 1,
             next_id: 1,
-            high_water: FIRST_DATA_BLOCK,
-            alloc_cursor: FIRST_DATA_BLOCK,
+            high_water: layout.first_data_block(),
+            alloc_cursor: layout.first_data_block(),
             generation: 1,
-            allocated: 0,
+            allocated: u64::from(layout.counts_superblock()),
             layout,
         };
         if layout.counts_superblock() {
             // Format 1 counts the superblock as allocated, in group 0's refcount page (block 0).
-            sb.high_water = layout.first_data_block();
-            sb.alloc_cursor = sb.high_water;
-            sb.allocated = 1;
             let mut rc = new_page(PageKind::Refcount, 0);
             set_refcount(&mut rc, layout.refcount_slot(SUPERBLOCK).1, 1);
             crate::format::seal(&mut rc);
