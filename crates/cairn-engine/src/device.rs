@@ -86,8 +86,8 @@ impl FileDevice {
         }
     }
 
-    /// Wraps an open read-write file and serves short data reads from a mapping of it
-    /// (`device/mapping.rs` says why); without one if the file cannot be mapped.
+    /// Wraps an open read-write file and serves data reads from a mapping of it where that is
+    /// cheaper (`device/mapping.rs` says when and why); without one if the file cannot be mapped.
     pub fn with_read_mapping(file: File) -> Self {
         let mapping = ReadMapping::new(&file);
         FileDevice {

@@ -1,5 +1,5 @@
-//! Short reads of the data file served by copying from a read-only shared mapping of it, instead
-//! of one `pread` each.
+//! Reads of the data file served by copying from a read-only shared mapping of it, instead of one
+//! `pread` each: short ones, and long ones whose pages are all in the host's page cache.
 //!
 //! **Why.** A random 4 KiB read that the host's page cache can serve is mostly system-call and
 //! page-cache-lookup overhead: `pread` costs about 0.9 µs here, the copy itself a tenth of that.
@@ -8,15 +8,28 @@
 //! `pread`, and what keeps a head whose blocks are scattered (after many checkpoints) from paying
 //! one system call per block (docs/design.md, "Read path").
 //!
-//! **Why only short reads.** A mapping is bad at cold data: a fault either reads ahead 128 KiB
+//! **Why not every read.** A mapping is bad at cold data: a fault either reads ahead 128 KiB
 //! around every 4 KiB (halving cold random reads) or, with `MADV_RANDOM`, never reads ahead (ruining
 //! cold sequential reads). `pread` leaves that choice to the kernel's readahead, which sees the
-//! pattern. So the mapping is `MADV_RANDOM` and serves only reads of at most
-//! [`MAPPED_READ_MAX`] that do not start where the same thread's last read ended: a cold one costs
-//! the same single-page read a `pread` would, and anything longer, or any stream of short reads
-//! marching through the file, goes to `pread` and its readahead. (Measured here: cold random 4 KiB
-//! reads 14.8k–18.1k IOPS both ways; a cold stream of sequential 4 KiB reads through the mapping
-//! alone ran at 58 MiB/s where `pread` ran at 920 MiB/s.)
+//! pattern. So the mapping is `MADV_RANDOM` and copies a short read (at most [`MAPPED_READ_MAX`])
+//! unless it continues the same thread's last one: a cold one costs the same single-page read a
+//! `pread` would, and a stream of short reads marching through the file goes to `pread` and its
+//! readahead. (Measured here: cold random 4 KiB reads 14.8k–18.1k IOPS both ways; a cold stream
+//! of sequential 4 KiB reads through the mapping alone ran at 58 MiB/s where `pread` ran at
+//! 920 MiB/s.)
+//!
+//! **Long reads (session 15).** A longer read is copied only when every page of it is already in
+//! the host's page cache (`mincore`, one call per 2 MiB; [`ReadMapping::read_cached`]); one cold
+//! page sends it to `pread`. Until then long reads always went to `pread`, so data read only
+//! with long reads (a guest's sequential pass, the bench's warm-up) never entered the page tables,
+//! and the first short read of each of its pages took a page fault later. Measured on a 4 GiB
+//! file written with 1 MiB writes and read twice with 1 MiB reads (`seqmap.c`, not kept): the
+//! passes ran at 7.6–8.5 GB/s copied from the mapping where `pread` ran at 7.1–7.5; 100,000
+//! random 4 KiB reads afterwards took 0 faults instead of 4,144 and ran at 1.57–1.59 M/s instead
+//! of 1.03–1.15 M/s. Cold, a stream of 1 MiB reads (8 MiB readahead) lost nothing: 658–788 MiB/s
+//! against `pread` alone's 475–580 in alternating runs, since a read that finds a cold page goes
+//! to `pread`, which starts the next readahead, and pages still being read ahead count as cached
+//! (the copy waits for them as `pread` would).
 //!
 //! **Fragmented reads.** A read of a range in many runs (a head rewritten after checkpoints) is
 //! different: the store first asks [`ReadMapping::is_resident`] about its first block and, if it is
@@ -57,6 +70,19 @@ const MAPPED_READ_MAX: usize = 4096;
 /// reads of a head 63% rewritten after checkpoints from 0.83-0.93 of a contiguous volume to
 /// 0.95-1.01 (with the prefetch hints); longer runs gained nothing more.
 const MAPPED_FRAGMENT_MAX: usize = 16384;
+
+/// Pages asked about per `mincore` call by [`ReadMapping::read_cached`] (2 MiB of 4 KiB pages).
+const RESIDENCY_CHUNK: usize = 512;
+
+/// A 2 MiB span of the mapping's addresses: what one 4 KiB page of page tables maps.
+const SPAN_SHIFT: u32 = 21;
+
+/// 2 MiB spans of the mapping a process may touch before its page tables are dropped: 32,768
+/// spans, at most 128 MiB of page tables, for 64 GiB of the data file read through the mapping.
+/// Every page a copy touches stays mapped (and its page tables allocated) until then, whether or
+/// not the host still caches it; without a budget a 1 TiB data file read whole would leave 2 GiB
+/// of page tables behind.
+const SPAN_BUDGET: usize = 32_768;
 
 /// Address space reserved per mapped file. It costs nothing until touched; data past it (a data
 /// file over 4 TiB) is read with `pread`.
@@ -104,6 +130,15 @@ pub(crate) struct ReadMapping {
     /// Bytes of the file known to exist: the file never shrinks under Cairn, so reads below this
     /// cannot fault for lack of a page, only for an I/O error.
     backed: AtomicU64,
+    /// One bit per 2 MiB span of the mapping's addresses a copy has touched since its page tables
+    /// were last dropped: each such span costs the process one 4 KiB page of page tables.
+    spans: Box<[AtomicU64]>,
+    /// Bits set in `spans`.
+    touched: AtomicUsize,
+    /// Spans that may be touched before the page tables are dropped ([`SPAN_BUDGET`]).
+    budget: usize,
+    /// How many times the page tables were dropped.
+    dropped: AtomicU64,
 }
 
 impl ReadMapping {
@@ -137,12 +172,75 @@ impl ReadMapping {
             unsafe { libc::munmap(p, RESERVE) };
             return None;
         };
+        let spans = ((start + RESERVE - 1) >> SPAN_SHIFT) - (start >> SPAN_SHIFT) + 1;
         Some(ReadMapping {
             start,
             len: RESERVE,
             slot,
             backed: AtomicU64::new(len),
+            spans: (0..spans.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            touched: AtomicUsize::new(0),
+            budget: SPAN_BUDGET,
+            dropped: AtomicU64::new(0),
         })
+    }
+
+    /// [`ReadMapping::new`] with a page-table budget of `spans` 2 MiB spans, for tests.
+    #[cfg(test)]
+    fn with_budget(file: &File, spans: usize) -> Option<Self> {
+        let mut m = Self::new(file)?;
+        m.budget = spans;
+        Some(m)
+    }
+
+    /// How many times the mapping's page tables were dropped to keep them under budget.
+    #[cfg(test)]
+    fn page_tables_dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Counts the 2 MiB spans of addresses a copy of `len` bytes at `offset` touched, and drops
+    /// the mapping's page tables once [`ReadMapping::budget`] spans have been touched.
+    fn note_touched(&self, offset: u64, len: usize) {
+        let base = self.start >> SPAN_SHIFT;
+        let first = ((self.start + offset as usize) >> SPAN_SHIFT) - base;
+        let last = ((self.start + offset as usize + len.max(1) - 1) >> SPAN_SHIFT) - base;
+        for span in first..=last {
+            let (word, bit) = (&self.spans[span / 64], 1u64 << (span % 64));
+            if word.load(Ordering::Relaxed) & bit == 0
+                && word.fetch_or(bit, Ordering::Relaxed) & bit == 0
+                && self.touched.fetch_add(1, Ordering::Relaxed) + 1 == self.budget
+            {
+                self.drop_page_tables();
+            }
+        }
+    }
+
+    /// Unmaps every page of the mapping from the process (not from the host's page cache) and so
+    /// frees its page tables; the next copy of a page faults it in again. Only the thread whose
+    /// touch reached the budget gets here, so no two run at once.
+    fn drop_page_tables(&self) {
+        for word in self.spans.iter() {
+            word.store(0, Ordering::Relaxed);
+        }
+        self.touched.store(0, Ordering::Relaxed);
+        if REGIONS[self.slot].broken.load(Ordering::Acquire) {
+            // Zero pages the handler put in must stay: nothing reads the mapping any more anyway.
+            return;
+        }
+        // SAFETY: our own mapping, whole. MADV_DONTNEED on a shared file mapping drops only the
+        // process's page table entries: the file's pages stay in the page cache, and a copy
+        // running meanwhile faults the same bytes in again (it can never see anything else,
+        // and the mapping itself stays in place). The kernel frees page-table pages left empty
+        // (CONFIG_PT_RECLAIM, Linux 6.15 and later); older kernels only clear them.
+        unsafe {
+            libc::madvise(
+                self.start as *mut libc::c_void,
+                self.len,
+                libc::MADV_DONTNEED,
+            )
+        };
+        self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records that the file now has at least `end` bytes (after a write or an allocation).
@@ -151,48 +249,104 @@ impl ReadMapping {
     }
 
     /// Copies `buf.len()` bytes at `offset` from the mapping; false when the caller must use
-    /// `pread` instead: the read is longer than [`MAPPED_READ_MAX`], or continues this thread's
-    /// last one (a sequential stream, which wants readahead), or lies past the known end of the
-    /// file or the mapping, or a page was unreadable.
+    /// `pread` instead. A read of up to [`MAPPED_READ_MAX`] is copied unless it continues this
+    /// thread's last one (a sequential stream, which wants readahead); a longer one only if every
+    /// page of it is in the host's page cache ([`ReadMapping::read_cached`]). Either way not past
+    /// the known end of the file or the mapping, nor after a page was unreadable.
     pub(crate) fn read(&self, buf: &mut [u8], offset: u64) -> bool {
-        buf.len() <= MAPPED_READ_MAX && self.copy(buf, offset)
+        if buf.len() <= MAPPED_READ_MAX {
+            self.copy(buf, offset)
+        } else {
+            self.read_cached(buf, offset)
+        }
     }
 
     /// [`ReadMapping::read`] for one run of a fragmented read, which the caller found cached or
     /// hinted to the disk whole: runs up to [`MAPPED_FRAGMENT_MAX`] are copied, since there a
-    /// cold page costs no more than the hinted read already under way.
+    /// cold page costs no more than the hinted read already under way; longer ones as
+    /// [`ReadMapping::read_cached`] decides.
     pub(crate) fn read_fragment(&self, buf: &mut [u8], offset: u64) -> bool {
-        buf.len() <= MAPPED_FRAGMENT_MAX && self.copy(buf, offset)
+        if buf.len() <= MAPPED_FRAGMENT_MAX {
+            self.copy(buf, offset)
+        } else {
+            self.read_cached(buf, offset)
+        }
     }
 
-    /// The copy behind both reads; false when the caller must use `pread`.
+    /// Copies a read of any length from the mapping if every page of it is in the host's page
+    /// cache, asked with `mincore` (one call per [`RESIDENCY_CHUNK`] pages); false, having
+    /// copied nothing, if one is not: a cold page read through this `MADV_RANDOM` mapping would
+    /// come in alone, where `pread` hands the range to readahead. Copying cached long reads
+    /// puts their pages in the page tables, so a later short read of them costs no fault (see
+    /// the module documentation, "Long reads").
+    pub(crate) fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        let Some(end) = offset.checked_add(buf.len() as u64) else {
+            return false;
+        };
+        self.in_bounds(end) && self.all_resident(offset, end) && self.copy_in_bounds(buf, offset)
+    }
+
+    /// The short-read copy; false when the caller must use `pread`.
     fn copy(&self, buf: &mut [u8], offset: u64) -> bool {
         let Some(end) = offset.checked_add(buf.len() as u64) else {
             return false;
         };
         let sequential =
             LAST_READ.with(|last| last.replace((self.start, end)) == (self.start, offset));
+        !sequential && self.in_bounds(end) && self.copy_in_bounds(buf, offset)
+    }
+
+    /// Whether a read ending at `end` lies inside the mapping and below the file's known end.
+    fn in_bounds(&self, end: u64) -> bool {
+        end <= self.backed.load(Ordering::Acquire) && end <= self.len as u64
+    }
+
+    /// Whether every page of `[offset, end)` is in the host's page cache (`end` in bounds).
+    fn all_resident(&self, offset: u64, end: u64) -> bool {
+        let page = PAGE_SIZE.load(Ordering::Relaxed);
+        let mut addr = (self.start + offset as usize) & !(page - 1);
+        let stop = self.start + end as usize;
+        let mut vec = [0u8; RESIDENCY_CHUNK];
+        while addr < stop {
+            let pages = (stop - addr).div_ceil(page).min(RESIDENCY_CHUNK);
+            // SAFETY: `addr..addr + pages * page` lies inside this mapping (`end` was checked
+            // against its length, and the mapping's length is a multiple of the page size), and
+            // `vec` has room for `pages` entries. mincore only reports.
+            let r =
+                unsafe { libc::mincore(addr as *mut libc::c_void, pages * page, vec.as_mut_ptr()) };
+            if r != 0 || vec[..pages].iter().any(|v| v & 1 == 0) {
+                return false;
+            }
+            addr += pages * page;
+        }
+        true
+    }
+
+    /// The copy behind every read, once the range is known to be in bounds; false when a page
+    /// was unreadable and the caller must use `pread`.
+    fn copy_in_bounds(&self, buf: &mut [u8], offset: u64) -> bool {
         let region = &REGIONS[self.slot];
-        if sequential
-            || end > self.backed.load(Ordering::Acquire)
-            || end > self.len as u64
-            || region.broken.load(Ordering::Acquire)
-        {
+        if region.broken.load(Ordering::Acquire) {
             return false;
         }
         let src = self.start + offset as usize;
-        // SAFETY: `src..src + buf.len()` lies inside this mapping (checked above), which stays
-        // mapped as long as `self` lives, and below the file's known end. A page that still cannot
-        // be read raises SIGBUS, which `on_sigbus` answers with a page of zeros and the broken
-        // mark checked below, so the copy always completes. The source is the kernel's page cache,
-        // never a Rust object, and `buf` is a distinct allocation: no overlap and no aliasing. The
-        // bytes are plain `u8`, so a concurrent `pwrite` of the same block (a guest racing its
-        // own read, unspecified with `pread` too) can only make them stale, never invalid.
+        // SAFETY: `src..src + buf.len()` lies inside this mapping (the callers checked it with
+        // `in_bounds`), which stays mapped as long as `self` lives, and below the file's known
+        // end. A page that still cannot be read raises SIGBUS, which `on_sigbus` answers with a
+        // page of zeros and the broken mark checked below, so the copy always completes. The
+        // source is the kernel's page cache, never a Rust object, and `buf` is a distinct
+        // allocation: no overlap and no aliasing. The bytes are plain `u8`, so a concurrent
+        // `pwrite` of the same block (a guest racing its own read, unspecified with `pread` too)
+        // can only make them stale, never invalid.
         unsafe { ptr::copy_nonoverlapping(src as *const u8, buf.as_mut_ptr(), buf.len()) };
         // The copy's loads must happen before the look at the mark: a zero page read by the copy
         // was put there after the mark was set.
         fence(Ordering::Acquire);
-        !region.broken.load(Ordering::SeqCst)
+        if region.broken.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.note_touched(offset, buf.len());
+        true
     }
 
     /// Whether the page holding `offset` is in the host's page cache; `None` if the mapping
@@ -392,7 +546,10 @@ mod tests {
         assert!(!m.read(&mut buf, 8192), "past the end must go to pread");
         assert!(!m.read(&mut buf, u64::MAX - 10));
         let mut two = [0u8; 8192];
-        assert!(!m.read(&mut two, 0), "a read of two blocks goes to pread");
+        assert!(m.read(&mut two, 0), "two cached blocks are copied");
+        assert_eq!(&two[..], &data[..]);
+        assert!(m.read(&mut two, 0), "even when they continue the last read");
+        assert!(!m.read(&mut two, 4096), "past the end must go to pread");
     }
 
     #[test]
@@ -433,11 +590,12 @@ mod tests {
         assert!(m.read_fragment(&mut four, 8192));
         assert_eq!(&four[..], &data[8192..8192 + 16384]);
         let mut five = vec![0u8; 20480];
-        assert!(!m.read_fragment(&mut five, 0), "five blocks go to pread");
         assert!(
-            !m.read(&mut four, 0),
-            "a lone read of four blocks goes to pread"
+            m.read_fragment(&mut five, 0),
+            "five cached blocks are copied"
         );
+        assert_eq!(&five[..], &data[..20480]);
+        assert!(!m.read_fragment(&mut five, 16384), "past the end");
     }
 
     #[test]
@@ -458,9 +616,28 @@ mod tests {
         f.sync_all().expect("sync");
         rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
         let tmpfs = rustix::fs::statfs(dir.path()).expect("statfs").f_type as i64 == 0x0102_1994;
+        let mut two = [0u8; 8192];
         if !tmpfs {
             assert_eq!(m.is_resident(4096), Some(false), "evicted");
+            assert!(
+                !m.read_cached(&mut two, 0),
+                "a long read of evicted pages goes to pread and its readahead"
+            );
+            assert!(!m.read_fragment(&mut [0u8; 20480], 0));
+            let mut one = [0u8; 4096];
+            assert!(m.read(&mut one, 4096), "a short read faults its page in");
+            assert_eq!(one, [3u8; 4096]);
+            assert_eq!(m.is_resident(4096), Some(true));
+            assert!(
+                !m.read_cached(&mut two, 0),
+                "one page of the read still evicted"
+            );
         }
+        let mut one = [0u8; 4096];
+        assert!(m.read(&mut one, 0));
+        assert_eq!(one, [3u8; 4096]);
+        assert!(m.read_cached(&mut two, 0), "both pages cached now");
+        assert_eq!(two, [3u8; 8192]);
         // A prefetch neither reads the page in nor faults, even where the file was cut short
         // behind the mapping's back (a read there raises SIGBUS).
         m.prefetch(4096);
@@ -470,5 +647,69 @@ mod tests {
         let mut buf = [0u8; 4096];
         assert!(m.read(&mut buf, 0), "the mapping is not marked broken");
         assert_eq!(buf, [3u8; 4096]);
+    }
+
+    #[test]
+    fn page_tables_are_dropped_past_the_budget_and_reads_stay_right() {
+        // 16 spans of 2 MiB, each block holding its own number; a budget of 3 spans.
+        let mut f = tempfile::tempfile().expect("temp file");
+        let blocks = 16 * 512;
+        let data: Vec<u8> = (0..blocks as u32)
+            .flat_map(|b| [b.to_le_bytes(); 1024])
+            .flatten()
+            .collect();
+        f.write_all(&data).expect("write");
+        let m = std::sync::Arc::new(ReadMapping::with_budget(&f, 3).expect("mapping"));
+        let check = |m: &ReadMapping, block: u64| {
+            let mut buf = [0u8; 4096];
+            if m.read(&mut buf, block * 4096) {
+                assert_eq!(buf[..4], (block as u32).to_le_bytes(), "block {block}");
+            }
+        };
+        for span in 0..2 {
+            check(&m, span * 512 + 7);
+        }
+        assert_eq!(m.page_tables_dropped(), 0, "two spans touched");
+        check(&m, 2 * 512 + 9);
+        assert_eq!(
+            m.page_tables_dropped(),
+            1,
+            "the third span reaches the budget"
+        );
+        check(&m, 2 * 512 + 9);
+        assert_eq!(
+            m.is_resident(2 * 512 * 4096),
+            Some(true),
+            "still in the page cache"
+        );
+        // Long reads count too, each span once.
+        let mut long = vec![0u8; 4 << 20];
+        assert!(m.read(&mut long, 4 << 20));
+        assert_eq!(long[..4], 1024u32.to_le_bytes());
+        assert_eq!(m.page_tables_dropped(), 1);
+        assert!(m.read(&mut long, 12 << 20));
+        assert_eq!(m.page_tables_dropped(), 2);
+        // Readers racing the drops never see anything but the file's bytes.
+        let threads: Vec<_> = (0..3u64)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    let mut x = t + 1;
+                    for _ in 0..20_000 {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        check(&m, (x >> 33) % blocks as u64);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("reader");
+        }
+        assert!(
+            m.page_tables_dropped() > 10,
+            "the readers crossed the budget many times"
+        );
     }
 }
