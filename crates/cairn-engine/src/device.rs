@@ -119,7 +119,11 @@ impl Device for FileDevice {
         }
         // Volume data never lies past the end of the file Cairn grew to hold it, so reaching the
         // end means the file was cut short: an error (UnexpectedEof), not zeros.
-        self.file.read_exact_at(buf, offset)
+        self.file.read_exact_at(buf, offset)?;
+        if let Some(m) = &self.mapping {
+            m.map_after_read(offset, buf.len());
+        }
+        Ok(())
     }
 
     fn read_fragment_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
