@@ -19,17 +19,17 @@
 //! 920 MiB/s.)
 //!
 //! **Long reads (session 15).** A longer read is copied only when every page of it is already in
-//! the host's page cache (`mincore`, one call per 2 MiB; [`ReadMapping::read_cached`]); one cold
-//! page sends it to `pread`. Until then long reads always went to `pread`, so data read only
-//! with long reads (a guest's sequential pass, the bench's warm-up) never entered the page tables,
-//! and the first short read of each of its pages took a page fault later. Measured on a 4 GiB
-//! file written with 1 MiB writes and read twice with 1 MiB reads (`seqmap.c`, not kept): the
-//! passes ran at 7.6–8.5 GB/s copied from the mapping where `pread` ran at 7.1–7.5; 100,000
-//! random 4 KiB reads afterwards took 0 faults instead of 4,144 and ran at 1.57–1.59 M/s instead
-//! of 1.03–1.15 M/s. Cold, a stream of 1 MiB reads (8 MiB readahead) lost nothing: 658–788 MiB/s
-//! against `pread` alone's 475–580 in alternating runs, since a read that finds a cold page goes
-//! to `pread`, which starts the next readahead, and pages still being read ahead count as cached
-//! (the copy waits for them as `pread` would).
+//! the host's page cache (`mincore`, one call per 2 MiB; [`ReadMapping::read_cached`]) and it does
+//! not continue the same thread's last long read; one cold page, or a sequential stream, sends it
+//! to `pread`, after which its pages are put into the page tables without a copy
+//! ([`ReadMapping::map_after_read`], `MADV_POPULATE_READ`, once per 1 MiB). Until then long reads
+//! always went to `pread` alone, so data read only with long reads (a guest's sequential pass,
+//! the bench's warm-up) never entered the page tables, and the first short read of each of its
+//! folios took a page fault later: 4,100 faults per 100,000 first random reads of a 4 GiB volume,
+//! 0 now. Streams stay with `pread` because its readahead starts the next window when the reader
+//! reaches a marked page; a copy from this `MADV_RANDOM` mapping passes the mark by, and a cold
+//! stream of 1 MiB reads copied that way ran at 834–968 MiB/s where `pread` ran at 681–1423
+//! (`partcold`, a harness not kept; with streams on `pread` again 776–1564).
 //!
 //! **Fragmented reads.** A read of a range in many runs (a head rewritten after checkpoints) is
 //! different: the store first asks [`ReadMapping::is_resident`] about its first block and, if it is
@@ -262,8 +262,9 @@ impl ReadMapping {
 
     /// Copies `buf.len()` bytes at `offset` from the mapping; false when the caller must use
     /// `pread` instead. A read of up to [`MAPPED_READ_MAX`] is copied unless it continues this
-    /// thread's last one (a sequential stream, which wants readahead); a longer one only if every
-    /// page of it is in the host's page cache ([`ReadMapping::read_cached`]). Either way not past
+    /// thread's last one (a sequential stream, which wants readahead); a longer one only if it
+    /// does not continue this thread's last long read, for the same reason, and every page of it
+    /// is in the host's page cache ([`ReadMapping::read_cached`]). Either way not past
     /// the known end of the file or the mapping, nor after a page was unreadable.
     pub(crate) fn read(&self, buf: &mut [u8], offset: u64) -> bool {
         if buf.len() <= MAPPED_READ_MAX {
@@ -279,8 +280,8 @@ impl ReadMapping {
     /// declined), puts their pages into the process's page tables (`MADV_POPULATE_READ`: no
     /// copy, and no I/O, since the `pread` just cached them), unless every 2 MiB span of the
     /// range was touched already. A sequential stream of long reads must go to `pread`, whose
-    /// readahead keeps the disk busy ahead of it (copied from the mapping, a cold stream lost a
-    /// fifth of its speed), and this way its pages are still mapped when they are read again
+    /// readahead keeps the disk busy ahead of it (copied from the mapping, a cold stream lost
+    /// about a quarter of its speed), and this way its pages are still mapped when they are read again
     /// at random.
     pub(crate) fn map_after_read(&self, offset: u64, len: usize) {
         let Some(end) = offset.checked_add(len as u64) else {
@@ -616,7 +617,10 @@ mod tests {
         let mut two = [0u8; 8192];
         assert!(m.read(&mut two, 0), "two cached blocks are copied");
         assert_eq!(&two[..], &data[..]);
-        assert!(m.read(&mut two, 0), "even when they continue the last short read");
+        assert!(
+            m.read(&mut two, 0),
+            "even when they continue the last short read"
+        );
         assert!(!m.read(&mut two, 4096), "past the end must go to pread");
     }
 
