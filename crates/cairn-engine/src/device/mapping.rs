@@ -232,10 +232,13 @@ impl ReadMapping {
     /// frees its page tables; the next copy of a page faults it in again. Only the thread whose
     /// touch reached the budget gets here, so no two run at once.
     fn drop_page_tables(&self) {
+        // The count first, then the bits: a span another copy marks in between is then counted
+        // twice at worst (an early drop), never set without being counted, which could leave
+        // every span set, the count under budget and the page tables never dropped again.
+        self.touched.store(0, Ordering::SeqCst);
         for word in self.spans.iter().chain(self.populated.iter()) {
-            word.store(0, Ordering::Relaxed);
+            word.store(0, Ordering::SeqCst);
         }
-        self.touched.store(0, Ordering::Relaxed);
         if REGIONS[self.slot].broken.load(Ordering::Acquire) {
             // Zero pages the handler put in must stay: nothing reads the mapping any more anyway.
             return;
