@@ -218,7 +218,7 @@ impl ReadMapping {
         let first = ((self.start + offset as usize) >> SPAN_SHIFT) - base;
         let last = ((self.start + offset as usize + len.max(1) - 1) >> SPAN_SHIFT) - base;
         for span in first..=last {
-            let (word, bit) = (&self.spans[span / 64], 1u64 << (span % 64));
+            let (word, bit) = bit_of(&self.spans, span);
             if word.load(Ordering::Relaxed) & bit == 0
                 && word.fetch_or(bit, Ordering::Relaxed) & bit == 0
                 && self.touched.fetch_add(1, Ordering::Relaxed) + 1 == self.budget
@@ -281,11 +281,11 @@ impl ReadMapping {
 
     /// After the caller read `len` bytes at `offset` with `pread` (a long read this mapping
     /// declined), puts their pages into the process's page tables (`MADV_POPULATE_READ`: no
-    /// copy, and no I/O, since the `pread` just cached them), unless every 2 MiB span of the
-    /// range was touched already. A sequential stream of long reads must go to `pread`, whose
-    /// readahead keeps the disk busy ahead of it (copied from the mapping, a cold stream lost
-    /// about a quarter of its speed), and this way its pages are still mapped when they are read again
-    /// at random.
+    /// copy, and no I/O, since the `pread` just cached them), unless every 1 MiB chunk it
+    /// touches was populated whole before. A sequential stream of long reads must go to `pread`,
+    /// whose readahead keeps the disk busy ahead of it (copied from the mapping, a cold stream
+    /// lost about a quarter of its speed), and this way its pages are still mapped when they are
+    /// read again at random.
     pub(crate) fn map_after_read(&self, offset: u64, len: usize) {
         let Some(end) = offset.checked_add(len as u64) else {
             return;
@@ -298,9 +298,8 @@ impl ReadMapping {
         }
         let first = (offset >> POPULATED_SHIFT) as usize;
         let last = ((end - 1) >> POPULATED_SHIFT) as usize;
-        let bit = |chunk: usize| (&self.populated[chunk / 64], 1u64 << (chunk % 64));
         if (first..=last).all(|c| {
-            let (word, mask) = bit(c);
+            let (word, mask) = bit_of(&self.populated, c);
             word.load(Ordering::Relaxed) & mask != 0
         }) {
             return;
@@ -327,7 +326,7 @@ impl ReadMapping {
                     && ((c as u64 + 1) << POPULATED_SHIFT) <= end
             };
             for c in (first..=last).filter(|&c| whole(c)) {
-                let (word, mask) = bit(c);
+                let (word, mask) = bit_of(&self.populated, c);
                 word.fetch_or(mask, Ordering::Relaxed);
             }
         }
@@ -381,17 +380,24 @@ impl ReadMapping {
         let mut vec = [0u8; RESIDENCY_CHUNK];
         while addr < stop {
             let pages = (stop - addr).div_ceil(page).min(RESIDENCY_CHUNK);
-            // SAFETY: `addr..addr + pages * page` lies inside this mapping (`end` was checked
-            // against its length, and the mapping's length is a multiple of the page size), and
-            // `vec` has room for `pages` entries. mincore only reports.
-            let r =
-                unsafe { libc::mincore(addr as *mut libc::c_void, pages * page, vec.as_mut_ptr()) };
-            if r != 0 || vec[..pages].iter().any(|v| v & 1 == 0) {
+            if !self.residency(addr, &mut vec[..pages]) || vec[..pages].iter().any(|v| v & 1 == 0) {
                 return false;
             }
             addr += pages * page;
         }
         true
+    }
+
+    /// Asks the kernel which of the `vec.len()` pages from `addr` (page-aligned, the range inside
+    /// the mapping: both callers check) are in the host's page cache, one byte each in `vec`;
+    /// false if the call failed.
+    fn residency(&self, addr: usize, vec: &mut [u8]) -> bool {
+        let len = vec.len() * PAGE_SIZE.load(Ordering::Relaxed);
+        debug_assert!(addr >= self.start && addr + len <= self.start + self.len);
+        // SAFETY: `addr..addr + len` lies inside this mapping (the callers checked it against
+        // its length, a multiple of the page size, and aligned `addr` down to a page), and `vec`
+        // has one entry per page asked about. mincore only reports.
+        unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) == 0 }
     }
 
     /// The copy behind every read, once the range is known to be in bounds; false when a page
@@ -431,10 +437,7 @@ impl ReadMapping {
         let page = PAGE_SIZE.load(Ordering::Relaxed);
         let addr = (self.start + offset as usize) & !(page - 1);
         let mut vec = [0u8; 1];
-        // SAFETY: `addr..addr + page` lies inside this mapping (checked above, and the mapping is
-        // page-aligned), and `vec` has room for the one page asked about. mincore only reports.
-        let r = unsafe { libc::mincore(addr as *mut libc::c_void, page, vec.as_mut_ptr()) };
-        (r == 0).then_some(vec[0] & 1 == 1)
+        self.residency(addr, &mut vec).then_some(vec[0] & 1 == 1)
     }
 
     /// Asks the CPU to start loading the first bytes of the block at `offset` into its caches, if
@@ -499,6 +502,11 @@ fn register(start: usize, end: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// The word of a bit set holding bit `i`, and the mask of that bit in it.
+fn bit_of(words: &[AtomicU64], i: usize) -> (&AtomicU64, u64) {
+    (&words[i / 64], 1u64 << (i % 64))
 }
 
 /// The registered mapping holding `addr`.
