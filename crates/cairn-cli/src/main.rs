@@ -838,7 +838,9 @@ fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
                     print_json(&cps)?;
                 }
             } else if tree {
-                print_tree(&cps, None, "", head_parent.as_deref());
+                for line in tree_lines(&cps, head_parent.as_deref()) {
+                    println!("{line}");
+                }
                 if head_parent.is_none() {
                     println!("* now (head has no parent checkpoint)");
                 }
@@ -941,30 +943,59 @@ fn tree_json(
         .collect()
 }
 
-fn print_tree(cps: &[CheckpointInfo], parent: Option<&str>, indent: &str, head: Option<&str>) {
-    let kids: Vec<&CheckpointInfo> = cps
-        .iter()
-        .filter(|c| c.parent.as_deref() == parent)
-        .collect();
-    for (i, c) in kids.iter().enumerate() {
-        let last = i + 1 == kids.len();
+/// The lines of `checkpoint list --tree`: each checkpoint under its parent, and the head ("* now")
+/// as the last child of the checkpoint it was last taken or applied from, so the branch drawn
+/// last under a checkpoint is the one closed with "└─".
+fn tree_lines(cps: &[CheckpointInfo], head: Option<&str>) -> Vec<String> {
+    fn walk(
+        cps: &[CheckpointInfo],
+        parent: &str,
+        indent: &str,
+        head: Option<&str>,
+        out: &mut Vec<String>,
+    ) {
+        let kids: Vec<&CheckpointInfo> = cps
+            .iter()
+            .filter(|c| c.parent.as_deref() == Some(parent))
+            .collect();
+        let head_here = head == Some(parent);
+        for (i, c) in kids.iter().enumerate() {
+            let last = i + 1 == kids.len() && !head_here;
+            line(c, indent, last, out);
+            let sub = format!("{indent}{}", if last { "   " } else { "│  " });
+            walk(cps, &c.name, &sub, head, out);
+        }
+        if head_here {
+            out.push(format!("{indent}└─ * now"));
+        }
+    }
+    fn line(c: &CheckpointInfo, indent: &str, last: bool, out: &mut Vec<String>) {
         let desc = c
             .description
             .as_deref()
             .map(|d| format!("  ({d})"))
             .unwrap_or_default();
-        println!(
+        out.push(format!(
             "{indent}{}{} {}{desc}",
             if last { "└─ " } else { "├─ " },
             c.name,
             time_str(c.created_ms)
-        );
-        let sub = format!("{indent}{}", if last { "   " } else { "│  " });
-        print_tree(cps, Some(&c.name), &sub, head);
-        if head == Some(c.name.as_str()) {
-            println!("{sub}└─ * now");
-        }
+        ));
     }
+    let mut out = Vec::new();
+    let roots: Vec<&CheckpointInfo> = cps.iter().filter(|c| c.parent.is_none()).collect();
+    for (i, c) in roots.iter().enumerate() {
+        let last = i + 1 == roots.len();
+        line(c, "", last, &mut out);
+        walk(
+            cps,
+            &c.name,
+            if last { "   " } else { "│  " },
+            head,
+            &mut out,
+        );
+    }
+    out
 }
 
 fn demo(dir: &Path) -> Result<()> {
@@ -1028,4 +1059,65 @@ fn demo(dir: &Path) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cp(name: &str, parent: Option<&str>) -> CheckpointInfo {
+        CheckpointInfo {
+            volume: "v".into(),
+            name: name.into(),
+            size: 0,
+            referenced: 0,
+            parent: parent.map(str::to_string),
+            created_ms: 0,
+            description: None,
+            is_head_parent: false,
+            kind: None,
+        }
+    }
+
+    /// The drawing without the creation times.
+    fn shapes(cps: &[CheckpointInfo], head: Option<&str>) -> Vec<String> {
+        tree_lines(cps, head)
+            .iter()
+            .map(|l| l.split(" 19").next().unwrap_or(l).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_head_is_the_last_branch_of_its_checkpoint() {
+        // base has two children (a, with its own child c, and b); the head was applied from base.
+        let cps = [
+            cp("base", None),
+            cp("a", Some("base")),
+            cp("c", Some("a")),
+            cp("b", Some("base")),
+        ];
+        assert_eq!(
+            shapes(&cps, Some("base")),
+            ["└─ base", "   ├─ a", "   │  └─ c", "   ├─ b", "   └─ * now"]
+        );
+        assert_eq!(
+            shapes(&cps, Some("c")),
+            [
+                "└─ base",
+                "   ├─ a",
+                "   │  └─ c",
+                "   │     └─ * now",
+                "   └─ b"
+            ]
+        );
+    }
+
+    #[test]
+    fn several_roots_are_drawn_as_siblings() {
+        let cps = [cp("r1", None), cp("x", Some("r1")), cp("r2", None)];
+        assert_eq!(
+            shapes(&cps, Some("r2")),
+            ["├─ r1", "│  └─ x", "└─ r2", "   └─ * now"]
+        );
+    }
 }

@@ -168,6 +168,16 @@ fn checkpoint_lifecycle_in(e: Env) {
         tree.contains("base") && tree.contains("patched") && tree.contains("now"),
         "{tree}"
     );
+    // The head hangs under the checkpoint it was last taken from, as that one's last branch.
+    let shape: Vec<&str> = tree
+        .lines()
+        .map(|l| l.split(" 20").next().unwrap_or(l))
+        .collect();
+    assert_eq!(
+        shape,
+        ["└─ base", "   └─ patched", "      └─ * now"],
+        "{tree}"
+    );
 
     let d = json(&e, &["diff", "vm@base", "vm@patched"]);
     assert_eq!(
