@@ -476,7 +476,11 @@ fn run(cli: Cli) -> Result<()> {
                 print_json(&r)?;
             } else {
                 for v in &r.volumes {
-                    println!("volume {} ({}): head references {}, {} changed since its parent, {} held only by the head",
+                    let since = match &v.head_changed_since {
+                        Some(base) => format!("since {base}"),
+                        None => "since creation (no checkpoint to compare with)".into(),
+                    };
+                    println!("volume {} ({}): head references {}, {} changed {since}, {} held only by the head",
                         v.name, human(v.size), human(v.head_referenced), human(v.head_changed), human(v.head_unique));
                     if !v.checkpoints.is_empty() {
                         println!(

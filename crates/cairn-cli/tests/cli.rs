@@ -362,8 +362,25 @@ fn clone_survives_source_deletion_in(e: Env) {
             "4096",
         ],
     );
-    ok(&e, &["checkpoint", "delete", "gold@v1"]);
+    // Before it has checkpoints of its own, a clone's changes are counted from its origin.
+    let space = json(&e, &["space", "test1"]);
+    assert_eq!(space["volumes"][0]["head_changed"], 4096, "{space}");
+    assert_eq!(space["volumes"][0]["head_changed_since"], "gold@v1");
+    ok(&e, &["checkpoint", "rename", "gold@v1", "golden"]);
+    assert_eq!(
+        json(&e, &["volume", "info", "test1"])["origin"],
+        "gold@golden"
+    );
+    assert!(ok(&e, &["space", "test1"]).contains("4.0 KiB changed since gold@golden"));
+    ok(&e, &["checkpoint", "delete", "gold@golden"]);
+    let space = json(&e, &["space", "test1"]);
+    assert_eq!(space["volumes"][0]["head_changed"], 2 << 20, "{space}");
+    assert!(space["volumes"][0]["head_changed_since"].is_null());
     ok(&e, &["volume", "delete", "gold"]);
+    assert_eq!(
+        json(&e, &["volume", "info", "test1"])["origin"],
+        "gold@golden"
+    );
     assert_eq!(read(&e, "test1", 0, 1), vec![0x01]);
     assert_eq!(read(&e, "test1", 4096, 4), vec![0x5a; 4]);
     assert!(ok(&e, &["fsck"]).contains("no problems"));

@@ -395,8 +395,15 @@ pub struct VolumeRecord {
     pub parent: Option<u64>,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
-    /// `VOLUME@CHECKPOINT` this volume was cloned from, if any.
+    /// `VOLUME@CHECKPOINT` this volume was cloned from, if any: renamed with it, and its last
+    /// name once it is deleted.
     pub origin: Option<String>,
+    /// Catalog id of the checkpoint this volume was cloned from: what a clone's head is compared
+    /// with before it has checkpoints of its own. Absent in records written before session 16,
+    /// and left dangling when that checkpoint is deleted (the clone owns its references;
+    /// nothing else follows this id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_checkpoint: Option<u64>,
 }
 
 /// A checkpoint as stored in the catalog: an immutable tree root plus its metadata.

@@ -263,8 +263,11 @@ pub struct VolumeSpace {
     pub size: u64,
     /// Bytes mapped in the head.
     pub head_referenced: u64,
-    /// Bytes of the head that differ from its parent checkpoint (all of it without a parent).
+    /// Bytes of the head that differ from `head_changed_since` (all of it when that is `None`).
     pub head_changed: u64,
+    /// `VOLUME@CHECKPOINT` the head is compared with: its parent checkpoint, else, for a clone
+    /// without checkpoints of its own, the checkpoint it was cloned from, if either still exists.
+    pub head_changed_since: Option<String>,
     /// Bytes (data and metadata) only the head holds.
     pub head_unique: u64,
     /// Per checkpoint.
@@ -1090,6 +1093,7 @@ impl Store {
                 parent: None,
                 created_ms: now_ms(),
                 origin: None,
+                origin_checkpoint: None,
             },
         );
         st.volume_ids.insert(name.into(), id);
@@ -1687,6 +1691,16 @@ impl Store {
             c.name = new.into();
         }
         st.dirty_records.insert(cid);
+        // Clones name their origin; they follow the rename in the same commit.
+        let clones: Vec<u64> = st
+            .volumes
+            .values()
+            .filter(|v| v.origin_checkpoint == Some(cid))
+            .map(|v| v.id)
+            .collect();
+        for id in clones {
+            st.volume_mut(id).origin = Some(format!("{volume}@{new}"));
+        }
         st.commit(false)?;
         st.checkpoint_info(cid)
     }
@@ -1724,6 +1738,7 @@ impl Store {
                 parent: None,
                 created_ms: now_ms(),
                 origin: Some(format!("{volume}@{checkpoint}")),
+                origin_checkpoint: Some(cid),
             },
         );
         st.volume_ids.insert(new_volume.into(), id);
@@ -1817,7 +1832,9 @@ impl Store {
         for vid in ids {
             let v = st.volumes[&vid].clone();
             let depth = tree_depth(v.size);
-            let head_changed = match v.parent.and_then(|p| st.checkpoints.get(&p)).cloned() {
+            let base = st.head_base(&v);
+            let head_changed_since = base.as_ref().map(|p| st.qualified_name(p));
+            let head_changed = match base {
                 Some(p) => {
                     let mut runs = Vec::new();
                     let limit = v.size.max(p.size).div_ceil(BS);
@@ -1852,6 +1869,7 @@ impl Store {
                 size: v.size,
                 head_referenced: v.mapped * BS,
                 head_changed,
+                head_changed_since,
                 head_unique: (d + m) * BS,
                 checkpoints,
             });
@@ -2104,6 +2122,20 @@ impl State {
             created_ms: v.created_ms,
             origin: v.origin.clone(),
         })
+    }
+
+    /// What a head's changes are counted from (see [`VolumeSpace::head_changed_since`]).
+    fn head_base(&self, v: &VolumeRecord) -> Option<CheckpointRecord> {
+        let get = |id: Option<u64>| id.and_then(|c| self.checkpoints.get(&c));
+        get(v.parent)
+            .or_else(|| get(v.parent.is_none().then_some(v.origin_checkpoint).flatten()))
+            .cloned()
+    }
+
+    /// `VOLUME@CHECKPOINT` for a checkpoint of this store.
+    fn qualified_name(&self, c: &CheckpointRecord) -> String {
+        let volume = self.volumes.get(&c.volume).map_or("?", |v| v.name.as_str());
+        format!("{volume}@{}", c.name)
     }
 
     fn checkpoint_info(&self, id: u64) -> Result<CheckpointInfo> {
