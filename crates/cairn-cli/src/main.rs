@@ -953,52 +953,39 @@ fn tree_json(
 fn tree_lines(cps: &[CheckpointInfo], head: Option<&str>) -> Vec<String> {
     fn walk(
         cps: &[CheckpointInfo],
-        parent: &str,
+        parent: Option<&str>,
         indent: &str,
         head: Option<&str>,
         out: &mut Vec<String>,
     ) {
         let kids: Vec<&CheckpointInfo> = cps
             .iter()
-            .filter(|c| c.parent.as_deref() == Some(parent))
+            .filter(|c| c.parent.as_deref() == parent)
             .collect();
-        let head_here = head == Some(parent);
+        // A head without a parent checkpoint is reported by the caller, not drawn at the root.
+        let head_here = parent.is_some() && head == parent;
         for (i, c) in kids.iter().enumerate() {
             let last = i + 1 == kids.len() && !head_here;
-            line(c, indent, last, out);
+            let desc = c
+                .description
+                .as_deref()
+                .map(|d| format!("  ({d})"))
+                .unwrap_or_default();
+            out.push(format!(
+                "{indent}{}{} {}{desc}",
+                if last { "└─ " } else { "├─ " },
+                c.name,
+                time_str(c.created_ms)
+            ));
             let sub = format!("{indent}{}", if last { "   " } else { "│  " });
-            walk(cps, &c.name, &sub, head, out);
+            walk(cps, Some(&c.name), &sub, head, out);
         }
         if head_here {
             out.push(format!("{indent}└─ * now"));
         }
     }
-    fn line(c: &CheckpointInfo, indent: &str, last: bool, out: &mut Vec<String>) {
-        let desc = c
-            .description
-            .as_deref()
-            .map(|d| format!("  ({d})"))
-            .unwrap_or_default();
-        out.push(format!(
-            "{indent}{}{} {}{desc}",
-            if last { "└─ " } else { "├─ " },
-            c.name,
-            time_str(c.created_ms)
-        ));
-    }
     let mut out = Vec::new();
-    let roots: Vec<&CheckpointInfo> = cps.iter().filter(|c| c.parent.is_none()).collect();
-    for (i, c) in roots.iter().enumerate() {
-        let last = i + 1 == roots.len();
-        line(c, "", last, &mut out);
-        walk(
-            cps,
-            &c.name,
-            if last { "   " } else { "│  " },
-            head,
-            &mut out,
-        );
-    }
+    walk(cps, None, "", head, &mut out);
     out
 }
 

@@ -1699,7 +1699,7 @@ impl Store {
             .map(|v| v.id)
             .collect();
         for id in clones {
-            st.volume_mut(id).origin = Some(format!("{volume}@{new}"));
+            st.volume_mut(id).origin = Some(Target::checkpoint(volume, new).to_string());
         }
         st.commit(false)?;
         st.checkpoint_info(cid)
@@ -1737,7 +1737,7 @@ impl Store {
                 mapped: c.mapped,
                 parent: None,
                 created_ms: now_ms(),
-                origin: Some(format!("{volume}@{checkpoint}")),
+                origin: Some(Target::checkpoint(volume, checkpoint).to_string()),
                 origin_checkpoint: Some(cid),
             },
         );
@@ -2126,16 +2126,16 @@ impl State {
 
     /// What a head's changes are counted from (see [`VolumeSpace::head_changed_since`]).
     fn head_base(&self, v: &VolumeRecord) -> Option<CheckpointRecord> {
-        let get = |id: Option<u64>| id.and_then(|c| self.checkpoints.get(&c));
-        get(v.parent)
-            .or_else(|| get(v.parent.is_none().then_some(v.origin_checkpoint).flatten()))
+        v.parent
+            .or(v.origin_checkpoint)
+            .and_then(|c| self.checkpoints.get(&c))
             .cloned()
     }
 
     /// `VOLUME@CHECKPOINT` for a checkpoint of this store.
     fn qualified_name(&self, c: &CheckpointRecord) -> String {
         let volume = self.volumes.get(&c.volume).map_or("?", |v| v.name.as_str());
-        format!("{volume}@{}", c.name)
+        Target::checkpoint(volume, &c.name).to_string()
     }
 
     fn checkpoint_info(&self, id: u64) -> Result<CheckpointInfo> {

@@ -61,6 +61,7 @@ use std::os::fd::AsRawFd;
 use std::ptr;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
+use std::thread::LocalKey;
 
 /// Longest read served from the mapping (see the module documentation for why it is short).
 const MAPPED_READ_MAX: usize = 4096;
@@ -274,9 +275,7 @@ impl ReadMapping {
             return self.copy(buf, offset);
         }
         let end = offset.saturating_add(buf.len() as u64);
-        let stream =
-            LAST_LONG_READ.with(|last| last.replace((self.start, end)) == (self.start, offset));
-        !stream && self.read_cached(buf, offset)
+        !self.continues(&LAST_LONG_READ, offset, end) && self.read_cached(buf, offset)
     }
 
     /// After the caller read `len` bytes at `offset` with `pread` (a long read this mapping
@@ -362,9 +361,20 @@ impl ReadMapping {
         let Some(end) = offset.checked_add(buf.len() as u64) else {
             return false;
         };
-        let sequential =
-            LAST_READ.with(|last| last.replace((self.start, end)) == (self.start, offset));
-        !sequential && self.in_bounds(end) && self.copy_in_bounds(buf, offset)
+        !self.continues(&LAST_READ, offset, end)
+            && self.in_bounds(end)
+            && self.copy_in_bounds(buf, offset)
+    }
+
+    /// Whether a read of `[offset, end)` starts where this thread's last read of the same kind
+    /// (`last`: short or long) ended in this mapping; it becomes that last read.
+    fn continues(
+        &self,
+        last: &'static LocalKey<Cell<(usize, u64)>>,
+        offset: u64,
+        end: u64,
+    ) -> bool {
+        last.with(|last| last.replace((self.start, end)) == (self.start, offset))
     }
 
     /// Whether a read ending at `end` lies inside the mapping and below the file's known end.
