@@ -7,6 +7,8 @@ need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 # nbdinfo / nbdcopy: independent NBD clients the NBD server is tested against.
 command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
+# nbdsh (libnbd's Python shell): sends the edge-case requests of the NBD conformance tests.
+command -v nbdsh >/dev/null 2>&1 || need_apt+=(python3-libnbd)
 # fio (with its nbd engine): the NBD benchmark's load generator.
 command -v fio >/dev/null 2>&1 || need_apt+=(fio)
 # mkfs.ext4 / dumpe2fs / e2fsck / debugfs: the VM tests make and inspect a guest file system.

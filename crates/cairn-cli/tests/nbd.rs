@@ -493,20 +493,36 @@ fn bad_input_gets_the_spec_error_and_disturbs_nobody() {
     let mut r = Raw::hello(&d);
     r.option(OPT_EXPORT_NAME, b"nosuch");
     assert!(r.closed());
-    // A zero-length READ with structured replies gets one (empty) data chunk, not a hang.
+    // A zero-length READ with structured replies gets one NONE chunk with the done flag (an
+    // OFFSET_DATA chunk must carry data), and the connection stays usable.
     let mut r = Raw::hello(&d);
     r.option(OPT_STRUCTURED_REPLY, b"");
     assert_eq!(r.reply().0, REP_ACK);
     assert_eq!(r.go("v"), REP_ACK);
     r.request(CMD_READ, 0, 0, 0, &[]);
-    let mut h = [0u8; 28];
+    let mut h = [0u8; 20];
     r.s.read_exact(&mut h).expect("structured reply");
     assert_eq!(h[..4], STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    assert_eq!(u16::from_be_bytes([h[6], h[7]]), REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(u16::from_be_bytes([h[6], h[7]]), REPLY_TYPE_NONE);
     assert_eq!(
         u16::from_be_bytes([h[4], h[5]]) & REPLY_FLAG_DONE,
         REPLY_FLAG_DONE
     );
+    assert_eq!(u32::from_be_bytes([h[16], h[17], h[18], h[19]]), 0);
+    // FUA is advertised, so every command accepts it; a trim past the end is EINVAL (a bad
+    // request), a write past the end ENOSPC.
+    let mut r = Raw::hello(&d);
+    assert_eq!(r.go("v"), REP_ACK);
+    r.request(CMD_READ, CMD_FLAG_FUA, 0, 512, &[]);
+    assert_eq!(r.simple(), 0, "READ with FUA");
+    let mut data = [0u8; 512];
+    r.s.read_exact(&mut data).expect("read data");
+    r.request(CMD_FLUSH, CMD_FLAG_FUA, 0, 0, &[]);
+    assert_eq!(r.simple(), 0, "FLUSH with FUA");
+    r.request(CMD_TRIM, CMD_FLAG_FUA, (1 << 20) - 4096, 8192, &[]);
+    assert_eq!(r.simple(), EINVAL, "TRIM past the end");
+    r.request(CMD_WRITE_ZEROES, 0, (1 << 20) - 4096, 8192, &[]);
+    assert_eq!(r.simple(), ENOSPC, "WRITE_ZEROES past the end");
     // ABORT is acknowledged.
     let mut r = Raw::hello(&d);
     r.option(OPT_ABORT, b"");
@@ -859,4 +875,51 @@ fn flush_on_one_connection_covers_writes_of_another() {
         "a write acknowledged on A, flushed on B, survives"
     );
     fsck_clean(&e);
+}
+
+/// libnbd (through nbdsh) with its own client-side checks off, so that it sends what the spec
+/// allows but discourages: the server answers as the spec says and keeps the connection.
+#[test]
+fn libnbd_edge_requests_get_spec_answers() {
+    let e = env();
+    cairn(&e, &["volume", "create", "v", "--size", "1M"]);
+    let d = Daemon::start(&e);
+    let script = r#"
+import nbd
+h.set_strict_mode(0)
+assert h.pread(0, 0) == b"", "zero-length read"
+h.pwrite(b"x" * 512, 0, nbd.CMD_FLAG_FUA)
+assert h.pread(512, 0, nbd.CMD_FLAG_FUA) == b"x" * 512, "read with FUA"
+h.flush(nbd.CMD_FLAG_FUA)
+try:
+    h.trim(8192, (1 << 20) - 4096)
+    raise SystemExit("trim past the end succeeded")
+except nbd.Error as err:
+    assert err.errno == "EINVAL", f"trim past the end: errno {err.errno}, want EINVAL"
+try:
+    h.pread(8192, (1 << 20) - 4096)
+    raise SystemExit("read past the end succeeded")
+except nbd.Error as err:
+    assert err.errno == "EINVAL", f"read past the end: errno {err.errno}, want EINVAL"
+try:
+    h.pwrite(b"y" * 8192, (1 << 20) - 4096)
+    raise SystemExit("write past the end succeeded")
+except nbd.Error as err:
+    assert err.errno == "ENOSPC", f"write past the end: errno {err.errno}, want ENOSPC"
+assert h.pread(0, 0) == b"", "still connected"
+print("ok")
+"#;
+    // nbdsh is `python3 -m nbd`; Debian's python3 has the module, another one first on PATH may
+    // not.
+    let out = output(
+        "/usr/bin/python3",
+        &["-m", "nbd", "-u", &d.uri("v"), "-c", script],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("ok"), "{text}");
+    assert!(!d.log().contains("panicked"));
 }

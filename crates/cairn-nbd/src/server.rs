@@ -868,7 +868,10 @@ impl Session {
     }
 
     fn check(&self, req: &Request, allowed_flags: u16, write: bool) -> Result<(), (u32, String)> {
+        // FUA is advertised, and the spec then makes it valid on every command (a command that
+        // writes nothing has nothing to persist, so the bit is ignored there).
         let allowed = allowed_flags
+            | CMD_FLAG_FUA
             | if self.extended {
                 CMD_FLAG_PAYLOAD_LEN
             } else {
@@ -891,8 +894,11 @@ impl Session {
         }
         let end = req.offset.checked_add(req.length);
         if end.is_none_or(|e| e > self.export.size) {
+            // The spec: ENOSPC for writes past the end (a full device), EINVAL for reads, trims
+            // and the rest (a bad request).
+            let writes_data = matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES);
             return Err((
-                if write { ENOSPC } else { EINVAL },
+                if writes_data { ENOSPC } else { EINVAL },
                 format!(
                     "{}+{} reaches past the end of '{}' ({} bytes)",
                     req.offset, req.length, self.export.name, self.export.size
@@ -926,10 +932,19 @@ impl Session {
                         ),
                     ));
                 }
+                if req.length == 0 && self.structured {
+                    // The spec leaves a zero-length read's reply open but forbids disconnecting;
+                    // an OFFSET_DATA chunk must carry at least one byte, so the answer is a bare
+                    // success: one NBD_REPLY_TYPE_NONE chunk with the done flag.
+                    let mut out = Vec::with_capacity(32);
+                    let ext = self.extended;
+                    chunk_header(&mut out, ext, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req, 0);
+                    return Ok(Some(out));
+                }
                 self.read(req).map(Some)
             }
             CMD_WRITE => {
-                self.check(req, CMD_FLAG_FUA, true)?;
+                self.check(req, 0, true)?;
                 self.store.write(vol, req.offset, &payload).map_err(fail)?;
                 self.flush_if_fua(req)?;
                 Ok(None)
@@ -940,17 +955,13 @@ impl Session {
                 Ok(None)
             }
             CMD_TRIM => {
-                self.check(req, CMD_FLAG_FUA, true)?;
+                self.check(req, 0, true)?;
                 self.store.trim(vol, req.offset, req.length).map_err(fail)?;
                 self.flush_if_fua(req)?;
                 Ok(None)
             }
             CMD_WRITE_ZEROES => {
-                self.check(
-                    req,
-                    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-                    true,
-                )?;
+                self.check(req, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, true)?;
                 if req.flags & CMD_FLAG_NO_HOLE != 0 {
                     if req.flags & CMD_FLAG_FAST_ZERO != 0 {
                         // Allocated zeros mean writing them: not fast, so say so at once.
@@ -1004,7 +1015,7 @@ impl Session {
             .map_err(fail)?;
         let one_chunk =
             req.flags & CMD_FLAG_DF != 0 || runs.len() <= 1 && runs.first().is_none_or(|r| !r.1);
-        if len == 0 || one_chunk {
+        if one_chunk {
             let mut hdr = Vec::with_capacity(hs);
             chunk_header(
                 &mut hdr,
