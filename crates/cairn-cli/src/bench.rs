@@ -6,6 +6,7 @@
 //! followed by random 4 KiB overwrites of a fraction of the data. Head throughput is measured at each
 //! depth; checkpoint creation is timed at the 1st, 100th and 10,000th checkpoint.
 
+use crate::output::outln;
 use anyhow::{bail, Context, Result};
 use cairn_engine::{Store, Target};
 use clap::Args;
@@ -618,7 +619,7 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
         if json {
             crate::print_json(&serde_json::json!({ "report": report }))?;
         } else {
-            println!("{report}");
+            outln!("{report}");
         }
         return Ok(());
     }
@@ -1059,12 +1060,12 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "markdown": report }))?
         );
     } else {
-        println!("{report}");
+        outln!("{report}");
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ mod bench;
 mod bench_nbd;
 mod bench_vm;
 mod convert;
+mod output;
 mod units;
 mod vm;
 
@@ -14,6 +15,7 @@ use cairn_control::{Op, Reply};
 use cairn_engine::{CheckpointInfo, Options, Store, Target};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use output::outln;
 use serde::Serialize;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -341,7 +343,7 @@ fn checkpoint_target(s: &str) -> Result<(String, String)> {
 }
 
 fn print_json<T: Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -400,10 +402,32 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Known before parsing, so that a malformed command line is reported as JSON too.
+    let json = args.iter().any(|a| a == "--json");
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) if json && e.use_stderr() => {
+            // clap's text up to its usage lines, on one line.
+            let text = e.to_string();
+            let what = text.split("\nUsage:").next().unwrap_or_default();
+            let message: Vec<&str> = what.split_whitespace().collect();
+            let message = message.join(" ");
+            output::json_error("usage", message.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
     if let Err(e) = run(cli) {
+        if output::is_broken_pipe(&e) {
+            std::process::exit(output::BROKEN_PIPE_STATUS);
+        }
         let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("cairn: error: {}", msg.join(": "));
+        if json {
+            output::json_error(output::error_kind(&e), &msg.join(": "));
+        } else {
+            eprintln!("cairn: error: {}", msg.join(": "));
+        }
         std::process::exit(1);
     }
 }
@@ -421,7 +445,7 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 print_json(&serde_json::json!({ "store": dir }))?;
             } else {
-                println!("initialised store at {}", dir.display());
+                outln!("initialised store at {}", dir.display());
             }
         }
         Cmd::Volume(cmd) => volume(open()?, cmd, json, &dir)?,
@@ -436,12 +460,12 @@ fn run(cli: Cli) -> Result<()> {
             match (&reply, json) {
                 (Reply::Volume(i), true) => print_json(i)?,
                 (Reply::Vm(i), true) => print_json(i)?,
-                (Reply::Vm(i), false) => println!(
+                (Reply::Vm(i), false) => outln!(
                     "cloned {source} as VM '{new_name}' with disks {} (fresh MAC {} and UUID)",
                     i.disks.join(", "),
                     i.mac
                 ),
-                (Reply::Volume(_), false) => println!("cloned {source} as volume '{new_name}'"),
+                (Reply::Volume(_), false) => outln!("cloned {source} as volume '{new_name}'"),
                 (other, _) => bail!("unexpected reply {other:?}"),
             }
         }
@@ -456,11 +480,11 @@ fn run(cli: Cli) -> Result<()> {
                     &serde_json::json!({ "a": a, "b": b, "bytes": total, "extents": extents }),
                 )?;
             } else {
-                println!("{:>16} {:>12}", "OFFSET", "LENGTH");
+                outln!("{:>16} {:>12}", "OFFSET", "LENGTH");
                 for e in &extents {
-                    println!("{:>16} {:>12}", e.offset, e.length);
+                    outln!("{:>16} {:>12}", e.offset, e.length);
                 }
-                println!(
+                outln!(
                     "{} range(s), {} differ between {a} and {b}",
                     extents.len(),
                     human(total)
@@ -480,15 +504,17 @@ fn run(cli: Cli) -> Result<()> {
                         Some(base) => format!("since {base}"),
                         None => "since creation (no checkpoint to compare with)".into(),
                     };
-                    println!("volume {} ({}): head references {}, {} changed {since}, {} held only by the head",
+                    outln!("volume {} ({}): head references {}, {} changed {since}, {} held only by the head",
                         v.name, human(v.size), human(v.head_referenced), human(v.head_changed), human(v.head_unique));
                     if !v.checkpoints.is_empty() {
-                        println!(
+                        outln!(
                             "  {:<32} {:>12} {:>22}",
-                            "CHECKPOINT", "REFERENCED", "UNIQUE (freed if deleted)"
+                            "CHECKPOINT",
+                            "REFERENCED",
+                            "UNIQUE (freed if deleted)"
                         );
                         for c in &v.checkpoints {
-                            println!(
+                            outln!(
                                 "  {:<32} {:>12} {:>22}",
                                 c.name,
                                 human(c.referenced),
@@ -497,14 +523,14 @@ fn run(cli: Cli) -> Result<()> {
                         }
                     }
                 }
-                println!(
+                outln!(
                     "store: {} in use by blocks, data file spans {}, {} used on the host",
                     human(r.allocated),
                     human(r.file_size),
                     human(r.host_used)
                 );
                 if r.dropped_trees > 0 {
-                    println!(
+                    outln!(
                         "       {} deleted tree(s) not yet freed (an interrupted delete): the daemon frees them, or the next delete",
                         r.dropped_trees
                     );
@@ -525,13 +551,13 @@ fn run(cli: Cli) -> Result<()> {
                 print_json(&report)?;
             } else {
                 for e in &report.errors {
-                    println!("error: {e}");
+                    outln!("error: {e}");
                 }
                 let pending = match report.dropped_trees {
                     0 => String::new(),
                     n => format!(", {n} deleted tree(s) still being freed"),
                 };
-                println!(
+                outln!(
                     "checked {} metadata pages, {} data blocks, {} volumes, {} checkpoints{pending}: {}",
                     report.pages,
                     report.data_blocks,
@@ -570,7 +596,7 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
             if json {
                 print_json(&info)?;
             } else {
-                println!("created volume '{}' of {}", info.name, human(info.size));
+                outln!("created volume '{}' of {}", info.name, human(info.size));
             }
         }
         VolumeCmd::List => {
@@ -581,12 +607,16 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
             if json {
                 print_json(&vols)?;
             } else {
-                println!(
+                outln!(
                     "{:<24} {:>12} {:>12} {:>12}  {:<20} CREATED",
-                    "NAME", "SIZE", "REFERENCED", "CHECKPOINTS", "PARENT"
+                    "NAME",
+                    "SIZE",
+                    "REFERENCED",
+                    "CHECKPOINTS",
+                    "PARENT"
                 );
                 for v in vols {
-                    println!(
+                    outln!(
                         "{:<24} {:>12} {:>12} {:>12}  {:<20} {}",
                         v.name,
                         human(v.size),
@@ -606,14 +636,14 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
                 j["nbd_uri"] = serde_json::Value::String(uri);
                 print_json(&j)?;
             } else {
-                println!("name:        {}", v.name);
-                println!("size:        {} ({} bytes)", human(v.size), v.size);
-                println!("referenced:  {}", human(v.referenced));
-                println!("checkpoints: {}", v.checkpoints);
-                println!("parent:      {}", v.parent.as_deref().unwrap_or("-"));
-                println!("origin:      {}", v.origin.as_deref().unwrap_or("-"));
-                println!("created:     {}", time_str(v.created_ms));
-                println!("nbd:         {uri}  (while `cairn serve` runs)");
+                outln!("name:        {}", v.name);
+                outln!("size:        {} ({} bytes)", human(v.size), v.size);
+                outln!("referenced:  {}", human(v.referenced));
+                outln!("checkpoints: {}", v.checkpoints);
+                outln!("parent:      {}", v.parent.as_deref().unwrap_or("-"));
+                outln!("origin:      {}", v.origin.as_deref().unwrap_or("-"));
+                outln!("created:     {}", time_str(v.created_ms));
+                outln!("nbd:         {uri}  (while `cairn serve` runs)");
             }
         }
         VolumeCmd::Resize { name, size } => {
@@ -624,7 +654,7 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
             if json {
                 print_json(&v)?;
             } else {
-                println!("volume '{}' is now {}", v.name, human(v.size));
+                outln!("volume '{}' is now {}", v.name, human(v.size));
             }
         }
         VolumeCmd::Delete { name } => {
@@ -636,7 +666,7 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
             if json {
                 print_json(&serde_json::json!({ "deleted": name }))?;
             } else {
-                println!("deleted volume '{name}'");
+                outln!("deleted volume '{name}'");
             }
         }
         VolumeCmd::Defrag {
@@ -668,13 +698,13 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
             if json {
                 print_json(&r)?;
             } else if r.moved_bytes == 0 {
-                println!(
+                outln!(
                     "nothing to move: no 2 MiB range of '{name}' lies in {min_extents} or more extents ({} in {} extents in all)",
                     human(r.mapped_bytes),
                     r.extents_before
                 );
             } else if dry_run {
-                println!(
+                outln!(
                     "defrag of '{name}' would move {} of {} ({} extents -> about {}); {} of it is shared with checkpoints or clones and would be stored twice",
                     human(r.moved_bytes),
                     human(r.mapped_bytes),
@@ -683,7 +713,7 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
                     human(r.shared_bytes)
                 );
             } else {
-                println!(
+                outln!(
                     "defragmented '{name}': moved {} ({} extents -> {}); {} shared with checkpoints or clones is now stored twice; the store grew by {}",
                     human(r.moved_bytes),
                     r.extents_before,
@@ -699,7 +729,7 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
             if json {
                 print_json(&info)?;
             } else {
-                println!(
+                outln!(
                     "imported {} as volume '{name}' ({}, {} allocated)",
                     file.display(),
                     human(info.size),
@@ -720,7 +750,7 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
                     "source": source, "file": file, "format": format, "bytes": bytes
                 }))?;
             } else {
-                println!(
+                outln!(
                     "exported {source} to {} ({format}, {})",
                     file.display(),
                     human(bytes)
@@ -759,7 +789,7 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
                     &serde_json::json!({ "volume": a.name, "offset": a.offset, "length": data.len() }),
                 )?;
             } else {
-                println!(
+                outln!(
                     "wrote {} bytes to '{}' at offset {}",
                     data.len(),
                     a.name,
@@ -828,8 +858,8 @@ fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
                 print_json(&info)?;
             } else {
                 match &info.kind {
-                    Some(kind) => println!("created checkpoint {target}: {kind}"),
-                    None => println!("created checkpoint {target}"),
+                    Some(kind) => outln!("created checkpoint {target}: {kind}"),
+                    None => outln!("created checkpoint {target}"),
                 }
             }
         }
@@ -843,19 +873,22 @@ fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
                 }
             } else if tree {
                 for line in tree_lines(&cps, head_parent.as_deref()) {
-                    println!("{line}");
+                    outln!("{line}");
                 }
                 if head_parent.is_none() {
-                    println!("* now (head has no parent checkpoint)");
+                    outln!("* now (head has no parent checkpoint)");
                 }
             } else {
-                println!(
+                outln!(
                     "{:<24} {:<22} {:>12} {:<20} DESCRIPTION",
-                    "NAME", "CREATED", "REFERENCED", "PARENT"
+                    "NAME",
+                    "CREATED",
+                    "REFERENCED",
+                    "PARENT"
                 );
                 for c in cps {
                     let mark = if c.is_head_parent { " *" } else { "" };
-                    println!(
+                    outln!(
                         "{:<24} {:<22} {:>12} {:<20} {}{}",
                         c.name,
                         time_str(c.created_ms),
@@ -885,15 +918,15 @@ fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
                 }
             } else {
                 if let Some(s) = save_current {
-                    println!("saved the previous state as {v}@{s}");
+                    outln!("saved the previous state as {v}@{s}");
                 }
                 match reply {
-                    Reply::Vm(_) => println!(
+                    Reply::Vm(_) => outln!(
                         "applied {target}: every disk of VM '{v}' is now that checkpoint's state"
                     ),
-                    _ => println!(
-                        "applied {target}: the head of '{v}' is now that checkpoint's state"
-                    ),
+                    _ => {
+                        outln!("applied {target}: the head of '{v}' is now that checkpoint's state")
+                    }
                 }
             }
         }
@@ -908,7 +941,7 @@ fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
             if json {
                 print_json(&serde_json::json!({ "deleted": target }))?;
             } else {
-                println!("deleted checkpoint {target}");
+                outln!("deleted checkpoint {target}");
             }
         }
         CheckpointCmd::Rename { target, new_name } => {
@@ -921,7 +954,7 @@ fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
             if json {
                 print_json(&info)?;
             } else {
-                println!("renamed {target} to {v}@{new_name}");
+                outln!("renamed {target} to {v}@{new_name}");
             }
         }
     }
@@ -992,7 +1025,7 @@ fn tree_lines(cps: &[CheckpointInfo], head: Option<&str>) -> Vec<String> {
 fn demo(dir: &Path) -> Result<()> {
     if !dir.join(cairn_engine::store::DATA_FILE).exists() {
         Store::init(dir, store_options())?;
-        println!("initialised store at {}", dir.display());
+        outln!("initialised store at {}", dir.display());
     }
     let store = Store::open(dir, store_options())?;
     let name = "demo";
@@ -1000,21 +1033,21 @@ fn demo(dir: &Path) -> Result<()> {
         store.delete_volume(name)?;
     }
     store.create_volume(name, 1 << 30)?;
-    println!("created volume '{name}' (1 GiB, nothing allocated)");
+    outln!("created volume '{name}' (1 GiB, nothing allocated)");
     store.write(name, 0, &vec![b'A'; 4 << 20])?;
     let clean = store.create_checkpoint(name, "clean", Some("freshly installed"))?;
-    println!(
+    outln!(
         "wrote 4 MiB of 'A' and took checkpoint {name}@{} (O(1))",
         clean.name
     );
     store.write(name, 1 << 20, &vec![b'B'; 64 << 10])?;
     store.create_checkpoint(name, "patched", Some("after an update"))?;
-    println!("overwrote 64 KiB with 'B' and took checkpoint {name}@patched");
+    outln!("overwrote 64 KiB with 'B' and took checkpoint {name}@patched");
     let d = store.diff(
         &Target::parse("demo@clean")?,
         &Target::parse("demo@patched")?,
     )?;
-    println!(
+    outln!(
         "diff clean..patched: {} range(s), {} bytes",
         d.len(),
         d.iter().map(|e| e.length).sum::<u64>()
@@ -1023,13 +1056,13 @@ fn demo(dir: &Path) -> Result<()> {
     store.apply_checkpoint(name, "clean", None)?;
     let mut b = [0u8; 1];
     store.read(&Target::head(name), 1 << 20, &mut b)?;
-    println!(
+    outln!(
         "broke the disk, then applied {name}@clean: byte at 1 MiB reads '{}' again",
         b[0] as char
     );
     let sp = store.space(Some(name))?;
     for c in &sp.volumes[0].checkpoints {
-        println!(
+        outln!(
             "  checkpoint {:<8} references {:>9}, unique {:>9}",
             c.name,
             human(c.referenced),
@@ -1037,7 +1070,7 @@ fn demo(dir: &Path) -> Result<()> {
         );
     }
     let report = store.fsck()?;
-    println!(
+    outln!(
         "fsck: {}",
         if report.ok() {
             "no problems"
@@ -1045,7 +1078,7 @@ fn demo(dir: &Path) -> Result<()> {
             "PROBLEMS"
         }
     );
-    println!(
+    outln!(
         "\nnext: cairn --store {} checkpoint list demo --tree",
         dir.display()
     );

@@ -1,6 +1,7 @@
 //! `cairn vm ...`: VM definitions (with or without a daemon) and running VMs (through the
 //! daemon, which supervises QEMU).
 
+use crate::output::outln;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -145,30 +146,30 @@ fn print_status(s: &VmStatus, json: bool) -> Result<()> {
         return print_json(s);
     }
     match s.pid {
-        Some(pid) => println!(
+        Some(pid) => outln!(
             "VM '{}': {}, QEMU pid {pid}, up {} s, accelerator {}",
             s.name,
             s.state,
             s.uptime_secs.unwrap_or(0),
             s.accel.as_deref().unwrap_or("?")
         ),
-        None => println!("VM '{}': {}", s.name, s.state),
+        None => outln!("VM '{}': {}", s.name, s.state),
     }
     if let Some(e) = &s.last_exit {
-        println!(
+        outln!(
             "last run: {e} at {}",
             s.last_exit_ms.map(time_str).unwrap_or_default()
         );
     }
-    println!("console: {}", s.console.display());
+    outln!("console: {}", s.console.display());
     Ok(())
 }
 
 fn print_spec(v: &VmSpec) {
-    println!("name:     {}", v.name);
-    println!("memory:   {}", human(v.memory));
-    println!("cpus:     {}", v.cpus);
-    println!(
+    outln!("name:     {}", v.name);
+    outln!("memory:   {}", human(v.memory));
+    outln!("cpus:     {}", v.cpus);
+    outln!(
         "disks:    {}",
         if v.disks.is_empty() {
             "-".to_string()
@@ -177,19 +178,19 @@ fn print_spec(v: &VmSpec) {
         }
     );
     if let Some(k) = &v.kernel {
-        println!("kernel:   {}", k.display());
+        outln!("kernel:   {}", k.display());
     }
     if let Some(i) = &v.initrd {
-        println!("initrd:   {}", i.display());
+        outln!("initrd:   {}", i.display());
     }
     if let Some(a) = &v.append {
-        println!("append:   {a}");
+        outln!("append:   {a}");
     }
-    println!("net:      {}", v.net.as_deref().unwrap_or("none"));
-    println!("mac:      {}", v.mac);
-    println!("uuid:     {}", v.uuid);
-    println!("accel:    {}", v.accel.as_deref().unwrap_or("automatic"));
-    println!("created:  {}", time_str(v.created_ms));
+    outln!("net:      {}", v.net.as_deref().unwrap_or("none"));
+    outln!("mac:      {}", v.mac);
+    outln!("uuid:     {}", v.uuid);
+    outln!("accel:    {}", v.accel.as_deref().unwrap_or("automatic"));
+    outln!("created:  {}", time_str(v.created_ms));
 }
 
 /// Runs one `cairn vm` command.
@@ -202,7 +203,7 @@ pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool) -> Result<()> 
             if json {
                 print_json(&v)?;
             } else {
-                println!(
+                outln!(
                     "created VM '{}' ({}, {} vCPU, disks: {})",
                     v.name,
                     human(v.memory),
@@ -223,15 +224,18 @@ pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool) -> Result<()> 
             if json {
                 print_json(&vms)?;
             } else {
-                println!(
+                outln!(
                     "{:<20} {:>10} {:>5}  {:<10} DISKS",
-                    "NAME", "MEMORY", "CPUS", "STATE"
+                    "NAME",
+                    "MEMORY",
+                    "CPUS",
+                    "STATE"
                 );
                 for v in vms {
                     let st = status(backend.call(Op::VmStatus {
                         name: v.name.clone(),
                     })?)?;
-                    println!(
+                    outln!(
                         "{:<20} {:>10} {:>5}  {:<10} {}",
                         v.name,
                         human(v.memory),
@@ -255,7 +259,7 @@ pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool) -> Result<()> 
             if json {
                 print_json(&v)?;
             } else {
-                println!("updated VM '{}'", v.name);
+                outln!("updated VM '{}'", v.name);
             }
         }
         VmCmd::Delete { name } => {
@@ -263,7 +267,7 @@ pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool) -> Result<()> 
             if json {
                 print_json(&serde_json::json!({ "deleted": name }))?;
             } else {
-                println!("deleted VM '{name}' (its volumes are kept)");
+                outln!("deleted VM '{name}' (its volumes are kept)");
             }
         }
         VmCmd::Start { name } => {

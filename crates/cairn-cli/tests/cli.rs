@@ -487,6 +487,12 @@ fn bad_inputs_in(e: Env) {
     ok(&e, &["volume", "create", "a", "--size", "1M"]);
     ok(&e, &["checkpoint", "create", "a@one"]);
     fails(&e, &["volume", "info", "nope"], "volume 'nope' not found");
+    assert_eq!(fails_json(&e, &["volume", "info", "nope"]), "not_found");
+    assert_eq!(
+        fails_json(&e, &["volume", "create", "a", "--size", "1M"]),
+        "exists"
+    );
+    assert_eq!(fails_json(&e, &["volume", "info"]), "usage");
     fails(
         &e,
         &["checkpoint", "apply", "a@nope"],
@@ -611,6 +617,53 @@ fn bad_inputs_in(e: Env) {
     // Nothing above changed the volume.
     assert_eq!(json(&e, &["volume", "info", "a"])["referenced"], 0);
     assert!(ok(&e, &["fsck"]).contains("no problems"));
+}
+
+/// A reader that goes away ends the command quietly, as for any Unix tool: the status a shell
+/// gives a process ended by SIGPIPE, and nothing on stderr.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::io::Read;
+    let e = env_with_daemon();
+    ok(&e, &["volume", "create", "v", "--size", "16M"]);
+    ok(&e, &["checkpoint", "create", "v@empty"]);
+    // 2,048 separate changed ranges: a diff far longer than a pipe's buffer.
+    let writes: String = (0..2048)
+        .map(|i| format!("write -P 1 {} 4k\n", i * 8192))
+        .collect();
+    let d = e.daemon.as_ref().expect("daemon");
+    let mut io = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", &d.uri("v")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    use std::io::Write;
+    io.stdin
+        .take()
+        .expect("stdin")
+        .write_all(writes.as_bytes())
+        .expect("commands");
+    assert!(io.wait().expect("qemu-io").success());
+    for args in [
+        &["volume", "read", "v", "--offset", "0", "--length", "16M"][..],
+        &["--json", "diff", "v@empty", "v"][..],
+    ] {
+        let mut child = command(&e, args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut out = child.stdout.take().expect("stdout");
+        let mut first = [0u8; 1];
+        out.read_exact(&mut first).expect("some output");
+        drop(out);
+        let o = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.is_empty(), "{args:?}: {err}");
+        assert!(!o.status.success(), "{args:?}");
+        assert_eq!(o.status.code(), Some(141), "{args:?}");
+    }
 }
 
 #[test]

@@ -301,10 +301,27 @@ impl OpError {
     }
 }
 
-impl From<EngineError> for OpError {
-    fn from(e: EngineError) -> OpError {
+impl ErrorKind {
+    /// The kind's name in JSON (`not_found`, `no_space`...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Exists => "exists",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NoSpace => "no_space",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Io => "io",
+            ErrorKind::Daemon => "daemon",
+            ErrorKind::State => "state",
+            ErrorKind::Vm => "vm",
+        }
+    }
+
+    /// The kind of an engine error.
+    pub fn of_engine(e: &EngineError) -> ErrorKind {
         use EngineError as E;
-        let kind = match &e {
+        match e {
             E::UnknownVolume(_) | E::UnknownCheckpoint { .. } | E::NoStore(_) => {
                 ErrorKind::NotFound
             }
@@ -319,22 +336,31 @@ impl From<EngineError> for OpError {
             E::Locked { .. } => ErrorKind::Busy,
             E::Corrupt { .. } | E::Format { .. } => ErrorKind::Corrupt,
             E::Io { .. } => ErrorKind::Io,
-        };
-        OpError::new(kind, e.to_string())
+        }
     }
-}
 
-impl From<VmError> for OpError {
-    fn from(e: VmError) -> OpError {
-        let kind = match &e {
+    /// The kind of a VM error.
+    pub fn of_vm(e: &VmError) -> ErrorKind {
+        match e {
             VmError::UnknownVm(_) => ErrorKind::NotFound,
             VmError::Exists(_) => ErrorKind::Exists,
             VmError::Running(_) | VmError::NotRunning(_) => ErrorKind::State,
             VmError::Invalid(_) => ErrorKind::Invalid,
             VmError::Qemu(_) | VmError::Qmp(_) => ErrorKind::Vm,
             VmError::Io { .. } => ErrorKind::Io,
-        };
-        OpError::new(kind, e.to_string())
+        }
+    }
+}
+
+impl From<EngineError> for OpError {
+    fn from(e: EngineError) -> OpError {
+        OpError::new(ErrorKind::of_engine(&e), e.to_string())
+    }
+}
+
+impl From<VmError> for OpError {
+    fn from(e: VmError) -> OpError {
+        OpError::new(ErrorKind::of_vm(&e), e.to_string())
     }
 }
 
@@ -785,6 +811,25 @@ mod tests {
         let r = Reply::Bytes(vec![9; 10]);
         let j = serde_json::to_string(&r).expect("json");
         assert_eq!(serde_json::from_str::<Reply>(&j).expect("parse"), r);
+    }
+
+    #[test]
+    fn kind_names_are_their_json() {
+        use ErrorKind as K;
+        for k in [
+            K::NotFound,
+            K::Exists,
+            K::Invalid,
+            K::NoSpace,
+            K::Busy,
+            K::Corrupt,
+            K::Io,
+            K::Daemon,
+            K::State,
+            K::Vm,
+        ] {
+            assert_eq!(serde_json::to_value(k).expect("json"), k.name());
+        }
     }
 
     #[test]

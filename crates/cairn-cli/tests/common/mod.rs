@@ -75,6 +75,35 @@ pub fn fails(e: &Env, args: &[&str], want: &str) {
         1,
         "error should be one line: {err}"
     );
+    // With --json, the same failure is a JSON object on stdout and nothing on stderr.
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let o = cairn(e, &a);
+    assert!(!o.status.success(), "cairn {a:?} should fail");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| {
+        panic!(
+            "cairn {a:?}: stdout is not a JSON error: {}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    });
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(want), "cairn {a:?}: {v}");
+    assert!(v["error"]["kind"].is_string(), "cairn {a:?}: {v}");
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Runs a command that must fail with `--json`; returns the error's kind.
+pub fn fails_json(e: &Env, args: &[&str]) -> String {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let o = cairn(e, &a);
+    assert!(!o.status.success(), "cairn {a:?} should fail");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON error");
+    v["error"]["kind"].as_str().expect("kind").to_string()
 }
 
 pub fn json(e: &Env, args: &[&str]) -> serde_json::Value {
