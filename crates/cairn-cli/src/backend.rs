@@ -53,13 +53,7 @@ impl Backend {
         }
     }
 
-    pub fn checkpoint(&self, op: Op) -> Result<CheckpointInfo> {
-        match self.call(op)? {
-            Reply::Checkpoint(c) => Ok(c),
-            other => unexpected(other),
-        }
-    }
-
+    /// A volume's checkpoints and its head's parent.
     pub fn checkpoints(&self, volume: &str) -> Result<(Vec<CheckpointInfo>, Option<String>)> {
         match self.call(Op::CheckpointList {
             volume: volume.to_string(),
@@ -68,6 +62,9 @@ impl Backend {
                 checkpoints,
                 head_parent,
             } => Ok((checkpoints, head_parent)),
+            Reply::VmCheckpoints { .. } => {
+                bail!("'{volume}' is a VM; name one of its disks (VOLUME@CHECKPOINT)")
+            }
             other => unexpected(other),
         }
     }

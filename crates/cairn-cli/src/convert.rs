@@ -27,21 +27,29 @@ const BY_EXTENSION: &[(&str, &str)] = &[
     ("img", "raw"),
 ];
 
-/// The output format for `file`: `--format` if given, else its extension, else raw.
-pub fn export_format(file: &Path, format: Option<&str>) -> String {
+/// The output format for `file`: `--format` if given, else its extension. An unknown or missing
+/// extension is refused rather than written raw, so `disk.qcow` never silently becomes a raw
+/// image a tool then misreads.
+pub fn export_format(file: &Path, format: Option<&str>) -> Result<String> {
     if let Some(f) = format {
-        return f.to_string();
+        return Ok(f.to_string());
     }
     let ext = file
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
-    BY_EXTENSION
-        .iter()
-        .find(|(e, _)| *e == ext)
-        .map_or("raw", |(_, f)| f)
-        .to_string()
+    match BY_EXTENSION.iter().find(|(e, _)| *e == ext) {
+        Some((_, f)) => Ok(f.to_string()),
+        None => {
+            let known: Vec<String> = BY_EXTENSION.iter().map(|(e, _)| format!(".{e}")).collect();
+            bail!(
+                "cannot tell the image format of {} from its extension (known: {}); name the format with --format (e.g. --format raw)",
+                file.display(),
+                known.join(", ")
+            )
+        }
+    }
 }
 
 fn qemu_img() -> Command {

@@ -4,15 +4,19 @@ mod backend;
 mod bench;
 mod bench_nbd;
 mod bench_vm;
+mod checkpoint;
 mod convert;
 mod output;
+mod space;
 mod units;
 mod vm;
 
 use anyhow::{bail, Context, Result};
 use backend::Backend;
+pub(crate) use cairn_control::names::time_str;
 use cairn_control::{Op, Reply};
-use cairn_engine::{CheckpointInfo, Options, Store, Target};
+use cairn_engine::{Options, Store, Target};
+use checkpoint::checkpoint_target;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use output::outln;
@@ -28,9 +32,13 @@ struct Cli {
     /// Store directory (default: $CAIRN_STORE, else $XDG_DATA_HOME/cairn or ~/.local/share/cairn).
     #[arg(long, global = true, env = "CAIRN_STORE")]
     store: Option<PathBuf>,
-    /// Print machine-readable JSON instead of tables.
+    /// Print machine-readable JSON instead of tables (errors too: {"error": {"kind", "message"}}).
     #[arg(long, global = true)]
     json: bool,
+    /// Answer yes to confirmations (deleting a volume or VM with checkpoints, overwriting a
+    /// file); without a terminal to ask on, such commands need it.
+    #[arg(long, short = 'y', global = true)]
+    yes: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -42,9 +50,9 @@ enum Cmd {
     /// Manage volumes (virtual disks).
     #[command(subcommand)]
     Volume(VolumeCmd),
-    /// Manage checkpoints of a volume.
+    /// Manage checkpoints of a volume or VM.
     #[command(subcommand)]
-    Checkpoint(CheckpointCmd),
+    Checkpoint(checkpoint::CheckpointCmd),
     /// Create a volume whose head starts as a checkpoint of another (a linked clone).
     Clone {
         /// Source, as VOLUME@CHECKPOINT.
@@ -203,10 +211,10 @@ enum VolumeCmd {
     Export {
         /// VOLUME or VOLUME@CHECKPOINT.
         source: String,
-        /// Image file to create or overwrite.
+        /// Image file to create (an existing one is overwritten after confirmation).
         file: PathBuf,
-        /// Output format (default: from the file extension: .qcow2, .vhdx, .vmdk, .vdi, .vhd;
-        /// raw otherwise).
+        /// Output format (default: from the file extension: .qcow2, .vhdx, .vmdk, .vdi, .vhd,
+        /// .vpc, .qed, .raw, .img; any other extension must name its format).
         #[arg(long, short = 'f')]
         format: Option<String>,
     },
@@ -253,56 +261,6 @@ struct WriteArgs {
     source: WriteSource,
 }
 
-#[derive(Subcommand)]
-enum CheckpointCmd {
-    /// Take a checkpoint of a volume's head (O(1); implies a flush), or of a VM: every disk at
-    /// one instant, plus memory and device state when it runs (a standard checkpoint).
-    Create {
-        /// VOLUME@CHECKPOINT or VM@CHECKPOINT.
-        target: String,
-        /// Description.
-        #[arg(short = 'm', long = "message")]
-        message: Option<String>,
-        /// For a running VM: only the disks, no memory state. If the guest runs
-        /// qemu-guest-agent, its file systems are frozen first (application-consistent);
-        /// otherwise the disks are crash-consistent. The output says which.
-        #[arg(long)]
-        disk_only: bool,
-        /// With --disk-only: fail, taking nothing, unless the guest agent freezes the guest's
-        /// file systems.
-        #[arg(long)]
-        quiesce: bool,
-    },
-    /// List a volume's checkpoints.
-    List {
-        /// Volume name.
-        name: String,
-        /// Show the checkpoint tree, with where the head is.
-        #[arg(long)]
-        tree: bool,
-    },
-    /// Make the head the checkpoint's state (newer checkpoints are kept).
-    Apply {
-        /// VOLUME@CHECKPOINT.
-        target: String,
-        /// First keep the current head as a checkpoint with this name.
-        #[arg(long)]
-        save_current: Option<String>,
-    },
-    /// Delete a checkpoint; only data nothing else references is freed.
-    Delete {
-        /// VOLUME@CHECKPOINT.
-        target: String,
-    },
-    /// Rename a checkpoint.
-    Rename {
-        /// VOLUME@OLD.
-        target: String,
-        /// New name.
-        new_name: String,
-    },
-}
-
 /// The engine's options for this process: the defaults, except for two switches meant for
 /// comparisons and for hosts where a fast path misbehaves. `CAIRN_MAPPED_READS=0` turns off serving
 /// short reads from a mapping of the data file (docs/design.md, "Read path"): the mapped pages then
@@ -334,11 +292,22 @@ fn default_store() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/cairn"))
 }
 
-fn checkpoint_target(s: &str) -> Result<(String, String)> {
-    let t = Target::parse(s)?;
-    match t.checkpoint {
-        Some(c) => Ok((t.volume, c)),
-        None => bail!("'{s}' names no checkpoint; write VOLUME@CHECKPOINT"),
+/// Asks before destroying data: on a terminal the user answers; without one (a script) the
+/// command is refused unless `--yes` was given, so nothing is destroyed by a default.
+pub(crate) fn confirm(what: &str, yes: bool) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+        bail!("refusing to {what} without confirmation: there is no terminal to ask on; add --yes");
+    }
+    eprint!("cairn: {what}? [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        Ok(())
+    } else {
+        bail!("cancelled: nothing was changed")
     }
 }
 
@@ -363,7 +332,7 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 }
 
 /// A spinner for operations whose total is not known up front (it shows bytes done instead).
-fn spinner(what: &str) -> ProgressBar {
+pub(crate) fn spinner(what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -371,34 +340,6 @@ fn spinner(what: &str) -> ProgressBar {
     pb.set_message(what.to_string());
     pb.enable_steady_tick(std::time::Duration::from_millis(100));
     pb
-}
-
-fn time_str(ms: u64) -> String {
-    // Local time formatting would need a timezone database; UTC in ISO form is unambiguous.
-    let secs = (ms / 1000) as i64;
-    let days = secs.div_euclid(86400);
-    let tod = secs.rem_euclid(86400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
-        tod / 3600,
-        tod % 3600 / 60,
-        tod % 60
-    )
-}
-
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = z + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z.rem_euclid(146097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 fn main() {
@@ -448,8 +389,8 @@ fn run(cli: Cli) -> Result<()> {
                 outln!("initialised store at {}", dir.display());
             }
         }
-        Cmd::Volume(cmd) => volume(open()?, cmd, json, &dir)?,
-        Cmd::Checkpoint(cmd) => checkpoint(open()?, cmd, json)?,
+        Cmd::Volume(cmd) => volume(open()?, cmd, json, cli.yes, &dir)?,
+        Cmd::Checkpoint(cmd) => checkpoint::run(&open()?, cmd, json, cli.yes)?,
         Cmd::Clone { source, new_name } => {
             let (v, c) = checkpoint_target(&source)?;
             let reply = open()?.call(Op::Clone {
@@ -491,52 +432,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::Space { name } => {
-            let r = match open()?.call(Op::Space { volume: name })? {
-                Reply::Space(r) => r,
-                other => bail!("unexpected reply {other:?}"),
-            };
-            if json {
-                print_json(&r)?;
-            } else {
-                for v in &r.volumes {
-                    let since = match &v.head_changed_since {
-                        Some(base) => format!("since {base}"),
-                        None => "since creation (no checkpoint to compare with)".into(),
-                    };
-                    outln!("volume {} ({}): head references {}, {} changed {since}, {} held only by the head",
-                        v.name, human(v.size), human(v.head_referenced), human(v.head_changed), human(v.head_unique));
-                    if !v.checkpoints.is_empty() {
-                        outln!(
-                            "  {:<32} {:>12} {:>22}",
-                            "CHECKPOINT",
-                            "REFERENCED",
-                            "UNIQUE (freed if deleted)"
-                        );
-                        for c in &v.checkpoints {
-                            outln!(
-                                "  {:<32} {:>12} {:>22}",
-                                c.name,
-                                human(c.referenced),
-                                human(c.unique)
-                            );
-                        }
-                    }
-                }
-                outln!(
-                    "store: {} in use by blocks, data file spans {}, {} used on the host",
-                    human(r.allocated),
-                    human(r.file_size),
-                    human(r.host_used)
-                );
-                if r.dropped_trees > 0 {
-                    outln!(
-                        "       {} deleted tree(s) not yet freed (an interrupted delete): the daemon frees them, or the next delete",
-                        r.dropped_trees
-                    );
-                }
-            }
-        }
+        Cmd::Space { name } => space::run(&open()?, name, json)?,
         Cmd::Fsck => {
             // Without a daemon, fsck reads the files itself: it must report on a store that does
             // not even open. With one, the daemon checks the store it has open.
@@ -581,12 +477,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(args) => bench::run(&args, json)?,
         Cmd::Demo => demo(&dir)?,
         Cmd::Serve(args) => serve(&dir, args)?,
-        Cmd::Vm(cmd) => vm::run(&open()?, &dir, cmd, json)?,
+        Cmd::Vm(cmd) => vm::run(&open()?, &dir, cmd, json, cli.yes)?,
     }
     Ok(())
 }
 
-fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> {
+fn volume(store: Backend, cmd: VolumeCmd, json: bool, yes: bool, dir: &Path) -> Result<()> {
     match cmd {
         VolumeCmd::Create { name, size } => {
             let info = store.volume(Op::VolumeCreate {
@@ -658,6 +554,15 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
             }
         }
         VolumeCmd::Delete { name } => {
+            let checkpoints = store
+                .volume(Op::VolumeInfo { name: name.clone() })?
+                .checkpoints;
+            if checkpoints > 0 {
+                confirm(
+                    &format!("delete volume '{name}' and its {checkpoints} checkpoint(s)"),
+                    yes,
+                )?;
+            }
             let sp = spinner("deleting");
             store.call_with_progress(Op::VolumeDelete { name: name.clone() }, &mut |n| {
                 sp.set_message(format!("deleting '{name}': {} freed", human(n)))
@@ -743,7 +648,10 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
             format,
         } => {
             let t = Target::parse(&source)?;
-            let format = convert::export_format(&file, format.as_deref());
+            let format = convert::export_format(&file, format.as_deref())?;
+            if file.exists() {
+                confirm(&format!("overwrite {}", file.display()), yes)?;
+            }
             let bytes = convert::export(&store, &t, &file, &format)?;
             if json {
                 print_json(&serde_json::json!({
@@ -838,190 +746,6 @@ fn volume(store: Backend, cmd: VolumeCmd, json: bool, dir: &Path) -> Result<()> 
     Ok(())
 }
 
-fn checkpoint(store: Backend, cmd: CheckpointCmd, json: bool) -> Result<()> {
-    match cmd {
-        CheckpointCmd::Create {
-            target,
-            message,
-            disk_only,
-            quiesce,
-        } => {
-            let (v, c) = checkpoint_target(&target)?;
-            let info = store.checkpoint(Op::CheckpointCreate {
-                volume: v,
-                name: c,
-                description: message,
-                disk_only,
-                quiesce,
-            })?;
-            if json {
-                print_json(&info)?;
-            } else {
-                match &info.kind {
-                    Some(kind) => outln!("created checkpoint {target}: {kind}"),
-                    None => outln!("created checkpoint {target}"),
-                }
-            }
-        }
-        CheckpointCmd::List { name, tree } => {
-            let (cps, head_parent) = store.checkpoints(&name)?;
-            if json {
-                if tree {
-                    print_json(&tree_json(&cps, head_parent.as_deref(), None))?;
-                } else {
-                    print_json(&cps)?;
-                }
-            } else if tree {
-                for line in tree_lines(&cps, head_parent.as_deref()) {
-                    outln!("{line}");
-                }
-                if head_parent.is_none() {
-                    outln!("* now (head has no parent checkpoint)");
-                }
-            } else {
-                outln!(
-                    "{:<24} {:<22} {:>12} {:<20} DESCRIPTION",
-                    "NAME",
-                    "CREATED",
-                    "REFERENCED",
-                    "PARENT"
-                );
-                for c in cps {
-                    let mark = if c.is_head_parent { " *" } else { "" };
-                    outln!(
-                        "{:<24} {:<22} {:>12} {:<20} {}{}",
-                        c.name,
-                        time_str(c.created_ms),
-                        human(c.referenced),
-                        c.parent.as_deref().unwrap_or("-"),
-                        c.description.as_deref().unwrap_or(""),
-                        mark
-                    );
-                }
-            }
-        }
-        CheckpointCmd::Apply {
-            target,
-            save_current,
-        } => {
-            let (v, c) = checkpoint_target(&target)?;
-            let reply = store.call(Op::CheckpointApply {
-                volume: v.clone(),
-                name: c,
-                save_current: save_current.clone(),
-            })?;
-            if json {
-                match &reply {
-                    Reply::Volume(i) => print_json(i)?,
-                    Reply::Vm(i) => print_json(i)?,
-                    other => bail!("unexpected reply {other:?}"),
-                }
-            } else {
-                if let Some(s) = save_current {
-                    outln!("saved the previous state as {v}@{s}");
-                }
-                match reply {
-                    Reply::Vm(_) => outln!(
-                        "applied {target}: every disk of VM '{v}' is now that checkpoint's state"
-                    ),
-                    _ => {
-                        outln!("applied {target}: the head of '{v}' is now that checkpoint's state")
-                    }
-                }
-            }
-        }
-        CheckpointCmd::Delete { target } => {
-            let (v, c) = checkpoint_target(&target)?;
-            let sp = spinner("deleting");
-            let op = Op::CheckpointDelete { volume: v, name: c };
-            store.call_with_progress(op, &mut |n| {
-                sp.set_message(format!("deleting {target}: {} freed", human(n)))
-            })?;
-            sp.finish_and_clear();
-            if json {
-                print_json(&serde_json::json!({ "deleted": target }))?;
-            } else {
-                outln!("deleted checkpoint {target}");
-            }
-        }
-        CheckpointCmd::Rename { target, new_name } => {
-            let (v, c) = checkpoint_target(&target)?;
-            let info = store.checkpoint(Op::CheckpointRename {
-                volume: v.clone(),
-                name: c,
-                new_name: new_name.clone(),
-            })?;
-            if json {
-                print_json(&info)?;
-            } else {
-                outln!("renamed {target} to {v}@{new_name}");
-            }
-        }
-    }
-    Ok(())
-}
-
-fn tree_json(
-    cps: &[CheckpointInfo],
-    head: Option<&str>,
-    parent: Option<&str>,
-) -> Vec<serde_json::Value> {
-    cps.iter()
-        .filter(|c| c.parent.as_deref() == parent)
-        .map(|c| {
-            serde_json::json!({
-                "name": c.name,
-                "created_ms": c.created_ms,
-                "description": c.description,
-                "head_here": head == Some(c.name.as_str()),
-                "children": tree_json(cps, head, Some(&c.name)),
-            })
-        })
-        .collect()
-}
-
-/// The lines of `checkpoint list --tree`: each checkpoint under its parent, and the head ("* now")
-/// as the last child of the checkpoint it was last taken or applied from, so the branch drawn
-/// last under a checkpoint is the one closed with "└─".
-fn tree_lines(cps: &[CheckpointInfo], head: Option<&str>) -> Vec<String> {
-    fn walk(
-        cps: &[CheckpointInfo],
-        parent: Option<&str>,
-        indent: &str,
-        head: Option<&str>,
-        out: &mut Vec<String>,
-    ) {
-        let kids: Vec<&CheckpointInfo> = cps
-            .iter()
-            .filter(|c| c.parent.as_deref() == parent)
-            .collect();
-        // A head without a parent checkpoint is reported by the caller, not drawn at the root.
-        let head_here = parent.is_some() && head == parent;
-        for (i, c) in kids.iter().enumerate() {
-            let last = i + 1 == kids.len() && !head_here;
-            let desc = c
-                .description
-                .as_deref()
-                .map(|d| format!("  ({d})"))
-                .unwrap_or_default();
-            out.push(format!(
-                "{indent}{}{} {}{desc}",
-                if last { "└─ " } else { "├─ " },
-                c.name,
-                time_str(c.created_ms)
-            ));
-            let sub = format!("{indent}{}", if last { "   " } else { "│  " });
-            walk(cps, Some(&c.name), &sub, head, out);
-        }
-        if head_here {
-            out.push(format!("{indent}└─ * now"));
-        }
-    }
-    let mut out = Vec::new();
-    walk(cps, None, "", head, &mut out);
-    out
-}
-
 fn demo(dir: &Path) -> Result<()> {
     if !dir.join(cairn_engine::store::DATA_FILE).exists() {
         Store::init(dir, store_options())?;
@@ -1083,65 +807,4 @@ fn demo(dir: &Path) -> Result<()> {
         dir.display()
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cp(name: &str, parent: Option<&str>) -> CheckpointInfo {
-        CheckpointInfo {
-            volume: "v".into(),
-            name: name.into(),
-            size: 0,
-            referenced: 0,
-            parent: parent.map(str::to_string),
-            created_ms: 0,
-            description: None,
-            is_head_parent: false,
-            kind: None,
-        }
-    }
-
-    /// The drawing without the creation times.
-    fn shapes(cps: &[CheckpointInfo], head: Option<&str>) -> Vec<String> {
-        tree_lines(cps, head)
-            .iter()
-            .map(|l| l.split(" 19").next().unwrap_or(l).to_string())
-            .collect()
-    }
-
-    #[test]
-    fn the_head_is_the_last_branch_of_its_checkpoint() {
-        // base has two children (a, with its own child c, and b); the head was applied from base.
-        let cps = [
-            cp("base", None),
-            cp("a", Some("base")),
-            cp("c", Some("a")),
-            cp("b", Some("base")),
-        ];
-        assert_eq!(
-            shapes(&cps, Some("base")),
-            ["└─ base", "   ├─ a", "   │  └─ c", "   ├─ b", "   └─ * now"]
-        );
-        assert_eq!(
-            shapes(&cps, Some("c")),
-            [
-                "└─ base",
-                "   ├─ a",
-                "   │  └─ c",
-                "   │     └─ * now",
-                "   └─ b"
-            ]
-        );
-    }
-
-    #[test]
-    fn several_roots_are_drawn_as_siblings() {
-        let cps = [cp("r1", None), cp("x", Some("r1")), cp("r2", None)];
-        assert_eq!(
-            shapes(&cps, Some("r2")),
-            ["├─ r1", "│  └─ x", "└─ r2", "   └─ * now"]
-        );
-    }
 }

@@ -14,7 +14,7 @@ use clap::Subcommand;
 
 use crate::backend::Backend;
 use crate::units::{human, parse_size};
-use crate::{print_json, time_str};
+use crate::{confirm, print_json, time_str};
 
 #[derive(Subcommand)]
 pub enum VmCmd {
@@ -39,7 +39,9 @@ pub enum VmCmd {
         #[command(flatten)]
         settings: Settings,
     },
-    /// Delete a stopped VM's definition (its volumes and checkpoints stay).
+    /// Delete a stopped VM: its definition, its VM checkpoints' records and their saved memory
+    /// (the VM.state volume) go. Its disks stay as volumes, each keeping its own checkpoint of
+    /// every VM checkpoint (usable with `cairn checkpoint apply DISK@NAME`, clone, export).
     Delete {
         /// VM name.
         name: String,
@@ -194,7 +196,7 @@ fn print_spec(v: &VmSpec) {
 }
 
 /// Runs one `cairn vm` command.
-pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool) -> Result<()> {
+pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool, yes: bool) -> Result<()> {
     match cmd {
         VmCmd::Create { name, settings } => {
             let mut def = settings.definition(name)?;
@@ -263,11 +265,39 @@ pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool) -> Result<()> 
             }
         }
         VmCmd::Delete { name } => {
+            let v = vm(backend.call(Op::VmInfo { name: name.clone() })?)?;
+            let checkpoints = match backend.call(Op::CheckpointList {
+                volume: name.clone(),
+            })? {
+                Reply::VmCheckpoints { checkpoints, .. } => checkpoints,
+                other => bail!("unexpected reply {other:?}"),
+            };
+            let disks = if v.disks.is_empty() {
+                "it has no disks".to_string()
+            } else {
+                format!("its disks {} stay", v.disks.join(", "))
+            };
+            if !checkpoints.is_empty() {
+                confirm(
+                    &format!(
+                        "delete VM '{name}' and its {} checkpoint(s) with their saved memory ({disks}, with their own checkpoints)",
+                        checkpoints.len()
+                    ),
+                    yes,
+                )?;
+            }
             backend.done(Op::VmDelete { name: name.clone() })?;
             if json {
-                print_json(&serde_json::json!({ "deleted": name }))?;
+                print_json(&serde_json::json!({
+                    "deleted": name,
+                    "checkpoints_deleted": checkpoints.iter().map(|c| &c.name).collect::<Vec<_>>(),
+                    "disks_kept": v.disks,
+                }))?;
             } else {
-                outln!("deleted VM '{name}' (its volumes are kept)");
+                outln!(
+                    "deleted VM '{name}': its definition, {} checkpoint record(s) and saved memory are gone; {disks}, each with its own checkpoints",
+                    checkpoints.len()
+                );
             }
         }
         VmCmd::Start { name } => {
@@ -275,10 +305,23 @@ pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool) -> Result<()> 
             print_status(&s, json)?;
         }
         VmCmd::Stop { name, timeout } => {
+            let sp = crate::spinner(&format!(
+                "asked VM '{name}' to power off (ACPI); waiting up to {timeout} s before a hard stop"
+            ));
             let s = status(backend.call(Op::VmStop {
-                name,
+                name: name.clone(),
                 timeout_secs: timeout,
             })?)?;
+            sp.finish_and_clear();
+            if !json {
+                match s.hard_stop {
+                    Some(true) => outln!(
+                        "VM '{name}' did not power off within {timeout} s: QEMU was stopped hard (the guest lost what it had not written, as on a power cut)"
+                    ),
+                    Some(false) => outln!("VM '{name}' powered off"),
+                    None => {}
+                }
+            }
             print_status(&s, json)?;
         }
         VmCmd::Kill { name } => {

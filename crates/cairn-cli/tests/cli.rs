@@ -175,7 +175,11 @@ fn checkpoint_lifecycle_in(e: Env) {
         .collect();
     assert_eq!(
         shape,
-        ["└─ base", "   └─ patched", "      └─ * now"],
+        [
+            "└─ base",
+            "   └─ patched",
+            "      └─ * now (the current state)"
+        ],
         "{tree}"
     );
 
@@ -234,6 +238,131 @@ fn checkpoint_lifecycle_in(e: Env) {
         "freed = unique + its catalog record"
     );
     assert!(ok(&e, &["fsck"]).contains("no problems"));
+    conventions_in(&e);
+}
+
+/// What users bring from virsh, Hyper-V and Proxmox: unnamed checkpoints get a time-based name,
+/// descriptions can be edited, a revert keeps what it replaces, subtrees can be deleted, and a
+/// rename takes VOLUME@NEW.
+fn conventions_in(e: &Env) {
+    let names = |e: &Env| -> Vec<(String, bool)> {
+        json(e, &["checkpoint", "list", "vm"])
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().expect("name").to_string(),
+                    c["automatic"].as_bool().expect("automatic"),
+                )
+            })
+            .collect()
+    };
+    let made = json(e, &["checkpoint", "create", "vm", "-m", "no name"]);
+    let unnamed = made["name"].as_str().expect("name").to_string();
+    assert!(unnamed.starts_with("cp-20"), "{made}");
+    assert_eq!(made["description"], "no name");
+    ok(
+        e,
+        &[
+            "checkpoint",
+            "edit",
+            &format!("vm@{unnamed}"),
+            "-m",
+            "renamed later",
+        ],
+    );
+    let listed = json(e, &["checkpoint", "list", "vm"]);
+    let row = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|c| c["name"] == unnamed.as_str())
+        .expect("listed")
+        .clone();
+    assert_eq!(row["description"], "renamed later");
+    assert_eq!(row["automatic"], false);
+    ok(
+        e,
+        &["checkpoint", "rename", &format!("vm@{unnamed}"), "vm@named"],
+    );
+
+    // The head equals `named`: applying another checkpoint keeps nothing extra.
+    let before = names(e).len();
+    let r = json(e, &["checkpoint", "apply", "vm@base"]);
+    assert_eq!(r["saved_as"], serde_json::Value::Null, "{r}");
+    assert_eq!(names(e).len(), before);
+    // A changed head is kept as an automatic checkpoint, named in the output...
+    ok(
+        e,
+        &[
+            "volume",
+            "write",
+            "vm",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x44",
+            "--length",
+            "4096",
+        ],
+    );
+    let out = ok(e, &["checkpoint", "apply", "vm@named"]);
+    assert!(
+        out.contains("kept the replaced state as vm@auto-20"),
+        "{out}"
+    );
+    let auto: Vec<String> = names(e)
+        .into_iter()
+        .filter(|(_, a)| *a)
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(auto.len(), 1, "{auto:?}");
+    assert!(auto[0].starts_with("auto-20"));
+    assert_eq!(read(e, &format!("vm@{}", auto[0]), 0, 2), vec![0x44; 2]);
+    assert!(ok(e, &["checkpoint", "list", "vm"]).contains("[automatic]"));
+    // ...unless the user discards it.
+    ok(
+        e,
+        &[
+            "volume",
+            "write",
+            "vm",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x55",
+            "--length",
+            "4096",
+        ],
+    );
+    let before = names(e).len();
+    let r = json(e, &["checkpoint", "apply", "vm@base", "--discard-current"]);
+    assert_eq!(r["saved_as"], serde_json::Value::Null);
+    assert_eq!(names(e).len(), before);
+    assert_eq!(read(e, "vm", 0, 2), vec![0x11; 2]);
+
+    // A subtree goes with --children (leaves first); without a terminal it needs --yes.
+    ok(e, &["checkpoint", "create", "vm@t1"]);
+    ok(e, &["checkpoint", "create", "vm@t2"]);
+    ok(e, &["checkpoint", "apply", "vm@t1"]);
+    ok(e, &["checkpoint", "create", "vm@t3"]);
+    fails(
+        e,
+        &["checkpoint", "delete", "vm@t1", "--children"],
+        "add --yes",
+    );
+    let gone = json(e, &["checkpoint", "delete", "vm@t1", "--children", "--yes"]);
+    let gone: Vec<&str> = gone["deleted"]
+        .as_array()
+        .expect("deleted")
+        .iter()
+        .map(|v| v.as_str().expect("name"))
+        .collect();
+    assert_eq!(gone.len(), 3, "{gone:?}");
+    assert_eq!(gone.last(), Some(&"vm@t1"), "the root goes last");
+    assert!(names(e).iter().all(|(n, _)| !n.starts_with('t')));
+    fsck_clean(e);
 }
 
 #[test]
@@ -543,7 +672,31 @@ fn bad_inputs_in(e: Env) {
         &["volume", "create", "b", "--size", "0"],
         "at least 512",
     );
-    fails(&e, &["checkpoint", "create", "a"], "names no checkpoint");
+    fails(&e, &["checkpoint", "apply", "a"], "names no checkpoint");
+    fails(
+        &e,
+        &["checkpoint", "edit", "a@nope", "-m", "x"],
+        "not found",
+    );
+    fails(
+        &e,
+        &["checkpoint", "rename", "a@one", "other@two"],
+        "names 'other', not 'a'",
+    );
+    let both = [
+        "checkpoint",
+        "apply",
+        "a@one",
+        "--save-current",
+        "x",
+        "--discard-current",
+    ];
+    assert_eq!(fails_json(&e, &both), "usage");
+    fails(
+        &e,
+        &["checkpoint", "delete", "a@nope", "--children", "--yes"],
+        "checkpoint 'a@nope' not found",
+    );
     fails(
         &e,
         &[

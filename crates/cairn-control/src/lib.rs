@@ -3,7 +3,14 @@
 //! picks one of the two; the daemon serves [`ops::execute`] over HTTP.
 
 pub mod client;
+pub mod names;
 pub mod ops;
+pub mod reports;
+mod vm_ops;
 
 pub use client::{control_socket, Client, DaemonStatus, CONTROL_SOCKET};
 pub use ops::{execute, ErrorKind, Op, OpError, Reply, MAX_DATA};
+pub use vm_ops::{
+    apply_disks_or_restore, new_vm_checkpoint_name, save_stopped_before_apply,
+    vm_checkpoint_stopped, AUTOMATIC_PREFIX, UNNAMED_PREFIX,
+};

@@ -8,10 +8,12 @@
 
 use cairn_engine::fsck::FsckReport;
 use cairn_engine::{
-    CheckpointInfo, DefragReport, Error as EngineError, Extent, SpaceReport, Store, Target,
-    VolumeInfo,
+    CheckpointInfo, DefragReport, Error as EngineError, Extent, SaveCurrent, SpaceReport, Store,
+    Target, VolumeInfo,
 };
 use cairn_vm::{VmError, VmSpec, VmStatus, VmStore};
+
+use crate::reports::{ApplyReport, VmCheckpointInfo, VmSpaceReport};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -84,8 +86,9 @@ pub enum Op {
     CheckpointCreate {
         /// Volume or VM.
         volume: String,
-        /// Checkpoint name.
-        name: String,
+        /// Checkpoint name; without one, Cairn names it from the time (`cp-YYYYMMDD-HHMMSS`).
+        #[serde(default)]
+        name: Option<String>,
         /// Optional description.
         description: Option<String>,
         /// For a running VM: disks only, no memory state.
@@ -101,21 +104,38 @@ pub enum Op {
         /// Volume.
         volume: String,
     },
-    /// Make the head a checkpoint's state.
+    /// Make the head (or a VM's disks, and memory) a checkpoint's state. The state it replaces
+    /// is kept as a checkpoint first: named `save_current`, else, when it differs from every
+    /// checkpoint, an automatic one (`auto-YYYYMMDD-HHMMSS`), unless `discard_current`.
     CheckpointApply {
-        /// Volume.
+        /// Volume or VM.
         volume: String,
         /// Checkpoint.
         name: String,
-        /// Checkpoint the current head under this name first.
+        /// Keep the current state under this name.
         save_current: Option<String>,
+        /// Keep nothing of the current state.
+        #[serde(default)]
+        discard_current: bool,
     },
-    /// Delete a checkpoint.
+    /// Delete a checkpoint (its children move up to its parent).
     CheckpointDelete {
-        /// Volume.
+        /// Volume or VM.
         volume: String,
         /// Checkpoint.
         name: String,
+        /// Also delete every checkpoint under it.
+        #[serde(default)]
+        children: bool,
+    },
+    /// Replace a checkpoint's description.
+    CheckpointEdit {
+        /// Volume or VM.
+        volume: String,
+        /// Checkpoint.
+        name: String,
+        /// New description (`None` removes it).
+        description: Option<String>,
     },
     /// Rename a checkpoint.
     CheckpointRename {
@@ -162,7 +182,8 @@ pub enum Op {
     },
     /// Change a stopped VM's definition; fields left out stay as they are.
     VmEdit(VmDefinition),
-    /// Delete a stopped VM's definition (its volumes stay).
+    /// Delete a stopped VM: its definition, its VM checkpoint records and its saved memory states
+    /// (the state volume). Its disks stay, each with its own checkpoints, as plain volumes.
     VmDelete {
         /// VM name.
         name: String,
@@ -233,6 +254,21 @@ pub enum Reply {
         /// The head's parent.
         head_parent: Option<String>,
     },
+    /// One VM checkpoint.
+    VmCheckpoint(VmCheckpointInfo),
+    /// A VM's checkpoints and which one it was last taken or applied from.
+    VmCheckpoints {
+        /// All of them, oldest first.
+        checkpoints: Vec<VmCheckpointInfo>,
+        /// The VM's parent checkpoint.
+        head_parent: Option<String>,
+    },
+    /// Checkpoints deleted, in the order they went.
+    Deleted(Vec<String>),
+    /// What an apply did.
+    Applied(ApplyReport),
+    /// A VM's space, per VM checkpoint.
+    VmSpace(VmSpaceReport),
     /// Byte ranges.
     Extents(Vec<Extent>),
     /// Space report.
@@ -346,6 +382,9 @@ impl ErrorKind {
             VmError::Exists(_) => ErrorKind::Exists,
             VmError::Running(_) | VmError::NotRunning(_) => ErrorKind::State,
             VmError::Invalid(_) => ErrorKind::Invalid,
+            VmError::UnknownCheckpoint { .. } => ErrorKind::NotFound,
+            VmError::State(_) => ErrorKind::State,
+            VmError::Engine(e) => ErrorKind::of_engine(e),
             VmError::Qemu(_) | VmError::Qmp(_) => ErrorKind::Vm,
             VmError::Io { .. } => ErrorKind::Io,
         }
@@ -365,7 +404,7 @@ impl From<VmError> for OpError {
 }
 
 /// The VM definitions of the store.
-fn vm_store(store: &Store) -> Result<VmStore, OpError> {
+pub(crate) fn vm_store(store: &Store) -> Result<VmStore, OpError> {
     store.dir().map(VmStore::new).ok_or_else(|| {
         OpError::new(
             ErrorKind::Invalid,
@@ -394,73 +433,41 @@ fn check_disks(store: &Store, vms: &VmStore, spec: &VmSpec) -> Result<(), OpErro
     Ok(())
 }
 
-/// A VM checkpoint shown like a volume checkpoint: sizes are summed over its disks.
-pub fn vm_checkpoint_info(
-    store: &Store,
-    cp: &cairn_vm::checkpoint::VmCheckpoint,
-    head: Option<&str>,
-) -> CheckpointInfo {
-    let (mut size, mut referenced) = (0, 0);
-    for d in &cp.disks {
-        if let Ok(list) = store.list_checkpoints(d) {
-            if let Some(c) = list.iter().find(|c| c.name == cp.name) {
-                size += c.size;
-                referenced += c.referenced;
-            }
-        }
-    }
-    let what = format!("{}: {}", cp.kind_summary(), cp.disks.join(", "));
-    let kind = match &cp.consistency_note {
-        Some(note) => format!("{} ({note})", cp.kind_summary()),
-        None => cp.kind_summary(),
-    };
-    CheckpointInfo {
-        volume: cp.vm.clone(),
-        name: cp.name.clone(),
-        size,
-        referenced,
-        parent: cp.parent.clone(),
-        created_ms: cp.created_ms,
-        description: Some(match &cp.description {
-            Some(d) => format!("{d} ({what})"),
-            None => what,
-        }),
-        is_head_parent: head == Some(cp.name.as_str()),
-        kind: Some(kind),
-    }
-}
-
-/// Takes a checkpoint of a stopped VM (every disk; disk-only).
-pub fn vm_checkpoint_stopped(
-    store: &Store,
-    vms: &VmStore,
-    vm: &str,
-    name: &str,
-    description: Option<&str>,
-) -> Result<cairn_vm::checkpoint::VmCheckpoint, OpError> {
-    use cairn_vm::checkpoint as ck;
-    let spec = vms.get(vm)?;
-    let cp = ck::begin(
-        vms,
-        store,
-        &spec,
-        name,
-        description,
-        false,
-        cairn_vm::now_ms(),
-    )?;
-    if let Err(e) = ck::take_disks(store, &cp).and_then(|_| ck::persist_disks(store, &cp)) {
-        ck::abandon(vms, &cp);
-        return Err(e.into());
-    }
-    Ok(ck::finish(vms, cp)?)
-}
-
-fn needs_daemon(what: &str) -> OpError {
+pub(crate) fn needs_daemon(what: &str) -> OpError {
     OpError::new(
         ErrorKind::State,
         format!("{what} needs the Cairn daemon, which runs and supervises VMs; start it with `cairn serve`"),
     )
+}
+
+/// A name for a new checkpoint of a volume, free on it.
+fn new_volume_checkpoint_name(
+    store: &Store,
+    volume: &str,
+    prefix: &str,
+) -> Result<String, OpError> {
+    let taken: Vec<String> = store
+        .list_checkpoints(volume)?
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    Ok(crate::names::timestamp_name(
+        prefix,
+        cairn_vm::now_ms(),
+        &taken,
+    ))
+}
+
+/// Whether a head differs from the checkpoint it came from (or, without one, holds any data):
+/// what an apply would lose without keeping it.
+fn head_changed(store: &Store, volume: &str) -> Result<bool, OpError> {
+    let info = store.volume_info(volume)?;
+    Ok(match &info.parent {
+        Some(p) => !store
+            .diff(&Target::checkpoint(volume, p), &Target::head(volume))?
+            .is_empty(),
+        None => info.referenced > 0,
+    })
 }
 
 fn checked_len(what: &str, len: u64) -> Result<(), OpError> {
@@ -475,102 +482,10 @@ fn checked_len(what: &str, len: u64) -> Result<(), OpError> {
 
 /// Performs `op` on `store`. `progress` hears the bytes freed so far by deletes.
 pub fn execute(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
-    if let Some(r) = execute_vm_checkpoint(store, &op)? {
+    if let Some(r) = crate::vm_ops::execute_vm_checkpoint(store, &op)? {
         return Ok(r);
     }
     execute_store(store, op, progress)
-}
-
-/// Checkpoint operations whose target names a VM (all its disks at once); `None` otherwise.
-/// Without a daemon nothing runs, so these see a stopped VM.
-fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Reply>, OpError> {
-    use cairn_vm::checkpoint as ck;
-    let Ok(vms) = vm_store(store) else {
-        return Ok(None);
-    };
-    let vm = match op {
-        Op::CheckpointCreate { volume, .. }
-        | Op::CheckpointList { volume }
-        | Op::CheckpointApply { volume, .. }
-        | Op::CheckpointDelete { volume, .. }
-        | Op::CheckpointRename { volume, .. }
-        | Op::Clone { volume, .. } => volume,
-        _ => return Ok(None),
-    };
-    if !vms.exists(vm) {
-        return Ok(None);
-    }
-    Ok(Some(match op {
-        Op::CheckpointCreate {
-            name,
-            description,
-            quiesce,
-            ..
-        } => {
-            if *quiesce {
-                return Err(OpError::new(
-                    ErrorKind::State,
-                    format!("VM '{vm}' is not running, so there is no guest to quiesce; its disks are at rest: take the checkpoint without --quiesce"),
-                ));
-            }
-            let cp = vm_checkpoint_stopped(store, &vms, vm, name, description.as_deref())?;
-            Reply::Checkpoint(vm_checkpoint_info(store, &cp, Some(&cp.name)))
-        }
-        Op::CheckpointList { .. } => {
-            let head = vms.get(vm)?.parent;
-            let checkpoints = vms
-                .checkpoints(vm)?
-                .iter()
-                .filter(|c| !c.pending)
-                .map(|c| vm_checkpoint_info(store, c, head.as_deref()))
-                .collect();
-            Reply::Checkpoints {
-                checkpoints,
-                head_parent: head,
-            }
-        }
-        Op::CheckpointApply {
-            name, save_current, ..
-        } => {
-            let cp = vms.checkpoint(vm, name)?;
-            if cp.kind == ck::CheckpointKind::Standard {
-                return Err(needs_daemon(
-                    "applying a checkpoint with memory state (the guest resumes in QEMU)",
-                ));
-            }
-            if let Some(s) = save_current {
-                vm_checkpoint_stopped(store, &vms, vm, s, None)?;
-            }
-            ck::apply_disks(&vms, store, &cp)?;
-            Reply::Vm(vms.get(vm)?)
-        }
-        Op::CheckpointDelete { name, .. } => {
-            let cp = vms.checkpoint(vm, name)?;
-            ck::delete(&vms, store, &cp)?;
-            Reply::Done
-        }
-        Op::CheckpointRename { name, new_name, .. } => {
-            let cp = vms.checkpoint(vm, name)?;
-            let cp = ck::rename(&vms, store, &cp, new_name)?;
-            let head = vms.get(vm)?.parent;
-            Reply::Checkpoint(vm_checkpoint_info(store, &cp, head.as_deref()))
-        }
-        Op::Clone {
-            checkpoint,
-            new_name,
-            ..
-        } => {
-            let cp = vms.checkpoint(vm, checkpoint)?;
-            Reply::Vm(ck::clone_vm(
-                &vms,
-                store,
-                &cp,
-                new_name,
-                cairn_vm::now_ms(),
-            )?)
-        }
-        _ => return Ok(None),
-    }))
 }
 
 fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
@@ -589,6 +504,23 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
                         format!(
                             "volume '{name}' is a disk of VM '{}'; delete or edit the VM first",
                             vm.name
+                        ),
+                    ));
+                }
+                // A disk detached from its VM still holds parts of the VM's checkpoints.
+                let parts = vms.checkpoints_on(&name)?;
+                if let Some(first) = parts.first() {
+                    let names: Vec<String> = parts
+                        .iter()
+                        .map(|c| format!("{}@{}", c.vm, c.name))
+                        .collect();
+                    return Err(OpError::new(
+                        ErrorKind::State,
+                        format!(
+                            "volume '{name}' holds part of VM checkpoint(s) {}; delete those first (`cairn checkpoint delete {}@{}`)",
+                            names.join(", "),
+                            first.vm,
+                            first.name
                         ),
                     ));
                 }
@@ -630,6 +562,10 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
                     format!("'{volume}' is a volume, not a VM: --quiesce freezes a running guest's file systems through its guest agent"),
                 ));
             }
+            let name = match name {
+                Some(n) => n,
+                None => new_volume_checkpoint_name(store, &volume, crate::vm_ops::UNNAMED_PREFIX)?,
+            };
             Reply::Checkpoint(store.create_checkpoint(&volume, &name, description.as_deref())?)
         }
         Op::CheckpointList { volume } => Reply::Checkpoints {
@@ -640,39 +576,89 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             volume,
             name,
             save_current,
-        } => Reply::Volume(store.apply_checkpoint(&volume, &name, save_current.as_deref())?),
-        Op::CheckpointDelete { volume, name } => {
-            store.delete_checkpoint_with_progress(&volume, &name, progress)?;
-            Reply::Done
+            discard_current,
+        } => {
+            // Checked first, so a bad target takes no automatic checkpoint.
+            store.list_checkpoints(&volume)?;
+            let saved = match save_current {
+                Some(n) => Some((n, false)),
+                None if discard_current || !head_changed(store, &volume)? => None,
+                None => Some((
+                    new_volume_checkpoint_name(store, &volume, crate::vm_ops::AUTOMATIC_PREFIX)?,
+                    true,
+                )),
+            };
+            let save = saved.as_ref().map(|(name, automatic)| SaveCurrent {
+                name,
+                automatic: *automatic,
+            });
+            let info = store.apply_checkpoint_saving(&volume, &name, save)?;
+            Reply::Applied(ApplyReport {
+                applied: Target::checkpoint(&volume, &name).to_string(),
+                saved_automatically: saved.as_ref().is_some_and(|s| s.1),
+                saved_as: saved.map(|s| s.0),
+                vm: None,
+                volume: Some(info),
+            })
+        }
+        Op::CheckpointDelete {
+            volume,
+            name,
+            children,
+        } => {
+            let order: Vec<String> = if children {
+                let all: Vec<(String, Option<String>)> = store
+                    .list_checkpoints(&volume)?
+                    .into_iter()
+                    .map(|c| (c.name, c.parent))
+                    .collect();
+                if !all.iter().any(|c| c.0 == name) {
+                    return Err(EngineError::UnknownCheckpoint { volume, name }.into());
+                }
+                cairn_vm::checkpoint::subtree_leaves_first(&all, &name)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect()
+            } else {
+                vec![name]
+            };
+            let vms = vm_store(store).ok();
+            for n in &order {
+                if let Some(vms) = &vms {
+                    vms.check_not_a_part(&volume, n, "delete")?;
+                }
+            }
+            let mut deleted = Vec::new();
+            for n in order {
+                store.delete_checkpoint_with_progress(&volume, &n, progress)?;
+                deleted.push(Target::checkpoint(&volume, &n).to_string());
+            }
+            Reply::Deleted(deleted)
+        }
+        Op::CheckpointEdit {
+            volume,
+            name,
+            description,
+        } => {
+            Reply::Checkpoint(store.describe_checkpoint(&volume, &name, description.as_deref())?)
         }
         Op::CheckpointRename {
             volume,
             name,
             new_name,
-        } => Reply::Checkpoint(store.rename_checkpoint(&volume, &name, &new_name)?),
+        } => {
+            if let Ok(vms) = vm_store(store) {
+                vms.check_not_a_part(&volume, &name, "rename")?;
+            }
+            Reply::Checkpoint(store.rename_checkpoint(&volume, &name, &new_name)?)
+        }
         Op::Clone {
             volume,
             checkpoint,
             new_name,
         } => Reply::Volume(store.clone_checkpoint(&volume, &checkpoint, &new_name)?),
         Op::Diff { a, b } => Reply::Extents(store.diff(&Target::parse(&a)?, &Target::parse(&b)?)?),
-        Op::Space { volume } => {
-            // A VM's space is that of its disks and of its saved memory states.
-            let vm = match (&volume, vm_store(store)) {
-                (Some(v), Ok(vms)) if vms.exists(v) => Some(vms.get(v)?),
-                _ => None,
-            };
-            match vm {
-                Some(spec) => {
-                    let mut r = store.space(None)?;
-                    let state = cairn_vm::checkpoint::state_volume(&spec.name);
-                    r.volumes
-                        .retain(|v| spec.disks.contains(&v.name) || v.name == state);
-                    Reply::Space(r)
-                }
-                None => Reply::Space(store.space(volume.as_deref())?),
-            }
-        }
+        Op::Space { volume } => Reply::Space(store.space(volume.as_deref())?),
         Op::Fsck => Reply::Fsck(store.fsck()?),
         Op::Flush => {
             store.flush()?;
@@ -760,6 +746,7 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
                 accel: None,
                 last_exit: None,
                 last_exit_ms: None,
+                hard_stop: None,
             })
         }
         Op::VmStart { .. } => return Err(needs_daemon("starting a VM")),
@@ -801,6 +788,7 @@ mod tests {
                 volume: "v".into(),
                 name: "c".into(),
                 save_current: Some("s".into()),
+                discard_current: false,
             },
             Op::Fsck,
         ];

@@ -182,19 +182,57 @@ async fn running_vm_checkpoint(st: &ApiState, op: &Op) -> Option<Result<Reply, O
             } else {
                 Take::Standard
             };
-            Some(take_running(st, volume, name, description.clone(), how).await)
+            let name = match name {
+                Some(n) => n.clone(),
+                None => match blocking(st, {
+                    let vm = volume.clone();
+                    move |store, vms| {
+                        cairn_control::new_vm_checkpoint_name(
+                            store,
+                            vms,
+                            &vm,
+                            cairn_control::UNNAMED_PREFIX,
+                        )
+                    }
+                })
+                .await
+                {
+                    Ok(n) => n,
+                    Err(e) => return Some(Err(e)),
+                },
+            };
+            let taken = take_running(st, volume, &name, description.clone(), how, false).await;
+            Some(taken.map(|cp| {
+                Reply::VmCheckpoint(cairn_control::reports::VmCheckpointInfo::of(
+                    &st.store,
+                    &cp,
+                    Some(&cp.name),
+                ))
+            }))
         }
         Op::CheckpointApply {
             volume,
             name,
             save_current,
+            discard_current,
         } if rt.definitions().exists(volume)
             && (rt.is_running(volume) || is_standard(st, volume, name)) =>
         {
-            Some(apply_running(st, volume, name, save_current.clone()).await)
+            Some(apply_running(st, volume, name, save_current.clone(), *discard_current).await)
         }
         _ => None,
     }
+}
+
+/// Runs `f` on the blocking pool with the store and the VM definitions.
+async fn blocking<T: Send + 'static>(
+    st: &ApiState,
+    f: impl FnOnce(&Store, &cairn_vm::VmStore) -> Result<T, OpError> + Send + 'static,
+) -> Result<T, OpError> {
+    let (store, vms) = (st.store.clone(), st.runtime.definitions().clone());
+    tokio::task::spawn_blocking(move || f(&store, &vms))
+        .await
+        .map_err(join_err)?
 }
 
 fn is_standard(st: &ApiState, vm: &str, name: &str) -> bool {
@@ -287,7 +325,8 @@ async fn take_running(
     name: &str,
     description: Option<String>,
     how: Take,
-) -> Result<Reply, OpError> {
+    automatic: bool,
+) -> Result<cairn_vm::checkpoint::VmCheckpoint, OpError> {
     use cairn_vm::checkpoint as ck;
     let with_memory = matches!(how, Take::Standard);
     let vms = st.runtime.definitions().clone();
@@ -309,6 +348,7 @@ async fn take_running(
         .await
         .map_err(join_err)??
     };
+    cp.automatic = automatic;
     let qmp = st.runtime.qmp(vm)?;
     let state_file = vms.vm_dir(vm).join(format!("state-{name}.tmp"));
     if with_memory {
@@ -507,80 +547,232 @@ async fn take_running(
         relayout_us: relayout_for.map(|d| d.as_micros() as u64),
         store_us: store_for.map(|d| d.as_micros() as u64),
     });
-    let (cp, store) =
-        tokio::task::spawn_blocking(move || ck::finish(&vms, cp).map(|cp| (cp, store)))
-            .await
-            .map_err(join_err)??;
-    let info = cairn_control::ops::vm_checkpoint_info(&store, &cp, Some(&cp.name));
-    Ok(Reply::Checkpoint(info))
+    let cp = tokio::task::spawn_blocking(move || ck::finish(&vms, cp))
+        .await
+        .map_err(join_err)??;
+    Ok(cp)
 }
 
-/// Applying a checkpoint to a VM the daemon runs (or to any VM, for a standard checkpoint): the
-/// current run is discarded (saved first as `save_current` if asked), the disks are rewound, and
-/// the VM resumes from the saved memory (standard) or boots cold (disk-only).
+/// Applying a checkpoint to a VM the daemon runs (or to any VM, for a standard checkpoint).
+/// Everything the apply needs is checked, and the memory state written out for QEMU, before
+/// anything stops; then the state being replaced is kept (as `save_current`, else as an automatic
+/// checkpoint, unless `discard_current`), QEMU is killed, the disks are rewound, and the VM
+/// resumes from the saved memory (standard) or boots cold (disk-only, if it was running). If a
+/// step after the kill fails, the VM is put back to the state kept first.
 async fn apply_running(
     st: &ApiState,
     vm: &str,
     name: &str,
     save_current: Option<String>,
+    discard_current: bool,
 ) -> Result<Reply, OpError> {
+    use cairn_control::reports::{ApplyReport, VmOutcome};
     use cairn_vm::checkpoint as ck;
-    let cp = st.runtime.definitions().checkpoint(vm, name)?;
-    let running = st.runtime.is_running(vm);
-    if let Some(s) = &save_current {
-        if running {
-            take_running(st, vm, s, None, Take::Standard).await?;
-        } else {
-            let (store, vms, s) = (
-                st.store.clone(),
-                st.runtime.definitions().clone(),
-                s.clone(),
-            );
-            let vm2 = vm.to_string();
-            tokio::task::spawn_blocking(move || {
-                cairn_control::ops::vm_checkpoint_stopped(&store, &vms, &vm2, &s, None)
-            })
-            .await
-            .map_err(join_err)??;
-        }
-    }
-    if running {
-        st.runtime.kill(vm).await?;
-    }
-    let store = st.store.clone();
     let vms = st.runtime.definitions().clone();
-    if cp.kind == ck::CheckpointKind::Standard {
-        let t = std::time::Instant::now();
-        let file = vms.vm_dir(vm).join(format!("restore-{name}.tmp"));
-        {
-            let (store, vms, cp, file) = (store.clone(), vms.clone(), cp.clone(), file.clone());
-            tokio::task::spawn_blocking(move || {
-                ck::apply_disks(&vms, &store, &cp)?;
-                ck::load_state(&store, &cp, &file)
-            })
-            .await
-            .map_err(join_err)??;
-        }
-        let r = st.runtime.resume_from(vm, &file).await;
+    let cp = vms.checkpoint(vm, name)?;
+    let running = st.runtime.is_running(vm);
+    let standard = cp.kind == ck::CheckpointKind::Standard;
+    blocking(st, {
+        let cp = cp.clone();
+        move |store, vms| Ok(ck::check_applicable(vms, store, &cp)?)
+    })
+    .await?;
+    if standard || running {
+        cairn_vm::find_qemu()?;
+    }
+    let t = std::time::Instant::now();
+    let file = vms.vm_dir(vm).join(format!("restore-{name}.tmp"));
+    let remove_file = || {
         let _ = std::fs::remove_file(&file);
-        r?;
-        info!(
-            "vm {vm}: applied {name}; the guest resumed after {:?}",
-            t.elapsed()
-        );
-        return Ok(Reply::Vm(vms.get(vm)?));
-    }
-    let op = Op::CheckpointApply {
-        volume: vm.to_string(),
-        name: name.to_string(),
-        save_current: None,
     };
-    let r = tokio::task::spawn_blocking(move || execute(&store, op, &mut |_| {}))
-        .await
-        .map_err(join_err)??;
-    if running {
-        st.runtime.start(vm).await?;
-        info!("vm {vm}: applied {name} and booted it cold");
+    if standard {
+        let (cp, f) = (cp.clone(), file.clone());
+        if let Err(e) = blocking(st, move |store, _| Ok(ck::load_state(store, &cp, &f)?)).await {
+            remove_file();
+            return Err(e);
+        }
     }
-    Ok(r)
+    let saved: Option<(String, bool)> = if running {
+        let wanted = match save_current {
+            Some(n) => Some((n, false)),
+            None if discard_current => None,
+            None => {
+                let vm2 = vm.to_string();
+                let n = blocking(st, move |store, vms| {
+                    cairn_control::new_vm_checkpoint_name(
+                        store,
+                        vms,
+                        &vm2,
+                        cairn_control::AUTOMATIC_PREFIX,
+                    )
+                })
+                .await;
+                match n {
+                    Ok(n) => Some((n, true)),
+                    Err(e) => {
+                        remove_file();
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        if let Some((n, automatic)) = &wanted {
+            if let Err(e) = take_running(st, vm, n, None, Take::Standard, *automatic).await {
+                remove_file();
+                return Err(e);
+            }
+        }
+        wanted
+    } else {
+        let vm2 = vm.to_string();
+        let save = save_current.clone();
+        match blocking(st, move |store, vms| {
+            cairn_control::save_stopped_before_apply(
+                store,
+                vms,
+                &vm2,
+                save.as_deref(),
+                discard_current,
+            )
+        })
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                remove_file();
+                return Err(e);
+            }
+        }
+    };
+    let saved_name = saved.as_ref().map(|s| s.0.clone());
+    if running {
+        if let Err(e) = st.runtime.kill(vm).await {
+            remove_file();
+            return Err(e.into());
+        }
+    }
+    let applied = blocking(st, {
+        let (cp, saved) = (cp.clone(), saved_name.clone());
+        move |store, vms| cairn_control::apply_disks_or_restore(store, vms, &cp, saved.as_deref())
+    })
+    .await;
+    let outcome = match applied {
+        Err(e) => {
+            remove_file();
+            // The disks are back as they were (or the error says why not); so is the VM.
+            if running {
+                if let Some(saved) = &saved_name {
+                    if let Err(r) = resume_saved(st, vm, saved).await {
+                        warn!("vm {vm}: resuming the state kept before the failed apply: {r}");
+                    }
+                }
+            }
+            return Err(e);
+        }
+        Ok(()) if standard => {
+            let r = st.runtime.resume_from(vm, &file).await;
+            remove_file();
+            if let Err(e) = r {
+                let e = OpError::from(e);
+                return Err(put_back(st, vm, name, saved_name.as_deref(), running, e).await);
+            }
+            info!(
+                "vm {vm}: applied {name}; the guest resumed after {:?}",
+                t.elapsed()
+            );
+            if running {
+                VmOutcome::ResumedFromMemory
+            } else {
+                VmOutcome::StartedFromMemory
+            }
+        }
+        Ok(()) if running => {
+            if let Err(e) = st.runtime.start(vm).await {
+                let e = OpError::from(e);
+                return Err(put_back(st, vm, name, saved_name.as_deref(), running, e).await);
+            }
+            info!("vm {vm}: applied {name} and booted it cold");
+            VmOutcome::ColdBoot
+        }
+        Ok(()) => VmOutcome::Stopped,
+    };
+    Ok(Reply::Applied(ApplyReport {
+        applied: format!("{vm}@{name}"),
+        saved_automatically: saved.as_ref().is_some_and(|s| s.1),
+        saved_as: saved_name,
+        vm: Some(outcome),
+        volume: None,
+    }))
+}
+
+/// Resumes a VM from a standard checkpoint (or boots it from a disk-only one): its disks are
+/// rewound to it first.
+async fn resume_saved(st: &ApiState, vm: &str, saved: &str) -> Result<(), OpError> {
+    use cairn_vm::checkpoint as ck;
+    let cp = st.runtime.definitions().checkpoint(vm, saved)?;
+    let file = st
+        .runtime
+        .definitions()
+        .vm_dir(vm)
+        .join(format!("restore-{saved}.tmp"));
+    let standard = cp.kind == ck::CheckpointKind::Standard;
+    {
+        let (cp, f) = (cp.clone(), file.clone());
+        blocking(st, move |store, vms| {
+            ck::apply_disks(vms, store, &cp)?;
+            if standard {
+                ck::load_state(store, &cp, &f)?;
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    let r = if standard {
+        st.runtime.resume_from(vm, &file).await.map(|_| ())
+    } else {
+        st.runtime.start(vm).await.map(|_| ())
+    };
+    let _ = std::fs::remove_file(&file);
+    Ok(r?)
+}
+
+/// After an apply failed once its VM was stopped: puts the VM back to the state kept first
+/// (running again if it ran), and returns the error saying what happened.
+async fn put_back(
+    st: &ApiState,
+    vm: &str,
+    name: &str,
+    saved: Option<&str>,
+    was_running: bool,
+    e: OpError,
+) -> OpError {
+    let Some(saved) = saved else {
+        return OpError::new(
+            e.kind,
+            format!("{e}; applying {vm}@{name} rewound the disks but could not start the VM, and the replaced state was discarded: VM '{vm}' is stopped"),
+        );
+    };
+    let back = if was_running {
+        resume_saved(st, vm, saved).await
+    } else {
+        let saved = saved.to_string();
+        let vm2 = vm.to_string();
+        blocking(st, move |store, vms| {
+            let cp = vms.checkpoint(&vm2, &saved)?;
+            Ok(cairn_vm::checkpoint::apply_disks(vms, store, &cp)?)
+        })
+        .await
+    };
+    match back {
+        Ok(()) => OpError::new(
+            e.kind,
+            format!("{e}; nothing was applied: VM '{vm}' is back as it was ({vm}@{saved})"),
+        ),
+        Err(r) => OpError::new(
+            e.kind,
+            format!(
+                "{e}; putting VM '{vm}' back to {vm}@{saved} failed too ({r}): apply it by hand"
+            ),
+        ),
+    }
 }

@@ -399,8 +399,7 @@ pub struct VolumeRecord {
     /// name once it is deleted.
     pub origin: Option<String>,
     /// Catalog id of the checkpoint this volume was cloned from: what a clone's head is compared
-    /// with before it has checkpoints of its own. Absent in records written before session 16,
-    /// and left dangling when that checkpoint is deleted (the clone owns its references;
+    /// with before it has checkpoints of its own. Absent in older records, and left dangling when that checkpoint is deleted (the clone owns its references;
     /// nothing else follows this id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin_checkpoint: Option<u64>,
@@ -427,6 +426,10 @@ pub struct CheckpointRecord {
     pub created_ms: u64,
     /// Optional description.
     pub description: Option<String>,
+    /// Taken by Cairn itself (the state an apply replaced), not asked for by name. Absent in
+    /// older records, which were all taken by name.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub automatic: bool,
 }
 
 /// A mapping tree that no volume or checkpoint uses any more and that is being freed a step

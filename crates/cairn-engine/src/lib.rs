@@ -15,6 +15,6 @@ pub mod store;
 
 pub use error::{Error, Result};
 pub use store::{
-    validate_name, CheckpointInfo, CheckpointSpace, DefragReport, Extent, Options, SpaceReport,
-    Stats, Store, Target, VolumeInfo, VolumeSpace, DEFRAG_MIN_EXTENTS,
+    validate_name, CheckpointInfo, CheckpointSpace, DefragReport, Extent, Options, SaveCurrent,
+    SpaceReport, Stats, Store, Target, VolumeInfo, VolumeSpace, DEFRAG_MIN_EXTENTS,
 };

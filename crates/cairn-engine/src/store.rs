@@ -228,10 +228,18 @@ pub struct CheckpointInfo {
     pub description: Option<String>,
     /// Whether the volume's head was last taken or applied from it.
     pub is_head_parent: bool,
-    /// What the checkpoint holds, when a layer above the engine says more than "a volume's
-    /// state" (a VM checkpoint: standard or disk-only, and how consistent); `None` here.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    /// Taken by Cairn itself to keep the state an apply replaced, not asked for by name.
+    #[serde(default)]
+    pub automatic: bool,
+}
+
+/// The checkpoint an apply takes of the head it replaces.
+#[derive(Debug, Clone, Copy)]
+pub struct SaveCurrent<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Whether Cairn chose to take it (and its name) rather than the user.
+    pub automatic: bool,
 }
 
 /// One byte range that differs between two states of a volume.
@@ -1619,8 +1627,22 @@ impl Store {
         checkpoint: &str,
         save_current: Option<&str>,
     ) -> Result<VolumeInfo> {
-        if let Some(s) = save_current {
-            validate_name(s)?;
+        let save = save_current.map(|name| SaveCurrent {
+            name,
+            automatic: false,
+        });
+        self.apply_checkpoint_saving(volume, checkpoint, save)
+    }
+
+    /// [`Store::apply_checkpoint`], keeping the head it replaces as `save` in the same commit.
+    pub fn apply_checkpoint_saving(
+        &self,
+        volume: &str,
+        checkpoint: &str,
+        save: Option<SaveCurrent<'_>>,
+    ) -> Result<VolumeInfo> {
+        if let Some(s) = save {
+            validate_name(s.name)?;
         }
         let (vid, vg) = self.volume_gate(volume)?;
         let mut freed = 0;
@@ -1631,10 +1653,10 @@ impl Store {
             self.core.commit_with_free_step(&mut freed, |st| {
                 let vid = st.volume_id(volume)?;
                 let cid = st.checkpoint_id(vid, volume, checkpoint)?;
-                if let Some(s) = save_current {
-                    st.check_new_checkpoint(volume, s)?;
+                if let Some(s) = save {
+                    st.check_new_checkpoint(volume, s.name)?;
                 }
-                let r = st.apply_checkpoint(vid, cid, save_current);
+                let r = st.apply_checkpoint(vid, cid, save);
                 st.poison_on(r)
             })?
         };
@@ -1670,6 +1692,30 @@ impl Store {
             left
         };
         self.finish_drop(left, freed, progress)
+    }
+
+    /// Replaces a checkpoint's description (`None` removes it).
+    pub fn describe_checkpoint(
+        &self,
+        volume: &str,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<CheckpointInfo> {
+        if description.is_some_and(|d| d.len() > MAX_DESCRIPTION) {
+            return Err(Error::Invalid(format!(
+                "description is longer than {MAX_DESCRIPTION} bytes"
+            )));
+        }
+        self.heal()?;
+        let mut st = self.state();
+        let vid = st.volume_id(volume)?;
+        let cid = st.checkpoint_id(vid, volume, name)?;
+        if let Some(c) = st.checkpoints.get_mut(&cid) {
+            c.description = description.map(Into::into);
+        }
+        st.dirty_records.insert(cid);
+        st.commit(false)?;
+        st.checkpoint_info(cid)
     }
 
     /// Renames a checkpoint.
@@ -2000,10 +2046,13 @@ impl State {
         &mut self,
         vid: u64,
         cid: u64,
-        save_current: Option<&str>,
+        save: Option<SaveCurrent<'_>>,
     ) -> Result<VolumeInfo> {
-        if let Some(s) = save_current {
-            self.checkpoint_in_memory(vid, s, None)?;
+        if let Some(s) = save {
+            let id = self.checkpoint_in_memory(vid, s.name, None)?;
+            if let Some(c) = self.checkpoints.get_mut(&id) {
+                c.automatic = s.automatic;
+            }
         }
         let c = self.checkpoints[&cid].clone();
         let v = self.volumes[&vid].clone();
@@ -2156,7 +2205,7 @@ impl State {
             created_ms: c.created_ms,
             description: c.description.clone(),
             is_head_parent: v.parent == Some(id),
-            kind: None,
+            automatic: c.automatic,
         })
     }
 
@@ -2196,6 +2245,7 @@ impl State {
                 parent: v.parent,
                 created_ms: now_ms(),
                 description: description.map(Into::into),
+                automatic: false,
             },
         );
         self.checkpoint_ids.insert((vid, name.into()), id);

@@ -77,9 +77,28 @@ pub struct VmCheckpoint {
     /// no agent was used.
     #[serde(default)]
     pub consistency_note: Option<String>,
+    /// Taken by Cairn to keep the state an apply replaced, not asked for by name.
+    #[serde(default)]
+    pub automatic: bool,
+    /// The VM's memory when taken: a standard checkpoint resumes only into the same memory size.
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// The VM's vCPUs when taken, for the same reason.
+    #[serde(default)]
+    pub cpus: Option<u32>,
 }
 
 impl VmCheckpoint {
+    /// The volumes that hold a checkpoint of its name on its behalf: every disk, and the state
+    /// volume for a standard checkpoint.
+    pub fn parts(&self) -> Vec<String> {
+        let mut parts = self.disks.clone();
+        if self.kind == CheckpointKind::Standard {
+            parts.push(state_volume(&self.vm));
+        }
+        parts
+    }
+
     /// What it holds, in a few words: "standard", "disk-only, application-consistent"...
     pub fn kind_summary(&self) -> String {
         match (self.kind, self.consistency) {
@@ -159,11 +178,46 @@ impl VmStore {
         self.checkpoints(vm)?
             .into_iter()
             .find(|c| c.name == name && !c.pending)
-            .ok_or_else(|| {
-                VmError::Invalid(format!(
-                    "checkpoint '{vm}@{name}' not found; `cairn checkpoint list {vm}` shows the VM's checkpoints"
-                ))
+            .ok_or_else(|| VmError::UnknownCheckpoint {
+                vm: vm.to_string(),
+                name: name.to_string(),
             })
+    }
+
+    /// Every VM checkpoint (of any VM) with a part on `volume`.
+    pub fn checkpoints_on(&self, volume: &str) -> Result<Vec<VmCheckpoint>, VmError> {
+        let mut out = Vec::new();
+        for vm in self.list()? {
+            for cp in self.checkpoints(&vm.name)? {
+                if cp.parts().iter().any(|p| p == volume) {
+                    out.push(cp);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refuses a change to volume checkpoint `volume@checkpoint` when it is part of a VM
+    /// checkpoint: the VM checkpoint would list a part that is gone, and applying it would fail
+    /// half-way. `what` is the change ("delete", "rename").
+    pub fn check_not_a_part(
+        &self,
+        volume: &str,
+        checkpoint: &str,
+        what: &str,
+    ) -> Result<(), VmError> {
+        let owner = self
+            .checkpoints_on(volume)?
+            .into_iter()
+            .find(|c| c.name == checkpoint);
+        match owner {
+            Some(cp) => Err(VmError::State(format!(
+                "checkpoint '{volume}@{checkpoint}' is part of VM checkpoint '{vm}@{name}'; {what} it through the VM: `cairn checkpoint {what} {vm}@{name}`",
+                vm = cp.vm,
+                name = cp.name
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Writes a record atomically.
@@ -205,14 +259,105 @@ fn drop_disk_checkpoints(store: &Store, disks: &[String], name: &str) -> Result<
             Ok(())
             | Err(EngineError::UnknownCheckpoint { .. })
             | Err(EngineError::UnknownVolume(_)) => {}
-            Err(e) => return Err(VmError::Invalid(e.to_string())),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
 }
 
 fn engine(e: EngineError) -> VmError {
-    VmError::Invalid(e.to_string())
+    VmError::Engine(e)
+}
+
+/// Checks everything applying `cp` to its VM needs, before anything is stopped or changed:
+/// every part exists, the VM still has those disks (and, for a standard checkpoint, the same
+/// disks, memory and vCPUs QEMU saved its state with), and none of them belongs to another VM.
+pub fn check_applicable(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Result<(), VmError> {
+    let spec = vms.get(&cp.vm)?;
+    let target = format!("{}@{}", cp.vm, cp.name);
+    for part in cp.parts() {
+        let has = store
+            .list_checkpoints(&part)
+            .map(|list| list.iter().any(|c| c.name == cp.name));
+        match has {
+            Ok(true) => {}
+            Ok(false) | Err(EngineError::UnknownVolume(_)) => {
+                return Err(VmError::State(format!(
+                    "cannot apply {target}: its part '{part}@{}' is missing, so the checkpoint is damaged; nothing was changed (delete it with `cairn checkpoint delete {target}`)",
+                    cp.name
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for d in &cp.disks {
+        if !spec.disks.contains(d) {
+            return Err(VmError::State(format!(
+                "cannot apply {target}: its disk '{d}' is no longer attached to VM '{}'; attach it again (`cairn vm edit {} --disk ...`) or use `cairn checkpoint apply {d}@{}` for that volume alone; nothing was changed",
+                cp.vm, cp.vm, cp.name
+            )));
+        }
+    }
+    if cp.kind == CheckpointKind::Standard {
+        if cp.state_len.is_none() {
+            return Err(VmError::State(format!(
+                "cannot apply {target}: its record names no memory state; nothing was changed"
+            )));
+        }
+        let same_hw = spec.disks == cp.disks
+            && cp.memory.is_none_or(|m| m == spec.memory)
+            && cp.cpus.is_none_or(|c| c == spec.cpus);
+        if !same_hw {
+            return Err(VmError::State(format!(
+                "cannot apply {target}: QEMU saved its memory for {} of memory, {} vCPU(s) and disks {}, and VM '{}' now has {}, {} and {}; edit the VM back to resume it; nothing was changed",
+                cp.memory.map_or("the same amount".to_string(), |m| format!("{} MiB", m >> 20)),
+                cp.cpus.map_or("the same".to_string(), |c| c.to_string()),
+                cp.disks.join(", "),
+                cp.vm,
+                format_args!("{} MiB", spec.memory >> 20),
+                spec.cpus,
+                spec.disks.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the VM's disks differ from the checkpoint it was last taken or applied from (or,
+/// without one, hold any data): a stopped VM whose disks are unchanged loses nothing when a
+/// checkpoint is applied over it.
+pub fn disks_changed(store: &Store, spec: &VmSpec) -> Result<bool, VmError> {
+    for d in &spec.disks {
+        let head = cairn_engine::Target::head(d);
+        let changed = match &spec.parent {
+            Some(p) => match store.diff(&cairn_engine::Target::checkpoint(d, p), &head) {
+                Ok(diff) => !diff.is_empty(),
+                Err(EngineError::UnknownCheckpoint { .. }) => true,
+                Err(e) => return Err(e.into()),
+            },
+            None => store.volume_info(d)?.referenced > 0,
+        };
+        if changed {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The checkpoints under `name` (its children, theirs, ...), leaves first, so deleting them in
+/// order never deletes a checkpoint before its descendants; `name` itself is last.
+pub fn subtree_leaves_first<'a>(
+    all: &'a [(String, Option<String>)],
+    name: &'a str,
+) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    for (child, parent) in all {
+        if parent.as_deref() == Some(name) {
+            out.extend(subtree_leaves_first(all, child));
+        }
+    }
+    out.push(name);
+    out
 }
 
 /// Records a pending checkpoint (call before the disks are checkpointed).
@@ -227,10 +372,10 @@ pub fn begin(
 ) -> Result<VmCheckpoint, VmError> {
     cairn_engine::validate_name(name).map_err(engine)?;
     if vms.checkpoints(&spec.name)?.iter().any(|c| c.name == name) {
-        return Err(VmError::Invalid(format!(
-            "checkpoint '{}@{name}' already exists; pick another name or delete it first",
-            spec.name
-        )));
+        return Err(VmError::Engine(EngineError::CheckpointExists {
+            volume: spec.name.clone(),
+            name: name.to_string(),
+        }));
     }
     if spec.disks.is_empty() {
         return Err(VmError::Invalid(format!(
@@ -246,10 +391,10 @@ pub fn begin(
             .iter()
             .any(|c| c.name == name)
         {
-            return Err(VmError::Invalid(format!(
-                "disk '{d}' of VM '{}' already has a checkpoint '{name}'; pick another name",
-                spec.name
-            )));
+            return Err(VmError::Engine(EngineError::CheckpointExists {
+                volume: d.clone(),
+                name: name.to_string(),
+            }));
         }
     }
     let cp = VmCheckpoint {
@@ -266,6 +411,9 @@ pub fn begin(
         timings: None,
         consistency: (!running).then_some(Consistency::VmStopped),
         consistency_note: None,
+        automatic: false,
+        memory: Some(spec.memory),
+        cpus: Some(spec.cpus),
     };
     vms.save_checkpoint(&cp)?;
     Ok(cp)
@@ -318,8 +466,16 @@ pub fn apply_disks(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Result<()
     vms.save(&spec)
 }
 
-/// Deletes a VM checkpoint: each disk's engine checkpoint, then the record.
+/// Deletes a VM checkpoint: its children move up to its parent (as each disk's engine
+/// checkpoints do), then each part's engine checkpoint goes, then the record. A crash part-way
+/// leaves the children already re-parented, which is the final shape.
 pub fn delete(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Result<(), VmError> {
+    for mut child in vms.checkpoints(&cp.vm)? {
+        if child.parent.as_deref() == Some(cp.name.as_str()) {
+            child.parent = cp.parent.clone();
+            vms.save_checkpoint(&child)?;
+        }
+    }
     drop_disk_checkpoints(store, &cp.disks, &cp.name)?;
     drop_disk_checkpoints(store, &[state_volume(&cp.vm)], &cp.name)?;
     vms.remove_checkpoint(&cp.vm, &cp.name)?;
@@ -329,6 +485,22 @@ pub fn delete(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Result<(), VmE
         vms.save(&spec)?;
     }
     Ok(())
+}
+
+/// Replaces a VM checkpoint's description, on its record and on each disk's checkpoint.
+pub fn describe(
+    vms: &VmStore,
+    store: &Store,
+    cp: &VmCheckpoint,
+    description: Option<&str>,
+) -> Result<VmCheckpoint, VmError> {
+    for d in &cp.disks {
+        store.describe_checkpoint(d, &cp.name, description)?;
+    }
+    let mut cp = cp.clone();
+    cp.description = description.map(str::to_string);
+    vms.save_checkpoint(&cp)?;
+    Ok(cp)
 }
 
 /// Renames a VM checkpoint: each disk's engine checkpoint, the record, and references to it.

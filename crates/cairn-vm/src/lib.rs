@@ -31,6 +31,21 @@ pub enum VmError {
     /// A request that cannot be done as asked.
     #[error("{0}")]
     Invalid(String),
+    /// No checkpoint of that name on the VM.
+    #[error("checkpoint '{vm}@{name}' not found; `cairn checkpoint list {vm}` shows the VM's checkpoints")]
+    UnknownCheckpoint {
+        /// VM name.
+        vm: String,
+        /// Checkpoint name.
+        name: String,
+    },
+    /// Something the request would change is protected or in use (a part of a VM checkpoint,
+    /// a disk of another VM...); the message says what and how to proceed.
+    #[error("{0}")]
+    State(String),
+    /// The store failed or refused an operation on one of the VM's volumes.
+    #[error(transparent)]
+    Engine(#[from] cairn_engine::Error),
     /// QEMU is missing, too old, or failed.
     #[error("{0}")]
     Qemu(String),

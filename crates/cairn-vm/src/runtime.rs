@@ -119,6 +119,9 @@ pub struct VmStatus {
     pub last_exit_ms: Option<u64>,
     /// Serial console log.
     pub console: PathBuf,
+    /// After a stop: whether the guest ignored the power-off request and QEMU was stopped hard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_stop: Option<bool>,
 }
 
 struct Running {
@@ -466,7 +469,9 @@ impl Runtime {
                 let _ = exited.wait_for(|e| *e).await;
             }
         }
-        Ok(self.status(name))
+        let mut status = self.status(name);
+        status.hard_stop = Some(!graceful);
+        Ok(status)
     }
 
     /// Kills QEMU at once (the guest loses what it had not flushed, as on power loss).
@@ -546,6 +551,7 @@ impl Runtime {
             last_exit: last.as_ref().map(|e| e.0.clone()),
             last_exit_ms: last.map(|e| e.1),
             console: self.vms.vm_dir(name).join("console.log"),
+            hard_stop: None,
         }
     }
 

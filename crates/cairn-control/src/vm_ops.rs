@@ -1,0 +1,272 @@
+//! Checkpoint operations whose target names a VM: every disk (and the memory state) at once.
+//! Without a daemon nothing runs, so these see a stopped VM; the daemon handles the running
+//! cases itself and calls back into the helpers here for the rest.
+
+use cairn_engine::Store;
+use cairn_vm::checkpoint::{self as ck, CheckpointKind, VmCheckpoint};
+use cairn_vm::{VmError, VmStore};
+
+use crate::names::timestamp_name;
+use crate::ops::{needs_daemon, vm_store, ErrorKind, Op, OpError, Reply};
+use crate::reports::{ApplyReport, VmCheckpointInfo, VmOutcome, VmSpaceReport};
+
+/// Prefix of checkpoints created without a name.
+pub const UNNAMED_PREFIX: &str = "cp";
+/// Prefix of the checkpoints an apply takes of the state it replaces.
+pub const AUTOMATIC_PREFIX: &str = "auto";
+
+/// The names of a VM's checkpoints (pending ones included, since their names are taken).
+fn vm_checkpoint_names(vms: &VmStore, vm: &str) -> Result<Vec<String>, VmError> {
+    Ok(vms.checkpoints(vm)?.into_iter().map(|c| c.name).collect())
+}
+
+/// A name for a new checkpoint of a VM, free on the VM and on every disk.
+pub fn new_vm_checkpoint_name(
+    store: &Store,
+    vms: &VmStore,
+    vm: &str,
+    prefix: &str,
+) -> Result<String, OpError> {
+    let mut taken = vm_checkpoint_names(vms, vm)?;
+    for d in vms.get(vm)?.disks {
+        taken.extend(store.list_checkpoints(&d)?.into_iter().map(|c| c.name));
+    }
+    Ok(timestamp_name(prefix, cairn_vm::now_ms(), &taken))
+}
+
+/// Takes a checkpoint of a stopped VM (every disk; disk-only).
+pub fn vm_checkpoint_stopped(
+    store: &Store,
+    vms: &VmStore,
+    vm: &str,
+    name: &str,
+    description: Option<&str>,
+    automatic: bool,
+) -> Result<VmCheckpoint, OpError> {
+    let spec = vms.get(vm)?;
+    let mut cp = ck::begin(
+        vms,
+        store,
+        &spec,
+        name,
+        description,
+        false,
+        cairn_vm::now_ms(),
+    )?;
+    cp.automatic = automatic;
+    if let Err(e) = ck::take_disks(store, &cp).and_then(|_| ck::persist_disks(store, &cp)) {
+        ck::abandon(vms, &cp);
+        return Err(e.into());
+    }
+    Ok(ck::finish(vms, cp)?)
+}
+
+/// What to keep of a stopped VM's current disks before an apply: the name asked for, else an
+/// automatic checkpoint when they differ from the checkpoint they came from, unless discarded.
+/// Returns the name and whether Cairn chose it.
+pub fn save_stopped_before_apply(
+    store: &Store,
+    vms: &VmStore,
+    vm: &str,
+    save_current: Option<&str>,
+    discard_current: bool,
+) -> Result<Option<(String, bool)>, OpError> {
+    let name = match save_current {
+        Some(n) => (n.to_string(), false),
+        None if discard_current => return Ok(None),
+        None if !ck::disks_changed(store, &vms.get(vm)?)? => return Ok(None),
+        None => (
+            new_vm_checkpoint_name(store, vms, vm, AUTOMATIC_PREFIX)?,
+            true,
+        ),
+    };
+    vm_checkpoint_stopped(store, vms, vm, &name.0, None, name.1)?;
+    Ok(Some(name))
+}
+
+/// Rewinds a stopped VM's disks to `cp`; if that fails part-way, puts them back to `saved`
+/// (the checkpoint just taken of them) so the VM is left as it was, and says so.
+pub fn apply_disks_or_restore(
+    store: &Store,
+    vms: &VmStore,
+    cp: &VmCheckpoint,
+    saved: Option<&str>,
+) -> Result<(), OpError> {
+    let Err(e) = ck::apply_disks(vms, store, cp) else {
+        return Ok(());
+    };
+    let e = OpError::from(e);
+    let Some(saved) = saved else {
+        return Err(OpError::new(
+            e.kind,
+            format!(
+                "{e}; applying {}@{} stopped part-way and the replaced state was discarded: apply a checkpoint again to make the disks consistent",
+                cp.vm, cp.name
+            ),
+        ));
+    };
+    let restored = vms
+        .checkpoint(&cp.vm, saved)
+        .and_then(|back| ck::apply_disks(vms, store, &back));
+    Err(match restored {
+        Ok(()) => OpError::new(
+            e.kind,
+            format!(
+                "{e}; nothing was applied: VM '{}' is back as it was ({}@{saved})",
+                cp.vm, cp.vm
+            ),
+        ),
+        Err(r) => OpError::new(
+            e.kind,
+            format!(
+                "{e}; putting VM '{}' back to {}@{saved} failed too ({r}): apply it by hand",
+                cp.vm, cp.vm
+            ),
+        ),
+    })
+}
+
+/// Checkpoint operations whose target names a VM; `None` when it names a volume.
+pub(crate) fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Reply>, OpError> {
+    let Ok(vms) = vm_store(store) else {
+        return Ok(None);
+    };
+    let vm = match op {
+        Op::CheckpointCreate { volume, .. }
+        | Op::CheckpointList { volume }
+        | Op::CheckpointApply { volume, .. }
+        | Op::CheckpointDelete { volume, .. }
+        | Op::CheckpointEdit { volume, .. }
+        | Op::CheckpointRename { volume, .. }
+        | Op::Clone { volume, .. } => volume,
+        Op::Space { volume: Some(v) } => v,
+        _ => return Ok(None),
+    };
+    if !vms.exists(vm) {
+        return Ok(None);
+    }
+    let head = || -> Result<Option<String>, OpError> { Ok(vms.get(vm)?.parent) };
+    Ok(Some(match op {
+        Op::CheckpointCreate {
+            name,
+            description,
+            quiesce,
+            ..
+        } => {
+            if *quiesce {
+                return Err(OpError::new(
+                    ErrorKind::State,
+                    format!("VM '{vm}' is not running, so there is no guest to quiesce; its disks are at rest: take the checkpoint without --quiesce"),
+                ));
+            }
+            let name = match name {
+                Some(n) => n.clone(),
+                None => new_vm_checkpoint_name(store, &vms, vm, UNNAMED_PREFIX)?,
+            };
+            let cp = vm_checkpoint_stopped(store, &vms, vm, &name, description.as_deref(), false)?;
+            Reply::VmCheckpoint(VmCheckpointInfo::of(store, &cp, Some(&cp.name)))
+        }
+        Op::CheckpointList { .. } => {
+            let head = head()?;
+            let checkpoints = vms
+                .checkpoints(vm)?
+                .iter()
+                .filter(|c| !c.pending)
+                .map(|c| VmCheckpointInfo::of(store, c, head.as_deref()))
+                .collect();
+            Reply::VmCheckpoints {
+                checkpoints,
+                head_parent: head,
+            }
+        }
+        Op::CheckpointApply {
+            name,
+            save_current,
+            discard_current,
+            ..
+        } => {
+            let cp = vms.checkpoint(vm, name)?;
+            ck::check_applicable(&vms, store, &cp)?;
+            if cp.kind == CheckpointKind::Standard {
+                return Err(needs_daemon(
+                    "applying a checkpoint with memory state (the guest resumes in QEMU)",
+                ));
+            }
+            let saved = save_stopped_before_apply(
+                store,
+                &vms,
+                vm,
+                save_current.as_deref(),
+                *discard_current,
+            )?;
+            apply_disks_or_restore(store, &vms, &cp, saved.as_ref().map(|s| s.0.as_str()))?;
+            Reply::Applied(ApplyReport {
+                applied: format!("{vm}@{name}"),
+                saved_automatically: saved.as_ref().is_some_and(|s| s.1),
+                saved_as: saved.map(|s| s.0),
+                vm: Some(VmOutcome::Stopped),
+                volume: None,
+            })
+        }
+        Op::CheckpointDelete { name, children, .. } => {
+            let cp = vms.checkpoint(vm, name)?;
+            let order: Vec<String> = if *children {
+                let all: Vec<(String, Option<String>)> = vms
+                    .checkpoints(vm)?
+                    .into_iter()
+                    .filter(|c| !c.pending)
+                    .map(|c| (c.name, c.parent))
+                    .collect();
+                ck::subtree_leaves_first(&all, &cp.name)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect()
+            } else {
+                vec![cp.name.clone()]
+            };
+            let mut deleted = Vec::new();
+            for n in order {
+                let c = vms.checkpoint(vm, &n)?;
+                ck::delete(&vms, store, &c)?;
+                deleted.push(format!("{vm}@{n}"));
+            }
+            Reply::Deleted(deleted)
+        }
+        Op::CheckpointEdit {
+            name, description, ..
+        } => {
+            let cp = vms.checkpoint(vm, name)?;
+            let cp = ck::describe(&vms, store, &cp, description.as_deref())?;
+            Reply::VmCheckpoint(VmCheckpointInfo::of(store, &cp, head()?.as_deref()))
+        }
+        Op::CheckpointRename { name, new_name, .. } => {
+            let cp = vms.checkpoint(vm, name)?;
+            let cp = ck::rename(&vms, store, &cp, new_name)?;
+            Reply::VmCheckpoint(VmCheckpointInfo::of(store, &cp, head()?.as_deref()))
+        }
+        Op::Clone {
+            checkpoint,
+            new_name,
+            ..
+        } => {
+            let cp = vms.checkpoint(vm, checkpoint)?;
+            Reply::Vm(ck::clone_vm(
+                &vms,
+                store,
+                &cp,
+                new_name,
+                cairn_vm::now_ms(),
+            )?)
+        }
+        Op::Space { .. } => {
+            // A VM's space is that of its disks and of its saved memory states.
+            let spec = vms.get(vm)?;
+            let mut r = store.space(None)?;
+            let state = ck::state_volume(&spec.name);
+            r.volumes
+                .retain(|v| spec.disks.contains(&v.name) || v.name == state);
+            Reply::VmSpace(VmSpaceReport::of(vm, &vms.checkpoints(vm)?, r))
+        }
+        _ => return Ok(None),
+    }))
+}
