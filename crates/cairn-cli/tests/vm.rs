@@ -262,13 +262,28 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
     assert!(ok(&e, &["checkpoint", "list", "g1", "--tree"]).contains("c1"));
     fails(&e, &["checkpoint", "create", "g1@c1"], "already exists");
     fails(&e, &["checkpoint", "apply", "g1@nosuch"], "not found");
+    // A damaged checkpoint is refused before the running VM is touched.
+    let pid = json(&e, &["vm", "status", "g1"])["pid"].clone();
+    let record = e.store.join("vms/g1/checkpoints/blank.json");
+    let good = std::fs::read_to_string(&record).expect("record");
+    std::fs::write(&record, good.replace("\"d2\"", "\"gone\"")).expect("damage");
+    fails(&e, &["checkpoint", "apply", "g1@blank"], "is missing");
+    std::fs::write(&record, good).expect("repair");
+    let st = json(&e, &["vm", "status", "g1"]);
+    assert_eq!(
+        (&st["state"], &st["pid"]),
+        (&"running".into(), &pid),
+        "{st}"
+    );
     // Applying to the running VM discards the run and boots the checkpoint's disks cold.
     let ups = |log: &str| log.matches("cairn-guest: up").count();
     let before = ups(&ok(&e, &["vm", "console", "g1"]));
-    ok(
+    let r = json(
         &e,
         &["checkpoint", "apply", "g1@c1", "--save-current", "later"],
     );
+    assert_eq!(r["vm"], "cold-boot", "{r}");
+    assert_eq!(r["saved_as"], "later", "{r}");
     assert_eq!(json(&e, &["vm", "status", "g1"])["state"], "running");
     let t = Instant::now();
     while ups(&ok(&e, &["vm", "console", "g1"])) == before {
@@ -310,12 +325,17 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
         &["volume", "read", "d1@c1", "--offset", "0", "--length", "1"],
         "not found",
     );
-    assert_eq!(
-        json(&e, &["checkpoint", "list", "g1"])
-            .as_array()
-            .map(|a| a.len()),
-        Some(2)
-    );
+    // Left: blank, newer, and the automatic checkpoint of the run that the stopped apply of c1
+    // replaced.
+    let list = json(&e, &["checkpoint", "list", "g1"]);
+    let auto: Vec<&serde_json::Value> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|c| c["automatic"] == true)
+        .collect();
+    assert_eq!(list.as_array().map(|a| a.len()), Some(3), "{list}");
+    assert_eq!(auto.len(), 1, "{list}");
     drop(d);
     fsck_clean(&e);
 }
@@ -330,11 +350,13 @@ fn standard_checkpoint_resumes_the_guest_where_it_was() {
     wait_console(&e, "g1", "cairn-counter 00000003", 90);
     // A standard checkpoint: disks plus memory, taken while the guest keeps running.
     let cp = json(&e, &["checkpoint", "create", "g1@m1"]);
-    assert!(
-        cp["description"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("standard"),
+    assert_eq!(cp["kind"], "standard", "{cp}");
+    // Its size counts its memory: disks + memory = total.
+    let memory = cp["memory_referenced"].as_u64().expect("memory");
+    assert!(memory > 16 << 20, "{cp}");
+    assert_eq!(
+        cp["referenced"].as_u64(),
+        Some(cp["disks_referenced"].as_u64().expect("disks") + memory),
         "{cp}"
     );
     let at = counter_in(&e, "d1@m1");
@@ -364,6 +386,16 @@ fn standard_checkpoint_resumes_the_guest_where_it_was() {
         "m1 shares all but {} bytes of its state with m2",
         unique("m1")
     );
+    let vm_space = json(&e, &["space", "g1"]);
+    let m1 = &vm_space["checkpoints"][0];
+    assert_eq!(m1["name"], "m1", "{vm_space}");
+    assert_eq!(m1["memory_referenced"], referenced, "{vm_space}");
+    assert_eq!(
+        m1["unique"].as_u64(),
+        Some(m1["disks_unique"].as_u64().expect("d") + m1["memory_unique"].as_u64().expect("m")),
+        "{vm_space}"
+    );
+    assert!(ok(&e, &["space", "g1"]).contains("MEMORY (ref / unique)"));
     // The guest runs on, then its disk is damaged behind its back.
     wait_console(&e, "g1", &format!("cairn-counter {:08}", at + 3), 60);
     ok(&e, &["vm", "kill", "g1"]);
@@ -381,10 +413,21 @@ fn standard_checkpoint_resumes_the_guest_where_it_was() {
             "1M",
         ],
     );
+    // QEMU saved m1 for 256 MiB of memory: with another size it cannot resume, which is said
+    // before anything changes.
+    ok(&e, &["vm", "edit", "g1", "--memory", "512M"]);
+    fails(&e, &["checkpoint", "apply", "g1@m1"], "edit the VM back");
+    assert_eq!(json(&e, &["vm", "status", "g1"])["state"], "stopped");
+    ok(&e, &["vm", "edit", "g1", "--memory", "256M"]);
     let before = ok(&e, &["vm", "console", "g1"]).len();
     // Apply: the disks come back and the guest resumes from its saved memory: no boot, and the
     // next counter follows the one it had when the checkpoint was taken.
-    ok(&e, &["checkpoint", "apply", "g1@m1"]);
+    let r = json(&e, &["checkpoint", "apply", "g1@m1"]);
+    assert_eq!(r["vm"], "started-from-memory", "{r}");
+    assert_eq!(
+        r["saved_automatically"], true,
+        "the damaged disk is kept: {r}"
+    );
     assert_eq!(json(&e, &["vm", "status", "g1"])["state"], "running");
     let t = Instant::now();
     let first = loop {
@@ -619,12 +662,9 @@ fn disk_only_checkpoints_are_application_consistent_when_the_guest_agent_answers
         .as_array()
         .and_then(|a| a.iter().find(|c| c["name"] == "frozen"))
         .expect("listed");
-    assert!(
-        frozen["kind"]
-            .as_str()
-            .is_some_and(|k| k.starts_with("disk-only, application-consistent")),
-        "{frozen}"
-    );
+    assert_eq!(frozen["kind"], "disk-only", "{frozen}");
+    assert_eq!(frozen["consistency"], "application", "{frozen}");
+    assert!(ok(&e, &["checkpoint", "list", "app"]).contains("disk-only, application-consistent"));
     assert!(d.log().contains("file systems frozen"), "{}", d.log());
     fails(
         &e,
@@ -677,5 +717,188 @@ fn disk_only_checkpoints_are_application_consistent_when_the_guest_agent_answers
     );
     ok(&e, &["vm", "kill", "app"]);
     drop(d);
+    fsck_clean(&e);
+}
+
+/// The names in `checkpoint list --tree`, in drawing order, without the tree's lines and times.
+fn tree_names(e: &Env, vm: &str) -> Vec<String> {
+    ok(e, &["checkpoint", "list", vm, "--tree"])
+        .lines()
+        .filter_map(|l| {
+            l.trim_start_matches(|c: char| " │├└─".contains(c))
+                .split_whitespace()
+                .next()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+#[test]
+fn a_vm_checkpoint_is_one_object() {
+    a_vm_checkpoint_is_one_object_in(env());
+}
+
+#[test]
+fn a_vm_checkpoint_is_one_object_through_daemon() {
+    a_vm_checkpoint_is_one_object_in(env_with_daemon());
+}
+
+/// A stopped VM's checkpoints: deleting one re-parents its children, its parts cannot be broken
+/// one by one, a damaged one is refused before anything changes, and deleting the VM keeps its
+/// disks' checkpoints usable.
+fn a_vm_checkpoint_is_one_object_in(e: Env) {
+    ok(&e, &["volume", "create", "d", "--size", "16M"]);
+    ok(&e, &["volume", "create", "other", "--size", "16M"]);
+    define(&e, "v", &["d"]);
+    let write = |byte: &str| {
+        ok(
+            &e,
+            &[
+                "volume",
+                "write",
+                "d",
+                "--offset",
+                "0",
+                "--pattern",
+                byte,
+                "--length",
+                "4096",
+            ],
+        )
+    };
+    write("0x0a");
+    ok(&e, &["checkpoint", "create", "v@a"]);
+    write("0x0b");
+    ok(&e, &["checkpoint", "create", "v@b"]);
+    write("0x0c");
+    ok(&e, &["checkpoint", "create", "v@c"]);
+    let list = json(&e, &["checkpoint", "list", "v"]);
+    assert_eq!(list[0]["kind"], "disk-only", "{list}");
+    assert_eq!(list[0]["consistency"], "vm-stopped", "{list}");
+    assert_eq!(list[0]["referenced"], 4096);
+    assert_eq!(list[0]["memory_referenced"], 0);
+
+    // Deleting a middle checkpoint hands its child to its parent, in the record and the tree.
+    ok(&e, &["checkpoint", "delete", "v@b"]);
+    let list = json(&e, &["checkpoint", "list", "v"]);
+    assert_eq!(list[1]["name"], "c");
+    assert_eq!(list[1]["parent"], "a", "{list}");
+    assert_eq!(tree_names(&e, "v"), ["a", "c", "*"]);
+    ok(&e, &["checkpoint", "delete", "v@a"]);
+    assert_eq!(tree_names(&e, "v"), ["c", "*"]);
+    let list = json(&e, &["checkpoint", "list", "v"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["parent"], serde_json::Value::Null);
+
+    // Its parts are protected: refused with the VM checkpoint's name, through the VM allowed.
+    fails(
+        &e,
+        &["checkpoint", "delete", "d@c"],
+        "part of VM checkpoint 'v@c'",
+    );
+    fails(
+        &e,
+        &["checkpoint", "rename", "d@c", "x"],
+        "part of VM checkpoint 'v@c'",
+    );
+    assert_eq!(fails_json(&e, &["checkpoint", "delete", "d@c"]), "state");
+    // A disk detached from the VM still holds the VM checkpoint's part.
+    ok(&e, &["vm", "edit", "v", "--disk", "other"]);
+    fails(
+        &e,
+        &["volume", "delete", "d", "--yes"],
+        "part of VM checkpoint(s) v@c",
+    );
+    // ...and the VM checkpoint cannot be applied while its disk is detached.
+    fails(&e, &["checkpoint", "apply", "v@c"], "no longer attached");
+    ok(&e, &["vm", "edit", "v", "--disk", "d"]);
+
+    // A damaged checkpoint (a part gone behind Cairn's back) is refused before anything changes.
+    let record = e.store.join("vms/v/checkpoints/c.json");
+    let good = std::fs::read_to_string(&record).expect("record");
+    let mut damaged: serde_json::Value = serde_json::from_str(&good).expect("json");
+    damaged["disks"] = serde_json::json!(["d", "other"]);
+    std::fs::write(&record, damaged.to_string()).expect("damage");
+    write("0x0d");
+    fails(&e, &["checkpoint", "apply", "v@c"], "is missing");
+    let kept = ok(
+        &e,
+        &["volume", "read", "d", "--offset", "0", "--length", "1"],
+    );
+    assert_eq!(kept.as_bytes(), [0x0d], "nothing was changed");
+    assert_eq!(
+        json(&e, &["checkpoint", "list", "v"])
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    std::fs::write(&record, good).expect("repair");
+
+    // An apply over changed disks keeps them as an automatic checkpoint and says so.
+    let r = json(&e, &["checkpoint", "apply", "v@c"]);
+    assert_eq!(r["vm"], "stopped", "{r}");
+    assert_eq!(r["saved_automatically"], true, "{r}");
+    let auto = r["saved_as"].as_str().expect("saved").to_string();
+    let list = json(&e, &["checkpoint", "list", "v"]);
+    assert!(
+        list.as_array()
+            .expect("list")
+            .iter()
+            .any(|c| c["name"] == auto.as_str() && c["automatic"] == true),
+        "{list}"
+    );
+    let out = ok(&e, &["checkpoint", "apply", &format!("v@{auto}")]);
+    assert!(out.contains("the VM: stopped"), "{out}");
+    assert_eq!(
+        ok(
+            &e,
+            &["volume", "read", "d", "--offset", "0", "--length", "1"]
+        )
+        .as_bytes(),
+        [0x0d]
+    );
+    // Unnamed, edited, renamed as VM@NEW.
+    let made = json(&e, &["checkpoint", "create", "v"]);
+    let name = made["name"].as_str().expect("name").to_string();
+    assert!(name.starts_with("cp-20"), "{made}");
+    ok(
+        &e,
+        &[
+            "checkpoint",
+            "edit",
+            &format!("v@{name}"),
+            "-m",
+            "described",
+        ],
+    );
+    ok(
+        &e,
+        &["checkpoint", "rename", &format!("v@{name}"), "v@named"],
+    );
+    let list = json(&e, &["checkpoint", "list", "v"]);
+    let named = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|c| c["name"] == "named")
+        .expect("renamed")
+        .clone();
+    assert_eq!(named["description"], "described");
+
+    // Deleting the VM (confirmed) keeps its disk and the disk's own checkpoints, now plain ones.
+    fails(&e, &["vm", "delete", "v"], "add --yes");
+    let out = json(&e, &["vm", "delete", "v", "--yes"]);
+    assert_eq!(out["disks_kept"], serde_json::json!(["d"]));
+    ok(&e, &["checkpoint", "apply", "d@c", "--discard-current"]);
+    assert_eq!(
+        ok(
+            &e,
+            &["volume", "read", "d", "--offset", "0", "--length", "1"]
+        )
+        .as_bytes(),
+        [0x0c]
+    );
+    ok(&e, &["checkpoint", "delete", "d@named"]);
+    fails(&e, &["volume", "info", "v.state"], "not found");
     fsck_clean(&e);
 }
