@@ -81,6 +81,18 @@ enum Cmd {
     /// Define, run and inspect VMs whose disks are Cairn volumes.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Print a shell completion script (e.g. `cairn completions bash > /etc/bash_completion.d/cairn`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages: cairn.1 and one per command (cairn-checkpoint-apply.1...) into DIR, or
+    /// cairn.1 alone to stdout.
+    Man {
+        /// Directory to write every page into.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Run the daemon: own the store and serve every volume (read-write) and checkpoint
     /// (read-only) over NBD on STORE/nbd.sock until SIGTERM or SIGINT.
     Serve(ServeArgs),
@@ -112,6 +124,8 @@ fn parse_listen(s: &str) -> Result<std::net::SocketAddr> {
 fn serve(dir: &Path, args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: a log file or journal gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -476,6 +490,31 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(args) => bench::run(&args, json)?,
         Cmd::Demo => demo(&dir)?,
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Rendered first: clap_complete panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "cairn", &mut script);
+            std::io::stdout().write_all(&script)?;
+        }
+        Cmd::Man { dir: out } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match out {
+                Some(out) => {
+                    std::fs::create_dir_all(&out)
+                        .with_context(|| format!("cannot create {}", out.display()))?;
+                    clap_mangen::generate_to(cmd, &out).with_context(|| {
+                        format!("cannot write man pages into {}", out.display())
+                    })?;
+                    outln!("wrote man pages into {}", out.display());
+                }
+                None => {
+                    let mut page = Vec::new();
+                    clap_mangen::Man::new(cmd).render(&mut page)?;
+                    std::io::stdout().write_all(&page)?;
+                }
+            }
+        }
         Cmd::Serve(args) => serve(&dir, args)?,
         Cmd::Vm(cmd) => vm::run(&open()?, &dir, cmd, json, cli.yes)?,
     }

@@ -819,6 +819,25 @@ fn a_closed_pipe_ends_a_command_quietly() {
     }
 }
 
+/// Completions and man pages come from the CLI's own definition, so they name every command.
+#[test]
+fn completions_and_man_pages() {
+    let e = env();
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&e, &["completions", shell]);
+        assert!(
+            script.contains("checkpoint") && script.contains("discard-current"),
+            "{shell}"
+        );
+    }
+    assert_eq!(fails_json(&e, &["completions", "tcsh"]), "usage");
+    let dir = e.work.join("man");
+    ok(&e, &["man", "--dir", dir.to_str().expect("utf-8")]);
+    let page = std::fs::read_to_string(dir.join("cairn-checkpoint-apply.1")).expect("page");
+    assert!(page.contains("discard\\-current"), "{page}");
+    assert!(ok(&e, &["man"]).contains(".TH cairn 1"));
+}
+
 #[test]
 fn missing_and_locked_store() {
     let e = env();
