@@ -245,6 +245,10 @@ fn checkpoint_lifecycle_in(e: Env) {
 /// descriptions can be edited, a revert keeps what it replaces, subtrees can be deleted, and a
 /// rename takes VOLUME@NEW.
 fn conventions_in(e: &Env) {
+    let fill = |e: &Env, byte: &str| {
+        let args = ["volume", "write", "vm", "--offset", "0", "--pattern", byte];
+        ok(e, &[&args[..], &["--length", "4096"]].concat());
+    };
     let names = |e: &Env| -> Vec<(String, bool)> {
         json(e, &["checkpoint", "list", "vm"])
             .as_array()
@@ -293,20 +297,7 @@ fn conventions_in(e: &Env) {
     assert_eq!(r["saved_as"], serde_json::Value::Null, "{r}");
     assert_eq!(names(e).len(), before);
     // A changed head is kept as an automatic checkpoint, named in the output...
-    ok(
-        e,
-        &[
-            "volume",
-            "write",
-            "vm",
-            "--offset",
-            "0",
-            "--pattern",
-            "0x44",
-            "--length",
-            "4096",
-        ],
-    );
+    fill(e, "0x44");
     let out = ok(e, &["checkpoint", "apply", "vm@named"]);
     assert!(
         out.contains("kept the replaced state as vm@auto-20"),
@@ -322,20 +313,7 @@ fn conventions_in(e: &Env) {
     assert_eq!(read(e, &format!("vm@{}", auto[0]), 0, 2), vec![0x44; 2]);
     assert!(ok(e, &["checkpoint", "list", "vm"]).contains("[automatic]"));
     // ...unless the user discards it.
-    ok(
-        e,
-        &[
-            "volume",
-            "write",
-            "vm",
-            "--offset",
-            "0",
-            "--pattern",
-            "0x55",
-            "--length",
-            "4096",
-        ],
-    );
+    fill(e, "0x55");
     let before = names(e).len();
     let r = json(e, &["checkpoint", "apply", "vm@base", "--discard-current"]);
     assert_eq!(r["saved_as"], serde_json::Value::Null);

@@ -190,6 +190,16 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A description must fit in its checkpoint's catalog record.
+fn check_description(description: Option<&str>) -> Result<()> {
+    match description {
+        Some(d) if d.len() > MAX_DESCRIPTION => Err(Error::Invalid(format!(
+            "description is longer than {MAX_DESCRIPTION} bytes"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A volume as reported to users.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeInfo {
@@ -1580,11 +1590,7 @@ impl Store {
         description: Option<&str>,
     ) -> Result<(u64, Arc<RwLock<()>>)> {
         validate_name(name)?;
-        if description.is_some_and(|d| d.len() > MAX_DESCRIPTION) {
-            return Err(Error::Invalid(format!(
-                "description is longer than {MAX_DESCRIPTION} bytes"
-            )));
-        }
+        check_description(description)?;
         self.volume_gate(volume)
     }
 
@@ -1701,11 +1707,7 @@ impl Store {
         name: &str,
         description: Option<&str>,
     ) -> Result<CheckpointInfo> {
-        if description.is_some_and(|d| d.len() > MAX_DESCRIPTION) {
-            return Err(Error::Invalid(format!(
-                "description is longer than {MAX_DESCRIPTION} bytes"
-            )));
-        }
+        check_description(description)?;
         self.heal()?;
         let mut st = self.state();
         let vid = st.volume_id(volume)?;
