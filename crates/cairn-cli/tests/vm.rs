@@ -293,13 +293,31 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Stopped, an apply leaves exactly the checkpoint's bytes on every disk.
+    // The cold-booted guest has written its disk, so the run differs from c1...
+    while counter_in(&e, "d1") == a {
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "the guest wrote nothing after its cold boot"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ...and stopped, an apply keeps it as an automatic checkpoint and leaves exactly the
+    // checkpoint's bytes on every disk.
     ok(&e, &["vm", "kill", "g1"]);
-    ok(&e, &["checkpoint", "apply", "g1@c1"]);
+    let r = json(&e, &["checkpoint", "apply", "g1@c1"]);
+    assert_eq!(
+        (&r["vm"], &r["saved_automatically"]),
+        (&"stopped".into(), &true.into()),
+        "{r}"
+    );
     assert_eq!(counter_in(&e, "d1"), a);
     assert_eq!(counter_in(&e, "d2"), b);
     ok(&e, &["checkpoint", "rename", "g1@later", "newer"]);
-    ok(&e, &["checkpoint", "apply", "g1@newer"]);
+    let r = json(&e, &["checkpoint", "apply", "g1@newer"]);
+    assert_eq!(
+        r["vm"], "started-from-memory",
+        "newer is a standard checkpoint: {r}"
+    );
     assert!(counter_in(&e, "d1") > a, "the newer branch is still there");
     // A VM clone: every disk cloned, a fresh MAC and machine identity, and it boots.
     let g2 = json(&e, &["clone", "g1@c1", "g2"]);
@@ -314,7 +332,20 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
     fails(&e, &["clone", "g1@c1", "g2"], "already exists");
     // A checkpoint of another VM (g1's) cannot be applied to the clone.
     fails(&e, &["checkpoint", "apply", "g2@blank"], "not found");
-    ok(&e, &["checkpoint", "apply", "g1@blank"]);
+    // g1 runs (resumed from newer): its running state is kept as a standard checkpoint.
+    let r = json(&e, &["checkpoint", "apply", "g1@blank"]);
+    assert_eq!(
+        (&r["vm"], &r["saved_automatically"]),
+        (&"cold-boot".into(), &true.into()),
+        "{r}"
+    );
+    let run = json(&e, &["vm", "status", "g1"]);
+    ok(&e, &["vm", "kill", "g1"]);
+    assert_eq!(run["state"], "running");
+    ok(
+        &e,
+        &["checkpoint", "apply", "g1@blank", "--discard-current"],
+    );
     assert_eq!(counter_in(&e, "d1"), 0);
     // Delete removes every disk's checkpoint; the others stay.
     ok(&e, &["checkpoint", "delete", "g1@c1"]);
@@ -325,8 +356,8 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
         &["volume", "read", "d1@c1", "--offset", "0", "--length", "1"],
         "not found",
     );
-    // Left: blank, newer, and the automatic checkpoint of the run that the stopped apply of c1
-    // replaced.
+    // Left: blank, newer, and the automatic checkpoints of the two runs applies replaced: the
+    // stopped one of c1's cold boot (disk-only), the running one of newer (standard).
     let list = json(&e, &["checkpoint", "list", "g1"]);
     let auto: Vec<&serde_json::Value> = list
         .as_array()
@@ -334,8 +365,9 @@ fn disk_checkpoints_of_a_running_vm_cover_every_disk_at_one_instant() {
         .iter()
         .filter(|c| c["automatic"] == true)
         .collect();
-    assert_eq!(list.as_array().map(|a| a.len()), Some(3), "{list}");
-    assert_eq!(auto.len(), 1, "{list}");
+    assert_eq!(list.as_array().map(|a| a.len()), Some(4), "{list}");
+    let kinds: Vec<&serde_json::Value> = auto.iter().map(|c| &c["kind"]).collect();
+    assert_eq!(kinds, ["disk-only", "standard"], "{list}");
     drop(d);
     fsck_clean(&e);
 }
