@@ -136,16 +136,7 @@ impl From<&VmCheckpointInfo> for Row {
 
 /// "standard", "disk-only, application-consistent (the guest agent froze 2 file systems)"...
 fn vm_kind(c: &VmCheckpointInfo) -> String {
-    use cairn_vm::checkpoint::{CheckpointKind, Consistency};
-    let kind = match (c.kind, c.consistency) {
-        (CheckpointKind::Standard, _) => "standard (memory and disks)",
-        (CheckpointKind::DiskOnly, Some(Consistency::Application)) => {
-            "disk-only, application-consistent"
-        }
-        (CheckpointKind::DiskOnly, Some(Consistency::Crash)) => "disk-only, crash-consistent",
-        (CheckpointKind::DiskOnly, Some(Consistency::VmStopped)) => "disk-only, VM stopped",
-        (CheckpointKind::DiskOnly, None) => "disk-only",
-    };
+    let kind = cairn_vm::checkpoint::kind_summary(c.kind, c.consistency);
     match &c.consistency_note {
         Some(note) => format!("{kind} ({note})"),
         None => kind.to_string(),

@@ -11,6 +11,6 @@ mod vm_ops;
 pub use client::{control_socket, Client, DaemonStatus, CONTROL_SOCKET};
 pub use ops::{execute, ErrorKind, Op, OpError, Reply, MAX_DATA};
 pub use vm_ops::{
-    apply_disks_or_restore, new_vm_checkpoint_name, save_stopped_before_apply,
+    apply_disks_or_restore, keep_before_apply, new_vm_checkpoint_name, put_back_error,
     vm_checkpoint_stopped, AUTOMATIC_PREFIX, UNNAMED_PREFIX,
 };

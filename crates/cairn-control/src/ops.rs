@@ -13,7 +13,8 @@ use cairn_engine::{
 };
 use cairn_vm::{VmError, VmSpec, VmStatus, VmStore};
 
-use crate::reports::{ApplyReport, VmCheckpointInfo, VmSpaceReport};
+use crate::reports::{ApplyReport, KeptState, VmCheckpointInfo, VmSpaceReport};
+use cairn_vm::checkpoint::head_changed_since;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -458,16 +459,27 @@ fn new_volume_checkpoint_name(
     ))
 }
 
-/// Whether a head differs from the checkpoint it came from (or, without one, holds any data):
-/// what an apply would lose without keeping it.
-fn head_changed(store: &Store, volume: &str) -> Result<bool, OpError> {
-    let info = store.volume_info(volume)?;
-    Ok(match &info.parent {
-        Some(p) => !store
-            .diff(&Target::checkpoint(volume, p), &Target::head(volume))?
-            .is_empty(),
-        None => info.referenced > 0,
-    })
+/// `name` and every checkpoint under it in `tree` (name and parent of each), leaves first, so
+/// deleting them in order never deletes a checkpoint before its descendants; `name` comes last.
+/// `None` when `tree` has no `name`.
+pub(crate) fn subtree_leaves_first(
+    tree: &[(String, Option<String>)],
+    name: &str,
+) -> Option<Vec<String>> {
+    fn walk(tree: &[(String, Option<String>)], name: &str, out: &mut Vec<String>) {
+        for (child, parent) in tree {
+            if parent.as_deref() == Some(name) {
+                walk(tree, child, out);
+            }
+        }
+        out.push(name.to_string());
+    }
+    if !tree.iter().any(|(n, _)| n == name) {
+        return None;
+    }
+    let mut out = Vec::new();
+    walk(tree, name, &mut out);
+    Some(out)
 }
 
 fn checked_len(what: &str, len: u64) -> Result<(), OpError> {
@@ -580,45 +592,38 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
         } => {
             // Checked first, so a bad target takes no automatic checkpoint.
             store.list_checkpoints(&volume)?;
-            let saved = match save_current {
-                Some(n) => Some((n, false)),
-                None if discard_current || !head_changed(store, &volume)? => None,
-                None => Some((
-                    new_volume_checkpoint_name(store, &volume, crate::vm_ops::AUTOMATIC_PREFIX)?,
-                    true,
-                )),
-            };
-            let save = saved.as_ref().map(|(name, automatic)| SaveCurrent {
-                name,
-                automatic: *automatic,
+            let kept = KeptState::choose(
+                save_current.as_deref(),
+                discard_current,
+                || {
+                    let parent = store.volume_info(&volume)?.parent;
+                    Ok(head_changed_since(store, &volume, parent.as_deref())?)
+                },
+                || new_volume_checkpoint_name(store, &volume, crate::vm_ops::AUTOMATIC_PREFIX),
+            )?;
+            let save = kept.as_ref().map(|k| SaveCurrent {
+                name: &k.name,
+                automatic: k.automatic,
             });
             let info = store.apply_checkpoint_saving(&volume, &name, save)?;
-            Reply::Applied(ApplyReport {
-                applied: Target::checkpoint(&volume, &name).to_string(),
-                saved_automatically: saved.as_ref().is_some_and(|s| s.1),
-                saved_as: saved.map(|s| s.0),
-                vm: None,
-                volume: Some(info),
-            })
+            let applied = Target::checkpoint(&volume, &name).to_string();
+            Reply::Applied(ApplyReport::new(applied, kept.as_ref(), None, Some(info)))
         }
         Op::CheckpointDelete {
             volume,
             name,
             children,
         } => {
-            let order: Vec<String> = if children {
-                let all: Vec<(String, Option<String>)> = store
+            let order = if children {
+                let tree: Vec<(String, Option<String>)> = store
                     .list_checkpoints(&volume)?
                     .into_iter()
                     .map(|c| (c.name, c.parent))
                     .collect();
-                if !all.iter().any(|c| c.0 == name) {
-                    return Err(EngineError::UnknownCheckpoint { volume, name }.into());
-                }
-                cairn_vm::checkpoint::subtree_leaves_first(&all, &name)
-                    .into_iter()
-                    .map(str::to_string)
-                    .collect()
+                subtree_leaves_first(&tree, &name).ok_or(EngineError::UnknownCheckpoint {
+                    volume: volume.clone(),
+                    name,
+                })?
             } else {
                 vec![name]
             };
@@ -799,6 +804,24 @@ mod tests {
         let r = Reply::Bytes(vec![9; 10]);
         let j = serde_json::to_string(&r).expect("json");
         assert_eq!(serde_json::from_str::<Reply>(&j).expect("parse"), r);
+    }
+
+    #[test]
+    fn a_subtree_is_deleted_leaves_first() {
+        let node = |n: &str, p: Option<&str>| (n.to_string(), p.map(str::to_string));
+        let tree = [
+            node("root", None),
+            node("a", Some("root")),
+            node("a1", Some("a")),
+            node("b", Some("root")),
+            node("other", None),
+        ];
+        assert_eq!(
+            subtree_leaves_first(&tree, "root"),
+            Some(vec!["a1".into(), "a".into(), "b".into(), "root".into()])
+        );
+        assert_eq!(subtree_leaves_first(&tree, "b"), Some(vec!["b".into()]));
+        assert_eq!(subtree_leaves_first(&tree, "nope"), None);
     }
 
     #[test]

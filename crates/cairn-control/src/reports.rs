@@ -181,6 +181,39 @@ impl std::fmt::Display for VmOutcome {
     }
 }
 
+/// The checkpoint an apply takes of the state it replaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptState {
+    /// Its name.
+    pub name: String,
+    /// Whether Cairn chose to take it (and its name) rather than the user.
+    pub automatic: bool,
+}
+
+impl KeptState {
+    /// What an apply keeps of the state it replaces: the checkpoint `save_current` names;
+    /// nothing when told to discard it, or when it equals the checkpoint it came from (`changed`
+    /// says whether it differs); else an automatic checkpoint named by `automatic_name`.
+    pub fn choose<E>(
+        save_current: Option<&str>,
+        discard_current: bool,
+        changed: impl FnOnce() -> Result<bool, E>,
+        automatic_name: impl FnOnce() -> Result<String, E>,
+    ) -> Result<Option<KeptState>, E> {
+        Ok(match save_current {
+            Some(name) => Some(KeptState {
+                name: name.to_string(),
+                automatic: false,
+            }),
+            None if discard_current || !changed()? => None,
+            None => Some(KeptState {
+                name: automatic_name()?,
+                automatic: true,
+            }),
+        })
+    }
+}
+
 /// What an apply did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyReport {
@@ -194,4 +227,22 @@ pub struct ApplyReport {
     pub vm: Option<VmOutcome>,
     /// For a volume: its head now.
     pub volume: Option<VolumeInfo>,
+}
+
+impl ApplyReport {
+    /// The report of applying `applied`, having kept `kept`.
+    pub fn new(
+        applied: String,
+        kept: Option<&KeptState>,
+        vm: Option<VmOutcome>,
+        volume: Option<VolumeInfo>,
+    ) -> ApplyReport {
+        ApplyReport {
+            applied,
+            saved_as: kept.map(|k| k.name.clone()),
+            saved_automatically: kept.is_some_and(|k| k.automatic),
+            vm,
+            volume,
+        }
+    }
 }

@@ -7,8 +7,8 @@ use cairn_vm::checkpoint::{self as ck, CheckpointKind, VmCheckpoint};
 use cairn_vm::{VmError, VmStore};
 
 use crate::names::timestamp_name;
-use crate::ops::{needs_daemon, vm_store, ErrorKind, Op, OpError, Reply};
-use crate::reports::{ApplyReport, VmCheckpointInfo, VmOutcome, VmSpaceReport};
+use crate::ops::{needs_daemon, subtree_leaves_first, vm_store, ErrorKind, Op, OpError, Reply};
+use crate::reports::{ApplyReport, KeptState, VmCheckpointInfo, VmOutcome, VmSpaceReport};
 
 /// Prefix of checkpoints created without a name.
 pub const UNNAMED_PREFIX: &str = "cp";
@@ -61,27 +61,28 @@ pub fn vm_checkpoint_stopped(
     Ok(ck::finish(vms, cp)?)
 }
 
-/// What to keep of a stopped VM's current disks before an apply: the name asked for, else an
-/// automatic checkpoint when they differ from the checkpoint they came from, unless discarded.
-/// Returns the name and whether Cairn chose it.
-pub fn save_stopped_before_apply(
+/// Keeps a VM's current state before an apply, as [`KeptState::choose`] decides: a stopped
+/// VM's disks only when they differ from the checkpoint they came from, a running VM's always
+/// (its memory has moved on). Returns the name without taking anything when `running`: the
+/// daemon takes a running VM's checkpoint itself.
+pub fn keep_before_apply(
     store: &Store,
     vms: &VmStore,
     vm: &str,
     save_current: Option<&str>,
     discard_current: bool,
-) -> Result<Option<(String, bool)>, OpError> {
-    let name = match save_current {
-        Some(n) => (n.to_string(), false),
-        None if discard_current => return Ok(None),
-        None if !ck::disks_changed(store, &vms.get(vm)?)? => return Ok(None),
-        None => (
-            new_vm_checkpoint_name(store, vms, vm, AUTOMATIC_PREFIX)?,
-            true,
-        ),
-    };
-    vm_checkpoint_stopped(store, vms, vm, &name.0, None, name.1)?;
-    Ok(Some(name))
+    running: bool,
+) -> Result<Option<KeptState>, OpError> {
+    let kept = KeptState::choose(
+        save_current,
+        discard_current,
+        || Ok(running || ck::disks_changed(store, &vms.get(vm)?)?),
+        || new_vm_checkpoint_name(store, vms, vm, AUTOMATIC_PREFIX),
+    )?;
+    if let (Some(k), false) = (&kept, running) {
+        vm_checkpoint_stopped(store, vms, vm, &k.name, None, k.automatic)?;
+    }
+    Ok(kept)
 }
 
 /// Rewinds a stopped VM's disks to `cp`; if that fails part-way, puts them back to `saved`
@@ -105,25 +106,23 @@ pub fn apply_disks_or_restore(
             ),
         ));
     };
-    let restored = vms
+    let back = vms
         .checkpoint(&cp.vm, saved)
-        .and_then(|back| ck::apply_disks(vms, store, &back));
-    Err(match restored {
-        Ok(()) => OpError::new(
-            e.kind,
-            format!(
-                "{e}; nothing was applied: VM '{}' is back as it was ({}@{saved})",
-                cp.vm, cp.vm
-            ),
+        .and_then(|back| ck::apply_disks(vms, store, &back))
+        .map_err(OpError::from);
+    Err(put_back_error(e, &cp.vm, saved, back))
+}
+
+/// The error of an apply that failed after it changed the VM, once the VM was put back to the
+/// checkpoint `saved` kept of its state (`back` says whether that worked).
+pub fn put_back_error(e: OpError, vm: &str, saved: &str, back: Result<(), OpError>) -> OpError {
+    let message = match back {
+        Ok(()) => format!("{e}; nothing was applied: VM '{vm}' is back as it was ({vm}@{saved})"),
+        Err(r) => format!(
+            "{e}; putting VM '{vm}' back to {vm}@{saved} failed too ({r}): apply it by hand"
         ),
-        Err(r) => OpError::new(
-            e.kind,
-            format!(
-                "{e}; putting VM '{}' back to {}@{saved} failed too ({r}): apply it by hand",
-                cp.vm, cp.vm
-            ),
-        ),
-    })
+    };
+    OpError::new(e.kind, message)
 }
 
 /// Checkpoint operations whose target names a VM; `None` when it names a volume.
@@ -192,37 +191,34 @@ pub(crate) fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Rep
                     "applying a checkpoint with memory state (the guest resumes in QEMU)",
                 ));
             }
-            let saved = save_stopped_before_apply(
+            let kept = keep_before_apply(
                 store,
                 &vms,
                 vm,
                 save_current.as_deref(),
                 *discard_current,
+                false,
             )?;
-            apply_disks_or_restore(store, &vms, &cp, saved.as_ref().map(|s| s.0.as_str()))?;
-            Reply::Applied(ApplyReport {
-                applied: format!("{vm}@{name}"),
-                saved_automatically: saved.as_ref().is_some_and(|s| s.1),
-                saved_as: saved.map(|s| s.0),
-                vm: Some(VmOutcome::Stopped),
-                volume: None,
-            })
+            apply_disks_or_restore(store, &vms, &cp, kept.as_ref().map(|k| k.name.as_str()))?;
+            Reply::Applied(ApplyReport::new(
+                format!("{vm}@{name}"),
+                kept.as_ref(),
+                Some(VmOutcome::Stopped),
+                None,
+            ))
         }
         Op::CheckpointDelete { name, children, .. } => {
             let cp = vms.checkpoint(vm, name)?;
-            let order: Vec<String> = if *children {
-                let all: Vec<(String, Option<String>)> = vms
+            let order = if *children {
+                let tree: Vec<(String, Option<String>)> = vms
                     .checkpoints(vm)?
                     .into_iter()
                     .filter(|c| !c.pending)
                     .map(|c| (c.name, c.parent))
                     .collect();
-                ck::subtree_leaves_first(&all, &cp.name)
-                    .into_iter()
-                    .map(str::to_string)
-                    .collect()
+                subtree_leaves_first(&tree, &cp.name).unwrap_or_default()
             } else {
-                vec![cp.name.clone()]
+                vec![cp.name]
             };
             let mut deleted = Vec::new();
             for n in order {

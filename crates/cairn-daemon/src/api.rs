@@ -553,6 +553,33 @@ async fn take_running(
     Ok(cp)
 }
 
+/// A saved-state file written out for QEMU to load; removed when dropped, whatever happened.
+struct StateFile(std::path::PathBuf);
+
+impl StateFile {
+    /// Writes checkpoint `cp`'s memory state to `VMDIR/restore-NAME.tmp`.
+    async fn load(st: &ApiState, cp: &cairn_vm::checkpoint::VmCheckpoint) -> Result<Self, OpError> {
+        let path = st
+            .runtime
+            .definitions()
+            .vm_dir(&cp.vm)
+            .join(format!("restore-{}.tmp", cp.name));
+        let file = StateFile(path.clone());
+        let cp = cp.clone();
+        blocking(st, move |store, _| {
+            Ok(cairn_vm::checkpoint::load_state(store, &cp, &path)?)
+        })
+        .await?;
+        Ok(file)
+    }
+}
+
+impl Drop for StateFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Applying a checkpoint to a VM the daemon runs (or to any VM, for a standard checkpoint).
 /// Everything the apply needs is checked, and the memory state written out for QEMU, before
 /// anything stops; then the state being replaced is kept (as `save_current`, else as an automatic
@@ -568,8 +595,7 @@ async fn apply_running(
 ) -> Result<Reply, OpError> {
     use cairn_control::reports::{ApplyReport, VmOutcome};
     use cairn_vm::checkpoint as ck;
-    let vms = st.runtime.definitions().clone();
-    let cp = vms.checkpoint(vm, name)?;
+    let cp = st.runtime.definitions().checkpoint(vm, name)?;
     let running = st.runtime.is_running(vm);
     let standard = cp.kind == ck::CheckpointKind::Standard;
     blocking(st, {
@@ -581,128 +607,68 @@ async fn apply_running(
         cairn_vm::find_qemu()?;
     }
     let t = std::time::Instant::now();
-    let file = vms.vm_dir(vm).join(format!("restore-{name}.tmp"));
-    let remove_file = || {
-        let _ = std::fs::remove_file(&file);
+    let state = match standard {
+        true => Some(StateFile::load(st, &cp).await?),
+        false => None,
     };
-    if standard {
-        let (cp, f) = (cp.clone(), file.clone());
-        if let Err(e) = blocking(st, move |store, _| Ok(ck::load_state(store, &cp, &f)?)).await {
-            remove_file();
-            return Err(e);
-        }
-    }
-    let saved: Option<(String, bool)> = if running {
-        let wanted = match save_current {
-            Some(n) => Some((n, false)),
-            None if discard_current => None,
-            None => {
-                let vm2 = vm.to_string();
-                let n = blocking(st, move |store, vms| {
-                    cairn_control::new_vm_checkpoint_name(
-                        store,
-                        vms,
-                        &vm2,
-                        cairn_control::AUTOMATIC_PREFIX,
-                    )
-                })
-                .await;
-                match n {
-                    Ok(n) => Some((n, true)),
-                    Err(e) => {
-                        remove_file();
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        if let Some((n, automatic)) = &wanted {
-            if let Err(e) = take_running(st, vm, n, None, Take::Standard, *automatic).await {
-                remove_file();
-                return Err(e);
-            }
-        }
-        wanted
-    } else {
-        let vm2 = vm.to_string();
-        let save = save_current.clone();
-        match blocking(st, move |store, vms| {
-            cairn_control::save_stopped_before_apply(
+    // A stopped VM's state is kept here; a running VM's is a standard checkpoint, taken below.
+    let kept = blocking(st, {
+        let vm = vm.to_string();
+        move |store, vms| {
+            cairn_control::keep_before_apply(
                 store,
                 vms,
-                &vm2,
-                save.as_deref(),
+                &vm,
+                save_current.as_deref(),
                 discard_current,
+                running,
             )
-        })
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                remove_file();
-                return Err(e);
-            }
         }
-    };
-    let saved_name = saved.as_ref().map(|s| s.0.clone());
+    })
+    .await?;
+    if let (Some(k), true) = (&kept, running) {
+        take_running(st, vm, &k.name, None, Take::Standard, k.automatic).await?;
+    }
+    let saved = kept.as_ref().map(|k| k.name.as_str());
     if running {
-        if let Err(e) = st.runtime.kill(vm).await {
-            remove_file();
-            return Err(e.into());
-        }
+        st.runtime.kill(vm).await?;
     }
     let applied = blocking(st, {
-        let (cp, saved) = (cp.clone(), saved_name.clone());
+        let (cp, saved) = (cp.clone(), saved.map(str::to_string));
         move |store, vms| cairn_control::apply_disks_or_restore(store, vms, &cp, saved.as_deref())
     })
     .await;
-    let outcome = match applied {
-        Err(e) => {
-            remove_file();
+    let started = match (applied, &state) {
+        (Err(e), _) => {
             // The disks are back as they were (or the error says why not); so is the VM.
-            if running {
-                if let Some(saved) = &saved_name {
-                    if let Err(r) = resume_saved(st, vm, saved).await {
-                        warn!("vm {vm}: resuming the state kept before the failed apply: {r}");
-                    }
+            if let (true, Some(saved)) = (running, saved) {
+                if let Err(r) = resume_saved(st, vm, saved).await {
+                    warn!("vm {vm}: resuming the state kept before the failed apply: {r}");
                 }
             }
             return Err(e);
         }
-        Ok(()) if standard => {
-            let r = st.runtime.resume_from(vm, &file).await;
-            remove_file();
-            if let Err(e) = r {
-                let e = OpError::from(e);
-                return Err(put_back(st, vm, name, saved_name.as_deref(), running, e).await);
-            }
-            info!(
-                "vm {vm}: applied {name}; the guest resumed after {:?}",
-                t.elapsed()
-            );
-            if running {
-                VmOutcome::ResumedFromMemory
-            } else {
-                VmOutcome::StartedFromMemory
-            }
-        }
-        Ok(()) if running => {
-            if let Err(e) = st.runtime.start(vm).await {
-                let e = OpError::from(e);
-                return Err(put_back(st, vm, name, saved_name.as_deref(), running, e).await);
-            }
-            info!("vm {vm}: applied {name} and booted it cold");
-            VmOutcome::ColdBoot
-        }
-        Ok(()) => VmOutcome::Stopped,
+        (Ok(()), Some(file)) => st.runtime.resume_from(vm, &file.0).await.map(|_| ()),
+        (Ok(()), None) if running => st.runtime.start(vm).await.map(|_| ()),
+        (Ok(()), None) => Ok(()),
     };
-    Ok(Reply::Applied(ApplyReport {
-        applied: format!("{vm}@{name}"),
-        saved_automatically: saved.as_ref().is_some_and(|s| s.1),
-        saved_as: saved_name,
-        vm: Some(outcome),
-        volume: None,
-    }))
+    drop(state);
+    if let Err(e) = started {
+        return Err(put_back(st, vm, name, saved, running, e.into()).await);
+    }
+    let outcome = match (standard, running) {
+        (true, true) => VmOutcome::ResumedFromMemory,
+        (true, false) => VmOutcome::StartedFromMemory,
+        (false, true) => VmOutcome::ColdBoot,
+        (false, false) => VmOutcome::Stopped,
+    };
+    info!("vm {vm}: applied {name} ({outcome}) in {:?}", t.elapsed());
+    Ok(Reply::Applied(ApplyReport::new(
+        format!("{vm}@{name}"),
+        kept.as_ref(),
+        Some(outcome),
+        None,
+    )))
 }
 
 /// Resumes a VM from a standard checkpoint (or boots it from a disk-only one): its disks are
@@ -710,30 +676,18 @@ async fn apply_running(
 async fn resume_saved(st: &ApiState, vm: &str, saved: &str) -> Result<(), OpError> {
     use cairn_vm::checkpoint as ck;
     let cp = st.runtime.definitions().checkpoint(vm, saved)?;
-    let file = st
-        .runtime
-        .definitions()
-        .vm_dir(vm)
-        .join(format!("restore-{saved}.tmp"));
-    let standard = cp.kind == ck::CheckpointKind::Standard;
-    {
-        let (cp, f) = (cp.clone(), file.clone());
-        blocking(st, move |store, vms| {
-            ck::apply_disks(vms, store, &cp)?;
-            if standard {
-                ck::load_state(store, &cp, &f)?;
-            }
-            Ok(())
-        })
-        .await?;
-    }
-    let r = if standard {
-        st.runtime.resume_from(vm, &file).await.map(|_| ())
+    blocking(st, {
+        let cp = cp.clone();
+        move |store, vms| Ok(ck::apply_disks(vms, store, &cp)?)
+    })
+    .await?;
+    if cp.kind == ck::CheckpointKind::Standard {
+        let file = StateFile::load(st, &cp).await?;
+        st.runtime.resume_from(vm, &file.0).await?;
     } else {
-        st.runtime.start(vm).await.map(|_| ())
-    };
-    let _ = std::fs::remove_file(&file);
-    Ok(r?)
+        st.runtime.start(vm).await?;
+    }
+    Ok(())
 }
 
 /// After an apply failed once its VM was stopped: puts the VM back to the state kept first
@@ -755,24 +709,12 @@ async fn put_back(
     let back = if was_running {
         resume_saved(st, vm, saved).await
     } else {
-        let saved = saved.to_string();
-        let vm2 = vm.to_string();
+        let (vm, saved) = (vm.to_string(), saved.to_string());
         blocking(st, move |store, vms| {
-            let cp = vms.checkpoint(&vm2, &saved)?;
+            let cp = vms.checkpoint(&vm, &saved)?;
             Ok(cairn_vm::checkpoint::apply_disks(vms, store, &cp)?)
         })
         .await
     };
-    match back {
-        Ok(()) => OpError::new(
-            e.kind,
-            format!("{e}; nothing was applied: VM '{vm}' is back as it was ({vm}@{saved})"),
-        ),
-        Err(r) => OpError::new(
-            e.kind,
-            format!(
-                "{e}; putting VM '{vm}' back to {vm}@{saved} failed too ({r}): apply it by hand"
-            ),
-        ),
-    }
+    cairn_control::put_back_error(e, vm, saved, back)
 }

@@ -100,19 +100,20 @@ impl VmCheckpoint {
     }
 
     /// What it holds, in a few words: "standard", "disk-only, application-consistent"...
-    pub fn kind_summary(&self) -> String {
-        match (self.kind, self.consistency) {
-            (CheckpointKind::Standard, _) => "standard (memory and disks)".into(),
-            (CheckpointKind::DiskOnly, None) => "disk-only".into(),
-            (CheckpointKind::DiskOnly, Some(Consistency::VmStopped)) => {
-                "disk-only, VM stopped".into()
-            }
-            (CheckpointKind::DiskOnly, Some(Consistency::Crash)) => {
-                "disk-only, crash-consistent".into()
-            }
-            (CheckpointKind::DiskOnly, Some(Consistency::Application)) => {
-                "disk-only, application-consistent".into()
-            }
+    pub fn kind_summary(&self) -> &'static str {
+        kind_summary(self.kind, self.consistency)
+    }
+}
+
+/// A checkpoint's kind and consistency in a few words, as the CLI and the daemon's log say them.
+pub fn kind_summary(kind: CheckpointKind, consistency: Option<Consistency>) -> &'static str {
+    match (kind, consistency) {
+        (CheckpointKind::Standard, _) => "standard (memory and disks)",
+        (CheckpointKind::DiskOnly, None) => "disk-only",
+        (CheckpointKind::DiskOnly, Some(Consistency::VmStopped)) => "disk-only, VM stopped",
+        (CheckpointKind::DiskOnly, Some(Consistency::Crash)) => "disk-only, crash-consistent",
+        (CheckpointKind::DiskOnly, Some(Consistency::Application)) => {
+            "disk-only, application-consistent"
         }
     }
 }
@@ -328,36 +329,29 @@ pub fn check_applicable(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Resu
 /// checkpoint is applied over it.
 pub fn disks_changed(store: &Store, spec: &VmSpec) -> Result<bool, VmError> {
     for d in &spec.disks {
-        let head = cairn_engine::Target::head(d);
-        let changed = match &spec.parent {
-            Some(p) => match store.diff(&cairn_engine::Target::checkpoint(d, p), &head) {
-                Ok(diff) => !diff.is_empty(),
-                Err(EngineError::UnknownCheckpoint { .. }) => true,
-                Err(e) => return Err(e.into()),
-            },
-            None => store.volume_info(d)?.referenced > 0,
-        };
-        if changed {
+        if head_changed_since(store, d, spec.parent.as_deref())? {
             return Ok(true);
         }
     }
     Ok(false)
 }
 
-/// The checkpoints under `name` (its children, theirs, ...), leaves first, so deleting them in
-/// order never deletes a checkpoint before its descendants; `name` itself is last.
-pub fn subtree_leaves_first<'a>(
-    all: &'a [(String, Option<String>)],
-    name: &'a str,
-) -> Vec<&'a str> {
-    let mut out = Vec::new();
-    for (child, parent) in all {
-        if parent.as_deref() == Some(name) {
-            out.extend(subtree_leaves_first(all, child));
-        }
+/// Whether a volume's head differs from its checkpoint `base` (a `base` it lacks counts as
+/// different), or, without a base, holds any data: what an apply would lose without keeping it.
+pub fn head_changed_since(
+    store: &Store,
+    volume: &str,
+    base: Option<&str>,
+) -> Result<bool, EngineError> {
+    let head = cairn_engine::Target::head(volume);
+    match base {
+        Some(b) => match store.diff(&cairn_engine::Target::checkpoint(volume, b), &head) {
+            Ok(diff) => Ok(!diff.is_empty()),
+            Err(EngineError::UnknownCheckpoint { .. }) => Ok(true),
+            Err(e) => Err(e),
+        },
+        None => Ok(store.volume_info(volume)?.referenced > 0),
     }
-    out.push(name);
-    out
 }
 
 /// Records a pending checkpoint (call before the disks are checkpointed).
