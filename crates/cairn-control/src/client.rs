@@ -10,7 +10,8 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{ErrorKind, Op, OpError, Reply};
+use crate::error::{ErrorKind, OpError};
+use crate::ops::{Op, Reply};
 
 /// File name of the control socket inside the store directory.
 pub const CONTROL_SOCKET: &str = "control.sock";

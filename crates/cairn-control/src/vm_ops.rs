@@ -6,8 +6,10 @@ use cairn_engine::Store;
 use cairn_vm::checkpoint::{self as ck, CheckpointKind, VmCheckpoint};
 use cairn_vm::{VmError, VmStore};
 
+use crate::error::{ErrorKind, OpError};
+use crate::execute::{needs_daemon, subtree_leaves_first, vm_store};
 use crate::names::timestamp_name;
-use crate::ops::{needs_daemon, subtree_leaves_first, vm_store, ErrorKind, Op, OpError, Reply};
+use crate::ops::{Op, Reply};
 use crate::reports::{ApplyReport, KeptState, VmCheckpointInfo, VmOutcome, VmSpaceReport};
 
 /// Prefix of checkpoints created without a name.
