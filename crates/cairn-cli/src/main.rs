@@ -6,24 +6,28 @@ mod bench_nbd;
 mod bench_vm;
 mod checkpoint;
 mod convert;
+mod demo;
 mod output;
+mod serve;
 mod space;
+mod terminal;
 mod units;
 mod vm;
+mod volume;
 
 use anyhow::{bail, Context, Result};
 use backend::Backend;
 pub(crate) use cairn_control::names::time_str;
 use cairn_control::{Op, Reply};
-use cairn_engine::{Options, Store, Target};
+use cairn_engine::{Options, Store};
 use checkpoint::checkpoint_target;
-use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use clap::{Parser, Subcommand};
 use output::outln;
-use serde::Serialize;
-use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
-use units::{human, parse_number, parse_size};
+pub(crate) use output::print_json;
+use std::io::Write;
+use std::path::PathBuf;
+pub(crate) use terminal::{confirm, progress, spinner};
+use units::human;
 
 /// Copy-on-write virtual disks with O(1) checkpoints.
 #[derive(Parser)]
@@ -49,7 +53,7 @@ enum Cmd {
     Init,
     /// Manage volumes (virtual disks).
     #[command(subcommand)]
-    Volume(VolumeCmd),
+    Volume(volume::VolumeCmd),
     /// Manage checkpoints of a volume or VM.
     #[command(subcommand)]
     Checkpoint(checkpoint::CheckpointCmd),
@@ -95,184 +99,7 @@ enum Cmd {
     },
     /// Run the daemon: own the store and serve every volume (read-write) and checkpoint
     /// (read-only) over NBD on STORE/nbd.sock until SIGTERM or SIGINT.
-    Serve(ServeArgs),
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Also serve NBD on TCP: ADDR:PORT, or just PORT for loopback (127.0.0.1).
-    #[arg(long, value_name = "ADDR:PORT")]
-    nbd_listen: Option<String>,
-    /// PEM certificate (chain): TCP clients must then use TLS (NBD_OPT_STARTTLS).
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-}
-
-/// `PORT` alone means loopback: exposing disks to the network must be asked for explicitly.
-fn parse_listen(s: &str) -> Result<std::net::SocketAddr> {
-    if let Ok(port) = s.trim_start_matches(':').parse::<u16>() {
-        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    s.parse().with_context(|| {
-        format!("invalid --nbd-listen '{s}': give ADDR:PORT (e.g. 127.0.0.1:10809) or a port")
-    })
-}
-
-fn serve(dir: &Path, args: ServeArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: a log file or journal gets plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let nbd_listen = args.nbd_listen.as_deref().map(parse_listen).transpose()?;
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(c), Some(k)) => {
-            if nbd_listen.is_none() {
-                bail!("--tls-cert/--tls-key secure the TCP listener; add --nbd-listen ADDR:PORT");
-            }
-            Some(cairn_nbd::tls::server_config(c, k)?)
-        }
-        _ => None,
-    };
-    let config = cairn_daemon::DaemonConfig {
-        store_dir: dir.to_path_buf(),
-        options: store_options(),
-        nbd_listen,
-        nbd: cairn_nbd::ServerConfig {
-            tls,
-            ..Default::default()
-        },
-    };
-    cairn_daemon::run(config, |l| {
-        eprintln!(
-            "cairn: serving {} over NBD on {}{}",
-            dir.display(),
-            l.nbd_socket.display(),
-            l.nbd_tcp
-                .map(|a| format!(" and nbd://{a}"))
-                .unwrap_or_default()
-        );
-    })?;
-    Ok(())
-}
-
-#[derive(Subcommand)]
-enum VolumeCmd {
-    /// Create an empty volume.
-    Create {
-        /// Volume name.
-        name: String,
-        /// Logical size, e.g. 20G.
-        #[arg(long)]
-        size: String,
-    },
-    /// List volumes.
-    List,
-    /// Show one volume.
-    Info {
-        /// Volume name.
-        name: String,
-    },
-    /// Grow a volume.
-    Resize {
-        /// Volume name.
-        name: String,
-        /// New size (not smaller than the current one).
-        #[arg(long)]
-        size: String,
-    },
-    /// Delete a volume and all its checkpoints (clones made from it keep working).
-    Delete {
-        /// Volume name.
-        name: String,
-    },
-    /// Make a head contiguous again after overwrites following checkpoints, so sequential I/O
-    /// is as fast as without checkpoints. Blocks shared with checkpoints are copied: that costs
-    /// space until those checkpoints are deleted (`--dry-run` says how much). Safe while the
-    /// volume is in use: its I/O waits for one 2 MiB range at a time. A diff against a checkpoint
-    /// taken before it reports the moved ranges as changed.
-    Defrag {
-        /// Volume name.
-        name: String,
-        /// Only report what would be moved and what it would cost.
-        #[arg(long)]
-        dry_run: bool,
-        /// Move a 2 MiB range only when its data lies in at least this many separate extents
-        /// (2: any break). Below the default, sequential reads lose under 10%.
-        #[arg(long, default_value_t = cairn_engine::DEFRAG_MIN_EXTENTS)]
-        min_extents: u64,
-    },
-    /// Create a volume from a disk image in any format qemu-img reads (raw, qcow2, vhdx, vmdk,
-    /// vdi...); zero ranges stay unallocated.
-    Import {
-        /// New volume name.
-        name: String,
-        /// Image file.
-        file: PathBuf,
-        /// Image format (default: detected by qemu-img).
-        #[arg(long, short = 'f')]
-        format: Option<String>,
-    },
-    /// Write a head or checkpoint to an image file in any format qemu-img writes (sparse where
-    /// unmapped).
-    Export {
-        /// VOLUME or VOLUME@CHECKPOINT.
-        source: String,
-        /// Image file to create (an existing one is overwritten after confirmation).
-        file: PathBuf,
-        /// Output format (default: from the file extension: .qcow2, .vhdx, .vmdk, .vdi, .vhd,
-        /// .vpc, .qed, .raw, .img; any other extension must name its format).
-        #[arg(long, short = 'f')]
-        format: Option<String>,
-    },
-    /// Write bytes to a volume's head (for scripts and tests).
-    Write(WriteArgs),
-    /// Read bytes from a head or checkpoint to stdout or a file.
-    Read {
-        /// VOLUME or VOLUME@CHECKPOINT.
-        source: String,
-        /// Byte offset.
-        #[arg(long, value_parser = parse_number)]
-        offset: u64,
-        /// Bytes to read.
-        #[arg(long, value_parser = parse_number)]
-        length: u64,
-        /// Write here instead of stdout.
-        #[arg(long)]
-        to: Option<PathBuf>,
-    },
-}
-
-#[derive(Args)]
-#[group(required = true, multiple = false, id = "source")]
-struct WriteSource {
-    /// Fill with this byte (e.g. 0xAB); needs --length.
-    #[arg(long, value_parser = parse_number, requires = "length")]
-    pattern: Option<u64>,
-    /// Write the contents of this file.
-    #[arg(long)]
-    from: Option<PathBuf>,
-}
-
-#[derive(Args)]
-struct WriteArgs {
-    /// Volume name.
-    name: String,
-    /// Byte offset.
-    #[arg(long, value_parser = parse_number)]
-    offset: u64,
-    /// Bytes to write with --pattern.
-    #[arg(long, value_parser = parse_number)]
-    length: Option<u64>,
-    #[command(flatten)]
-    source: WriteSource,
+    Serve(serve::ServeArgs),
 }
 
 /// The engine's options for this process: the defaults, except for two switches meant for
@@ -304,56 +131,6 @@ fn default_store() -> Result<PathBuf> {
     let home = std::env::var_os("HOME")
         .context("cannot find a default store: set --store, CAIRN_STORE or HOME")?;
     Ok(PathBuf::from(home).join(".local/share/cairn"))
-}
-
-/// Asks before destroying data: on a terminal the user answers; without one (a script) the
-/// command is refused unless `--yes` was given, so nothing is destroyed by a default.
-pub(crate) fn confirm(what: &str, yes: bool) -> Result<()> {
-    if yes {
-        return Ok(());
-    }
-    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
-        bail!("refusing to {what} without confirmation: there is no terminal to ask on; add --yes");
-    }
-    eprint!("cairn: {what}? [y/N] ");
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer)?;
-    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
-        Ok(())
-    } else {
-        bail!("cancelled: nothing was changed")
-    }
-}
-
-fn print_json<T: Serialize>(v: &T) -> Result<()> {
-    outln!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
-fn progress(len: u64, what: &str) -> ProgressBar {
-    let pb = if std::io::stderr().is_terminal() {
-        ProgressBar::new(len)
-    } else {
-        ProgressBar::hidden()
-    };
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(what.to_string());
-    pb
-}
-
-/// A spinner for operations whose total is not known up front (it shows bytes done instead).
-pub(crate) fn spinner(what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new_spinner();
-    pb.set_message(what.to_string());
-    pb.enable_steady_tick(std::time::Duration::from_millis(100));
-    pb
 }
 
 fn main() {
@@ -403,7 +180,7 @@ fn run(cli: Cli) -> Result<()> {
                 outln!("initialised store at {}", dir.display());
             }
         }
-        Cmd::Volume(cmd) => volume(open()?, cmd, json, cli.yes, &dir)?,
+        Cmd::Volume(cmd) => volume::run(open()?, cmd, json, cli.yes, &dir)?,
         Cmd::Checkpoint(cmd) => checkpoint::run(&open()?, cmd, json, cli.yes)?,
         Cmd::Clone { source, new_name } => {
             let (v, c) = checkpoint_target(&source)?;
@@ -489,7 +266,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Bench(args) => bench::run(&args, json)?,
-        Cmd::Demo => demo(&dir)?,
+        Cmd::Demo => demo::run(&dir)?,
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             // Rendered first: clap_complete panics on a failed write (a closed pipe).
@@ -515,335 +292,8 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Serve(args) => serve(&dir, args)?,
+        Cmd::Serve(args) => serve::run(&dir, args)?,
         Cmd::Vm(cmd) => vm::run(&open()?, &dir, cmd, json, cli.yes)?,
     }
-    Ok(())
-}
-
-fn volume(store: Backend, cmd: VolumeCmd, json: bool, yes: bool, dir: &Path) -> Result<()> {
-    match cmd {
-        VolumeCmd::Create { name, size } => {
-            let info = store.volume(Op::VolumeCreate {
-                name,
-                size: parse_size(&size)?,
-            })?;
-            if json {
-                print_json(&info)?;
-            } else {
-                outln!("created volume '{}' of {}", info.name, human(info.size));
-            }
-        }
-        VolumeCmd::List => {
-            let vols = match store.call(Op::VolumeList)? {
-                Reply::Volumes(v) => v,
-                other => bail!("unexpected reply {other:?}"),
-            };
-            if json {
-                print_json(&vols)?;
-            } else {
-                outln!(
-                    "{:<24} {:>12} {:>12} {:>12}  {:<20} CREATED",
-                    "NAME",
-                    "SIZE",
-                    "REFERENCED",
-                    "CHECKPOINTS",
-                    "PARENT"
-                );
-                for v in vols {
-                    outln!(
-                        "{:<24} {:>12} {:>12} {:>12}  {:<20} {}",
-                        v.name,
-                        human(v.size),
-                        human(v.referenced),
-                        v.checkpoints,
-                        v.parent.as_deref().unwrap_or("-"),
-                        time_str(v.created_ms)
-                    );
-                }
-            }
-        }
-        VolumeCmd::Info { name } => {
-            let v = store.volume(Op::VolumeInfo { name })?;
-            let uri = cairn_daemon::nbd_uri(dir, &v.name);
-            if json {
-                let mut j = serde_json::to_value(&v)?;
-                j["nbd_uri"] = serde_json::Value::String(uri);
-                print_json(&j)?;
-            } else {
-                outln!("name:        {}", v.name);
-                outln!("size:        {} ({} bytes)", human(v.size), v.size);
-                outln!("referenced:  {}", human(v.referenced));
-                outln!("checkpoints: {}", v.checkpoints);
-                outln!("parent:      {}", v.parent.as_deref().unwrap_or("-"));
-                outln!("origin:      {}", v.origin.as_deref().unwrap_or("-"));
-                outln!("created:     {}", time_str(v.created_ms));
-                outln!("nbd:         {uri}  (while `cairn serve` runs)");
-            }
-        }
-        VolumeCmd::Resize { name, size } => {
-            let v = store.volume(Op::VolumeResize {
-                name,
-                size: parse_size(&size)?,
-            })?;
-            if json {
-                print_json(&v)?;
-            } else {
-                outln!("volume '{}' is now {}", v.name, human(v.size));
-            }
-        }
-        VolumeCmd::Delete { name } => {
-            let checkpoints = store
-                .volume(Op::VolumeInfo { name: name.clone() })?
-                .checkpoints;
-            if checkpoints > 0 {
-                confirm(
-                    &format!("delete volume '{name}' and its {checkpoints} checkpoint(s)"),
-                    yes,
-                )?;
-            }
-            let sp = spinner("deleting");
-            store.call_with_progress(Op::VolumeDelete { name: name.clone() }, &mut |n| {
-                sp.set_message(format!("deleting '{name}': {} freed", human(n)))
-            })?;
-            sp.finish_and_clear();
-            if json {
-                print_json(&serde_json::json!({ "deleted": name }))?;
-            } else {
-                outln!("deleted volume '{name}'");
-            }
-        }
-        VolumeCmd::Defrag {
-            name,
-            dry_run,
-            min_extents,
-        } => {
-            let size = store.volume(Op::VolumeInfo { name: name.clone() })?.size;
-            let pb = progress(
-                size,
-                if dry_run {
-                    "examining"
-                } else {
-                    "defragmenting"
-                },
-            );
-            let reply = store.call_with_progress(
-                Op::VolumeDefrag {
-                    name: name.clone(),
-                    dry_run,
-                    min_extents,
-                },
-                &mut |n| pb.set_position(n),
-            )?;
-            pb.finish_and_clear();
-            let Reply::Defrag(r) = reply else {
-                bail!("the daemon answered a defrag with something else: {reply:?}");
-            };
-            if json {
-                print_json(&r)?;
-            } else if r.moved_bytes == 0 {
-                outln!(
-                    "nothing to move: no 2 MiB range of '{name}' lies in {min_extents} or more extents ({} in {} extents in all)",
-                    human(r.mapped_bytes),
-                    r.extents_before
-                );
-            } else if dry_run {
-                outln!(
-                    "defrag of '{name}' would move {} of {} ({} extents -> about {}); {} of it is shared with checkpoints or clones and would be stored twice",
-                    human(r.moved_bytes),
-                    human(r.mapped_bytes),
-                    r.extents_before,
-                    r.extents_after,
-                    human(r.shared_bytes)
-                );
-            } else {
-                outln!(
-                    "defragmented '{name}': moved {} ({} extents -> {}); {} shared with checkpoints or clones is now stored twice; the store grew by {}",
-                    human(r.moved_bytes),
-                    r.extents_before,
-                    r.extents_after,
-                    human(r.shared_bytes),
-                    human(r.space_delta.max(0) as u64)
-                );
-            }
-        }
-        VolumeCmd::Import { name, file, format } => {
-            cairn_engine::validate_name(&name)?;
-            let info = convert::import(&store, &name, &file, format.as_deref())?;
-            if json {
-                print_json(&info)?;
-            } else {
-                outln!(
-                    "imported {} as volume '{name}' ({}, {} allocated)",
-                    file.display(),
-                    human(info.size),
-                    human(info.referenced)
-                );
-            }
-        }
-        VolumeCmd::Export {
-            source,
-            file,
-            format,
-        } => {
-            let t = Target::parse(&source)?;
-            let format = convert::export_format(&file, format.as_deref())?;
-            if file.exists() {
-                confirm(&format!("overwrite {}", file.display()), yes)?;
-            }
-            let bytes = convert::export(&store, &t, &file, &format)?;
-            if json {
-                print_json(&serde_json::json!({
-                    "source": source, "file": file, "format": format, "bytes": bytes
-                }))?;
-            } else {
-                outln!(
-                    "exported {source} to {} ({format}, {})",
-                    file.display(),
-                    human(bytes)
-                );
-            }
-        }
-        VolumeCmd::Write(a) => {
-            let data = match (a.source.pattern, &a.source.from) {
-                (Some(p), _) => {
-                    if p > 0xFF {
-                        bail!("--pattern takes one byte, 0x00 to 0xFF");
-                    }
-                    vec![p as u8; a.length.unwrap_or(0) as usize]
-                }
-                (None, Some(f)) => {
-                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?
-                }
-                (None, None) => bail!("give --pattern BYTE --length L or --from FILE"),
-            };
-            // Split into operations of at most MAX_DATA; each is written and flushed.
-            let mut at = 0usize;
-            loop {
-                let n = (data.len() - at).min(cairn_control::MAX_DATA as usize);
-                store.done(Op::VolumeWrite {
-                    name: a.name.clone(),
-                    offset: a.offset + at as u64,
-                    data: data[at..at + n].to_vec(),
-                })?;
-                at += n;
-                if at >= data.len() {
-                    break;
-                }
-            }
-            if json {
-                print_json(
-                    &serde_json::json!({ "volume": a.name, "offset": a.offset, "length": data.len() }),
-                )?;
-            } else {
-                outln!(
-                    "wrote {} bytes to '{}' at offset {}",
-                    data.len(),
-                    a.name,
-                    a.offset
-                );
-            }
-        }
-        VolumeCmd::Read {
-            source,
-            offset,
-            length,
-            to,
-        } => {
-            Target::parse(&source)?;
-            let mut out: Box<dyn Write> = match &to {
-                Some(p) => Box::new(
-                    std::fs::File::create(p)
-                        .with_context(|| format!("cannot create {}", p.display()))?,
-                ),
-                None => Box::new(std::io::stdout().lock()),
-            };
-            let mut off = offset;
-            let end = offset.checked_add(length).with_context(|| {
-                format!(
-                    "read of {length} bytes at offset {offset} reaches past the end of any volume"
-                )
-            })?;
-            let read = |offset: u64, length: u64| {
-                store.bytes(Op::VolumeRead {
-                    target: source.clone(),
-                    offset,
-                    length,
-                })
-            };
-            // Check the whole range first so that a bad request writes nothing.
-            read(offset, length.min(1))?;
-            read(end.saturating_sub(length.min(1)), length.min(1))?;
-            while off < end {
-                let n = (end - off).min(cairn_control::MAX_DATA);
-                out.write_all(&read(off, n)?)?;
-                off += n;
-            }
-            out.flush()?;
-        }
-    }
-    Ok(())
-}
-
-fn demo(dir: &Path) -> Result<()> {
-    if !dir.join(cairn_engine::store::DATA_FILE).exists() {
-        Store::init(dir, store_options())?;
-        outln!("initialised store at {}", dir.display());
-    }
-    let store = Store::open(dir, store_options())?;
-    let name = "demo";
-    if store.volume_info(name).is_ok() {
-        store.delete_volume(name)?;
-    }
-    store.create_volume(name, 1 << 30)?;
-    outln!("created volume '{name}' (1 GiB, nothing allocated)");
-    store.write(name, 0, &vec![b'A'; 4 << 20])?;
-    let clean = store.create_checkpoint(name, "clean", Some("freshly installed"))?;
-    outln!(
-        "wrote 4 MiB of 'A' and took checkpoint {name}@{} (O(1))",
-        clean.name
-    );
-    store.write(name, 1 << 20, &vec![b'B'; 64 << 10])?;
-    store.create_checkpoint(name, "patched", Some("after an update"))?;
-    outln!("overwrote 64 KiB with 'B' and took checkpoint {name}@patched");
-    let d = store.diff(
-        &Target::parse("demo@clean")?,
-        &Target::parse("demo@patched")?,
-    )?;
-    outln!(
-        "diff clean..patched: {} range(s), {} bytes",
-        d.len(),
-        d.iter().map(|e| e.length).sum::<u64>()
-    );
-    store.write(name, 0, &vec![b'X'; 8192])?;
-    store.apply_checkpoint(name, "clean", None)?;
-    let mut b = [0u8; 1];
-    store.read(&Target::head(name), 1 << 20, &mut b)?;
-    outln!(
-        "broke the disk, then applied {name}@clean: byte at 1 MiB reads '{}' again",
-        b[0] as char
-    );
-    let sp = store.space(Some(name))?;
-    for c in &sp.volumes[0].checkpoints {
-        outln!(
-            "  checkpoint {:<8} references {:>9}, unique {:>9}",
-            c.name,
-            human(c.referenced),
-            human(c.unique)
-        );
-    }
-    let report = store.fsck()?;
-    outln!(
-        "fsck: {}",
-        if report.ok() {
-            "no problems"
-        } else {
-            "PROBLEMS"
-        }
-    );
-    outln!(
-        "\nnext: cairn --store {} checkpoint list demo --tree",
-        dir.display()
-    );
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! panic in `println!`. The process keeps ignoring SIGPIPE (Rust's default) because a write to the
 //! daemon's socket must fail as an error the user sees, not kill the CLI silently.
 
+use serde::Serialize;
 use std::fmt;
 use std::io::Write;
 
@@ -70,4 +71,10 @@ pub fn error_kind(e: &anyhow::Error) -> &'static str {
         }
     });
     kind.map_or("invalid", ErrorKind::name)
+}
+
+/// Prints a value as pretty JSON, for `--json`.
+pub(crate) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    outln!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }

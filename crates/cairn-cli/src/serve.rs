@@ -1,0 +1,73 @@
+//! `cairn serve`: the daemon in the foreground, with its log on stderr.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use crate::store_options;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Also serve NBD on TCP: ADDR:PORT, or just PORT for loopback (127.0.0.1).
+    #[arg(long, value_name = "ADDR:PORT")]
+    nbd_listen: Option<String>,
+    /// PEM certificate (chain): TCP clients must then use TLS (NBD_OPT_STARTTLS).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// `PORT` alone means loopback: exposing disks to the network must be asked for explicitly.
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr> {
+    if let Ok(port) = s.trim_start_matches(':').parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().with_context(|| {
+        format!("invalid --nbd-listen '{s}': give ADDR:PORT (e.g. 127.0.0.1:10809) or a port")
+    })
+}
+
+pub fn run(dir: &Path, args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: a log file or journal gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let nbd_listen = args.nbd_listen.as_deref().map(parse_listen).transpose()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => {
+            if nbd_listen.is_none() {
+                bail!("--tls-cert/--tls-key secure the TCP listener; add --nbd-listen ADDR:PORT");
+            }
+            Some(cairn_nbd::tls::server_config(c, k)?)
+        }
+        _ => None,
+    };
+    let config = cairn_daemon::DaemonConfig {
+        store_dir: dir.to_path_buf(),
+        options: store_options(),
+        nbd_listen,
+        nbd: cairn_nbd::ServerConfig {
+            tls,
+            ..Default::default()
+        },
+    };
+    cairn_daemon::run(config, |l| {
+        eprintln!(
+            "cairn: serving {} over NBD on {}{}",
+            dir.display(),
+            l.nbd_socket.display(),
+            l.nbd_tcp
+                .map(|a| format!(" and nbd://{a}"))
+                .unwrap_or_default()
+        );
+    })?;
+    Ok(())
+}
