@@ -16,7 +16,7 @@
  *
  * `prefetch`: docs/design.md ("Read path") cites this: the default experiment's mapped copies
  * again, plain and with a software prefetch of the first two cache lines of the block 1, 2, 4 or
- * 8 places ahead, as Cairn's fragmented reads do since session 10. The default experiment's
+ * 8 places ahead, as Cairn's fragmented reads do. The default experiment's
  * "bound" was the latency of each block's TLB and cache misses, which the prefetch overlaps.
  *
  * `folios`: docs/design.md ("Read path") cites this: how a file was written decides how fast its

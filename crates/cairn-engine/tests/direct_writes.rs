@@ -21,9 +21,9 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Bytes of `path` in the host's page cache, asked page by page with `mincore` through the
 /// engine's own read mapping. Not with reads: even a read that may not wait for the disk
-/// (`RWF_NOWAIT`), which this test used until session 11, starts readahead where it misses, and
-/// pulled the very blocks it was counting into the cache (about one run in 40 failed that way,
-/// counting 4–17 MB of 16 MiB written straight to the disk).
+/// (`RWF_NOWAIT`), starts readahead where it misses, and pulls the very blocks being counted into
+/// the cache (a version of this test that read failed about one run in 40, counting 4–17 MB of
+/// 16 MiB written straight to the disk).
 fn cached_bytes(path: &Path) -> u64 {
     let f = File::open(path).expect("open data file");
     let len = f.metadata().expect("stat").len();

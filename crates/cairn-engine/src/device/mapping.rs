@@ -18,7 +18,7 @@
 //! of sequential 4 KiB reads through the mapping alone ran at 58 MiB/s where `pread` ran at
 //! 920 MiB/s.)
 //!
-//! **Long reads (session 15).** A longer read is copied only when every page of it is already in
+//! **Long reads.** A longer read is copied only when every page of it is already in
 //! the host's page cache (`mincore`, one call per 2 MiB; [`ReadMapping::read_cached`]) and it does
 //! not continue the same thread's last long read; one cold page, or a sequential stream, sends it
 //! to `pread`, after which its pages are put into the page tables without a copy
