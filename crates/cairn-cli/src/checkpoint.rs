@@ -54,6 +54,10 @@ pub enum CheckpointCmd {
         /// Keep nothing of the current state.
         #[arg(long)]
         discard_current: bool,
+        /// Disconnect NBD clients of the volume (a VM's disks) first; without it, an apply
+        /// under connected clients is refused, because their caches would no longer match.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete a checkpoint; only data nothing else references is freed, and its children move
     /// up to its parent.
@@ -217,6 +221,7 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
             target,
             save_current,
             discard_current,
+            force,
         } => {
             let (v, c) = checkpoint_target(&target)?;
             let report = match store.call(Op::CheckpointApply {
@@ -224,6 +229,7 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
                 name: c,
                 save_current,
                 discard_current,
+                force,
             })? {
                 Reply::Applied(r) => r,
                 other => bail!("unexpected reply {other:?}"),

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use cairn_control::{Op, Reply};
 use cairn_engine::Target;
 use clap::{Args, Subcommand};
-use std::io::Write;
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::backend::Backend;
@@ -89,7 +89,7 @@ pub enum VolumeCmd {
         /// VOLUME or VOLUME@CHECKPOINT.
         source: String,
         /// Byte offset.
-        #[arg(long, value_parser = parse_number)]
+        #[arg(long, value_parser = parse_number, default_value = "0")]
         offset: u64,
         /// Bytes to read.
         #[arg(long, value_parser = parse_number)]
@@ -116,7 +116,7 @@ pub struct WriteArgs {
     /// Volume name.
     name: String,
     /// Byte offset.
-    #[arg(long, value_parser = parse_number)]
+    #[arg(long, value_parser = parse_number, default_value = "0")]
     offset: u64,
     /// Bytes to write with --pattern.
     #[arg(long, value_parser = parse_number)]
@@ -309,43 +309,46 @@ pub fn run(store: Backend, cmd: VolumeCmd, json: bool, yes: bool, dir: &Path) ->
             }
         }
         VolumeCmd::Write(a) => {
-            let data = match (a.source.pattern, &a.source.from) {
+            // A file is streamed in operations of at most MAX_DATA, each written and flushed.
+            let (mut input, len): (Box<dyn Read>, u64) = match (a.source.pattern, &a.source.from) {
                 (Some(p), _) => {
                     if p > 0xFF {
                         bail!("--pattern takes one byte, 0x00 to 0xFF");
                     }
-                    vec![p as u8; a.length.unwrap_or(0) as usize]
+                    let len = a.length.unwrap_or(0);
+                    (Box::new(std::io::repeat(p as u8).take(len)), len)
                 }
                 (None, Some(f)) => {
-                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?
+                    let file = std::fs::File::open(f)
+                        .with_context(|| format!("cannot read {}", f.display()))?;
+                    let len = file.metadata()?.len();
+                    (Box::new(file), len)
                 }
                 (None, None) => bail!("give --pattern BYTE --length L or --from FILE"),
             };
-            // Split into operations of at most MAX_DATA; each is written and flushed.
-            let mut at = 0usize;
-            loop {
-                let n = (data.len() - at).min(cairn_control::MAX_DATA as usize);
+            let pb = progress(len, &format!("writing '{}'", a.name));
+            let mut at = 0u64;
+            let mut buf = vec![0u8; len.min(cairn_control::MAX_DATA) as usize];
+            while at < len {
+                let n = (len - at).min(buf.len() as u64) as usize;
+                input
+                    .read_exact(&mut buf[..n])
+                    .context("the input ended before its length (did the file shrink?)")?;
                 store.done(Op::VolumeWrite {
                     name: a.name.clone(),
-                    offset: a.offset + at as u64,
-                    data: data[at..at + n].to_vec(),
+                    offset: a.offset + at,
+                    data: buf[..n].to_vec(),
                 })?;
-                at += n;
-                if at >= data.len() {
-                    break;
-                }
+                at += n as u64;
+                pb.set_position(at);
             }
+            pb.finish_and_clear();
             if json {
                 print_json(
-                    &serde_json::json!({ "volume": a.name, "offset": a.offset, "length": data.len() }),
+                    &serde_json::json!({ "volume": a.name, "offset": a.offset, "length": len }),
                 )?;
             } else {
-                outln!(
-                    "wrote {} bytes to '{}' at offset {}",
-                    data.len(),
-                    a.name,
-                    a.offset
-                );
+                outln!("wrote {len} bytes to '{}' at offset {}", a.name, a.offset);
             }
         }
         VolumeCmd::Read {
@@ -378,11 +381,18 @@ pub fn run(store: Backend, cmd: VolumeCmd, json: bool, yes: bool, dir: &Path) ->
             // Check the whole range first so that a bad request writes nothing.
             read(offset, length.min(1))?;
             read(end.saturating_sub(length.min(1)), length.min(1))?;
+            // Not over bytes going to the same terminal.
+            let pb = match to.is_some() || !std::io::stdout().is_terminal() {
+                true => progress(length, &format!("reading '{source}'")),
+                false => indicatif::ProgressBar::hidden(),
+            };
             while off < end {
                 let n = (end - off).min(cairn_control::MAX_DATA);
                 out.write_all(&read(off, n)?)?;
                 off += n;
+                pb.set_position(off - offset);
             }
+            pb.finish_and_clear();
             out.flush()?;
         }
     }

@@ -923,3 +923,91 @@ print("ok")
     assert!(out.status.success() && text.contains("ok"), "{text}");
     assert!(!d.log().contains("panicked"));
 }
+
+/// Applying a checkpoint under a connected client would change its disk behind its back: the
+/// apply is refused, naming the client, and changes nothing; `--force` disconnects the client
+/// first, so its next request fails instead of reading rewound data.
+#[test]
+fn apply_under_a_connected_client_is_refused_unless_forced() {
+    let e = env();
+    cairn(&e, &["volume", "create", "v", "--size", "1M"]);
+    let pattern = |byte: &str| {
+        let args = [
+            "volume",
+            "write",
+            "v",
+            "--pattern",
+            byte,
+            "--length",
+            "4096",
+        ];
+        cairn(&e, &args);
+    };
+    pattern("0x11");
+    cairn(&e, &["checkpoint", "create", "v@a"]);
+    pattern("0x22");
+    let d = Daemon::start(&e);
+    // A client on the head that reads, then waits for a line before it reads again.
+    let script = r#"
+import sys
+print(h.pread(1, 0).hex(), flush=True)
+sys.stdin.readline()
+try:
+    h.pread(1, 0)
+    print("still connected", flush=True)
+except nbd.Error as err:
+    print("disconnected:", err, flush=True)
+"#;
+    let mut client = Command::new("/usr/bin/python3")
+        .args(["-m", "nbd", "-u", &d.uri("v"), "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nbdsh");
+    let mut out = std::io::BufReader::new(client.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("first read");
+    assert_eq!(line.trim(), "22");
+    // A reader of a checkpoint is no bother: that data does not change.
+    let other = run("nbdinfo", &["--size", &d.uri("v@a")]);
+    assert_eq!(other.trim(), (1 << 20).to_string());
+
+    fails(
+        &e,
+        &["checkpoint", "apply", "v@a"],
+        "1 NBD client is connected",
+    );
+    assert_eq!(fails_json(&e, &["checkpoint", "apply", "v@a"]), "busy");
+    let o = common::cairn(&e, &["checkpoint", "apply", "v@a"]);
+    let why = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        why.contains(&format!("pid {}", client.id())) && why.contains("--force"),
+        "the refusal names the client and the way out: {why}"
+    );
+    assert_eq!(read_byte(&e), 0x22, "a refused apply changes nothing");
+    let list = json(&e, &["checkpoint", "list", "v"]);
+    assert_eq!(list.as_array().map(|a| a.len()), Some(1), "{list}");
+
+    ok(&e, &["checkpoint", "apply", "v@a", "--force"]);
+    assert_eq!(read_byte(&e), 0x11);
+    let stdin = client.stdin.as_mut().expect("stdin");
+    stdin.write_all(b"\n").expect("wake the client");
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("second read");
+    assert!(line.starts_with("disconnected"), "{line}");
+    assert!(client.wait().expect("wait").success());
+    // With the client gone, an apply needs no force.
+    ok(&e, &["checkpoint", "apply", "v@a"]);
+    assert!(
+        d.log().contains("disconnecting from 'v' on request"),
+        "{}",
+        d.log()
+    );
+}
+
+fn read_byte(e: &Env) -> u8 {
+    let o = common::cairn(e, &["volume", "read", "v", "--length", "1"]);
+    assert!(o.status.success());
+    o.stdout[0]
+}

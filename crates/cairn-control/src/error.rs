@@ -17,7 +17,7 @@ pub enum ErrorKind {
     Invalid,
     /// The host filesystem is full.
     NoSpace,
-    /// The store is held by another process.
+    /// The store is held by another process, or an object is in use by clients.
     Busy,
     /// The store's metadata is damaged.
     Corrupt,

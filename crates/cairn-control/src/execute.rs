@@ -194,6 +194,7 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             name,
             save_current,
             discard_current,
+            ..
         } => {
             // Checked first, so a bad target takes no automatic checkpoint.
             store.list_checkpoints(&volume)?;

@@ -112,6 +112,10 @@ pub enum Op {
         /// Keep nothing of the current state.
         #[serde(default)]
         discard_current: bool,
+        /// Disconnect NBD clients of the heads being rewound instead of refusing (daemon only:
+        /// without one, nobody else can have the store open).
+        #[serde(default)]
+        force: bool,
     },
     /// Delete a checkpoint (its children move up to its parent).
     CheckpointDelete {
@@ -320,6 +324,7 @@ mod tests {
                 name: "c".into(),
                 save_current: Some("s".into()),
                 discard_current: false,
+                force: true,
             },
             Op::Fsck,
         ];

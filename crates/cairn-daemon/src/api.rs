@@ -15,17 +15,20 @@ use cairn_control::{execute, DaemonStatus, ErrorKind, Op, OpError, Reply};
 use cairn_engine::Store;
 use cairn_vm::guest_agent::GuestAgent;
 use cairn_vm::{Runtime, VmError};
+
+use crate::nbd_clients;
 use tracing::{info, warn};
 
 #[derive(Clone)]
 struct ApiState {
     store: Arc<Store>,
+    nbd: Arc<cairn_nbd::Server>,
     runtime: Arc<Runtime>,
     status: Arc<DaemonStatus>,
 }
 
-/// The API's routes over `store` and its VMs.
-pub fn router(store: Arc<Store>, runtime: Arc<Runtime>, status: DaemonStatus) -> Router {
+/// The API's routes over the store `nbd` serves and its VMs.
+pub fn router(nbd: Arc<cairn_nbd::Server>, runtime: Arc<Runtime>, status: DaemonStatus) -> Router {
     Router::new()
         .route("/v1/ops", post(ops))
         .route("/v1/status", get(daemon_status))
@@ -34,7 +37,8 @@ pub fn router(store: Arc<Store>, runtime: Arc<Runtime>, status: DaemonStatus) ->
             (cairn_control::MAX_DATA as usize) * 4 / 3 + (64 << 10),
         ))
         .with_state(ApiState {
-            store,
+            store: nbd.store().clone(),
+            nbd,
             runtime,
             status: Arc::new(status),
         })
@@ -43,12 +47,12 @@ pub fn router(store: Arc<Store>, runtime: Arc<Runtime>, status: DaemonStatus) ->
 /// Serves the API on `listener` until `stop` completes (calls in flight finish first).
 pub async fn serve(
     listener: tokio::net::UnixListener,
-    store: Arc<Store>,
+    nbd: Arc<cairn_nbd::Server>,
     runtime: Arc<Runtime>,
     status: DaemonStatus,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
-    if let Err(e) = axum::serve(listener, router(store, runtime, status))
+    if let Err(e) = axum::serve(listener, router(nbd, runtime, status))
         .with_graceful_shutdown(stop)
         .await
     {
@@ -104,6 +108,22 @@ async fn ops(State(st): State<ApiState>, body: Bytes) -> Response {
 /// Runs one operation: those that need QEMU or know what runs here, all else through the same
 /// `execute` the CLI runs without a daemon.
 async fn run(st: &ApiState, op: Op, name: &str) -> Result<Reply, OpError> {
+    let rewound = match &op {
+        Op::CheckpointApply {
+            volume,
+            name,
+            force,
+            ..
+        } if st.runtime.user_of(volume).is_none() => {
+            // (A running VM's disk is refused below, with a better message than its QEMU.)
+            let heads = rewound_heads(st, volume, name);
+            let qemu = st.runtime.status(volume).pid;
+            let what = format!("{volume}@{name}");
+            nbd_clients::check(&st.nbd, &heads, qemu, *force, &what)?;
+            Some((heads, *force, what))
+        }
+        _ => None,
+    };
     if let Some(r) = running_vm_checkpoint(st, &op).await {
         return r;
     }
@@ -137,6 +157,13 @@ async fn run(st: &ApiState, op: Op, name: &str) -> Result<Reply, OpError> {
     if let Some(r) = vm_reply {
         return r.map_err(OpError::from);
     }
+    // The heads an apply rewinds take no new clients while it runs, and the ones on them go.
+    let _fence = match &rewound {
+        Some((heads, force, what)) => {
+            Some(nbd_clients::clear(&st.nbd, heads, None, *force, what).await?)
+        }
+        None => None,
+    };
     let store = st.store.clone();
     tokio::task::spawn_blocking(move || execute(&store, op, &mut |_| {}))
         .await
@@ -215,10 +242,12 @@ async fn running_vm_checkpoint(st: &ApiState, op: &Op) -> Option<Result<Reply, O
             name,
             save_current,
             discard_current,
+            force,
         } if rt.definitions().exists(volume)
             && (rt.is_running(volume) || is_standard(st, volume, name)) =>
         {
-            Some(apply_running(st, volume, name, save_current.clone(), *discard_current).await)
+            let (save, discard) = (save_current.clone(), *discard_current);
+            Some(apply_running(st, volume, name, save, discard, *force).await)
         }
         _ => None,
     }
@@ -233,6 +262,19 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(move || f(&store, &vms))
         .await
         .map_err(join_err)?
+}
+
+/// The volumes whose heads applying `target@name` rewinds: a VM checkpoint's disks, or the
+/// volume itself.
+fn rewound_heads(st: &ApiState, target: &str, name: &str) -> Vec<String> {
+    let vms = st.runtime.definitions();
+    match vms.exists(target) {
+        true => vms
+            .checkpoint(target, name)
+            .map(|c| c.disks)
+            .unwrap_or_default(),
+        false => vec![target.to_string()],
+    }
 }
 
 fn is_standard(st: &ApiState, vm: &str, name: &str) -> bool {
@@ -585,13 +627,16 @@ impl Drop for StateFile {
 /// anything stops; then the state being replaced is kept (as `save_current`, else as an automatic
 /// checkpoint, unless `discard_current`), QEMU is killed, the disks are rewound, and the VM
 /// resumes from the saved memory (standard) or boots cold (disk-only, if it was running). If a
-/// step after the kill fails, the VM is put back to the state kept first.
+/// step after the kill fails, the VM is put back to the state kept first. NBD clients of the disks
+/// other than the VM's QEMU were checked for before; the disks take no new ones while they are
+/// rewound, and `force` disconnects any that came since.
 async fn apply_running(
     st: &ApiState,
     vm: &str,
     name: &str,
     save_current: Option<String>,
     discard_current: bool,
+    force: bool,
 ) -> Result<Reply, OpError> {
     use cairn_control::reports::{ApplyReport, VmOutcome};
     use cairn_vm::checkpoint as ck;
@@ -630,14 +675,25 @@ async fn apply_running(
         take_running(st, vm, &k.name, None, Take::Standard, k.automatic).await?;
     }
     let saved = kept.as_ref().map(|k| k.name.as_str());
+    let qemu = st.runtime.status(vm).pid;
     if running {
         st.runtime.kill(vm).await?;
     }
-    let applied = blocking(st, {
-        let (cp, saved) = (cp.clone(), saved.map(str::to_string));
-        move |store, vms| cairn_control::apply_disks_or_restore(store, vms, &cp, saved.as_deref())
-    })
-    .await;
+    let what = format!("{vm}@{name}");
+    let applied = match nbd_clients::clear(&st.nbd, &cp.disks, qemu, force, &what).await {
+        Ok(fence) => {
+            let r = blocking(st, {
+                let (cp, saved) = (cp.clone(), saved.map(str::to_string));
+                move |store, vms| {
+                    cairn_control::apply_disks_or_restore(store, vms, &cp, saved.as_deref())
+                }
+            })
+            .await;
+            drop(fence);
+            r
+        }
+        Err(e) => Err(e),
+    };
     let started = match (applied, &state) {
         (Err(e), _) => {
             // The disks are back as they were (or the error says why not); so is the VM.

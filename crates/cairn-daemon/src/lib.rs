@@ -16,6 +16,7 @@ use cairn_nbd::{Server, ServerConfig};
 use tracing::{info, warn};
 
 pub mod api;
+mod nbd_clients;
 
 /// File name of the NBD unix socket inside the store directory.
 pub const NBD_SOCKET: &str = "nbd.sock";
@@ -157,7 +158,7 @@ async fn serve(
     let runtime = Arc::new(cairn_vm::Runtime::new(&config.store_dir, &sock));
     let api_task = tokio::spawn(api::serve(
         control_listener,
-        server.store().clone(),
+        server.clone(),
         runtime.clone(),
         status,
         async move {

@@ -9,4 +9,4 @@ pub mod proto;
 pub mod server;
 pub mod tls;
 
-pub use server::{Server, ServerConfig, ALLOCATION_CONTEXT, CHANGED_CONTEXT};
+pub use server::{ClientInfo, Fence, Server, ServerConfig, ALLOCATION_CONTEXT, CHANGED_CONTEXT};

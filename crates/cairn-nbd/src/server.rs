@@ -20,8 +20,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::proto::*;
 
+mod clients;
 mod handshake;
 mod requests;
+
+pub use clients::{ClientInfo, Fence};
 
 /// Tunables of a server.
 #[derive(Debug, Clone)]
@@ -77,6 +80,8 @@ pub struct Server {
     /// Each connection holds a clone; `shutdown` waits until all are dropped.
     live: Mutex<Option<mpsc::Sender<()>>>,
     all_closed: tokio::sync::Mutex<mpsc::Receiver<()>>,
+    clients: Mutex<clients::Registry>,
+    clients_changed: tokio::sync::Notify,
 }
 
 /// One metadata context a client selected.
@@ -157,6 +162,8 @@ impl Server {
             shutdown: watch::channel(false).0,
             live: Mutex::new(Some(tx)),
             all_closed: tokio::sync::Mutex::new(rx),
+            clients: Mutex::default(),
+            clients_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -172,7 +179,9 @@ impl Server {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((s, _)) => {
-                        self.spawn_connection(Box::new(s), "unix client".into(), false)
+                        let cred = s.peer_cred().ok().and_then(|c| c.pid());
+                        let (peer, pid) = clients::unix_peer(cred);
+                        self.spawn_client(Box::new(s), peer, pid, false)
                     }
                     Err(e) => {
                         warn!("nbd: accept on unix socket failed: {e}");
@@ -193,7 +202,7 @@ impl Server {
                     Ok((s, addr)) => {
                         let _ = s.set_nodelay(true);
                         let tls = self.config.tls.is_some();
-                        self.spawn_connection(Box::new(s), addr.to_string(), tls)
+                        self.spawn_client(Box::new(s), addr.to_string(), None, tls)
                     }
                     Err(e) => {
                         warn!("nbd: accept on TCP failed: {e}");
@@ -208,13 +217,23 @@ impl Server {
     /// Serves one already-connected client (used by the listeners, and by tests over pipes);
     /// `tls` makes the client upgrade to TLS before anything else.
     pub fn spawn_connection(self: &Arc<Self>, stream: Box<dyn Stream>, peer: String, tls: bool) {
+        self.spawn_client(stream, peer, None, tls)
+    }
+
+    fn spawn_client(
+        self: &Arc<Self>,
+        stream: Box<dyn Stream>,
+        peer: String,
+        pid: Option<u32>,
+        tls: bool,
+    ) {
         let Some(token) = self.live.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return; // shutting down
         };
         let me = self.clone();
         tokio::spawn(async move {
             let _token = token;
-            me.connection(stream, peer, tls).await;
+            me.connection(stream, peer, pid, tls).await;
         });
     }
 
@@ -226,7 +245,13 @@ impl Server {
         let _ = self.all_closed.lock().await.recv().await;
     }
 
-    async fn connection(self: Arc<Self>, mut stream: Box<dyn Stream>, peer: String, tls: bool) {
+    async fn connection(
+        self: Arc<Self>,
+        mut stream: Box<dyn Stream>,
+        peer: String,
+        pid: Option<u32>,
+        tls: bool,
+    ) {
         let acceptor = if tls {
             self.config.tls.clone().map(tokio_rustls::TlsAcceptor::from)
         } else {
@@ -249,6 +274,13 @@ impl Server {
             Ok(Ok(None)) => return,
             Ok(Ok(Some(s))) => s,
         };
+        let Some(registration) = self.register(&session.export, &peer, pid) else {
+            warn!(
+                "nbd: {peer}: '{}' is being rewound to a checkpoint; closing",
+                session.export.name
+            );
+            return;
+        };
         info!(
             "nbd: {peer}: serving '{}' ({} bytes{}{})",
             session.export.name,
@@ -266,12 +298,18 @@ impl Server {
                 ""
             }
         );
-        if let Err(e) = self.transmit(stream, Arc::new(session)).await {
+        let kicked = registration.kicked.clone();
+        if let Err(e) = self.transmit(stream, Arc::new(session), kicked).await {
             warn!("nbd: {peer}: {e}; closing");
         }
     }
 
-    async fn transmit(&self, stream: Box<dyn Stream>, sess: Arc<Session>) -> Result<(), ConnError> {
+    async fn transmit(
+        &self,
+        stream: Box<dyn Stream>,
+        sess: Arc<Session>,
+        mut kicked: watch::Receiver<bool>,
+    ) -> Result<(), ConnError> {
         let (rd, wr) = tokio::io::split(stream);
         let mut rd = BufReader::with_capacity(256 << 10, rd);
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -295,6 +333,7 @@ impl Server {
             let read = tokio::select! {
                 r = rd.read_exact(&mut hdr[..hs]) => r,
                 _ = stop.changed() => break Ok(()),
+                _ = kicked.changed() => break Ok(()),
             };
             match read {
                 Ok(_) => {}

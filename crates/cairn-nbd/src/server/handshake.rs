@@ -14,6 +14,12 @@ impl Server {
             );
         }
         let target = Target::parse(name).map_err(|e| e.to_string())?;
+        if target.checkpoint.is_none() && self.is_fenced(&target.volume) {
+            return Err(format!(
+                "volume '{}' is being rewound to a checkpoint; connect again in a moment",
+                target.volume
+            ));
+        }
         let (size, read_only) = match &target.checkpoint {
             None => (
                 self.store
