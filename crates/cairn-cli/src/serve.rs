@@ -18,6 +18,17 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// What becomes of running VMs when the daemon stops (SIGTERM, SIGINT): `leave` them
+    /// running for the next `cairn serve`, which reattaches them (their disk I/O waits up to
+    /// 60 s for it), or `stop` them (ACPI power-off, hard after 10 s).
+    #[arg(long, value_enum, default_value = "leave")]
+    vms_on_exit: VmsOnExit,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum VmsOnExit {
+    Leave,
+    Stop,
 }
 
 /// `PORT` alone means loopback: exposing disks to the network must be asked for explicitly.
@@ -58,6 +69,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<()> {
             tls,
             ..Default::default()
         },
+        stop_vms_on_exit: matches!(args.vms_on_exit, VmsOnExit::Stop),
     };
     cairn_daemon::run(config, |l| {
         eprintln!(

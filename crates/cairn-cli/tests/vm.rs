@@ -934,3 +934,95 @@ fn a_vm_checkpoint_is_one_object_in(e: Env) {
     fails(&e, &["volume", "info", "v.state"], "not found");
     fsck_clean(&e);
 }
+
+/// Waits until the guest has written its counter past `n` on `disk`.
+fn wait_counter_past(e: &Env, disk: &str, n: u64, secs: u64) -> u64 {
+    let t = Instant::now();
+    loop {
+        let now = disk_counter(e, disk);
+        if now > n {
+            return now;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "the guest's counter on {disk} stayed at {now}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether a process runs (a zombie no one has reaped yet counts as gone).
+fn alive(pid: u64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the command name, which is in parentheses.
+    match stat.rsplit_once(") ") {
+        Some((_, rest)) => !rest.starts_with('Z'),
+        None => false,
+    }
+}
+
+/// A daemon that stops (an upgrade, a restart) leaves its VMs running: QEMU's disk requests wait
+/// for the NBD socket, the next daemon reattaches the QEMU, and the guest goes on writing and can
+/// be checkpointed and stopped as before. `--vms-on-exit stop` powers them off instead.
+#[test]
+fn a_daemon_restart_leaves_vms_running_and_the_next_daemon_reattaches_them() {
+    let e = env();
+    ok(&e, &["volume", "create", "d1", "--size", "64M"]);
+    define(&e, "g1", &["d1"]);
+    let mut d = Daemon::start(&e);
+    let pid = json(&e, &["vm", "start", "g1"])["pid"]
+        .as_u64()
+        .expect("pid");
+    wait_console(&e, "g1", "cairn-counter 00000003", 90);
+    assert!(d.signal("-TERM").success(), "{}", d.log());
+    assert!(d.log().contains("left running"), "{}", d.log());
+    assert!(alive(pid), "QEMU outlives the daemon");
+
+    let mut d = Daemon::start(&e);
+    let st = json(&e, &["vm", "status", "g1"]);
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["pid"], pid, "{st}");
+    assert!(d.log().contains("reattached to QEMU"), "{}", d.log());
+    // The guest's writes reach the disk through the new daemon.
+    let before = disk_counter(&e, "d1");
+    wait_counter_past(&e, "d1", before + 1, 60);
+    // QMP is back: a checkpoint of the running VM works, and the guest goes on after it.
+    ok(
+        &e,
+        &["checkpoint", "create", "g1@after-restart", "--disk-only"],
+    );
+    let at = disk_counter(&e, "d1@after-restart");
+    assert!(at > before, "the checkpoint holds the guest's newer writes");
+    wait_counter_past(&e, "d1", at, 60);
+
+    // A QEMU that dies while no daemon watches is reported, not reattached.
+    assert!(d.signal("-TERM").success(), "{}", d.log());
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    while alive(pid) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut d = Daemon::start(&e);
+    let st = json(&e, &["vm", "status", "g1"]);
+    assert_eq!(st["state"], "stopped", "{st}");
+    assert!(
+        st["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .contains("while no daemon watched"),
+        "{st}"
+    );
+    assert!(d.signal("-TERM").success());
+
+    // Asked to, the daemon stops its VMs when it stops.
+    let mut d = Daemon::start_with(&e, &["--vms-on-exit", "stop"]);
+    let pid = json(&e, &["vm", "start", "g1"])["pid"]
+        .as_u64()
+        .expect("pid");
+    assert!(d.signal("-TERM").success(), "{}", d.log());
+    assert!(!alive(pid), "QEMU stopped with the daemon");
+    assert!(!e.store.join("vms/g1/run.json").exists());
+    fsck_clean(&e);
+}

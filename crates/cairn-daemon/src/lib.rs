@@ -46,6 +46,9 @@ pub struct DaemonConfig {
     pub nbd_listen: Option<SocketAddr>,
     /// NBD server tunables.
     pub nbd: ServerConfig,
+    /// Power running VMs off when the daemon stops, instead of leaving them running for the
+    /// next daemon to reattach.
+    pub stop_vms_on_exit: bool,
 }
 
 /// Why the daemon could not start or stop cleanly.
@@ -141,6 +144,13 @@ async fn serve(
         tokio::spawn(server.clone().serve_tcp(tcp));
     }
     tokio::spawn(server.clone().serve_unix(unix));
+    // QEMUs a previous daemon left running reconnect to the NBD socket by themselves; their
+    // QMP sockets are picked up before the API answers, so `vm status` is right from the start.
+    let runtime = Arc::new(cairn_vm::Runtime::new(&config.store_dir, &sock));
+    let reattached = runtime.reattach().await;
+    if !reattached.is_empty() {
+        info!("reattached running VMs: {}", reattached.join(", "));
+    }
     // The control socket comes last: once it answers, clients may rely on everything else.
     let control = cairn_control::control_socket(&config.store_dir);
     let _ = std::fs::remove_file(&control);
@@ -155,7 +165,6 @@ async fn serve(
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = Arc::new(cairn_vm::Runtime::new(&config.store_dir, &sock));
     let api_task = tokio::spawn(api::serve(
         control_listener,
         server.clone(),
@@ -187,8 +196,14 @@ async fn serve(
     let _ = std::fs::remove_file(&control);
     let _ = stop_api.send(());
     let _ = api_task.await;
-    // VMs lose their disks when the daemon goes: power them off first (hard after 10 s).
-    runtime.stop_all(std::time::Duration::from_secs(10)).await;
+    if config.stop_vms_on_exit {
+        // Asked for: power them off first (hard after 10 s), before their disks go away.
+        runtime.stop_all(std::time::Duration::from_secs(10)).await;
+    } else {
+        // QEMU keeps running; its disk requests wait for the next daemon (see cairn-vm's
+        // reattach.rs).
+        runtime.leave_running();
+    }
     server.shutdown().await;
     let _ = std::fs::remove_file(&sock);
     info!("all connections closed");

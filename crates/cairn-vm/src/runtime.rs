@@ -22,10 +22,13 @@ use crate::spec::{VmSpec, VmStore};
 use crate::VmError;
 
 mod qemu;
+mod reattach;
 mod snapshot;
 
 pub use qemu::{choose_accel, find_qemu, qemu_args, Qemu, MIN_QEMU};
 use qemu::{qemu_args_at, AGENT_CHARDEV};
+pub use reattach::RECONNECT_DELAY;
+use reattach::{Process, RunRecord};
 pub use snapshot::{
     discard_snapshot, ensure_snapshot_capabilities, finish_snapshot, prepare_snapshot,
     start_snapshot, wait_migration, SnapshotFile,
@@ -194,12 +197,16 @@ impl Runtime {
         if incoming {
             args.extend(["-S", "-incoming", "defer"].map(String::from));
         }
+        // QEMU outlives the daemon when it is left running (see reattach.rs): it is not killed
+        // when its handle drops, and it has its own process group, so a Ctrl-C meant for a
+        // `cairn serve` in a terminal does not reach it.
         let mut child = Command::new(&qemu.program)
             .args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .kill_on_drop(true)
+            .kill_on_drop(false)
+            .process_group(0)
             .spawn()
             .map_err(|e| VmError::Qemu(format!("cannot start {}: {e}", qemu.program.display())))?;
         let pid = child.id().unwrap_or(0);
@@ -216,12 +223,35 @@ impl Runtime {
                 warn!("vm {name}: preparing for checkpoints: {e}");
             }
         }
+        let record = RunRecord {
+            pid,
+            accel: format!("{accel} ({why})"),
+            started_ms: now_ms(),
+        };
+        if let Err(e) = record.save(&dir) {
+            warn!("vm {name}: {e}; a daemon started later will not find this QEMU");
+        }
+        info!("vm {name}: started QEMU {pid} on {accel} ({why})");
+        self.supervise(name, &record, qmp, Process::Child(child));
+        Ok(self.status(name))
+    }
+
+    /// Watches a QEMU until it exits (or is killed through [`Runtime::kill`]), then records how
+    /// it ended and forgets it.
+    fn supervise(
+        self: &Arc<Self>,
+        name: &str,
+        record: &RunRecord,
+        qmp: Arc<Qmp>,
+        process: Process,
+    ) {
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let (exit_tx, exit_rx) = watch::channel(false);
+        let age = Duration::from_millis(now_ms().saturating_sub(record.started_ms));
         let run = Arc::new(Running {
-            pid,
-            started: Instant::now(),
-            accel: format!("{accel} ({why})"),
+            pid: record.pid,
+            started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            accel: record.accel.clone(),
             qmp,
             kill: Mutex::new(Some(kill_tx)),
             exited: exit_rx,
@@ -229,45 +259,26 @@ impl Runtime {
         });
         lock(&self.running).insert(name.to_string(), run.clone());
         lock(&self.last_exit).remove(name);
-        info!("vm {name}: started QEMU {pid} on {accel} ({why})");
         let me = self.clone();
         let vm = name.to_string();
+        let pid = record.pid;
         tokio::spawn(async move {
-            let status = tokio::select! {
-                st = child.wait() => st,
-                _ = kill_rx => {
-                    let _ = child.start_kill();
-                    child.wait().await
-                }
-            };
-            let how = match &status {
-                Ok(st) => st.to_string(),
-                Err(e) => format!("wait failed: {e}"),
-            };
+            let how = process.ended(kill_rx).await;
             let requested = run.stop_requested.load(std::sync::atomic::Ordering::SeqCst);
             if requested {
                 info!("vm {vm}: QEMU {pid} stopped ({how})");
             } else {
                 warn!("vm {vm}: QEMU {pid} exited unexpectedly ({how}); the store is unaffected");
             }
+            RunRecord::remove(&me.vms.vm_dir(&vm));
             lock(&me.running).remove(&vm);
-            lock(&me.last_exit).insert(
-                vm,
-                (
-                    format!(
-                        "{}{how}",
-                        if requested {
-                            "stopped: "
-                        } else {
-                            "exited unexpectedly: "
-                        }
-                    ),
-                    now_ms(),
-                ),
-            );
+            let said = match requested {
+                true => "stopped: ",
+                false => "exited unexpectedly: ",
+            };
+            lock(&me.last_exit).insert(vm, (format!("{said}{how}"), now_ms()));
             let _ = exit_tx.send(true);
         });
-        Ok(self.status(name))
     }
 
     /// Asks the guest to power off (ACPI), waits up to `timeout`, then stops QEMU hard.

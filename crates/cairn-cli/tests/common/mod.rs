@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -120,6 +120,7 @@ pub fn fsck_clean(e: &Env) {
 /// A running `cairn serve`; killed on drop if still running.
 pub struct Daemon {
     child: Option<Child>,
+    store: PathBuf,
     pub socket: PathBuf,
     pub control: PathBuf,
     log: PathBuf,
@@ -149,6 +150,7 @@ impl Daemon {
             .expect("spawn cairn serve");
         let mut d = Daemon {
             child: Some(child),
+            store: e.store.clone(),
             socket: e.store.join("nbd.sock"),
             control: e.store.join("control.sock"),
             log,
@@ -192,10 +194,34 @@ impl Daemon {
     }
 }
 
+/// Kills the QEMUs a stopped daemon left running in `store` (a daemon leaves VMs running when it
+/// stops), so that no test leaves a guest behind.
+pub fn kill_left_vms(store: &Path) {
+    let Ok(dirs) = std::fs::read_dir(store.join("vms")) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let Ok(text) = std::fs::read(d.path().join("run.json")) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let pid = v["pid"].as_u64().unwrap_or(0);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if pid > 0 && String::from_utf8_lossy(&cmdline).contains(&*store.to_string_lossy()) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.is_some() {
             let st = self.signal("-TERM");
+            kill_left_vms(&self.store);
             // Only assert when not already unwinding from another failure.
             if !std::thread::panicking() {
                 assert!(

@@ -163,6 +163,8 @@ pub(super) fn qemu_args_at(
                 "read-only": at.is_some(),
                 "server": { "type": "unix", "path": nbd_socket },
                 "export": export,
+                // A daemon restarting leaves QEMU running (see reattach.rs): requests wait for it.
+                "reconnect-delay": super::RECONNECT_DELAY.as_secs(),
             },
         });
         a.push("-blockdev".into());
