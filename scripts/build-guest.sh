@@ -102,6 +102,9 @@ esac
 case "$cmdline" in
     *" cairn.heartbeat "*) (while :; do echo -n .; done) & ;;
 esac
+# A shell on the serial console for `cairn vm console --attach` (restarted if it exits). An
+# asynchronous list reads /dev/null unless told otherwise, hence the redirections.
+(while :; do sh -i </dev/console >/dev/console 2>&1; done) &
 # Every second: the counter on the console, in block 0 of every disk (the latest value) and in
 # block N of the first disk (a log), then sync so the host sees it.
 i=0

@@ -42,7 +42,7 @@ impl Backend {
     ) -> Result<Reply, OpError> {
         match self {
             Backend::Local(store) => cairn_control::execute(store, op, progress),
-            Backend::Daemon(c) => c.call(&op),
+            Backend::Daemon(c) => c.call_with_progress(&op, progress),
         }
     }
 

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::output::outln;
 use crate::units::human;
-use crate::{confirm, print_json, time_str};
+use crate::{confirm, print_json, spinner, time_str};
 
 #[derive(Subcommand)]
 pub enum CheckpointCmd {
@@ -156,13 +156,19 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
             quiesce,
         } => {
             let t = Target::parse(&target)?;
-            let reply = store.call(Op::CheckpointCreate {
+            let op = Op::CheckpointCreate {
                 volume: t.volume.clone(),
                 name: t.checkpoint,
                 description: message,
                 disk_only,
                 quiesce,
+            };
+            // Only a running VM's standard checkpoint reports progress: its memory being saved.
+            let sp = spinner("checkpointing");
+            let reply = store.call_with_progress(op, &mut |n| {
+                sp.set_message(format!("saving the VM's memory: {}", human(n)))
             })?;
+            sp.finish_and_clear();
             match reply {
                 Reply::Checkpoint(info) if json => print_json(&info)?,
                 Reply::VmCheckpoint(info) if json => print_json(&info)?,
@@ -224,13 +230,20 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
             force,
         } => {
             let (v, c) = checkpoint_target(&target)?;
-            let report = match store.call(Op::CheckpointApply {
+            let op = Op::CheckpointApply {
                 volume: v.clone(),
                 name: c,
                 save_current,
                 discard_current,
                 force,
-            })? {
+            };
+            // A running VM's current state is saved first, memory included; that reports progress.
+            let sp = spinner("applying");
+            let reply = store.call_with_progress(op, &mut |n| {
+                sp.set_message(format!("saving the VM's current memory: {}", human(n)))
+            });
+            sp.finish_and_clear();
+            let report = match reply? {
                 Reply::Applied(r) => r,
                 other => bail!("unexpected reply {other:?}"),
             };

@@ -5,6 +5,7 @@ mod bench;
 mod bench_nbd;
 mod bench_vm;
 mod checkpoint;
+mod console;
 mod convert;
 mod demo;
 mod output;

@@ -2,9 +2,7 @@
 //! daemon, which supervises QEMU).
 
 use crate::output::outln;
-use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use cairn_control::ops::VmDefinition;
@@ -13,6 +11,7 @@ use cairn_vm::{VmSpec, VmStatus};
 use clap::Subcommand;
 
 use crate::backend::Backend;
+use crate::console;
 use crate::units::{human, parse_size};
 use crate::{confirm, print_json, time_str};
 
@@ -74,8 +73,12 @@ pub enum VmCmd {
         /// VM name.
         name: String,
         /// Keep printing what the VM writes, until interrupted.
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "attach")]
         follow: bool,
+        /// Connect this terminal to the running VM's serial console, input included (as
+        /// `virsh console` does); Ctrl-] detaches. Without it, the console's log is printed.
+        #[arg(long)]
+        attach: bool,
     },
 }
 
@@ -332,47 +335,23 @@ pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool, yes: bool) -> 
             let s = status(backend.call(Op::VmStatus { name })?)?;
             print_status(&s, json)?;
         }
-        VmCmd::Console { name, follow } => {
+        VmCmd::Console {
+            name,
+            follow,
+            attach,
+        } => {
             backend.call(Op::VmInfo { name: name.clone() })?;
-            let path = cairn_vm::VmStore::new(dir)
-                .vm_dir(&name)
-                .join("console.log");
-            console(&path, follow)?;
+            let vm_dir = cairn_vm::VmStore::new(dir).vm_dir(&name);
+            if attach {
+                let st = status(backend.call(Op::VmStatus { name: name.clone() })?)?;
+                if st.state != "running" {
+                    bail!("VM '{name}' is not running: there is no console to attach to; start it with `cairn vm start {name}` (`cairn vm console {name}` shows its log)");
+                }
+                console::attach(&name, &vm_dir)?;
+            } else {
+                console::show_log(&vm_dir.join("console.log"), follow)?;
+            }
         }
     }
     Ok(())
-}
-
-fn console(path: &Path, follow: bool) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => loop {
-            std::thread::sleep(Duration::from_millis(200));
-            if let Ok(f) = std::fs::File::open(path) {
-                break f;
-            }
-            let _ = e;
-        },
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n > 0 {
-            out.write_all(&buf[..n])?;
-            out.flush()?;
-            continue;
-        }
-        if !follow {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        // A new run truncates nothing (the log is appended), but stay correct if it shrank.
-        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        if len < f.stream_position()? {
-            f.seek(std::io::SeekFrom::Start(0))?;
-        }
-    }
 }

@@ -1038,3 +1038,50 @@ fn a_killed_process_leaves_a_consistent_store() {
         "only {killed_running} of 12 kills found the process still running: the test checks little"
     );
 }
+
+/// Through the daemon, long operations stream their progress before their outcome (what the
+/// CLI's progress bars show); a failure arrives the same way, typed.
+#[test]
+fn the_daemon_streams_progress_then_the_outcome() {
+    use cairn_control::{Client, ErrorKind, Op, Reply};
+    let e = env_with_daemon();
+    ok(&e, &["volume", "create", "big", "--size", "64M"]);
+    let args = [
+        "volume",
+        "write",
+        "big",
+        "--pattern",
+        "0x5a",
+        "--length",
+        "32M",
+    ];
+    ok(&e, &args);
+    ok(&e, &["checkpoint", "create", "big@a"]);
+    ok(&e, &args);
+    let client = Client::find(&e.store).expect("the daemon answers");
+    let mut seen = Vec::new();
+    let reply = client
+        .call_with_progress(
+            &Op::VolumeDefrag {
+                name: "big".into(),
+                dry_run: true,
+                min_extents: 1,
+            },
+            &mut |n| seen.push(n),
+        )
+        .expect("defrag");
+    assert!(matches!(reply, Reply::Defrag(_)), "{reply:?}");
+    assert!(!seen.is_empty(), "no progress arrived");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    let mut calls = 0;
+    let err = client
+        .call_with_progress(
+            &Op::VolumeDelete {
+                name: "nosuch".into(),
+            },
+            &mut |_| calls += 1,
+        )
+        .expect_err("unknown volume");
+    assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
+    assert!(err.message.contains("nosuch"), "{err}");
+}

@@ -1026,3 +1026,73 @@ fn a_daemon_restart_leaves_vms_running_and_the_next_daemon_reattaches_them() {
     assert!(!e.store.join("vms/g1/run.json").exists());
     fsck_clean(&e);
 }
+
+/// `vm console --attach` connects to the guest's serial console both ways: what is typed reaches
+/// the guest's shell, its answer comes back, Ctrl-] detaches, and the log goes on meanwhile. One
+/// session at a time; a stopped VM has no console to attach to.
+#[test]
+fn vm_console_attach_reaches_the_guest_and_ctrl_bracket_detaches() {
+    use std::io::{BufRead, Write};
+    let e = env();
+    ok(&e, &["volume", "create", "d1", "--size", "16M"]);
+    define(&e, "g1", &["d1"]);
+    let _d = Daemon::start(&e);
+    fails(&e, &["vm", "console", "g1", "--attach"], "is not running");
+    ok(&e, &["vm", "start", "g1"]);
+    wait_console(&e, "g1", "cairn-counter 00000002", 90);
+    let mut session = command(&e, &["vm", "console", "g1", "--attach"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("attach");
+    let stdin = session.stdin.as_mut().expect("stdin");
+    // The shell computes the answer, so it cannot be an echo of the input.
+    stdin
+        .write_all(b"echo attached-$((6 * 7))\n")
+        .expect("type");
+    let mut out = std::io::BufReader::new(session.stdout.take().expect("stdout"));
+    let t = Instant::now();
+    let mut seen = String::new();
+    while !seen.contains("attached-42") {
+        let mut line = String::new();
+        if out.read_line(&mut line).expect("read") == 0 {
+            panic!("the console closed; it showed:\n{seen}");
+        }
+        seen.push_str(&line);
+        assert!(t.elapsed() < Duration::from_secs(60), "no answer:\n{seen}");
+    }
+    // Meanwhile, one session at a time.
+    fails(
+        &e,
+        &["vm", "console", "g1", "--attach"],
+        "attached in another session",
+    );
+    let stdin = session.stdin.as_mut().expect("stdin");
+    stdin.write_all(&[0x1d]).expect("Ctrl-]");
+    let done = session.wait_with_output().expect("wait");
+    assert!(done.status.success());
+    let said = String::from_utf8_lossy(&done.stderr);
+    assert!(
+        said.contains("detached from the console of VM 'g1'"),
+        "{said}"
+    );
+    // The log has it all, and the VM runs on.
+    let log = wait_console(&e, "g1", "attached-42", 10);
+    assert!(log.contains("cairn-counter"));
+    assert_eq!(json(&e, &["vm", "status", "g1"])["state"], "running");
+    // Once detached, another session may attach.
+    let mut again = command(&e, &["vm", "console", "g1", "--attach"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("attach again");
+    again
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(&[0x1d])
+        .expect("Ctrl-]");
+    assert!(again.wait().expect("wait").success());
+}

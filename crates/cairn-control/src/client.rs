@@ -1,7 +1,9 @@
 //! The client side of the control API: JSON over HTTP/1.1 on the store's unix socket.
 //!
 //! `POST /v1/ops` takes an [`Op`] and answers a [`Reply`] (HTTP 200) or an [`OpError`] (4xx/5xx);
-//! `GET /v1/status` answers a [`DaemonStatus`]. The daemon serves the same routes.
+//! with `Accept: application/x-ndjson` it answers HTTP 200 at once and streams [`StreamLine`]s
+//! instead, progress first and the outcome last, so long work shows progress bars. `GET
+//! /v1/status` answers a [`DaemonStatus`]. The daemon serves the same routes.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +38,22 @@ pub struct DaemonStatus {
     pub version: String,
 }
 
+/// The media type of a streamed answer: one JSON [`StreamLine`] per line.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// One line of a streamed answer: any number of `{"progress": N}` (the operation's own measure,
+/// e.g. bytes done), then exactly one `{"reply": ...}` or `{"error": ...}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamLine {
+    /// Work done so far.
+    Progress(u64),
+    /// The operation succeeded.
+    Reply(Box<Reply>),
+    /// The operation failed.
+    Error(OpError),
+}
+
 /// A connection point to a store's daemon.
 pub struct Client {
     socket: PathBuf,
@@ -65,18 +83,48 @@ impl Client {
     pub fn call(&self, op: &Op) -> Result<Reply, OpError> {
         let body = serde_json::to_vec(op).map_err(daemon_err)?;
         let (status, bytes) = self.request("POST", "/v1/ops", body)?;
-        if status == 200 {
-            serde_json::from_slice(&bytes).map_err(daemon_err)
-        } else {
-            Err(
-                serde_json::from_slice::<OpError>(&bytes).unwrap_or_else(|_| {
-                    daemon_err(format!(
-                        "HTTP {status}: {}",
-                        String::from_utf8_lossy(&bytes)
-                    ))
-                }),
-            )
-        }
+        answer(status, &bytes)
+    }
+
+    /// Runs `op` in the daemon, passing the progress it streams to `progress`.
+    pub fn call_with_progress(
+        &self,
+        op: &Op,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Reply, OpError> {
+        let body = serde_json::to_vec(op).map_err(daemon_err)?;
+        self.rt.block_on(async {
+            let resp = self.send("POST", "/v1/ops", body, Some(NDJSON)).await?;
+            let status = resp.status().as_u16();
+            let streamed = resp
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(NDJSON.as_bytes()));
+            let mut body = resp.into_body();
+            if !streamed {
+                let bytes = body.collect().await.map_err(daemon_err)?.to_bytes();
+                return answer(status, &bytes);
+            }
+            let mut pending: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(daemon_err)?;
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                pending.extend_from_slice(data);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    match serde_json::from_slice::<StreamLine>(&line).map_err(daemon_err)? {
+                        StreamLine::Progress(n) => progress(n),
+                        StreamLine::Reply(r) => return Ok(*r),
+                        StreamLine::Error(e) => return Err(e),
+                    }
+                }
+            }
+            Err(daemon_err(
+                "the daemon closed the answer before saying how the operation ended; see its log",
+            ))
+        })
     }
 
     /// The daemon's own description.
@@ -90,21 +138,7 @@ impl Client {
 
     fn request(&self, method: &str, path: &str, body: Vec<u8>) -> Result<(u16, Bytes), OpError> {
         self.rt.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&self.socket)
-                .await
-                .map_err(daemon_err)?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(daemon_err)?;
-            tokio::spawn(conn);
-            let req = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", "cairn")
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .map_err(daemon_err)?;
-            let resp = sender.send_request(req).await.map_err(daemon_err)?;
+            let resp = self.send(method, path, body, None).await?;
             let status = resp.status().as_u16();
             let bytes = resp
                 .into_body()
@@ -115,4 +149,42 @@ impl Client {
             Ok((status, bytes))
         })
     }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        accept: Option<&str>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, OpError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(daemon_err)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(daemon_err)?;
+        tokio::spawn(conn);
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "cairn")
+            .header("content-type", "application/json");
+        if let Some(a) = accept {
+            req = req.header("accept", a);
+        }
+        let req = req.body(Full::new(Bytes::from(body))).map_err(daemon_err)?;
+        sender.send_request(req).await.map_err(daemon_err)
+    }
+}
+
+/// A whole (not streamed) answer: a reply on 200, else the error the daemon described.
+fn answer(status: u16, bytes: &[u8]) -> Result<Reply, OpError> {
+    if status == 200 {
+        return serde_json::from_slice(bytes).map_err(daemon_err);
+    }
+    Err(
+        serde_json::from_slice::<OpError>(bytes).unwrap_or_else(|_| {
+            daemon_err(format!("HTTP {status}: {}", String::from_utf8_lossy(bytes)))
+        }),
+    )
 }

@@ -11,7 +11,7 @@ pub mod ops;
 pub mod reports;
 mod vm_ops;
 
-pub use client::{control_socket, Client, DaemonStatus, CONTROL_SOCKET};
+pub use client::{control_socket, Client, DaemonStatus, StreamLine, CONTROL_SOCKET, NDJSON};
 pub use error::{ErrorKind, OpError};
 pub use execute::execute;
 pub use ops::{Op, Reply, MAX_DATA};

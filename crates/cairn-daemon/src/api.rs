@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cairn_control::{execute, DaemonStatus, ErrorKind, Op, OpError, Reply};
+use cairn_control::{execute, DaemonStatus, ErrorKind, Op, OpError, Reply, StreamLine};
 use cairn_engine::Store;
 use cairn_vm::guest_agent::GuestAgent;
 use cairn_vm::{Runtime, VmError};
@@ -78,7 +78,7 @@ fn failure(e: OpError) -> Response {
     (http_status(e.kind), Json(e)).into_response()
 }
 
-async fn ops(State(st): State<ApiState>, body: Bytes) -> Response {
+async fn ops(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
     let op: Op = match serde_json::from_slice(&body) {
         Ok(op) => op,
         Err(e) => {
@@ -93,7 +93,14 @@ async fn ops(State(st): State<ApiState>, body: Bytes) -> Response {
         .ok()
         .and_then(|v| v["op"].as_str().map(str::to_string))
         .unwrap_or_default();
-    match run(&st, op, &name).await {
+    let streamed = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(cairn_control::NDJSON));
+    if streamed {
+        return streamed_run(st, op, name);
+    }
+    match run(&st, op, &name, Progress::none()).await {
         Ok(reply) => {
             info!("api: {name}");
             (StatusCode::OK, Json(reply)).into_response()
@@ -105,9 +112,78 @@ async fn ops(State(st): State<ApiState>, body: Bytes) -> Response {
     }
 }
 
+/// Answers at once and streams the operation's progress, then its outcome, one JSON line each
+/// ([`StreamLine`]). The operation runs to its end even if the client goes away: work such as a
+/// delete is not left half-done because a terminal closed.
+fn streamed_run(st: ApiState, op: Op, name: String) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let line = |l: &StreamLine| {
+        let mut v = serde_json::to_vec(l).unwrap_or_default();
+        v.push(b'\n');
+        Bytes::from(v)
+    };
+    let progress = Progress::to(tx.clone(), line);
+    tokio::spawn(async move {
+        let end = match run(&st, op, &name, progress).await {
+            Ok(reply) => {
+                info!("api: {name}");
+                StreamLine::Reply(Box::new(reply))
+            }
+            Err(e) => {
+                info!("api: {name} failed: {e}");
+                StreamLine::Error(e)
+            }
+        };
+        let _ = tx.send(line(&end));
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, cairn_control::NDJSON)],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// Where an operation reports how far it got: a streamed answer's channel, or nowhere. Reports
+/// closer together than a tenth of a second are dropped; the outcome follows anyway.
+#[derive(Clone)]
+struct Progress(Option<Arc<dyn Fn(u64) + Send + Sync>>);
+
+impl Progress {
+    fn none() -> Progress {
+        Progress(None)
+    }
+
+    fn to(
+        tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
+        line: impl Fn(&StreamLine) -> Bytes + Send + Sync + 'static,
+    ) -> Progress {
+        let last = std::sync::Mutex::new(None::<std::time::Instant>);
+        Progress(Some(Arc::new(move |n| {
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(100)) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+            let _ = tx.send(line(&StreamLine::Progress(n)));
+        })))
+    }
+
+    fn report(&self, n: u64) {
+        if let Some(f) = &self.0 {
+            f(n)
+        }
+    }
+}
+
 /// Runs one operation: those that need QEMU or know what runs here, all else through the same
 /// `execute` the CLI runs without a daemon.
-async fn run(st: &ApiState, op: Op, name: &str) -> Result<Reply, OpError> {
+async fn run(st: &ApiState, op: Op, name: &str, progress: Progress) -> Result<Reply, OpError> {
     let rewound = match &op {
         Op::CheckpointApply {
             volume,
@@ -124,7 +200,7 @@ async fn run(st: &ApiState, op: Op, name: &str) -> Result<Reply, OpError> {
         }
         _ => None,
     };
-    if let Some(r) = running_vm_checkpoint(st, &op).await {
+    if let Some(r) = running_vm_checkpoint(st, &op, &progress).await {
         return r;
     }
     let rt = &st.runtime;
@@ -165,7 +241,7 @@ async fn run(st: &ApiState, op: Op, name: &str) -> Result<Reply, OpError> {
         None => None,
     };
     let store = st.store.clone();
-    tokio::task::spawn_blocking(move || execute(&store, op, &mut |_| {}))
+    tokio::task::spawn_blocking(move || execute(&store, op, &mut |n| progress.report(n)))
         .await
         .map_err(|e| {
             OpError::new(
@@ -188,7 +264,11 @@ fn join_err(e: tokio::task::JoinError) -> OpError {
 
 /// Checkpoint operations that need QEMU: taking one of a running VM, applying one to a running
 /// VM, and applying a standard checkpoint (which resumes the guest); `None` for the others.
-async fn running_vm_checkpoint(st: &ApiState, op: &Op) -> Option<Result<Reply, OpError>> {
+async fn running_vm_checkpoint(
+    st: &ApiState,
+    op: &Op,
+    progress: &Progress,
+) -> Option<Result<Reply, OpError>> {
     let rt = &st.runtime;
     match op {
         Op::CheckpointCreate {
@@ -228,7 +308,8 @@ async fn running_vm_checkpoint(st: &ApiState, op: &Op) -> Option<Result<Reply, O
                     Err(e) => return Some(Err(e)),
                 },
             };
-            let taken = take_running(st, volume, &name, description.clone(), how, false).await;
+            let described = description.clone();
+            let taken = take_running(st, volume, &name, described, how, false, progress).await;
             Some(taken.map(|cp| {
                 Reply::VmCheckpoint(cairn_control::reports::VmCheckpointInfo::of(
                     &st.store,
@@ -247,7 +328,7 @@ async fn running_vm_checkpoint(st: &ApiState, op: &Op) -> Option<Result<Reply, O
             && (rt.is_running(volume) || is_standard(st, volume, name)) =>
         {
             let (save, discard) = (save_current.clone(), *discard_current);
-            Some(apply_running(st, volume, name, save, discard, *force).await)
+            Some(apply_running(st, volume, name, (save, discard), *force, progress).await)
         }
         _ => None,
     }
@@ -368,6 +449,7 @@ async fn take_running(
     description: Option<String>,
     how: Take,
     automatic: bool,
+    progress: &Progress,
 ) -> Result<cairn_vm::checkpoint::VmCheckpoint, OpError> {
     use cairn_vm::checkpoint as ck;
     let with_memory = matches!(how, Take::Standard);
@@ -517,9 +599,11 @@ async fn take_running(
         let phase = std::time::Instant::now();
         let done = match started {
             Ok(file) => {
+                // Progress: bytes of memory written so far.
+                let report = |n| progress.report(n);
+                let ten_minutes = std::time::Duration::from_secs(600);
                 let r =
-                    cairn_vm::runtime::wait_migration(&qmp, std::time::Duration::from_secs(600))
-                        .await;
+                    cairn_vm::runtime::wait_migration_reporting(&qmp, ten_minutes, &report).await;
                 cairn_vm::runtime::finish_snapshot(&qmp, file).await;
                 r
             }
@@ -634,9 +718,9 @@ async fn apply_running(
     st: &ApiState,
     vm: &str,
     name: &str,
-    save_current: Option<String>,
-    discard_current: bool,
+    (save_current, discard_current): (Option<String>, bool),
     force: bool,
+    progress: &Progress,
 ) -> Result<Reply, OpError> {
     use cairn_control::reports::{ApplyReport, VmOutcome};
     use cairn_vm::checkpoint as ck;
@@ -672,7 +756,7 @@ async fn apply_running(
     })
     .await?;
     if let (Some(k), true) = (&kept, running) {
-        take_running(st, vm, &k.name, None, Take::Standard, k.automatic).await?;
+        take_running(st, vm, &k.name, None, Take::Standard, k.automatic, progress).await?;
     }
     let saved = kept.as_ref().map(|k| k.name.as_str());
     let qemu = st.runtime.status(vm).pid;

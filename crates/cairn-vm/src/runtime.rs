@@ -31,7 +31,7 @@ pub use reattach::RECONNECT_DELAY;
 use reattach::{Process, RunRecord};
 pub use snapshot::{
     discard_snapshot, ensure_snapshot_capabilities, finish_snapshot, prepare_snapshot,
-    start_snapshot, wait_migration, SnapshotFile,
+    start_snapshot, wait_migration, wait_migration_reporting, SnapshotFile,
 };
 
 /// What `vm status` reports.

@@ -129,8 +129,14 @@ pub(super) fn qemu_args_at(
         "apic.vapic=off".into(),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", p("qmp.sock")),
+        // The serial console: a socket `vm console --attach` connects a terminal to, and a log
+        // of everything the guest printed, attached or not (appended across runs).
         "-chardev".into(),
-        format!("file,id=serial0,path={},append=on", p("console.log")),
+        format!(
+            "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+            p("console.sock"),
+            p("console.log")
+        ),
         "-serial".into(),
         "chardev:serial0".into(),
         "-pidfile".into(),

@@ -187,10 +187,22 @@ const SNAPSHOT_FILE_GRACE: Duration = Duration::from_secs(10);
 /// under QEMU's big lock, and polling it every 10 ms during a background snapshot kept taking
 /// that lock from the running guest.
 pub async fn wait_migration(qmp: &Qmp, timeout: Duration) -> Result<serde_json::Value, VmError> {
+    wait_migration_reporting(qmp, timeout, &|_| {}).await
+}
+
+/// [`wait_migration`], telling `progress` the bytes of memory transferred at each look.
+pub async fn wait_migration_reporting(
+    qmp: &Qmp,
+    timeout: Duration,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<serde_json::Value, VmError> {
     let mut events = qmp.events();
     let t = Instant::now();
     loop {
         let r = qmp.execute("query-migrate", json!({})).await?;
+        if let Some(n) = r["ram"]["transferred"].as_u64() {
+            progress(n);
+        }
         match r["status"].as_str() {
             Some("completed") => return Ok(r),
             Some("failed") | Some("cancelled") => {
