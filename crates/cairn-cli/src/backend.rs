@@ -1,18 +1,18 @@
 //! Where a command's operation runs: in the daemon that owns the store, when one answers on the
 //! store's control socket, or on the store opened by this process. Either way the operation is
-//! the same [`Op`] run by the same `cairn_control::execute`.
+//! the same [`Op`] run by the same [`Service`].
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use cairn_control::{Client, Op, OpError, Reply};
+use cairn_control::{Client, Op, OpError, Reply, Service};
 use cairn_engine::{CheckpointInfo, Extent, Store, VolumeInfo};
 
 /// The store or daemon commands talk to.
 pub enum Backend {
     /// This process opened the store.
-    Local(Arc<Store>),
+    Local(Service),
     /// A daemon owns the store.
     Daemon(Client),
 }
@@ -23,10 +23,8 @@ impl Backend {
         if let Some(c) = Client::find(dir) {
             return Ok(Backend::Daemon(c));
         }
-        Ok(Backend::Local(Arc::new(Store::open(
-            dir,
-            crate::store_options(),
-        )?)))
+        let store = Store::open(dir, crate::store_options())?;
+        Ok(Backend::Local(Service::local(Arc::new(store))))
     }
 
     /// Runs `op`.
@@ -34,14 +32,14 @@ impl Backend {
         self.call_with_progress(op, &mut |_| {})
     }
 
-    /// Runs `op`, reporting bytes freed (only heard locally; a daemon just answers when done).
+    /// Runs `op`, passing on the progress it reports (bytes done).
     pub fn call_with_progress(
         &self,
         op: Op,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Reply, OpError> {
         match self {
-            Backend::Local(store) => cairn_control::execute(store, op, progress),
+            Backend::Local(service) => service.run_here(op, progress),
             Backend::Daemon(c) => c.call_with_progress(&op, progress),
         }
     }

@@ -286,10 +286,9 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
     let store_dir = dir.join("store");
     Store::init(&store_dir, crate::store_options())?;
     let ours = time_it(|| {
-        let backend = Backend::Local(std::sync::Arc::new(Store::open(
-            &store_dir,
-            crate::store_options(),
-        )?));
+        let backend = Backend::Local(cairn_control::Service::local(std::sync::Arc::new(
+            Store::open(&store_dir, crate::store_options())?,
+        )));
         crate::convert::import(&backend, "bench", &qcow2, Some("qcow2")).map(drop)
     });
     report.push_str("| import | qemu-img convert to raw | cairn volume import | cairn / qemu-img |\n|---|---|---|---|\n");

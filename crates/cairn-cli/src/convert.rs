@@ -177,8 +177,8 @@ struct Endpoint {
 impl Endpoint {
     fn new(backend: &Backend) -> Result<Endpoint> {
         Ok(match backend {
-            Backend::Local(store) => Endpoint {
-                private: Some(PrivateServer::start(store.clone())?),
+            Backend::Local(service) => Endpoint {
+                private: Some(PrivateServer::start(service.store().clone())?),
                 daemon_socket: None,
             },
             Backend::Daemon(c) => Endpoint {

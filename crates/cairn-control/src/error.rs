@@ -101,6 +101,10 @@ impl ErrorKind {
             VmError::Engine(e) => ErrorKind::of_engine(e),
             VmError::Qemu(_) | VmError::Qmp(_) => ErrorKind::Vm,
             VmError::Io { .. } => ErrorKind::Io,
+            VmError::InUse(_) => ErrorKind::Busy,
+            VmError::NeedsDaemon(_) => ErrorKind::State,
+            VmError::Internal(_) => ErrorKind::Daemon,
+            VmError::Context { source, .. } => ErrorKind::of_vm(source),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The one function that performs an [`Op`] on a store ([`execute`]); operations on a VM's
 //! checkpoints go on to `vm_ops.rs`.
 
+use std::sync::Arc;
+
 use cairn_engine::{Error as EngineError, SaveCurrent, Store, Target};
 use cairn_vm::checkpoint::head_changed_since;
 use cairn_vm::{VmError, VmSpec, VmStatus, VmStore};
@@ -39,11 +41,8 @@ fn check_disks(store: &Store, vms: &VmStore, spec: &VmSpec) -> Result<(), OpErro
     Ok(())
 }
 
-pub(crate) fn needs_daemon(what: &str) -> OpError {
-    OpError::new(
-        ErrorKind::State,
-        format!("{what} needs the Cairn daemon, which runs and supervises VMs; start it with `cairn serve`"),
-    )
+fn needs_daemon(what: &str) -> OpError {
+    VmError::NeedsDaemon(what.to_string()).into()
 }
 
 /// A name for a new checkpoint of a volume, free on it.
@@ -98,7 +97,11 @@ fn checked_len(what: &str, len: u64) -> Result<(), OpError> {
 }
 
 /// Performs `op` on `store`. `progress` hears the bytes freed so far by deletes.
-pub fn execute(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
+pub fn execute(
+    store: &Arc<Store>,
+    op: Op,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Reply, OpError> {
     if let Some(r) = crate::vm_ops::execute_vm_checkpoint(store, &op)? {
         return Ok(r);
     }
@@ -181,7 +184,11 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             }
             let name = match name {
                 Some(n) => n,
-                None => new_volume_checkpoint_name(store, &volume, crate::vm_ops::UNNAMED_PREFIX)?,
+                None => new_volume_checkpoint_name(
+                    store,
+                    &volume,
+                    cairn_vm::checkpoint::UNNAMED_PREFIX,
+                )?,
             };
             Reply::Checkpoint(store.create_checkpoint(&volume, &name, description.as_deref())?)
         }
@@ -205,7 +212,13 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
                     let parent = store.volume_info(&volume)?.parent;
                     Ok(head_changed_since(store, &volume, parent.as_deref())?)
                 },
-                || new_volume_checkpoint_name(store, &volume, crate::vm_ops::AUTOMATIC_PREFIX),
+                || {
+                    new_volume_checkpoint_name(
+                        store,
+                        &volume,
+                        cairn_vm::checkpoint::AUTOMATIC_PREFIX,
+                    )
+                },
             )?;
             let save = kept.as_ref().map(|k| SaveCurrent {
                 name: &k.name,
@@ -391,7 +404,7 @@ mod tests {
     #[test]
     fn execute_maps_engine_errors_to_kinds() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::init(dir.path(), Options::default()).expect("init");
+        let store = Arc::new(Store::init(dir.path(), Options::default()).expect("init"));
         let mut none = |_| {};
         let e =
             execute(&store, Op::VolumeInfo { name: "x".into() }, &mut none).expect_err("unknown");

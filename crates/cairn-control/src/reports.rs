@@ -156,63 +156,7 @@ impl VmSpaceReport {
     }
 }
 
-/// What became of a VM when a checkpoint was applied to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum VmOutcome {
-    /// It was running and now runs from the checkpoint's memory.
-    ResumedFromMemory,
-    /// It was stopped and now runs from the checkpoint's memory.
-    StartedFromMemory,
-    /// It was running and was booted cold from the checkpoint's disks.
-    ColdBoot,
-    /// It was stopped and stays stopped, its disks rewound.
-    Stopped,
-}
-
-impl std::fmt::Display for VmOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            VmOutcome::ResumedFromMemory => "resumed from memory",
-            VmOutcome::StartedFromMemory => "started, resumed from memory",
-            VmOutcome::ColdBoot => "cold boot",
-            VmOutcome::Stopped => "stopped",
-        })
-    }
-}
-
-/// The checkpoint an apply takes of the state it replaces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeptState {
-    /// Its name.
-    pub name: String,
-    /// Whether Cairn chose to take it (and its name) rather than the user.
-    pub automatic: bool,
-}
-
-impl KeptState {
-    /// What an apply keeps of the state it replaces: the checkpoint `save_current` names;
-    /// nothing when told to discard it, or when it equals the checkpoint it came from (`changed`
-    /// says whether it differs); else an automatic checkpoint named by `automatic_name`.
-    pub fn choose<E>(
-        save_current: Option<&str>,
-        discard_current: bool,
-        changed: impl FnOnce() -> Result<bool, E>,
-        automatic_name: impl FnOnce() -> Result<String, E>,
-    ) -> Result<Option<KeptState>, E> {
-        Ok(match save_current {
-            Some(name) => Some(KeptState {
-                name: name.to_string(),
-                automatic: false,
-            }),
-            None if discard_current || !changed()? => None,
-            None => Some(KeptState {
-                name: automatic_name()?,
-                automatic: true,
-            }),
-        })
-    }
-}
+pub use cairn_vm::checkpoint::{KeptState, VmOutcome};
 
 /// What an apply did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,134 +1,19 @@
 //! Checkpoint operations whose target names a VM: every disk (and the memory state) at once.
-//! Without a daemon nothing runs, so these see a stopped VM; the daemon handles the running
-//! cases itself and calls back into the helpers here for the rest.
+//! These see a stopped VM: the [`Service`](crate::Service) sends those of running VMs to the VM
+//! runtime.
+
+use std::sync::Arc;
 
 use cairn_engine::Store;
-use cairn_vm::checkpoint::{self as ck, CheckpointKind, VmCheckpoint};
-use cairn_vm::{VmError, VmStore};
+use cairn_vm::checkpoint::{self as ck, Keep};
 
 use crate::error::{ErrorKind, OpError};
-use crate::execute::{needs_daemon, subtree_leaves_first, vm_store};
-use crate::names::timestamp_name;
+use crate::execute::{subtree_leaves_first, vm_store};
 use crate::ops::{Op, Reply};
-use crate::reports::{ApplyReport, KeptState, VmCheckpointInfo, VmOutcome, VmSpaceReport};
-
-/// Prefix of checkpoints created without a name.
-pub const UNNAMED_PREFIX: &str = "cp";
-/// Prefix of the checkpoints an apply takes of the state it replaces.
-pub const AUTOMATIC_PREFIX: &str = "auto";
-
-/// The names of a VM's checkpoints (pending ones included, since their names are taken).
-fn vm_checkpoint_names(vms: &VmStore, vm: &str) -> Result<Vec<String>, VmError> {
-    Ok(vms.checkpoints(vm)?.into_iter().map(|c| c.name).collect())
-}
-
-/// A name for a new checkpoint of a VM, free on the VM and on every disk.
-pub fn new_vm_checkpoint_name(
-    store: &Store,
-    vms: &VmStore,
-    vm: &str,
-    prefix: &str,
-) -> Result<String, OpError> {
-    let mut taken = vm_checkpoint_names(vms, vm)?;
-    for d in vms.get(vm)?.disks {
-        taken.extend(store.list_checkpoints(&d)?.into_iter().map(|c| c.name));
-    }
-    Ok(timestamp_name(prefix, cairn_vm::now_ms(), &taken))
-}
-
-/// Takes a checkpoint of a stopped VM (every disk; disk-only).
-pub fn vm_checkpoint_stopped(
-    store: &Store,
-    vms: &VmStore,
-    vm: &str,
-    name: &str,
-    description: Option<&str>,
-    automatic: bool,
-) -> Result<VmCheckpoint, OpError> {
-    let spec = vms.get(vm)?;
-    let mut cp = ck::begin(
-        vms,
-        store,
-        &spec,
-        name,
-        description,
-        false,
-        cairn_vm::now_ms(),
-    )?;
-    cp.automatic = automatic;
-    if let Err(e) = ck::take_disks(store, &cp).and_then(|_| ck::persist_disks(store, &cp)) {
-        ck::abandon(vms, &cp);
-        return Err(e.into());
-    }
-    Ok(ck::finish(vms, cp)?)
-}
-
-/// Keeps a VM's current state before an apply, as [`KeptState::choose`] decides: a stopped
-/// VM's disks only when they differ from the checkpoint they came from, a running VM's always
-/// (its memory has moved on). Returns the name without taking anything when `running`: the
-/// daemon takes a running VM's checkpoint itself.
-pub fn keep_before_apply(
-    store: &Store,
-    vms: &VmStore,
-    vm: &str,
-    save_current: Option<&str>,
-    discard_current: bool,
-    running: bool,
-) -> Result<Option<KeptState>, OpError> {
-    let kept = KeptState::choose(
-        save_current,
-        discard_current,
-        || Ok(running || ck::disks_changed(store, &vms.get(vm)?)?),
-        || new_vm_checkpoint_name(store, vms, vm, AUTOMATIC_PREFIX),
-    )?;
-    if let (Some(k), false) = (&kept, running) {
-        vm_checkpoint_stopped(store, vms, vm, &k.name, None, k.automatic)?;
-    }
-    Ok(kept)
-}
-
-/// Rewinds a stopped VM's disks to `cp`; if that fails part-way, puts them back to `saved`
-/// (the checkpoint just taken of them) so the VM is left as it was, and says so.
-pub fn apply_disks_or_restore(
-    store: &Store,
-    vms: &VmStore,
-    cp: &VmCheckpoint,
-    saved: Option<&str>,
-) -> Result<(), OpError> {
-    let Err(e) = ck::apply_disks(vms, store, cp) else {
-        return Ok(());
-    };
-    let e = OpError::from(e);
-    let Some(saved) = saved else {
-        return Err(OpError::new(
-            e.kind,
-            format!(
-                "{e}; applying {}@{} stopped part-way and the replaced state was discarded: apply a checkpoint again to make the disks consistent",
-                cp.vm, cp.name
-            ),
-        ));
-    };
-    let back = vms
-        .checkpoint(&cp.vm, saved)
-        .and_then(|back| ck::apply_disks(vms, store, &back))
-        .map_err(OpError::from);
-    Err(put_back_error(e, &cp.vm, saved, back))
-}
-
-/// The error of an apply that failed after it changed the VM, once the VM was put back to the
-/// checkpoint `saved` kept of its state (`back` says whether that worked).
-pub fn put_back_error(e: OpError, vm: &str, saved: &str, back: Result<(), OpError>) -> OpError {
-    let message = match back {
-        Ok(()) => format!("{e}; nothing was applied: VM '{vm}' is back as it was ({vm}@{saved})"),
-        Err(r) => format!(
-            "{e}; putting VM '{vm}' back to {vm}@{saved} failed too ({r}): apply it by hand"
-        ),
-    };
-    OpError::new(e.kind, message)
-}
+use crate::reports::{ApplyReport, VmCheckpointInfo, VmSpaceReport};
 
 /// Checkpoint operations whose target names a VM; `None` when it names a volume.
-pub(crate) fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Reply>, OpError> {
+pub(crate) fn execute_vm_checkpoint(store: &Arc<Store>, op: &Op) -> Result<Option<Reply>, OpError> {
     let Ok(vms) = vm_store(store) else {
         return Ok(None);
     };
@@ -162,9 +47,9 @@ pub(crate) fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Rep
             }
             let name = match name {
                 Some(n) => n.clone(),
-                None => new_vm_checkpoint_name(store, &vms, vm, UNNAMED_PREFIX)?,
+                None => ck::new_checkpoint_name(store, &vms, vm, ck::UNNAMED_PREFIX)?,
             };
-            let cp = vm_checkpoint_stopped(store, &vms, vm, &name, description.as_deref(), false)?;
+            let cp = ck::take_stopped(&vms, store, vm, &name, description.as_deref(), false)?;
             Reply::VmCheckpoint(VmCheckpointInfo::of(store, &cp, Some(&cp.name)))
         }
         Op::CheckpointList { .. } => {
@@ -186,26 +71,15 @@ pub(crate) fn execute_vm_checkpoint(store: &Store, op: &Op) -> Result<Option<Rep
             discard_current,
             ..
         } => {
-            let cp = vms.checkpoint(vm, name)?;
-            ck::check_applicable(&vms, store, &cp)?;
-            if cp.kind == CheckpointKind::Standard {
-                return Err(needs_daemon(
-                    "applying a checkpoint with memory state (the guest resumes in QEMU)",
-                ));
-            }
-            let kept = keep_before_apply(
-                store,
-                &vms,
-                vm,
-                save_current.as_deref(),
-                *discard_current,
-                false,
-            )?;
-            apply_disks_or_restore(store, &vms, &cp, kept.as_ref().map(|k| k.name.as_str()))?;
+            let keep = Keep {
+                save_current: save_current.clone(),
+                discard_current: *discard_current,
+            };
+            let applied = ck::apply_stopped(store, &vms, vm, name, &keep)?;
             Reply::Applied(ApplyReport::new(
                 format!("{vm}@{name}"),
-                kept.as_ref(),
-                Some(VmOutcome::Stopped),
+                applied.kept.as_ref(),
+                Some(applied.outcome),
                 None,
             ))
         }

@@ -16,7 +16,6 @@ use cairn_nbd::{Server, ServerConfig};
 use tracing::{info, warn};
 
 pub mod api;
-mod nbd_clients;
 
 /// File name of the NBD unix socket inside the store directory.
 pub const NBD_SOCKET: &str = "nbd.sock";
@@ -167,8 +166,10 @@ async fn serve(
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api_task = tokio::spawn(api::serve(
         control_listener,
-        server.clone(),
-        runtime.clone(),
+        Arc::new(cairn_control::Service::daemon(
+            server.clone(),
+            runtime.clone(),
+        )),
         status,
         async move {
             let _ = api_stopped.await;

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 mod direct;
 mod mapping;
@@ -269,10 +269,8 @@ impl PowerSupply {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a simulator lock leaves plain bytes behind; they stay usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+// A panic while holding a simulator lock leaves plain bytes behind; they stay usable.
+use crate::sync::lock;
 
 /// An in-memory disk that keeps what is durable apart from what is only cached, to simulate power loss.
 pub struct SimDevice {

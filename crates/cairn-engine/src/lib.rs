@@ -11,7 +11,9 @@ pub mod format;
 pub mod fsck;
 pub mod journal;
 pub mod meta;
+pub mod names;
 pub mod store;
+pub mod sync;
 
 pub use error::{Error, Result};
 pub use store::{

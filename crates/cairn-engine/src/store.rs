@@ -451,19 +451,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn read_lock(g: &RwLock<()>) -> std::sync::RwLockReadGuard<'_, ()> {
-    g.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write_lock(g: &RwLock<()>) -> std::sync::RwLockWriteGuard<'_, ()> {
-    g.write().unwrap_or_else(|e| e.into_inner())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // State is only mutated through `Result`-returning steps; a panic mid-way is a bug we would
-    // rather surface through fsck than turn into a second panic here.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::sync::{lock, read as read_lock, write as write_lock};
 
 /// Block runs to byte extents within `start..end`.
 fn clip_runs(runs: Vec<(u64, u64)>, start: u64, end: u64) -> Vec<Extent> {
@@ -740,7 +728,7 @@ impl Store {
     }
 
     fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
-        self.core.gate.write().unwrap_or_else(|e| e.into_inner())
+        write_lock(&self.core.gate)
     }
 
     fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
@@ -805,7 +793,7 @@ impl Core {
     }
 
     fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap_or_else(|e| e.into_inner())
+        read_lock(&self.gate)
     }
 
     fn flush(&self) -> Result<()> {
@@ -990,7 +978,7 @@ impl Core {
     fn release_space(&self) {
         loop {
             let taken = {
-                let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+                let _g = write_lock(&self.gate);
                 let mut st = self.state();
                 if st.meta.ready.is_empty() {
                     return;
@@ -1963,7 +1951,7 @@ impl Drop for Store {
         // Closing a store is a flush, as closing a disk would be; errors have nowhere to go here, and
         // whatever was not committed is exactly what a crash would have lost.
         // A clean close also empties the journal, so the next open replays nothing.
-        let _g = self.core.gate.write().unwrap_or_else(|e| e.into_inner());
+        let _g = write_lock(&self.core.gate);
         let mut st = lock(&self.core.state);
         if !st.poisoned.load(Ordering::SeqCst) && st.commit(true).is_ok() {
             st.meta.release_ready();

@@ -227,7 +227,7 @@ impl Server {
         pid: Option<u32>,
         tls: bool,
     ) {
-        let Some(token) = self.live.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+        let Some(token) = cairn_engine::sync::lock(&self.live).clone() else {
             return; // shutting down
         };
         let me = self.clone();
@@ -241,7 +241,7 @@ impl Server {
     /// not read), and waits until all connections are closed. The caller then flushes the store.
     pub async fn shutdown(&self) {
         let _ = self.shutdown.send(true);
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+        cairn_engine::sync::lock(&self.live).take();
         let _ = self.all_closed.lock().await.recv().await;
     }
 

@@ -52,6 +52,27 @@ pub enum VmError {
     /// QMP failed.
     #[error(transparent)]
     Qmp(#[from] qmp::QmpError),
+    /// Something else holds what the operation would change (NBD clients on a disk...); the
+    /// message names them and says how to proceed.
+    #[error("{0}")]
+    InUse(String),
+    /// The operation needs a running daemon (it starts or drives QEMU).
+    #[error(
+        "{0} needs the Cairn daemon, which runs and supervises VMs; start it with `cairn serve`"
+    )]
+    NeedsDaemon(String),
+    /// An error with what was being done when it happened, and what became of the VM; its kind
+    /// is that of `source`.
+    #[error("{source}; {context}")]
+    Context {
+        /// The error itself.
+        source: Box<VmError>,
+        /// What it meant for the operation.
+        context: String,
+    },
+    /// A step of the operation crashed (a bug); the message says which.
+    #[error("{0}")]
+    Internal(String),
     /// A file of the VM could not be read or written.
     #[error("{op} failed on {path}: {source}")]
     Io {
@@ -66,6 +87,14 @@ pub enum VmError {
 }
 
 impl VmError {
+    /// This error, with what it meant for the operation.
+    pub fn context(self, context: impl Into<String>) -> VmError {
+        VmError::Context {
+            source: Box::new(self),
+            context: context.into(),
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> VmError {
         VmError::Io {
             op,

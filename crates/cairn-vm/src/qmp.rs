@@ -64,9 +64,7 @@ pub struct Qmp {
     next_id: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use cairn_engine::sync::lock;
 
 impl Qmp {
     /// Connects, reads the greeting and leaves capabilities negotiation mode.

@@ -77,9 +77,7 @@ pub struct Runtime {
     last_exit: Mutex<HashMap<String, (String, u64)>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use cairn_engine::sync::lock;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ms() -> u64 {

@@ -72,7 +72,7 @@ impl Drop for Fence {
 
 impl Server {
     pub(super) fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+        cairn_engine::sync::lock(&self.clients)
     }
 
     /// Every client that finished negotiating and is still connected, oldest first.

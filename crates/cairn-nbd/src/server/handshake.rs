@@ -133,7 +133,6 @@ impl Server {
         peer: &str,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Result<Option<Session>, ConnError> {
-        let mut secured = false;
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -146,10 +145,11 @@ impl Server {
                 "client sent unknown handshake flags {client_flags:#x}"
             )));
         }
-        let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
-        let (mut structured, mut extended) = (false, false);
-        let mut contexts: Vec<Context> = Vec::new();
-        let mut contexts_for = String::new();
+        let mut n = Negotiation {
+            peer: peer.to_string(),
+            no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+            ..Negotiation::default()
+        };
         let mut out = Vec::new();
         for _ in 0..MAX_OPTIONS {
             let mut hdr = [0u8; OptionHeader::SIZE];
@@ -180,52 +180,15 @@ impl Server {
             }
             let mut data = vec![0u8; h.length as usize];
             s.read_exact(&mut data).await?;
-            let invalid = |out: &mut Vec<u8>, why: &str| {
-                warn!("nbd: {peer}: option {} refused: {why}", h.option);
-                option_reply(out, h.option, REP_ERR_INVALID, why.as_bytes());
-            };
-            if tls.is_some() && !secured && h.option != OPT_STARTTLS && h.option != OPT_ABORT {
-                if h.option == OPT_EXPORT_NAME {
-                    return Err(ConnError::Closed(
-                        "NBD_OPT_EXPORT_NAME without TLS on a TLS-only server".into(),
-                    ));
+            let next = match h.option {
+                _ if tls.is_some()
+                    && !n.secured
+                    && h.option != OPT_STARTTLS
+                    && h.option != OPT_ABORT =>
+                {
+                    n.before_tls(&mut out, h.option)?
                 }
-                warn!("nbd: {peer}: option {} refused before STARTTLS", h.option);
-                option_reply(
-                    &mut out,
-                    h.option,
-                    REP_ERR_TLS_REQD,
-                    b"this server requires TLS: negotiate NBD_OPT_STARTTLS first",
-                );
-                s.write_all(&out).await?;
-                s.flush().await?;
-                continue;
-            }
-            match h.option {
-                OPT_EXPORT_NAME => {
-                    if extended {
-                        return Err(ConnError::Closed(
-                            "NBD_OPT_EXPORT_NAME after extended headers".into(),
-                        ));
-                    }
-                    let name = String::from_utf8(data)
-                        .map_err(|_| ConnError::Closed("export name is not UTF-8".into()))?;
-                    // This option has no error reply: an unknown export ends the session.
-                    let export = self.resolve(&name).map_err(ConnError::Closed)?;
-                    out.extend_from_slice(&export.size.to_be_bytes());
-                    out.extend_from_slice(&export.flags().to_be_bytes());
-                    if !no_zeroes {
-                        out.extend_from_slice(&[0u8; 124]);
-                    }
-                    s.write_all(&out).await?;
-                    s.flush().await?;
-                    if contexts_for != name {
-                        contexts.clear();
-                    }
-                    return Ok(Some(
-                        self.session(export, structured, false, contexts, peer),
-                    ));
-                }
+                OPT_EXPORT_NAME => self.export_name(&mut n, &mut out, data)?,
                 OPT_ABORT => {
                     option_reply(&mut out, h.option, REP_ACK, &[]);
                     // The client may already have hung up; that is fine.
@@ -233,215 +196,280 @@ impl Server {
                     let _ = s.flush().await;
                     return Ok(None);
                 }
-                OPT_LIST => {
-                    if !data.is_empty() {
-                        invalid(&mut out, "NBD_OPT_LIST takes no data");
-                    } else {
-                        match self.exports() {
-                            Ok(list) => {
-                                for e in list {
-                                    option_reply(
-                                        &mut out,
-                                        h.option,
-                                        REP_SERVER,
-                                        &rep_server(&e.name, &e.description()),
-                                    );
-                                }
-                                option_reply(&mut out, h.option, REP_ACK, &[]);
-                            }
-                            Err(e) => {
-                                option_reply(&mut out, h.option, REP_ERR_SHUTDOWN, e.as_bytes())
-                            }
-                        }
+                OPT_LIST => self.list(&n, &mut out, &data),
+                OPT_STARTTLS => match (&tls, n.secured, data.is_empty()) {
+                    (None, _, _) => {
+                        let why = b"TLS is not enabled on this socket";
+                        option_reply(&mut out, h.option, REP_ERR_UNSUP, why);
+                        Next::Reply
                     }
-                }
-                OPT_STARTTLS => match &tls {
-                    None => option_reply(
-                        &mut out,
-                        h.option,
-                        REP_ERR_UNSUP,
-                        b"TLS is not enabled on this socket",
-                    ),
-                    Some(_) if secured => invalid(&mut out, "TLS is already in use"),
-                    Some(_) if !data.is_empty() => {
-                        invalid(&mut out, "NBD_OPT_STARTTLS takes no data")
+                    (Some(_), true, _) => n.invalid(&mut out, h.option, "TLS is already in use"),
+                    (Some(_), _, false) => {
+                        n.invalid(&mut out, h.option, "NBD_OPT_STARTTLS takes no data")
                     }
-                    Some(acceptor) => {
-                        option_reply(&mut out, h.option, REP_ACK, &[]);
-                        s.write_all(&out).await?;
-                        s.flush().await?;
-                        // Swap the plain stream for the TLS one; the placeholder is never used.
-                        let plain = std::mem::replace(s, Box::new(tokio::io::duplex(1).0));
-                        let secure = acceptor
-                            .accept(plain)
-                            .await
-                            .map_err(|e| ConnError::Closed(format!("TLS handshake failed: {e}")))?;
-                        *s = Box::new(secure);
-                        secured = true;
-                        // The spec makes the client negotiate these again over TLS.
-                        structured = false;
-                        extended = false;
-                        contexts.clear();
-                        contexts_for.clear();
-                        debug!("nbd: {peer}: TLS established");
+                    (Some(acceptor), false, true) => {
+                        n.start_tls(s, &mut out, acceptor).await?;
                         continue;
                     }
                 },
-                OPT_INFO | OPT_GO => {
-                    let req = match ExportRequest::parse(&data) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            invalid(&mut out, &e.to_string());
-                            s.write_all(&out).await?;
-                            continue;
-                        }
-                    };
-                    match self.resolve(&req.name) {
-                        Err(why) => {
-                            warn!("nbd: {peer}: export '{}' refused: {why}", req.name);
-                            option_reply(&mut out, h.option, REP_ERR_UNKNOWN, why.as_bytes());
-                        }
-                        Ok(export) => {
-                            option_reply(
-                                &mut out,
-                                h.option,
-                                REP_INFO,
-                                &info_export(export.size, export.flags()),
-                            );
-                            // Always sent: it tells clients our payload limit.
-                            option_reply(
-                                &mut out,
-                                h.option,
-                                REP_INFO,
-                                &info_block_size(1, 4096, self.config.max_payload),
-                            );
-                            if req.info.contains(&INFO_NAME) {
-                                option_reply(
-                                    &mut out,
-                                    h.option,
-                                    REP_INFO,
-                                    &info_text(INFO_NAME, &export.name),
-                                );
-                            }
-                            if req.info.contains(&INFO_DESCRIPTION) {
-                                option_reply(
-                                    &mut out,
-                                    h.option,
-                                    REP_INFO,
-                                    &info_text(INFO_DESCRIPTION, &export.description()),
-                                );
-                            }
-                            option_reply(&mut out, h.option, REP_ACK, &[]);
-                            if h.option == OPT_GO {
-                                s.write_all(&out).await?;
-                                s.flush().await?;
-                                if contexts_for != export.name {
-                                    contexts.clear();
-                                }
-                                return Ok(Some(
-                                    self.session(export, structured, extended, contexts, peer),
-                                ));
-                            }
-                        }
-                    }
-                }
-                OPT_STRUCTURED_REPLY => {
-                    if !data.is_empty() {
-                        invalid(&mut out, "NBD_OPT_STRUCTURED_REPLY takes no data");
-                    } else if extended {
-                        option_reply(
-                            &mut out,
-                            h.option,
-                            REP_ERR_EXT_HEADER_REQD,
-                            b"extended headers are already in use",
-                        );
-                    } else {
-                        structured = true;
-                        option_reply(&mut out, h.option, REP_ACK, &[]);
-                    }
-                }
-                OPT_EXTENDED_HEADERS => {
-                    if !data.is_empty() {
-                        invalid(&mut out, "NBD_OPT_EXTENDED_HEADERS takes no data");
-                    } else {
-                        extended = true;
-                        structured = true;
-                        option_reply(&mut out, h.option, REP_ACK, &[]);
-                    }
-                }
+                OPT_INFO | OPT_GO => self.info_or_go(&mut n, &mut out, h.option, &data),
+                OPT_STRUCTURED_REPLY => n.structured_reply(&mut out, &data),
+                OPT_EXTENDED_HEADERS => n.extended_headers(&mut out, &data),
                 OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                    let set = h.option == OPT_SET_META_CONTEXT;
-                    if !structured {
-                        invalid(&mut out, "negotiate structured replies first");
-                    } else {
-                        match MetaContextRequest::parse(&data) {
-                            Err(e) => invalid(&mut out, &e.to_string()),
-                            Ok(req) => match self
-                                .resolve(&req.export)
-                                .and_then(|ex| self.match_contexts(&ex, &req.queries, !set))
-                            {
-                                Err(why) => {
-                                    warn!("nbd: {peer}: meta contexts refused: {why}");
-                                    option_reply(
-                                        &mut out,
-                                        h.option,
-                                        REP_ERR_UNKNOWN,
-                                        why.as_bytes(),
-                                    );
-                                }
-                                Ok(found) => {
-                                    for (i, c) in found.iter().enumerate() {
-                                        option_reply(
-                                            &mut out,
-                                            h.option,
-                                            REP_META_CONTEXT,
-                                            &rep_meta_context(i as u32 + 1, &c.name()),
-                                        );
-                                    }
-                                    option_reply(&mut out, h.option, REP_ACK, &[]);
-                                    if set {
-                                        contexts = found;
-                                        contexts_for = req.export;
-                                    }
-                                }
-                            },
-                        }
-                    }
+                    self.meta_context(&mut n, &mut out, h.option, &data)
                 }
                 other => {
                     debug!("nbd: {peer}: unsupported option {other}");
-                    option_reply(
-                        &mut out,
-                        other,
-                        REP_ERR_UNSUP,
-                        b"option not supported by Cairn",
-                    );
+                    let why = b"option not supported by Cairn";
+                    option_reply(&mut out, other, REP_ERR_UNSUP, why);
+                    Next::Reply
                 }
-            }
+            };
             s.write_all(&out).await?;
             s.flush().await?;
+            if let Next::Transmit(export) = next {
+                return Ok(Some(self.session(export, n)));
+            }
         }
         Err(ConnError::Closed(format!(
             "more than {MAX_OPTIONS} options without choosing an export"
         )))
     }
 
-    pub(super) fn session(
+    /// `NBD_OPT_EXPORT_NAME`: the old way in. It has no error reply, so an unknown export ends
+    /// the session.
+    fn export_name(
         &self,
-        export: Export,
-        structured: bool,
-        extended: bool,
-        contexts: Vec<Context>,
-        peer: &str,
-    ) -> Session {
+        n: &mut Negotiation,
+        out: &mut Vec<u8>,
+        data: Vec<u8>,
+    ) -> Result<Next, ConnError> {
+        if n.extended {
+            return Err(ConnError::Closed(
+                "NBD_OPT_EXPORT_NAME after extended headers".into(),
+            ));
+        }
+        let name = String::from_utf8(data)
+            .map_err(|_| ConnError::Closed("export name is not UTF-8".into()))?;
+        let export = self.resolve(&name).map_err(ConnError::Closed)?;
+        out.extend_from_slice(&export.size.to_be_bytes());
+        out.extend_from_slice(&export.flags().to_be_bytes());
+        if !n.no_zeroes {
+            out.extend_from_slice(&[0u8; 124]);
+        }
+        Ok(Next::Transmit(export))
+    }
+
+    /// `NBD_OPT_LIST`: every volume head and checkpoint.
+    fn list(&self, n: &Negotiation, out: &mut Vec<u8>, data: &[u8]) -> Next {
+        if !data.is_empty() {
+            return n.invalid(out, OPT_LIST, "NBD_OPT_LIST takes no data");
+        }
+        match self.exports() {
+            Ok(list) => {
+                for e in list {
+                    let entry = rep_server(&e.name, &e.description());
+                    option_reply(out, OPT_LIST, REP_SERVER, &entry);
+                }
+                option_reply(out, OPT_LIST, REP_ACK, &[]);
+            }
+            Err(e) => option_reply(out, OPT_LIST, REP_ERR_SHUTDOWN, e.as_bytes()),
+        }
+        Next::Reply
+    }
+
+    /// `NBD_OPT_INFO` describes an export; `NBD_OPT_GO` also starts transmission on it.
+    fn info_or_go(&self, n: &mut Negotiation, out: &mut Vec<u8>, option: u32, data: &[u8]) -> Next {
+        let req = match ExportRequest::parse(data) {
+            Ok(r) => r,
+            Err(e) => return n.invalid(out, option, &e.to_string()),
+        };
+        let export = match self.resolve(&req.name) {
+            Ok(export) => export,
+            Err(why) => {
+                warn!("nbd: {}: export '{}' refused: {why}", n.peer, req.name);
+                option_reply(out, option, REP_ERR_UNKNOWN, why.as_bytes());
+                return Next::Reply;
+            }
+        };
+        option_reply(
+            out,
+            option,
+            REP_INFO,
+            &info_export(export.size, export.flags()),
+        );
+        // Always sent: it tells clients our payload limit.
+        let sizes = info_block_size(1, 4096, self.config.max_payload);
+        option_reply(out, option, REP_INFO, &sizes);
+        if req.info.contains(&INFO_NAME) {
+            option_reply(out, option, REP_INFO, &info_text(INFO_NAME, &export.name));
+        }
+        if req.info.contains(&INFO_DESCRIPTION) {
+            let text = info_text(INFO_DESCRIPTION, &export.description());
+            option_reply(out, option, REP_INFO, &text);
+        }
+        option_reply(out, option, REP_ACK, &[]);
+        match option {
+            OPT_GO => Next::Transmit(export),
+            _ => Next::Reply,
+        }
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`.
+    fn meta_context(
+        &self,
+        n: &mut Negotiation,
+        out: &mut Vec<u8>,
+        option: u32,
+        data: &[u8],
+    ) -> Next {
+        let set = option == OPT_SET_META_CONTEXT;
+        if !n.structured {
+            return n.invalid(out, option, "negotiate structured replies first");
+        }
+        let req = match MetaContextRequest::parse(data) {
+            Ok(req) => req,
+            Err(e) => return n.invalid(out, option, &e.to_string()),
+        };
+        let found = self
+            .resolve(&req.export)
+            .and_then(|ex| self.match_contexts(&ex, &req.queries, !set));
+        match found {
+            Err(why) => {
+                warn!("nbd: {}: meta contexts refused: {why}", n.peer);
+                option_reply(out, option, REP_ERR_UNKNOWN, why.as_bytes());
+            }
+            Ok(found) => {
+                for (i, c) in found.iter().enumerate() {
+                    let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                    option_reply(
+                        out,
+                        option,
+                        REP_META_CONTEXT,
+                        &rep_meta_context(id, &c.name()),
+                    );
+                }
+                option_reply(out, option, REP_ACK, &[]);
+                if set {
+                    n.contexts = found;
+                    n.contexts_for = req.export;
+                }
+            }
+        }
+        Next::Reply
+    }
+
+    fn session(&self, export: Export, n: Negotiation) -> Session {
+        // Contexts set for another export than the one chosen do not apply.
+        let contexts = match n.contexts_for == export.name {
+            true => n.contexts,
+            false => Vec::new(),
+        };
         Session {
             store: self.store.clone(),
             export,
-            structured,
-            extended,
+            structured: n.structured,
+            extended: n.extended,
             contexts,
             max_payload: self.config.max_payload,
-            peer: peer.to_string(),
+            peer: n.peer,
         }
+    }
+}
+
+/// What negotiation has agreed on so far.
+#[derive(Default)]
+struct Negotiation {
+    peer: String,
+    no_zeroes: bool,
+    secured: bool,
+    structured: bool,
+    extended: bool,
+    contexts: Vec<Context>,
+    contexts_for: String,
+}
+
+/// What follows an option's reply.
+enum Next {
+    /// More options.
+    Reply,
+    /// Transmission on this export.
+    Transmit(Export),
+}
+
+impl Negotiation {
+    fn invalid(&self, out: &mut Vec<u8>, option: u32, why: &str) -> Next {
+        warn!("nbd: {}: option {option} refused: {why}", self.peer);
+        option_reply(out, option, REP_ERR_INVALID, why.as_bytes());
+        Next::Reply
+    }
+
+    /// An option other than STARTTLS on a TLS-only server before TLS.
+    fn before_tls(&self, out: &mut Vec<u8>, option: u32) -> Result<Next, ConnError> {
+        if option == OPT_EXPORT_NAME {
+            return Err(ConnError::Closed(
+                "NBD_OPT_EXPORT_NAME without TLS on a TLS-only server".into(),
+            ));
+        }
+        warn!(
+            "nbd: {}: option {option} refused before STARTTLS",
+            self.peer
+        );
+        let why = b"this server requires TLS: negotiate NBD_OPT_STARTTLS first";
+        option_reply(out, option, REP_ERR_TLS_REQD, why);
+        Ok(Next::Reply)
+    }
+
+    fn structured_reply(&mut self, out: &mut Vec<u8>, data: &[u8]) -> Next {
+        let option = OPT_STRUCTURED_REPLY;
+        if !data.is_empty() {
+            return self.invalid(out, option, "NBD_OPT_STRUCTURED_REPLY takes no data");
+        }
+        if self.extended {
+            let why = b"extended headers are already in use";
+            option_reply(out, option, REP_ERR_EXT_HEADER_REQD, why);
+        } else {
+            self.structured = true;
+            option_reply(out, option, REP_ACK, &[]);
+        }
+        Next::Reply
+    }
+
+    fn extended_headers(&mut self, out: &mut Vec<u8>, data: &[u8]) -> Next {
+        let option = OPT_EXTENDED_HEADERS;
+        if !data.is_empty() {
+            return self.invalid(out, option, "NBD_OPT_EXTENDED_HEADERS takes no data");
+        }
+        self.extended = true;
+        self.structured = true;
+        option_reply(out, option, REP_ACK, &[]);
+        Next::Reply
+    }
+
+    /// Acknowledges `NBD_OPT_STARTTLS` and swaps the plain stream for a TLS one. The spec makes
+    /// the client negotiate everything again over TLS.
+    async fn start_tls(
+        &mut self,
+        s: &mut Box<dyn Stream>,
+        out: &mut Vec<u8>,
+        acceptor: &tokio_rustls::TlsAcceptor,
+    ) -> Result<(), ConnError> {
+        option_reply(out, OPT_STARTTLS, REP_ACK, &[]);
+        s.write_all(out).await?;
+        s.flush().await?;
+        // The placeholder is never used.
+        let plain = std::mem::replace(s, Box::new(tokio::io::duplex(1).0));
+        let secure = acceptor
+            .accept(plain)
+            .await
+            .map_err(|e| ConnError::Closed(format!("TLS handshake failed: {e}")))?;
+        *s = Box::new(secure);
+        self.secured = true;
+        self.structured = false;
+        self.extended = false;
+        self.contexts.clear();
+        self.contexts_for.clear();
+        debug!("nbd: {}: TLS established", self.peer);
+        Ok(())
     }
 }

@@ -12,7 +12,27 @@ pub(super) fn errno(e: &EngineError) -> u32 {
     }
 }
 
-type Outcome = Result<Option<Vec<u8>>, (u32, String)>;
+/// Why a request failed: the errno the client gets, and the reason the log and a structured
+/// error reply carry.
+#[derive(Debug)]
+pub(super) struct RequestError {
+    errno: u32,
+    reason: String,
+}
+
+impl RequestError {
+    fn new(errno: u32, reason: String) -> RequestError {
+        RequestError { errno, reason }
+    }
+}
+
+impl From<EngineError> for RequestError {
+    fn from(e: EngineError) -> RequestError {
+        RequestError::new(errno(&e), e.to_string())
+    }
+}
+
+type Outcome = Result<Option<Vec<u8>>, RequestError>;
 
 impl Session {
     /// Runs one request and returns its complete reply.
@@ -28,7 +48,10 @@ impl Session {
                 }
                 out
             }
-            Err((code, why)) => {
+            Err(RequestError {
+                errno: code,
+                reason: why,
+            }) => {
                 // Logged once here; the client also gets the text in structured mode.
                 warn!(
                     "nbd: {}: request type {} at {}+{} on '{}' failed: {why}",
@@ -49,7 +72,7 @@ impl Session {
         out
     }
 
-    fn check(&self, req: &Request, allowed_flags: u16, write: bool) -> Result<(), (u32, String)> {
+    fn check(&self, req: &Request, allowed_flags: u16, write: bool) -> Result<(), RequestError> {
         // FUA is advertised, and the spec then makes it valid on every command (a command that
         // writes nothing has nothing to persist, so the bit is ignored there).
         let allowed = allowed_flags
@@ -60,13 +83,13 @@ impl Session {
                 0
             };
         if req.flags & !allowed != 0 {
-            return Err((
+            return Err(RequestError::new(
                 EINVAL,
                 format!("flags {:#x} not valid for this command", req.flags),
             ));
         }
         if write && self.export.read_only {
-            return Err((
+            return Err(RequestError::new(
                 EPERM,
                 format!(
                     "'{}' is a checkpoint and read-only; write to the volume's head",
@@ -79,7 +102,7 @@ impl Session {
             // The spec: ENOSPC for writes past the end (a full device), EINVAL for reads, trims
             // and the rest (a bad request).
             let writes_data = matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES);
-            return Err((
+            return Err(RequestError::new(
                 if writes_data { ENOSPC } else { EINVAL },
                 format!(
                     "{}+{} reaches past the end of '{}' ({} bytes)",
@@ -90,9 +113,9 @@ impl Session {
         Ok(())
     }
 
-    fn flush_if_fua(&self, req: &Request) -> Result<(), (u32, String)> {
+    fn flush_if_fua(&self, req: &Request) -> Result<(), RequestError> {
         if req.flags & CMD_FLAG_FUA != 0 {
-            self.store.flush().map_err(fail)?;
+            self.store.flush().map_err(RequestError::from)?;
         }
         Ok(())
     }
@@ -100,13 +123,16 @@ impl Session {
     fn run(&self, req: &Request, payload: Vec<u8>) -> Outcome {
         let vol = &self.export.target.volume;
         if req.kind != CMD_WRITE && !payload.is_empty() {
-            return Err((EINVAL, "this command takes no payload".into()));
+            return Err(RequestError::new(
+                EINVAL,
+                "this command takes no payload".into(),
+            ));
         }
         match req.kind {
             CMD_READ => {
                 self.check(req, CMD_FLAG_DF, false)?;
                 if req.length > self.max_payload as u64 {
-                    return Err((
+                    return Err(RequestError::new(
                         if self.structured { EOVERFLOW } else { EINVAL },
                         format!(
                             "read of {} bytes is over the {}-byte limit",
@@ -127,18 +153,22 @@ impl Session {
             }
             CMD_WRITE => {
                 self.check(req, 0, true)?;
-                self.store.write(vol, req.offset, &payload).map_err(fail)?;
+                self.store
+                    .write(vol, req.offset, &payload)
+                    .map_err(RequestError::from)?;
                 self.flush_if_fua(req)?;
                 Ok(None)
             }
             CMD_FLUSH => {
                 self.check(req, 0, false)?;
-                self.store.flush().map_err(fail)?;
+                self.store.flush().map_err(RequestError::from)?;
                 Ok(None)
             }
             CMD_TRIM => {
                 self.check(req, 0, true)?;
-                self.store.trim(vol, req.offset, req.length).map_err(fail)?;
+                self.store
+                    .trim(vol, req.offset, req.length)
+                    .map_err(RequestError::from)?;
                 self.flush_if_fua(req)?;
                 Ok(None)
             }
@@ -147,20 +177,25 @@ impl Session {
                 if req.flags & CMD_FLAG_NO_HOLE != 0 {
                     if req.flags & CMD_FLAG_FAST_ZERO != 0 {
                         // Allocated zeros mean writing them: not fast, so say so at once.
-                        return Err((ENOTSUP, "allocated zeros cannot be written fast".into()));
+                        return Err(RequestError::new(
+                            ENOTSUP,
+                            "allocated zeros cannot be written fast".into(),
+                        ));
                     }
                     let chunk = vec![0u8; (1 << 20).min(req.length as usize)];
                     let mut at = req.offset;
                     let end = req.offset + req.length;
                     while at < end {
                         let n = (end - at).min(chunk.len() as u64) as usize;
-                        self.store.write(vol, at, &chunk[..n]).map_err(fail)?;
+                        self.store
+                            .write(vol, at, &chunk[..n])
+                            .map_err(RequestError::from)?;
                         at += n as u64;
                     }
                 } else {
                     self.store
                         .write_zeroes(vol, req.offset, req.length)
-                        .map_err(fail)?;
+                        .map_err(RequestError::from)?;
                 }
                 self.flush_if_fua(req)?;
                 Ok(None)
@@ -169,19 +204,25 @@ impl Session {
                 self.check(req, CMD_FLAG_REQ_ONE, false)?;
                 self.block_status(req).map(Some)
             }
-            CMD_CACHE => Err((EINVAL, "NBD_CMD_CACHE is not advertised".into())),
-            other => Err((EINVAL, format!("unknown command type {other}"))),
+            CMD_CACHE => Err(RequestError::new(
+                EINVAL,
+                "NBD_CMD_CACHE is not advertised".into(),
+            )),
+            other => Err(RequestError::new(
+                EINVAL,
+                format!("unknown command type {other}"),
+            )),
         }
     }
 
-    fn read(&self, req: &Request) -> Result<Vec<u8>, (u32, String)> {
+    fn read(&self, req: &Request) -> Result<Vec<u8>, RequestError> {
         let len = req.length as usize;
         let t = &self.export.target;
         if !self.structured {
             let mut out = vec![0u8; 16 + len];
             self.store
                 .read(t, req.offset, &mut out[16..])
-                .map_err(fail)?;
+                .map_err(RequestError::from)?;
             let mut hdr = Vec::with_capacity(16);
             simple_reply(&mut hdr, 0, req.cookie);
             out[..16].copy_from_slice(&hdr);
@@ -194,7 +235,7 @@ impl Session {
         let runs = self
             .store
             .read_sparse(t, req.offset, &mut out[hs..])
-            .map_err(fail)?;
+            .map_err(RequestError::from)?;
         let one_chunk =
             req.flags & CMD_FLAG_DF != 0 || runs.len() <= 1 && runs.first().is_none_or(|r| !r.1);
         if one_chunk {
@@ -249,15 +290,18 @@ impl Session {
         Ok(rep)
     }
 
-    fn block_status(&self, req: &Request) -> Result<Vec<u8>, (u32, String)> {
+    fn block_status(&self, req: &Request) -> Result<Vec<u8>, RequestError> {
         if self.contexts.is_empty() {
-            return Err((
+            return Err(RequestError::new(
                 EINVAL,
                 "no metadata context was negotiated (NBD_OPT_SET_META_CONTEXT)".into(),
             ));
         }
         if req.length == 0 {
-            return Err((EINVAL, "block status of zero bytes".into()));
+            return Err(RequestError::new(
+                EINVAL,
+                "block status of zero bytes".into(),
+            ));
         }
         let t = &self.export.target;
         let len = req.length.min(MAX_STATUS_SPAN);
@@ -270,7 +314,7 @@ impl Session {
                         .diff_range(&Target::checkpoint(&t.volume, cp), t, req.offset, len)
                 }
             }
-            .map_err(fail)?;
+            .map_err(RequestError::from)?;
             let (inside, outside) = match c {
                 Context::Allocation => (0, STATE_HOLE | STATE_ZERO),
                 Context::ChangedSince(_) => (1, 0),
@@ -320,10 +364,6 @@ pub(super) fn descriptors(
     }
     out.truncate(MAX_STATUS_EXTENTS);
     out
-}
-
-pub(super) fn fail(e: EngineError) -> (u32, String) {
-    (errno(&e), e.to_string())
 }
 
 #[cfg(test)]

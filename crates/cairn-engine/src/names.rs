@@ -63,7 +63,7 @@ mod tests {
         let ms = 1_709_251_199_000;
         let first = timestamp_name("auto", ms, &[]);
         assert_eq!(first, "auto-20240229-235959");
-        cairn_engine::validate_name(&first).expect("valid");
+        crate::validate_name(&first).expect("valid");
         let second = timestamp_name("auto", ms, std::slice::from_ref(&first));
         assert_eq!(second, "auto-20240229-235959-2");
         let third = timestamp_name("auto", ms, &[first, second]);

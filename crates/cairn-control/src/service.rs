@@ -1,0 +1,219 @@
+//! The one place every operation runs. A [`Service`] holds the store and, in the daemon, the VM
+//! runtime and the NBD server; the front ends (the CLI without a daemon, the daemon's HTTP API)
+//! only turn requests into [`Op`]s and replies into output.
+//!
+//! Operations that need QEMU (starting VMs, checkpoints of running VMs, applying memory state)
+//! go to the VM runtime; everything else runs [`execute`] on the blocking pool, the same code the
+//! CLI runs when no daemon is there ([`Service::run_here`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_engine::Store;
+use cairn_vm::checkpoint::{self as ck, Keep, Take};
+use cairn_vm::{Runtime, VmError, VmStore};
+
+use crate::error::{ErrorKind, OpError};
+use crate::execute::execute;
+use crate::ops::{Op, Reply};
+use crate::reports::{ApplyReport, VmCheckpointInfo};
+
+mod nbd_users;
+
+use nbd_users::NbdUsers;
+
+/// Where an operation reports how far it got (its own measure, e.g. bytes done).
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// A [`Progress`] that goes nowhere.
+pub fn no_progress() -> Progress {
+    Arc::new(|_| {})
+}
+
+/// What runs a store's operations.
+pub struct Service {
+    store: Arc<Store>,
+    vms: Option<(Arc<Runtime>, Arc<cairn_nbd::Server>)>,
+}
+
+impl Service {
+    /// A service over `store` alone: nothing runs, so VMs are all stopped (the CLI without a
+    /// daemon).
+    pub fn local(store: Arc<Store>) -> Service {
+        Service { store, vms: None }
+    }
+
+    /// The daemon's service: the store `nbd` serves, and the VMs `runtime` runs on it.
+    pub fn daemon(nbd: Arc<cairn_nbd::Server>, runtime: Arc<Runtime>) -> Service {
+        Service {
+            store: nbd.store().clone(),
+            vms: Some((runtime, nbd)),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Runs `op` here, synchronously: for a service without VMs (see [`Service::local`]).
+    pub fn run_here(&self, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
+        execute(&self.store, op, progress)
+    }
+
+    /// Runs `op`. `progress` hears how far long work got.
+    pub async fn run(&self, op: Op, progress: Progress) -> Result<Reply, OpError> {
+        let Some((rt, nbd)) = &self.vms else {
+            let store = self.store.clone();
+            return on_blocking_pool(move || execute(&store, op, &mut |n| progress(n))).await;
+        };
+        let vms = rt.definitions();
+        match &op {
+            Op::VmStart { name } => return Ok(Reply::VmStatus(rt.start(name).await?)),
+            Op::VmStop { name, timeout_secs } => {
+                let timeout = Duration::from_secs(*timeout_secs);
+                return Ok(Reply::VmStatus(rt.stop(name, timeout).await?));
+            }
+            Op::VmKill { name } => return Ok(Reply::VmStatus(rt.kill(name).await?)),
+            Op::VmStatus { name } => {
+                vms.get(name)?;
+                return Ok(Reply::VmStatus(rt.status(name)));
+            }
+            Op::VmDelete { name } if rt.is_running(name) => {
+                return Err(VmError::Running(name.clone()).into())
+            }
+            Op::VmEdit(def) if rt.is_running(&def.name) => {
+                return Err(VmError::Running(def.name.clone()).into())
+            }
+            Op::CheckpointApply { volume, .. } | Op::VolumeDelete { name: volume } => {
+                if let Some(vm) = rt.user_of(volume) {
+                    return Err(OpError::new(
+                        ErrorKind::State,
+                        format!(
+                            "volume '{volume}' is a disk of running VM '{vm}'; stop the VM first"
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        match op {
+            Op::CheckpointCreate {
+                volume: vm,
+                name,
+                description,
+                disk_only,
+                quiesce,
+            } if rt.is_running(&vm) => {
+                if quiesce && !disk_only {
+                    return Err(OpError::new(
+                        ErrorKind::Invalid,
+                        "--quiesce applies to --disk-only checkpoints: a standard checkpoint keeps the guest's memory, caches included",
+                    ));
+                }
+                let how = match disk_only {
+                    true => Take::DiskOnly { quiesce },
+                    false => Take::Standard,
+                };
+                let name = match name {
+                    Some(n) => n,
+                    None => {
+                        let (store, vms, vm) = (self.store.clone(), vms.clone(), vm.clone());
+                        on_blocking_pool(move || {
+                            Ok(ck::new_checkpoint_name(
+                                &store,
+                                &vms,
+                                &vm,
+                                ck::UNNAMED_PREFIX,
+                            )?)
+                        })
+                        .await?
+                    }
+                };
+                let report = |n| progress(n);
+                let cp = rt
+                    .take_checkpoint(&self.store, &vm, &name, description, how, false, &report)
+                    .await?;
+                Ok(Reply::VmCheckpoint(VmCheckpointInfo::of(
+                    &self.store,
+                    &cp,
+                    Some(&cp.name),
+                )))
+            }
+            Op::CheckpointApply {
+                volume: vm,
+                name,
+                save_current,
+                discard_current,
+                force,
+            } if vms.exists(&vm) && (rt.is_running(&vm) || is_standard(vms, &vm, &name)) => {
+                let keep = Keep {
+                    save_current,
+                    discard_current,
+                };
+                let users = NbdUsers {
+                    server: nbd.clone(),
+                    force,
+                    what: format!("{vm}@{name}"),
+                };
+                let report = |n| progress(n);
+                let applied = rt
+                    .apply_checkpoint(&self.store, &vm, &name, &keep, &users, &report)
+                    .await?;
+                Ok(Reply::Applied(ApplyReport::new(
+                    format!("{vm}@{name}"),
+                    applied.kept.as_ref(),
+                    Some(applied.outcome),
+                    None,
+                )))
+            }
+            Op::CheckpointApply {
+                ref volume,
+                ref name,
+                force,
+                ..
+            } => {
+                // The heads take no new clients while they are rewound, and the ones on them
+                // are refused, or with `force` disconnected.
+                let users = NbdUsers {
+                    server: nbd.clone(),
+                    force,
+                    what: format!("{volume}@{name}"),
+                };
+                let heads = match vms.exists(volume) {
+                    true => vms
+                        .checkpoint(volume, name)
+                        .map(|c| c.disks)
+                        .unwrap_or_default(),
+                    false => vec![volume.clone()],
+                };
+                use cairn_vm::checkpoint::DiskUsers;
+                users.check(&heads, None)?;
+                let _fence = users.clear(&heads, None).await?;
+                let store = self.store.clone();
+                on_blocking_pool(move || execute(&store, op, &mut |n| progress(n))).await
+            }
+            op => {
+                let store = self.store.clone();
+                on_blocking_pool(move || execute(&store, op, &mut |n| progress(n))).await
+            }
+        }
+    }
+}
+
+fn is_standard(vms: &VmStore, vm: &str, name: &str) -> bool {
+    vms.checkpoint(vm, name)
+        .is_ok_and(|c| c.kind == ck::CheckpointKind::Standard)
+}
+
+/// Runs store work (synchronous file I/O) on tokio's blocking pool.
+async fn on_blocking_pool<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, OpError> + Send + 'static,
+) -> Result<T, OpError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        OpError::new(
+            ErrorKind::Daemon,
+            format!("an operation crashed in the daemon (a bug; see its log): {e}"),
+        )
+    })?
+}
