@@ -427,3 +427,69 @@ async fn thaw_guest(vm: &str, agent: &mut GuestAgent) -> Result<(), String> {
     }
     Err(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::VmSpec;
+
+    fn store_with_vm() -> (tempfile::TempDir, Arc<Store>, VmStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::init(dir.path(), cairn_engine::Options::default()).expect("init");
+        store.create_volume("d1", 1 << 20).expect("d1");
+        store.create_volume("d2", 1 << 20).expect("d2");
+        let vms = VmStore::new(dir.path());
+        vms.save(&VmSpec {
+            name: "v".into(),
+            memory: 64 << 20,
+            cpus: 1,
+            disks: vec!["d1".into(), "d2".into()],
+            kernel: None,
+            initrd: None,
+            append: None,
+            net: None,
+            mac: crate::spec::fresh_mac(),
+            uuid: crate::spec::fresh_uuid(),
+            accel: None,
+            created_ms: 0,
+            parent: None,
+        })
+        .expect("vm");
+        (dir, Arc::new(store), vms)
+    }
+
+    fn names(store: &Store, volume: &str) -> Vec<String> {
+        let cps = store.list_checkpoints(volume).expect("list");
+        cps.into_iter().map(|c| c.name).collect()
+    }
+
+    #[test]
+    fn an_unfinished_checkpoint_leaves_nothing_behind() {
+        let (_dir, store, vms) = store_with_vm();
+        // Dropped after its disks were taken: the parts and the record go.
+        let mut pending = Pending::begin(&vms, &store, "v", "a", None, false).expect("begin");
+        take_disks(&store, pending.cp()).expect("take");
+        pending.disks_taken = true;
+        assert_eq!(names(&store, "d1"), ["a"]);
+        let records = vms.checkpoints("v").expect("records");
+        assert!(records.len() == 1 && records[0].pending, "{records:?}");
+        drop(pending);
+        assert!(names(&store, "d1").is_empty() && names(&store, "d2").is_empty());
+        assert!(vms.checkpoints("v").expect("records").is_empty());
+
+        // Dropped before: a checkpoint of the same name someone else made on a disk stays.
+        let pending = Pending::begin(&vms, &store, "v", "b", None, false).expect("begin");
+        store.create_checkpoint("d2", "b", None).expect("theirs");
+        assert!(take_disks(&store, pending.cp()).is_err());
+        drop(pending);
+        assert_eq!(names(&store, "d2"), ["b"]);
+        assert!(names(&store, "d1").is_empty());
+        assert!(vms.checkpoints("v").expect("records").is_empty());
+
+        // Finished: everything stays, and the VM now hangs on it.
+        let cp = take_stopped(&vms, &store, "v", "c", Some("kept"), false).expect("take");
+        assert!(!cp.pending);
+        assert_eq!(names(&store, "d1"), ["c"]);
+        assert_eq!(vms.get("v").expect("vm").parent.as_deref(), Some("c"));
+    }
+}
