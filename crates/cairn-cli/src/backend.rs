@@ -3,11 +3,10 @@
 //! the same [`Op`] run by the same [`Service`].
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use cairn_control::{Client, Op, OpError, Reply, Service};
-use cairn_engine::{CheckpointInfo, Extent, Store, VolumeInfo};
+use cairn_engine::{CheckpointInfo, Extent, VolumeInfo};
 
 /// The store or daemon commands talk to.
 pub enum Backend {
@@ -23,8 +22,7 @@ impl Backend {
         if let Some(c) = Client::find(dir) {
             return Ok(Backend::Daemon(c));
         }
-        let store = Store::open(dir, crate::store_options())?;
-        Ok(Backend::Local(Service::local(Arc::new(store))))
+        Ok(Backend::Local(Service::open(dir, crate::store_options())?))
     }
 
     /// Runs `op`.

@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use backend::Backend;
 pub(crate) use cairn_control::names::time_str;
 use cairn_control::{Op, Reply};
-use cairn_engine::{Options, Store};
+use cairn_engine::Options;
 use checkpoint::checkpoint_target;
 use clap::{Parser, Subcommand};
 use output::outln;
@@ -174,7 +174,7 @@ fn run(cli: Cli) -> Result<()> {
     let open = || Backend::open(&dir);
     match cli.cmd {
         Cmd::Init => {
-            Store::init(&dir, store_options())?;
+            cairn_control::Service::init(&dir, store_options())?;
             if json {
                 print_json(&serde_json::json!({ "store": dir }))?;
             } else {

@@ -37,6 +37,17 @@ pub struct Service {
 }
 
 impl Service {
+    /// Creates an empty store in `dir`.
+    pub fn init(dir: &std::path::Path, options: cairn_engine::Options) -> Result<(), OpError> {
+        Store::init(dir, options)?;
+        Ok(())
+    }
+
+    /// Opens the store in `dir` for [`Service::local`] use (the CLI without a daemon).
+    pub fn open(dir: &std::path::Path, options: cairn_engine::Options) -> Result<Service, OpError> {
+        Ok(Service::local(Arc::new(Store::open(dir, options)?)))
+    }
+
     /// A service over `store` alone: nothing runs, so VMs are all stopped (the CLI without a
     /// daemon).
     pub fn local(store: Arc<Store>) -> Service {
