@@ -1,3 +1,5 @@
+// On-disk and wire code: a length or index that does not fit its field is a corruption bug.
+#![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
 //! The block map: a fixed-fanout copy-on-write radix tree from virtual block number to data block.
 //!
 //! Trees are shared between a volume's head, its checkpoints and its clones by reference counting
@@ -77,7 +79,7 @@ impl Meta {
             let stop = leaf_end.min(end);
             let leaf = self.leaf_of(root, depth, vbn)?;
             if leaf == 0 {
-                out.extend(std::iter::repeat_n(0, (stop - vbn) as usize));
+                out.extend(std::iter::repeat_n(0, crate::format::slot(stop - vbn)));
             } else {
                 let page = self.cache.get(&*self.dev, leaf, PageKind::Tree)?;
                 out.extend((vbn..stop).map(|v| entry(page, v % FANOUT)));
@@ -90,7 +92,7 @@ impl Meta {
     /// A node at `level` that only the caller's pointer references, shadowing or creating it.
     fn private_node(&mut self, node: u64, level: u32) -> Result<u64> {
         if node == 0 {
-            return self.alloc_page(new_page(PageKind::Tree, level as u8));
+            return self.alloc_page(new_page(PageKind::Tree, tree_level(level)));
         }
         if self.rc(node)? == 1 {
             return Ok(node);
@@ -142,7 +144,7 @@ impl Meta {
         long: bool,
         out: &mut Vec<(u64, Fill)>,
     ) -> Result<()> {
-        let mut blocks = Vec::with_capacity(count as usize);
+        let mut blocks = Vec::with_capacity(crate::format::slot(count));
         self.lookup_shared(root, depth, vbn, count, &mut blocks)?;
         let mut in_place: Vec<bool> = blocks
             .iter()
@@ -363,7 +365,7 @@ impl Meta {
     pub fn grow(&mut self, root: &mut u64, from: u32, to: u32) -> Result<()> {
         for level in from..to {
             if *root != 0 {
-                let mut page = new_page(PageKind::Tree, level as u8);
+                let mut page = new_page(PageKind::Tree, tree_level(level));
                 set_entry(&mut page, 0, *root);
                 *root = self.alloc_page(page)?;
             }
@@ -496,4 +498,9 @@ impl Meta {
         }
         Ok((data, meta))
     }
+}
+
+/// A tree level as its page header stores it; trees are at most a few levels deep.
+fn tree_level(level: u32) -> u8 {
+    u8::try_from(level).expect("block map trees are far shallower than 256 levels")
 }

@@ -1,3 +1,5 @@
+// On-disk and wire code: a length or index that does not fit its field is a corruption bug.
+#![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
 //! The on-disk format: block geometry, page headers with checksums, the superblock and catalog records.
 //! docs/design.md explains the layout; this module is its single source of truth in code.
 
@@ -142,24 +144,36 @@ pub fn put_u32(p: &mut Page, off: usize, v: u32) {
     p[off..off + 4].copy_from_slice(&v.to_le_bytes());
 }
 
+/// An index within a page as a byte position. `usize` is 64 bits (lib.rs refuses other
+/// targets), so this never truncates; it is the one place the read path converts.
+#[inline(always)]
+#[allow(clippy::cast_possible_truncation)]
+pub(crate) fn slot(idx: u64) -> usize {
+    idx as usize
+}
+
+/// [`BLOCK_SIZE`] as the superblock records it.
+const BLOCK_SIZE_U32: u32 = 4096;
+const _: () = assert!(BLOCK_SIZE_U32 as usize == BLOCK_SIZE);
+
 /// Child pointer `idx` of a tree page.
 pub fn entry(p: &Page, idx: u64) -> u64 {
-    get_u64(p, HEADER_SIZE + idx as usize * 8)
+    get_u64(p, HEADER_SIZE + slot(idx) * 8)
 }
 
 /// Sets child pointer `idx` of a tree page.
 pub fn set_entry(p: &mut Page, idx: u64, v: u64) {
-    put_u64(p, HEADER_SIZE + idx as usize * 8, v)
+    put_u64(p, HEADER_SIZE + slot(idx) * 8, v)
 }
 
 /// Reference count `idx` of a refcount page.
 pub fn refcount(p: &Page, idx: u64) -> u32 {
-    get_u32(p, HEADER_SIZE + idx as usize * 4)
+    get_u32(p, HEADER_SIZE + slot(idx) * 4)
 }
 
 /// Sets reference count `idx` of a refcount page.
 pub fn set_refcount(p: &mut Page, idx: u64, v: u32) {
-    put_u32(p, HEADER_SIZE + idx as usize * 4, v)
+    put_u32(p, HEADER_SIZE + slot(idx) * 4, v)
 }
 
 /// How a data file places its refcount pages, which fixes where every count lives. New stores
@@ -341,7 +355,7 @@ impl Superblock {
     pub fn encode(&self) -> Box<Page> {
         let mut p = new_page(PageKind::Super, 0);
         put_u32(&mut p, 16, self.layout.version());
-        put_u32(&mut p, 20, BLOCK_SIZE as u32);
+        put_u32(&mut p, 20, BLOCK_SIZE_U32);
         put_u64(&mut p, 24, self.catalog_root);
         put_u32(&mut p, 32, self.catalog_depth);
         put_u64(&mut p, 40, self.next_id);
@@ -472,7 +486,12 @@ impl Record {
             )));
         }
         let mut p = new_page(PageKind::Record, 0);
-        put_u32(&mut p, HEADER_SIZE, json.len() as u32);
+        // At most MAX_RECORD bytes (checked above).
+        put_u32(
+            &mut p,
+            HEADER_SIZE,
+            json.len().try_into().unwrap_or(u32::MAX),
+        );
         p[HEADER_SIZE + 4..HEADER_SIZE + 4 + json.len()].copy_from_slice(&json);
         seal(&mut p);
         Ok(p)
@@ -611,7 +630,7 @@ mod tests {
     fn an_unknown_format_version_is_refused_clearly() {
         let mut p = new_page(PageKind::Super, 0);
         put_u32(&mut p, 16, 3);
-        put_u32(&mut p, 20, BLOCK_SIZE as u32);
+        put_u32(&mut p, 20, BLOCK_SIZE_U32);
         seal(&mut p);
         let e = Superblock::decode(&p, "/s")
             .expect_err("version 3")

@@ -1,3 +1,5 @@
+// On-disk and wire code: a length or index that does not fit its field is a corruption bug.
+#![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
 //! The metadata journal: every commit first appends full images of the metadata pages it changed,
 //! syncs, and only then writes them in place. Replaying the journal after a crash turns any mix of
 //! torn or missing in-place writes back into the last committed state.
@@ -131,7 +133,8 @@ impl Journal {
             let mut d = new_page(PageKind::JournalDesc, 0);
             put_u64(&mut d, 16, self.seq);
             put_u64(&mut d, 24, self.next_txn);
-            put_u32(&mut d, 32, chunk.len() as u32);
+            // At most ADDRS_PER_DESC, far below 2^32.
+            put_u32(&mut d, 32, chunk.len().try_into().unwrap_or(u32::MAX));
             put_u32(
                 &mut d,
                 36,

@@ -3,6 +3,10 @@
 //!
 //! Start with [`Store`]; `docs/design.md` describes the on-disk format and why it is shaped so.
 
+// Offsets are u64 and index memory as usize; format::slot relies on the two being the same width.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("Cairn needs a 64-bit target");
+
 pub mod blockmap;
 pub mod cache;
 pub mod device;

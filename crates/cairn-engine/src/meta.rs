@@ -1,3 +1,5 @@
+// On-disk and wire code: a length or index that does not fit its field is a corruption bug.
+#![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
 //! The metadata layer: reference counts, block allocation, and the quarantine of freed blocks.
 //!
 //! Every block of the data file has a reference count: the number of pointers to it from tree pages

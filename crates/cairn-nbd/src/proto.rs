@@ -1,3 +1,5 @@
+// On-disk and wire code: a length or index that does not fit its field is a corruption bug.
+#![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
 //! The NBD wire format (NetworkBlockDevice/nbd `doc/proto.md`, with the extended-headers
 //! extension): constants, parsers for what clients send and encoders for what the server sends.
 //!
@@ -460,9 +462,18 @@ impl Request {
         if extended {
             out.extend_from_slice(&self.length.to_be_bytes());
         } else {
-            out.extend_from_slice(&(self.length as u32).to_be_bytes());
+            let length =
+                u32::try_from(self.length).expect("compact request headers carry 32-bit lengths");
+            out.extend_from_slice(&length.to_be_bytes());
         }
     }
+}
+
+/// A length field of 32 bits. What the server sends is bounded far below 4 GiB (option data,
+/// export names, payloads under the advertised maximum, status replies cut at
+/// `MAX_STATUS_EXTENTS`), so a longer one is a bug in Cairn, not input.
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).expect("wire lengths are bounded below 4 GiB")
 }
 
 /// Appends an option reply.
@@ -470,7 +481,7 @@ pub fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
     out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
     out.extend_from_slice(&option.to_be_bytes());
     out.extend_from_slice(&reply.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(&len32(data.len()).to_be_bytes());
     out.extend_from_slice(data);
 }
 
@@ -504,7 +515,7 @@ pub fn info_text(kind: u16, text: &str) -> Vec<u8> {
 /// Data of an `NBD_REP_SERVER` reply (one export of a list).
 pub fn rep_server(name: &str, description: &str) -> Vec<u8> {
     let mut d = Vec::with_capacity(4 + name.len() + description.len());
-    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(&len32(name.len()).to_be_bytes());
     d.extend_from_slice(name.as_bytes());
     d.extend_from_slice(description.as_bytes());
     d
@@ -555,7 +566,8 @@ pub fn chunk_header(
         out.extend_from_slice(&req.offset.to_be_bytes());
         out.extend_from_slice(&payload.to_be_bytes());
     } else {
-        out.extend_from_slice(&(payload as u32).to_be_bytes());
+        let payload = u32::try_from(payload).expect("compact chunks carry less than 4 GiB");
+        out.extend_from_slice(&payload.to_be_bytes());
     }
 }
 
@@ -571,7 +583,8 @@ pub fn error_chunk(out: &mut Vec<u8>, extended: bool, req: &Request, error: u32,
         6 + msg.len() as u64,
     );
     out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    // At most 1,024 bytes (cut above), so the length fits its 16 bits.
+    out.extend_from_slice(&u16::try_from(msg.len()).unwrap_or(u16::MAX).to_be_bytes());
     out.extend_from_slice(msg);
 }
 
@@ -597,7 +610,7 @@ pub fn block_status_chunk(
         let len = 8 + 16 * extents.len() as u64;
         chunk_header(out, true, flags, REPLY_TYPE_BLOCK_STATUS_EXT, req, len);
         out.extend_from_slice(&context.to_be_bytes());
-        out.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+        out.extend_from_slice(&len32(extents.len()).to_be_bytes());
         for &(l, f) in extents {
             out.extend_from_slice(&l.to_be_bytes());
             out.extend_from_slice(&(f as u64).to_be_bytes());
@@ -607,7 +620,11 @@ pub fn block_status_chunk(
         chunk_header(out, false, flags, REPLY_TYPE_BLOCK_STATUS, req, len);
         out.extend_from_slice(&context.to_be_bytes());
         for &(l, f) in extents {
-            out.extend_from_slice(&(l as u32).to_be_bytes());
+            out.extend_from_slice(
+                &u32::try_from(l)
+                    .expect("compact block status covers less than 4 GiB per descriptor")
+                    .to_be_bytes(),
+            );
             out.extend_from_slice(&f.to_be_bytes());
         }
     }
