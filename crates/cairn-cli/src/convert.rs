@@ -66,19 +66,6 @@ fn not_found(e: std::io::Error) -> anyhow::Error {
     }
 }
 
-/// Runs `qemu-img ARGS`; fails with its last line of error output.
-pub fn qemu_img_ok(args: &[&str]) -> Result<()> {
-    let out = qemu_img().args(args).output().map_err(not_found)?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img {} failed: {}",
-            args.first().unwrap_or(&""),
-            last_line(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// Format and virtual size of an image, as `qemu-img info` sees it.
 fn probe(file: &Path, format: Option<&str>) -> Result<(String, u64)> {
     let mut cmd = qemu_img();

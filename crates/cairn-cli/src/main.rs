@@ -2,8 +2,6 @@
 
 mod backend;
 mod bench;
-mod bench_nbd;
-mod bench_vm;
 mod checkpoint;
 mod console;
 mod convert;
@@ -79,7 +77,7 @@ enum Cmd {
     },
     /// Verify every invariant of the store: checksums, references, records.
     Fsck,
-    /// Run the engine benchmark and print the table.
+    /// Run a benchmark (the engine by default, --nbd, --vm) and print its table.
     Bench(bench::BenchArgs),
     /// Walk through Cairn's main job on the store: a volume, checkpoints, a rewind, space.
     Demo,
@@ -112,17 +110,7 @@ enum Cmd {
 /// long copies-on-write wait for their data and metadata before they are acknowledged
 /// (`store/write_behind.rs` in the engine).
 pub(crate) fn store_options() -> Options {
-    let on = |var: &str| {
-        std::env::var(var)
-            .map(|v| !matches!(v.trim(), "0" | "off" | "false" | "no"))
-            .unwrap_or(true)
-    };
-    Options {
-        mapped_reads: on("CAIRN_MAPPED_READS"),
-        direct_writes: on("CAIRN_DIRECT_WRITES"),
-        write_behind: on("CAIRN_WRITE_BEHIND"),
-        ..Options::default()
-    }
+    Options::from_env()
 }
 
 fn default_store() -> Result<PathBuf> {

@@ -39,21 +39,7 @@ pub fn parse_number(s: &str) -> Result<u64> {
     parse_size(s)
 }
 
-/// Prints a byte count with a binary unit (`1.5 GiB`).
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use cairn_engine::names::human;
 
 #[cfg(test)]
 mod tests {

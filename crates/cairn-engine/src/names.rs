@@ -1,10 +1,27 @@
-//! Names Cairn chooses itself, and the one way times are written for users: UTC, so that a
-//! name or a listing reads the same on every host (local time would need a time-zone database).
+//! Names Cairn chooses itself, and the one way times and sizes are written for users: times in
+//! UTC, so that a name or a listing reads the same on every host (local time would need a
+//! time-zone database), sizes with binary units.
 
 /// `YYYY-MM-DD HH:MM:SSZ` for a time in ms since the Unix epoch.
 pub fn time_str(ms: u64) -> String {
     let (y, mo, d, h, mi, s) = utc(ms);
     format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}Z")
+}
+
+/// Prints a byte count with a binary unit (`1.5 GiB`).
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// A checkpoint name from a time, `PREFIX-YYYYMMDD-HHMMSS`, made unique among `taken` by a

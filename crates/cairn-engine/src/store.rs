@@ -112,6 +112,25 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The defaults, with the read and write paths' switches as the environment sets them:
+    /// `CAIRN_MAPPED_READS`, `CAIRN_DIRECT_WRITES`, `CAIRN_WRITE_BEHIND` (`0`, `off`, `false` or
+    /// `no` turns one off), so every Cairn process opens a store the same way.
+    pub fn from_env() -> Options {
+        let on = |var: &str| {
+            std::env::var(var)
+                .map(|v| !matches!(v.trim(), "0" | "off" | "false" | "no"))
+                .unwrap_or(true)
+        };
+        Options {
+            mapped_reads: on("CAIRN_MAPPED_READS"),
+            direct_writes: on("CAIRN_DIRECT_WRITES"),
+            write_behind: on("CAIRN_WRITE_BEHIND"),
+            ..Options::default()
+        }
+    }
+}
+
 /// A volume head (`NAME`) or one of its checkpoints (`NAME@CHECKPOINT`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {

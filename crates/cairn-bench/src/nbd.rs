@@ -11,15 +11,13 @@
 //! the comparison is like for like.
 
 use anyhow::{bail, Context, Result};
-use cairn_engine::Store;
+use cairn_engine::{Options, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use crate::backend::Backend;
 
 const MIB: u64 = 1 << 20;
 
@@ -128,8 +126,7 @@ fn qemu_nbd(dir: &Path, image: &Path, format: &str, tag: &str) -> Result<ServerP
 }
 
 pub(crate) fn cairn_serve(store: &Path, volume: &str) -> Result<ServerProcess> {
-    let exe = std::env::current_exe().context("finding the cairn binary")?;
-    let mut child = Command::new(exe)
+    let mut child = Command::new(crate::cairn_exe()?)
         .arg("--store")
         .arg(store)
         .arg("serve")
@@ -238,7 +235,7 @@ fn time_it(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 }
 
 /// Runs the NBD benchmark in `dir` and returns the Markdown report.
-pub fn run(dir: &Path, quick: bool) -> Result<String> {
+pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
     let plan = Plan::new(quick);
     let started = Instant::now();
     let mut report = format!(
@@ -253,15 +250,18 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
     let raw = dir.join("data.raw");
     random_file(&raw, plan.data)?;
     let qcow2 = dir.join("source.qcow2");
-    crate::convert::qemu_img_ok(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        &raw.display().to_string(),
-        &qcow2.display().to_string(),
-    ])?;
+    crate::tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &raw.display().to_string(),
+            &qcow2.display().to_string(),
+        ],
+    )?;
     let _ = std::fs::read(&qcow2).map(drop); // both importers start from a cached source
 
     // Import: qemu-img convert to a raw file with the flags Cairn's import uses (parallel
@@ -269,27 +269,32 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
     eprintln!("bench: import of a {} MiB qcow2", plan.data / MIB);
     let peer_out = dir.join("convert-out.raw");
     let peer = time_it(|| {
-        crate::convert::qemu_img_ok(&[
-            "convert",
-            "-t",
-            "writeback",
-            "-W",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            &qcow2.display().to_string(),
-            &peer_out.display().to_string(),
-        ])
+        crate::tool_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-t",
+                "writeback",
+                "-W",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                &qcow2.display().to_string(),
+                &peer_out.display().to_string(),
+            ],
+        )
     });
     let _ = std::fs::remove_file(&peer_out);
     let store_dir = dir.join("store");
-    Store::init(&store_dir, crate::store_options())?;
+    Store::init(&store_dir, options.clone())?;
     let ours = time_it(|| {
-        let backend = Backend::Local(cairn_control::Service::local(std::sync::Arc::new(
-            Store::open(&store_dir, crate::store_options())?,
-        )));
-        crate::convert::import(&backend, "bench", &qcow2, Some("qcow2")).map(drop)
+        let file = qcow2.display().to_string();
+        crate::cairn(
+            &store_dir,
+            &["volume", "import", "bench", &file, "--format", "qcow2"],
+        )
+        .map(drop)
     });
     report.push_str("| import | qemu-img convert to raw | cairn volume import | cairn / qemu-img |\n|---|---|---|---|\n");
     let mbs = |r: &Result<f64>| match r {
@@ -319,7 +324,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
     // Depth N: checkpoints with overwrites in between, made through the engine directly.
     eprintln!("bench: making {} checkpoints", plan.depth);
     {
-        let store = Store::open(&store_dir, crate::store_options())?;
+        let store = Store::open(&store_dir, options.clone())?;
         let mut rng = StdRng::seed_from_u64(9);
         let block = vec![0x5Au8; 4096];
         for d in 1..=plan.depth {
@@ -332,7 +337,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
         store.flush()?;
     }
     let mut chain_top = None;
-    crate::bench::qcow2_chain(dir, &raw, &[plan.depth], plan.data, |_, top| {
+    crate::engine::qcow2_chain(dir, &raw, &[plan.depth], plan.data, |_, top| {
         chain_top = Some(top.to_path_buf());
         Ok(())
     })?;

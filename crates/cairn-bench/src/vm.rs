@@ -3,27 +3,11 @@
 //! checkpoint takes, what the 1st and 2nd checkpoint cost in the store, and how long applying one
 //! takes until the guest runs again.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn cairn(store: &Path, args: &[&str]) -> Result<String> {
-    let exe = std::env::current_exe().context("finding the cairn binary")?;
-    let out = Command::new(exe)
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .output()
-        .context("running cairn")?;
-    if !out.status.success() {
-        bail!(
-            "cairn {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use crate::cairn;
 
 fn json(store: &Path, args: &[&str]) -> Result<serde_json::Value> {
     let mut a = vec!["--json"];
@@ -74,7 +58,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
         ],
     )?;
     // Stopped (SIGTERM, then waited for) when dropped at the end.
-    let _daemon = crate::bench_nbd::cairn_serve(&store, "d1")?;
+    let _daemon = crate::nbd::cairn_serve(&store, "d1")?;
     (|| -> Result<String> {
         let st = json(&store, &["vm", "start", "g"])?;
         let accel = st["accel"].as_str().unwrap_or("?").to_string();
