@@ -7,14 +7,15 @@
 #[cfg(not(target_pointer_width = "64"))]
 compile_error!("Cairn needs a 64-bit target");
 
-pub mod blockmap;
-pub mod cache;
+pub(crate) mod blockmap;
+pub(crate) mod cache;
 pub mod device;
 pub mod error;
 pub mod format;
 pub mod fsck;
+/// Public for its fuzz target (`fuzz/fuzz_targets/journal.rs`); nothing else outside uses it.
 pub mod journal;
-pub mod meta;
+pub(crate) mod meta;
 pub mod names;
 pub mod store;
 pub mod sync;
