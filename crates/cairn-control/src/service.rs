@@ -199,7 +199,6 @@ impl Service {
                     false => vec![volume.clone()],
                 };
                 use cairn_vm::checkpoint::DiskUsers;
-                users.check(&heads, None)?;
                 let _fence = users.clear(&heads, None).await?;
                 let store = self.store.clone();
                 on_blocking_pool(move || execute(&store, op, &mut |n| progress(n))).await

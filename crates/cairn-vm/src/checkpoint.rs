@@ -18,3 +18,14 @@ pub use apply::*;
 pub use record::*;
 pub use state::*;
 pub use take::*;
+
+use crate::VmError;
+
+/// Runs a short engine call on the blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, VmError> + Send + 'static,
+) -> Result<T, VmError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| VmError::Internal(format!("a store operation crashed: {e}")))?
+}

@@ -12,6 +12,7 @@ use cairn_engine::Store;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use super::blocking;
 use super::record::{apply_disks, check_applicable, disks_changed, CheckpointKind, VmCheckpoint};
 use super::state::load_state;
 use super::take::{new_checkpoint_name, take_stopped, Take, AUTOMATIC_PREFIX};
@@ -204,15 +205,6 @@ pub fn apply_stopped(
         kept,
         outcome: VmOutcome::Stopped,
     })
-}
-
-/// Runs a short engine call on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, VmError> + Send + 'static,
-) -> Result<T, VmError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| VmError::Internal(format!("a store operation crashed: {e}")))?
 }
 
 /// A saved-state file written out for QEMU to load; removed when dropped, whatever happened.

@@ -11,6 +11,7 @@ use cairn_engine::Store;
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::blocking;
 use super::record::{
     abandon, begin, drop_disk_checkpoints, finish, persist_disks, state_volume, take_disks,
     CheckpointKind, Consistency, Timings, VmCheckpoint,
@@ -145,15 +146,6 @@ impl Drop for Pending {
         }
         abandon(&self.vms, &cp);
     }
-}
-
-/// Runs a short engine call on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, VmError> + Send + 'static,
-) -> Result<T, VmError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| VmError::Internal(format!("a store operation crashed: {e}")))?
 }
 
 /// Takes a checkpoint of a stopped VM: every disk, at rest.

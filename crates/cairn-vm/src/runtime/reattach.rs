@@ -106,18 +106,18 @@ impl Runtime {
     /// Leaves every VM running for the next daemon (daemon shutdown); returns the VMs left.
     /// Nothing needs doing to QEMU itself: it is not killed when the daemon's handles drop.
     pub fn leave_running(&self) -> Vec<String> {
-        let mut names: Vec<String> = lock(&self.running).keys().cloned().collect();
-        names.sort();
-        for n in &names {
-            if let Some(r) = lock(&self.running).get(n) {
-                info!(
-                    "vm {n}: left running (QEMU {}); its disk I/O waits up to {} s for the next `cairn serve`, which reattaches it",
-                    r.pid,
-                    RECONNECT_DELAY.as_secs()
-                );
-            }
+        let mut left: Vec<(String, u32)> = lock(&self.running)
+            .iter()
+            .map(|(n, r)| (n.clone(), r.pid))
+            .collect();
+        left.sort();
+        for (n, pid) in &left {
+            info!(
+                "vm {n}: left running (QEMU {pid}); its disk I/O waits up to {} s for the next `cairn serve`, which reattaches it",
+                RECONNECT_DELAY.as_secs()
+            );
         }
-        names
+        left.into_iter().map(|(n, _)| n).collect()
     }
 
     /// Finds the QEMUs an earlier daemon left running and supervises them again; returns the
