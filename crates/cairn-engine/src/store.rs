@@ -224,6 +224,10 @@ fn check_description(description: Option<&str>) -> Result<()> {
 pub struct VolumeInfo {
     /// Name.
     pub name: String,
+    /// Catalog id: never reused in this store, so (with `created_ms`) it tells this volume from
+    /// one that later takes the same name.
+    #[serde(default)]
+    pub id: u64,
     /// Logical size in bytes.
     pub size: u64,
     /// Bytes mapped in the head.
@@ -245,6 +249,10 @@ pub struct CheckpointInfo {
     pub volume: String,
     /// Checkpoint name.
     pub name: String,
+    /// Catalog id: never reused in this store and kept across renames, so a backup can find the
+    /// very checkpoint it was taken from.
+    #[serde(default)]
+    pub id: u64,
     /// Volume size when taken.
     pub size: u64,
     /// Bytes mapped.
@@ -1760,6 +1768,37 @@ impl Store {
         st.checkpoint_info(cid)
     }
 
+    /// Renames a volume. Clones that name it as their origin follow in the same commit; a VM that
+    /// lists it as a disk does not (the VM layer renames only volumes no VM uses).
+    pub fn rename_volume(&self, old: &str, new: &str) -> Result<VolumeInfo> {
+        validate_name(new)?;
+        self.heal()?;
+        let _g = self.shared();
+        let mut st = self.state();
+        let vid = st.volume_id(old)?;
+        if st.volume_ids.contains_key(new) {
+            return Err(Error::VolumeExists(new.into()));
+        }
+        st.volume_ids.remove(old);
+        st.volume_ids.insert(new.into(), vid);
+        st.volume_mut(vid).name = new.into();
+        let prefix = format!("{old}@");
+        let clones: Vec<u64> = st
+            .volumes
+            .values()
+            .filter(|v| v.origin.as_deref().is_some_and(|o| o.starts_with(&prefix)))
+            .map(|v| v.id)
+            .collect();
+        for id in clones {
+            let v = st.volume_mut(id);
+            if let Some(o) = v.origin.take() {
+                v.origin = Some(format!("{new}@{}", &o[prefix.len()..]));
+            }
+        }
+        st.commit(false)?;
+        st.volume_info(vid)
+    }
+
     /// Creates a volume whose head starts as a checkpoint of another volume, sharing every block.
     pub fn clone_checkpoint(
         &self,
@@ -2170,6 +2209,7 @@ impl State {
             .ok_or_else(|| Error::Invalid(format!("no volume with id {id}")))?;
         Ok(VolumeInfo {
             name: v.name.clone(),
+            id: v.id,
             size: v.size,
             referenced: v.mapped * BS,
             parent: v
@@ -2205,6 +2245,7 @@ impl State {
         Ok(CheckpointInfo {
             volume: v.name.clone(),
             name: c.name.clone(),
+            id,
             size: c.size,
             referenced: c.mapped * BS,
             parent: c

@@ -1,0 +1,27 @@
+//! Backups of Cairn checkpoints: a repository of deduplicated, compressed, encrypted chunks on a
+//! local disk or in S3, filled incrementally from the engine's exact changed blocks.
+//!
+//! - [`location`]: where a repository is and what opens it; [`backend`]: its object storage.
+//! - [`crypto`]: keys, chunk ids and sealing; [`format`]: the objects and their encodings;
+//!   [`map`]: which chunk holds each block of a backed-up volume.
+//! - [`repo`]: an open repository; [`create`], [`restore`], [`verify`]: what runs on it.
+//!
+//! Everything here is synchronous, like the engine; S3 requests run on a small runtime of the
+//! S3 backend's own.
+
+pub mod backend;
+pub mod create;
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod location;
+pub mod map;
+pub mod repo;
+pub mod restore;
+pub mod sink;
+pub mod verify;
+
+pub use error::{BackupError, Result};
+pub use format::Manifest;
+pub use location::{Access, Location, S3Credentials, Secret};
+pub use repo::Repository;

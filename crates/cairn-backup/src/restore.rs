@@ -1,0 +1,256 @@
+//! Reading a backup back: a volume image, a window at a time.
+//!
+//! The map says which chunk holds each block; the index says where each chunk is. A window of
+//! the volume (32 MiB) is restored by reading its records sorted by pack and offset, with nearby
+//! ranges of one pack merged into one read, opening them on all cores, and writing the window
+//! out. However many incrementals follow a full backup, a restore reads one map (the chain is
+//! rebased once its deltas outgrow the base) and each record it needs once per window, so its
+//! cost follows the volume's data, not the chain's length.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::crypto::{hex, ChunkId};
+use crate::error::{BackupError, Result};
+use crate::format::{
+    pack_key, record_aad, Image, Location, Manifest, BLOCK, CHUNK_SIZE, RECORD_COMPRESSED,
+};
+use crate::map::{Piece, VolumeMap};
+use crate::repo::{ChunkIndex, Repository};
+
+/// Volume bytes restored per window.
+const WINDOW: u64 = 32 << 20;
+/// Ranges of one pack closer than this are read as one.
+const MERGE_GAP: u64 = 1 << 20;
+
+/// A record opened, or why it would not open.
+type Opened = (ChunkId, Result<Vec<u8>, String>);
+/// One read of a pack and the records in it.
+type Span = (Range<u64>, Vec<(ChunkId, Location)>);
+
+/// Where restored bytes go.
+pub trait Sink {
+    /// Writes `data` at `offset`. Blocks that are all zeros are not passed (the sink starts out
+    /// reading as zeros).
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+}
+
+/// Restores image `image` of backup `m` into `sink`; `progress` hears millionths done. Every
+/// chunk the image needs is checked to be in the index before anything is written.
+pub fn restore(
+    repo: &Repository,
+    m: &Manifest,
+    image: usize,
+    sink: &mut dyn Sink,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let img = m
+        .images
+        .get(image)
+        .ok_or_else(|| BackupError::Invalid(format!("backup {} has no image {image}", m.id)))?;
+    let map = repo.load_map(&img.maps)?;
+    let index = repo.load_index()?;
+    for p in map.pieces() {
+        if let Some((id, _)) = p.data {
+            if !index.chunks.contains_key(&id) {
+                return Err(missing_chunk(repo, m, img, &id, p));
+            }
+        }
+    }
+    let blocks = img.size.div_ceil(BLOCK);
+    let window_blocks = WINDOW / BLOCK;
+    let mut start = 0;
+    while start < blocks {
+        let end = (start + window_blocks).min(blocks);
+        let pieces = map.range(start, end);
+        let data = read_chunks(repo, m, img, &index, &pieces)?;
+        let mut buf = vec![0u8; usize::try_from((end - start) * BLOCK).expect("a window")];
+        for p in &pieces {
+            let Some((id, skip)) = p.data else { continue };
+            let chunk = &data[&id];
+            let from = usize::try_from(u64::from(skip) * BLOCK).expect("in a chunk");
+            let len = usize::try_from(u64::from(p.blocks) * BLOCK).expect("in a chunk");
+            let at = usize::try_from((p.start - start) * BLOCK).expect("in the window");
+            let Some(src) = chunk.get(from..from + len) else {
+                return Err(bad_chunk(
+                    repo,
+                    m,
+                    img,
+                    &id,
+                    p,
+                    "it is shorter than the map says",
+                ));
+            };
+            buf[at..at + len].copy_from_slice(src);
+        }
+        let base = start * BLOCK;
+        let valid = usize::try_from(img.size.min(end * BLOCK) - base).expect("a window");
+        write_nonzero(sink, base, &buf[..valid])?;
+        start = end;
+        progress(u64::try_from(u128::from(start) * 1_000_000 / u128::from(blocks)).unwrap_or(0));
+    }
+    progress(1_000_000);
+    Ok(())
+}
+
+/// Writes the runs of `buf` that are not whole zero blocks.
+fn write_nonzero(sink: &mut dyn Sink, base: u64, buf: &[u8]) -> Result<()> {
+    let bs = usize::try_from(BLOCK).expect("4 KiB");
+    let mut run_start = None;
+    let mut at = 0;
+    while at < buf.len() {
+        let end = (at + bs).min(buf.len());
+        let zero = buf[at..end].iter().all(|&b| b == 0);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(at),
+            (true, Some(s)) => {
+                sink.write(base + s as u64, &buf[s..at])?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(s) = run_start {
+        sink.write(base + s as u64, &buf[s..])?;
+    }
+    Ok(())
+}
+
+/// Reads and opens the chunks `pieces` need: per pack, merged ranges; packs in parallel.
+fn read_chunks(
+    repo: &Repository,
+    m: &Manifest,
+    img: &Image,
+    index: &ChunkIndex,
+    pieces: &[Piece],
+) -> Result<HashMap<ChunkId, Vec<u8>>> {
+    let mut by_pack: HashMap<u32, Vec<(ChunkId, Location)>> = HashMap::new();
+    let mut wanted: HashMap<ChunkId, &Piece> = HashMap::new();
+    for p in pieces {
+        if let Some((id, _)) = p.data {
+            if wanted.insert(id, p).is_none() {
+                let loc = index.chunks[&id];
+                by_pack.entry(loc.pack).or_default().push((id, loc));
+            }
+        }
+    }
+    let packs: Vec<(u32, Vec<(ChunkId, Location)>)> = by_pack.into_iter().collect();
+    let opened: Vec<Vec<Opened>> = packs
+        .into_par_iter()
+        .map(|(pack, mut recs)| {
+            recs.sort_by_key(|(_, l)| l.offset);
+            let ranges = merged_ranges(&recs);
+            let key = pack_key(&index.packs[pack as usize]);
+            let spans: Vec<Range<u64>> = ranges.iter().map(|(r, _)| r.clone()).collect();
+            let got = repo.backend().get_ranges(&key, &spans)?;
+            let mut out = Vec::new();
+            for ((span, members), bytes) in ranges.iter().zip(got) {
+                for (id, loc) in members {
+                    let from = usize::try_from(u64::from(loc.offset) - span.start).expect("inside");
+                    let rec = bytes.get(from..from + loc.len as usize).unwrap_or(&[]);
+                    out.push((*id, open_record(repo, id, rec)));
+                }
+            }
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    let mut data = HashMap::new();
+    for (id, r) in opened.into_iter().flatten() {
+        match r {
+            Ok(d) => {
+                data.insert(id, d);
+            }
+            Err(why) => return Err(bad_chunk(repo, m, img, &id, wanted[&id], &why)),
+        }
+    }
+    Ok(data)
+}
+
+/// Groups a pack's records (sorted by offset) into ranges to read.
+fn merged_ranges(recs: &[(ChunkId, Location)]) -> Vec<Span> {
+    let mut out: Vec<Span> = Vec::new();
+    for (id, l) in recs {
+        let r = u64::from(l.offset)..u64::from(l.offset) + u64::from(l.len);
+        match out.last_mut() {
+            Some((span, members)) if r.start <= span.end + MERGE_GAP => {
+                span.end = span.end.max(r.end);
+                members.push((*id, *l));
+            }
+            _ => out.push((r, vec![(*id, *l)])),
+        }
+    }
+    out
+}
+
+/// A record's chunk data, checked: authentication (or checksum), decompression, and the id
+/// recomputed from the data.
+pub fn open_record(repo: &Repository, id: &ChunkId, rec: &[u8]) -> Result<Vec<u8>, String> {
+    let (&flags, sealed) = rec.split_first().ok_or("the record is empty")?;
+    let payload = repo
+        .keys()
+        .open(&record_aad(id, flags), sealed)
+        .ok_or("it fails authentication")?;
+    let data = match flags & RECORD_COMPRESSED != 0 {
+        true => zstd::bulk::decompress(&payload, usize::try_from(CHUNK_SIZE).expect("64 KiB"))
+            .map_err(|_| "it does not decompress")?,
+        false => payload,
+    };
+    if repo.keys().chunk_id(&data) != *id {
+        return Err("its data does not hash to its id".into());
+    }
+    Ok(data)
+}
+
+fn range_of(img: &Image, p: &Piece) -> String {
+    let from = p.start * BLOCK;
+    let to = (from + u64::from(p.blocks) * BLOCK).min(img.size);
+    format!("bytes {from}..{to} of {}@{}", img.volume, img.checkpoint)
+}
+
+fn missing_chunk(
+    repo: &Repository,
+    m: &Manifest,
+    img: &Image,
+    id: &ChunkId,
+    p: &Piece,
+) -> BackupError {
+    BackupError::Missing {
+        location: repo.location().to_string(),
+        what: "chunk",
+        name: format!(
+            "{} (needed for {} in backup {})",
+            hex(id),
+            range_of(img, p),
+            m.id
+        ),
+    }
+}
+
+fn bad_chunk(
+    repo: &Repository,
+    m: &Manifest,
+    img: &Image,
+    id: &ChunkId,
+    p: &Piece,
+    why: &str,
+) -> BackupError {
+    BackupError::Corrupt {
+        location: repo.location().to_string(),
+        what: "chunk",
+        name: format!(
+            "{} (holding {} in backup {})",
+            hex(id),
+            range_of(img, p),
+            m.id
+        ),
+        why: why.into(),
+    }
+}
+
+/// A map's pieces that read from chunk data (for callers that walk a backup's chunks).
+pub fn data_pieces(map: &VolumeMap) -> impl Iterator<Item = &Piece> + '_ {
+    map.pieces().filter(|p| p.data.is_some())
+}
