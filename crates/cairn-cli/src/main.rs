@@ -1,6 +1,7 @@
 //! `cairn`: the command-line face of Cairn's checkpoint engine.
 
 mod backend;
+mod backup;
 mod bench;
 mod checkpoint;
 mod console;
@@ -77,6 +78,10 @@ enum Cmd {
     },
     /// Verify every invariant of the store: checksums, references, records.
     Fsck,
+    /// Back up checkpoints into a deduplicated, encrypted repository (a directory or S3), and
+    /// verify and restore them.
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
     /// Run a benchmark (the engine by default, --nbd, --vm) and print its table.
     Bench(bench::BenchArgs),
     /// Walk through Cairn's main job on the store: a volume, checkpoints, a rewind, space.
@@ -213,6 +218,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Space { name } => space::run(&open()?, name, json)?,
+        Cmd::Backup(cmd) => backup::run(&open()?, cmd, json, cli.yes)?,
         Cmd::Fsck => {
             // Without a daemon, fsck reads the files itself: it must report on a store that does
             // not even open. With one, the daemon checks the store it has open.

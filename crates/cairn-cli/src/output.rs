@@ -64,6 +64,8 @@ pub fn error_kind(e: &anyhow::Error) -> &'static str {
             Some(op.kind)
         } else if let Some(engine) = c.downcast_ref::<cairn_engine::Error>() {
             Some(ErrorKind::of_engine(engine))
+        } else if let Some(b) = c.downcast_ref::<cairn_backup::BackupError>() {
+            Some(ErrorKind::of_backup(b))
         } else if let Some(vm) = c.downcast_ref::<cairn_vm::VmError>() {
             Some(ErrorKind::of_vm(vm))
         } else {

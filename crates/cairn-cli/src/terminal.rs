@@ -50,3 +50,18 @@ pub(crate) fn spinner(what: &str) -> ProgressBar {
     pb.enable_steady_tick(std::time::Duration::from_millis(100));
     pb
 }
+
+/// A progress bar of work measured in millionths (backups report so, since only they know the
+/// total).
+pub(crate) fn fraction_bar(what: &str) -> ProgressBar {
+    let pb = if std::io::stderr().is_terminal() {
+        ProgressBar::new(1_000_000)
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {percent}% eta {eta}") {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}

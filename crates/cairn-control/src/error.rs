@@ -29,6 +29,10 @@ pub enum ErrorKind {
     State,
     /// QEMU is missing, too old, or failed.
     Vm,
+    /// A passphrase is missing or wrong.
+    Auth,
+    /// A remote object store (S3) failed or could not be reached.
+    Remote,
 }
 
 /// A failed operation: a kind and the one-line message users see.
@@ -65,6 +69,8 @@ impl ErrorKind {
             ErrorKind::Daemon => "daemon",
             ErrorKind::State => "state",
             ErrorKind::Vm => "vm",
+            ErrorKind::Auth => "auth",
+            ErrorKind::Remote => "remote",
         }
     }
 
@@ -139,6 +145,8 @@ mod tests {
             K::Daemon,
             K::State,
             K::Vm,
+            K::Auth,
+            K::Remote,
         ] {
             assert_eq!(serde_json::to_value(k).expect("json"), k.name());
         }

@@ -4,6 +4,7 @@
 //! operations report beyond the engine's own types; [`client`] sends operations to a running
 //! daemon instead.
 
+pub mod backup;
 pub mod client;
 mod error;
 mod execute;

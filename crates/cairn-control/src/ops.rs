@@ -10,6 +10,7 @@ use cairn_vm::{VmSpec, VmStatus};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+use crate::backup::{BackupOp, BackupReply};
 use crate::reports::{ApplyReport, VmCheckpointInfo, VmSpaceReport};
 
 /// Largest data an `Op::VolumeWrite` carries or an `Op::VolumeRead` returns; bigger transfers
@@ -17,7 +18,7 @@ use crate::reports::{ApplyReport, VmCheckpointInfo, VmSpaceReport};
 pub const MAX_DATA: u64 = 4 << 20;
 
 /// One operation on a store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// Create an empty volume.
@@ -209,6 +210,8 @@ pub enum Op {
         /// VM name.
         name: String,
     },
+    /// A backup operation (`crate::backup`).
+    Backup(BackupOp),
 }
 
 /// The user-settable fields of a VM; on edit, `None` keeps the current value.
@@ -284,6 +287,8 @@ pub enum Reply {
     Vms(Vec<VmSpec>),
     /// A VM's run state.
     VmStatus(VmStatus),
+    /// What a backup operation returned.
+    Backup(BackupReply),
 }
 
 fn default_min_extents() -> u64 {

@@ -13,6 +13,7 @@ use cairn_engine::Store;
 use cairn_vm::checkpoint::{self as ck, Keep, Take};
 use cairn_vm::{Runtime, VmError, VmStore};
 
+use crate::backup::BackupGuards;
 use crate::error::{ErrorKind, OpError};
 use crate::execute::execute;
 use crate::ops::{Op, Reply};
@@ -34,6 +35,7 @@ pub fn no_progress() -> Progress {
 pub struct Service {
     store: Arc<Store>,
     vms: Option<(Arc<Runtime>, Arc<cairn_nbd::Server>)>,
+    backups: BackupGuards,
 }
 
 impl Service {
@@ -51,7 +53,11 @@ impl Service {
     /// A service over `store` alone: nothing runs, so VMs are all stopped (the CLI without a
     /// daemon).
     pub fn local(store: Arc<Store>) -> Service {
-        Service { store, vms: None }
+        Service {
+            store,
+            vms: None,
+            backups: BackupGuards::default(),
+        }
     }
 
     /// The daemon's service: the store `nbd` serves, and the VMs `runtime` runs on it.
@@ -59,6 +65,7 @@ impl Service {
         Service {
             store: nbd.store().clone(),
             vms: Some((runtime, nbd)),
+            backups: BackupGuards::default(),
         }
     }
 
@@ -69,11 +76,42 @@ impl Service {
 
     /// Runs `op` here, synchronously: for a service without VMs (see [`Service::local`]).
     pub fn run_here(&self, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
-        execute(&self.store, op, progress)
+        self.check_pins(&op)?;
+        match op {
+            Op::Backup(b) => crate::backup::run(&self.store, &self.backups, b, progress),
+            op => execute(&self.store, op, progress),
+        }
+    }
+
+    /// Refuses to delete or rename a checkpoint that a backup is reading.
+    fn check_pins(&self, op: &Op) -> Result<(), OpError> {
+        match op {
+            Op::CheckpointDelete {
+                volume,
+                name,
+                children,
+            } => {
+                let only = (!children).then_some(name.as_str());
+                self.backups.check_free(volume, only)
+            }
+            Op::CheckpointRename { volume, name, .. } => {
+                self.backups.check_free(volume, Some(name))
+            }
+            Op::VolumeDelete { name } => self.backups.check_free(name, None),
+            _ => Ok(()),
+        }
     }
 
     /// Runs `op`. `progress` hears how far long work got.
     pub async fn run(&self, op: Op, progress: Progress) -> Result<Reply, OpError> {
+        self.check_pins(&op)?;
+        if let Op::Backup(b) = op {
+            let (store, guards) = (self.store.clone(), self.backups.clone());
+            return on_blocking_pool(move || {
+                crate::backup::run(&store, &guards, b, &mut |n| progress(n))
+            })
+            .await;
+        }
         let Some((rt, nbd)) = &self.vms else {
             let store = self.store.clone();
             return on_blocking_pool(move || execute(&store, op, &mut |n| progress(n))).await;
@@ -226,4 +264,49 @@ async fn on_blocking_pool<T: Send + 'static>(
             format!("an operation crashed in the daemon (a bug; see its log): {e}"),
         )
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While a backup reads a checkpoint, deleting or renaming it (or its volume) is refused
+    /// with kind busy; once the backup ends, it goes through.
+    #[test]
+    fn a_backup_pins_its_checkpoint() {
+        let dir = tempfile::tempdir().expect("tmp");
+        Service::init(dir.path(), cairn_engine::Options::default()).expect("init");
+        let s = Service::open(dir.path(), cairn_engine::Options::default()).expect("open");
+        s.store().create_volume("v", 1 << 20).expect("vol");
+        s.store().create_checkpoint("v", "a", None).expect("cp");
+        s.store().create_checkpoint("v", "b", None).expect("cp");
+        let pin = s.backups.pin("v", "a");
+        let delete = |name: &str, children| Op::CheckpointDelete {
+            volume: "v".into(),
+            name: name.into(),
+            children,
+        };
+        let none = &mut |_| {};
+        for op in [
+            delete("a", false),
+            Op::CheckpointRename {
+                volume: "v".into(),
+                name: "a".into(),
+                new_name: "z".into(),
+            },
+            Op::VolumeDelete { name: "v".into() },
+        ] {
+            let e = s.run_here(op, none).expect_err("pinned");
+            assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+            assert!(
+                e.message.contains("v@a") && e.message.contains("backed up"),
+                "{e}"
+            );
+        }
+        s.run_here(delete("b", false), none)
+            .expect("another checkpoint is free");
+        drop(pin);
+        s.run_here(delete("a", false), none)
+            .expect("free once the backup ends");
+    }
 }

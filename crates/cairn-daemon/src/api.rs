@@ -63,6 +63,8 @@ fn http_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::Daemon => StatusCode::BAD_GATEWAY,
         ErrorKind::State => StatusCode::CONFLICT,
         ErrorKind::Vm => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Auth => StatusCode::UNAUTHORIZED,
+        ErrorKind::Remote => StatusCode::BAD_GATEWAY,
     }
 }
 

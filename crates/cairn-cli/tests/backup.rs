@@ -1,0 +1,427 @@
+//! `cairn backup ...` end to end, without and with a daemon: a repository in a directory,
+//! full and incremental backups, list, info, verify, restore to a volume and to image files,
+//! and each bad input with its error kind.
+#![allow(missing_docs)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+mod common;
+use common::*;
+
+/// Reads a whole volume (or checkpoint) through the CLI.
+fn contents(e: &Env, target: &str, len: u64) -> Vec<u8> {
+    let o = cairn(
+        e,
+        &[
+            "volume",
+            "read",
+            target,
+            "--offset",
+            "0",
+            "--length",
+            &len.to_string(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+struct Repo {
+    dir: String,
+    key: String,
+}
+
+fn repo(e: &Env) -> Repo {
+    let key = e.work.join("key");
+    std::fs::write(&key, "correct horse battery staple\n").expect("key file");
+    Repo {
+        dir: e.work.join("repo").display().to_string(),
+        key: key.display().to_string(),
+    }
+}
+
+#[test]
+fn backups_in_a_directory() {
+    backups_in(env());
+}
+
+#[test]
+fn backups_in_a_directory_through_daemon() {
+    backups_in(env_with_daemon());
+}
+
+fn backups_in(e: Env) {
+    const SIZE: u64 = 32 << 20;
+    let r = repo(&e);
+    let k = ["--key-file", r.key.as_str()];
+    ok(&e, &["volume", "create", "web", "--size", "32M"]);
+    let data = e.work.join("data.bin");
+    let bytes: Vec<u8> = (0..12u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&data, &bytes).expect("data");
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "web",
+            "--offset",
+            "1M",
+            "--from",
+            data.to_str().expect("utf8"),
+        ],
+    );
+    ok(&e, &["checkpoint", "create", "web@one"]);
+
+    let init = json(&e, &["backup", "init", &r.dir, "--key-file", &r.key]);
+    assert_eq!(init["encrypted"], true);
+    let full = json(
+        &e,
+        &["backup", "create", "web@one", "--repo", &r.dir, k[0], k[1]],
+    );
+    let full_id = full["id"].as_str().expect("id").to_string();
+    assert!(full["parent"].is_null());
+    assert_eq!(
+        full["stats"]["read_bytes"],
+        12 << 20,
+        "a full backup reads the mapped data"
+    );
+
+    ok(&e, &["backup", "repo", "add", "main", &r.dir]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "web",
+            "--offset",
+            "20M",
+            "--pattern",
+            "0x5a",
+            "--length",
+            "4096",
+        ],
+    );
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "web",
+            "--offset",
+            "2M",
+            "--pattern",
+            "0x00",
+            "--length",
+            "64K",
+        ],
+    );
+    ok(&e, &["checkpoint", "create", "web@two"]);
+    let inc = json(&e, &["backup", "create", "web@two", k[0], k[1]]);
+    assert_eq!(
+        inc["parent"],
+        full_id.as_str(),
+        "incremental to the full backup"
+    );
+    assert_eq!(
+        inc["stats"]["read_bytes"],
+        4096 + 65536,
+        "only the changed blocks are read"
+    );
+
+    let list = json(&e, &["backup", "list", k[0], k[1]]);
+    let list = list.as_array().expect("a list");
+    assert_eq!(list.len(), 2);
+    assert!(ok(&e, &["backup", "list", "web", k[0], k[1]]).contains("incremental to"));
+    let info = ok(&e, &["backup", "info", &full_id[..8], k[0], k[1]]);
+    assert!(
+        info.contains("web@one") && info.contains("full backup"),
+        "{info}"
+    );
+    let v = json(&e, &["backup", "verify", k[0], k[1]]);
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
+
+    // Restores: a volume, a raw file, a qcow2 file; each byte-identical to its checkpoint.
+    let inc_id = inc["id"].as_str().expect("id");
+    ok(
+        &e,
+        &["backup", "restore", inc_id, "--to", "web-back", k[0], k[1]],
+    );
+    let want = contents(&e, "web@two", SIZE);
+    assert!(
+        contents(&e, "web-back", SIZE) == want,
+        "restored volume differs"
+    );
+    let names: Vec<String> = json(&e, &["volume", "list"])
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| v["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("restoring")), "{names:?}");
+    let raw = e.work.join("web.raw");
+    ok(
+        &e,
+        &[
+            "backup",
+            "restore",
+            &full_id,
+            "--to-file",
+            raw.to_str().expect("utf8"),
+            k[0],
+            k[1],
+        ],
+    );
+    assert!(std::fs::read(&raw).expect("raw") == contents(&e, "web@one", SIZE));
+    let qcow = e.work.join("web.qcow2");
+    ok(
+        &e,
+        &[
+            "backup",
+            "restore",
+            inc_id,
+            "--to-file",
+            qcow.to_str().expect("utf8"),
+            k[0],
+            k[1],
+        ],
+    );
+    let back = e.work.join("back.raw");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            qcow.to_str().expect("utf8"),
+            back.to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        std::fs::read(&back).expect("converted") == want,
+        "qcow2 restore differs"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&e.work)
+        .expect("ls")
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    fsck_clean(&e);
+}
+
+#[test]
+fn backup_bad_input() {
+    let e = env();
+    let r = repo(&e);
+    let k = ["--key-file", r.key.as_str()];
+    ok(&e, &["volume", "create", "v", "--size", "4M"]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "v",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x17",
+            "--length",
+            "1M",
+        ],
+    );
+    ok(&e, &["checkpoint", "create", "v@a"]);
+
+    fails(&e, &["backup", "list", k[0], k[1]], "no default");
+    assert_eq!(
+        fails_json(&e, &["backup", "list", "--repo", &r.dir, k[0], k[1]]),
+        "not_found"
+    );
+    fails(
+        &e,
+        &["backup", "list", "--repo", "ftp://x/y"],
+        "not a repository location",
+    );
+    fails(&e, &["backup", "init", &r.dir], "CAIRN_BACKUP_PASSPHRASE");
+    ok(&e, &["backup", "init", &r.dir, k[0], k[1]]);
+    assert_eq!(
+        fails_json(&e, &["backup", "init", &r.dir, k[0], k[1]]),
+        "exists"
+    );
+    ok(&e, &["backup", "repo", "add", "r", &r.dir]);
+    assert_eq!(
+        fails_json(&e, &["backup", "repo", "add", "r", &r.dir]),
+        "exists"
+    );
+    fails(
+        &e,
+        &["backup", "repo", "remove", "nope"],
+        "no repository named 'nope'",
+    );
+
+    fails(
+        &e,
+        &["backup", "create", "v", k[0], k[1]],
+        "VOLUME@CHECKPOINT",
+    );
+    assert_eq!(
+        fails_json(&e, &["backup", "create", "v@zz", k[0], k[1]]),
+        "not_found"
+    );
+    assert_eq!(
+        fails_json(&e, &["backup", "create", "nope@a", k[0], k[1]]),
+        "not_found"
+    );
+    let wrong = e.work.join("wrong");
+    std::fs::write(&wrong, "not it\n").expect("key");
+    let wrong = ["--key-file", wrong.to_str().expect("utf8")];
+    fails(
+        &e,
+        &["backup", "create", "v@a", wrong[0], wrong[1]],
+        "wrong passphrase",
+    );
+    assert_eq!(
+        fails_json(&e, &["backup", "create", "v@a", wrong[0], wrong[1]]),
+        "auth"
+    );
+    fails(
+        &e,
+        &["backup", "list", "--key-file", "/nonexistent/key"],
+        "cannot read key file",
+    );
+
+    let b = json(&e, &["backup", "create", "v@a", k[0], k[1]]);
+    let id = b["id"].as_str().expect("id");
+    assert_eq!(
+        fails_json(&e, &["backup", "info", "0123456789", k[0], k[1]]),
+        "not_found"
+    );
+    ok(&e, &["volume", "create", "taken", "--size", "1M"]);
+    assert_eq!(
+        fails_json(&e, &["backup", "restore", id, "--to", "taken", k[0], k[1]]),
+        "exists"
+    );
+    fails(
+        &e,
+        &[
+            "backup",
+            "restore",
+            id,
+            "--to-file",
+            "x.unknownext",
+            k[0],
+            k[1],
+        ],
+        "format",
+    );
+    fails(
+        &e,
+        &["backup", "verify", "--sample", "0", k[0], k[1]],
+        "percentage",
+    );
+
+    // A damaged pack: verify names it and fails; restore refuses and leaves no volume behind.
+    let packs: Vec<_> = walk(&std::path::Path::new(&r.dir).join("data"));
+    let mut bytes = std::fs::read(&packs[0]).expect("pack");
+    bytes[30] ^= 0xff;
+    std::fs::write(&packs[0], &bytes).expect("damage");
+    let o = cairn(&e, &["--json", "backup", "verify", k[0], k[1]]);
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("damaged") && out.contains("v@a bytes"),
+        "{out}"
+    );
+    assert_eq!(
+        fails_json(&e, &["backup", "restore", id, "--to", "r2", k[0], k[1]]),
+        "corrupt"
+    );
+    let vols = ok(&e, &["volume", "list"]);
+    assert!(!vols.contains("r2"), "{vols}");
+    fsck_clean(&e);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("ls").flatten() {
+        match e.path().is_dir() {
+            true => out.extend(walk(&e.path())),
+            false => out.push(e.path()),
+        }
+    }
+    out
+}
+
+/// `cairn backup create` and `restore` killed with SIGKILL at several moments: no backup shows
+/// up half-made, the repository verifies clean, no partial volume takes the name asked for, and
+/// the next backup and restore work.
+#[test]
+fn a_killed_backup_or_restore_leaves_nothing_half_made() {
+    let e = env();
+    let r = repo(&e);
+    let k = ["--key-file", r.key.as_str()];
+    ok(&e, &["volume", "create", "big", "--size", "256M"]);
+    let data = e.work.join("big.bin");
+    let bytes: Vec<u8> = (0..192u32 << 20)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect();
+    std::fs::write(&data, &bytes).expect("data");
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "big",
+            "--offset",
+            "0",
+            "--from",
+            data.to_str().expect("utf8"),
+        ],
+    );
+    ok(&e, &["checkpoint", "create", "big@a"]);
+    ok(&e, &["backup", "init", &r.dir, k[0], k[1]]);
+    ok(&e, &["backup", "repo", "add", "r", &r.dir]);
+    for delay in [300, 900, 1500] {
+        let mut child = command(&e, &["backup", "create", "big@a", k[0], k[1]])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(Duration::from_millis(delay));
+        let _ = child.kill();
+        let _ = child.wait();
+        let v = json(&e, &["backup", "verify", k[0], k[1]]);
+        assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
+        fsck_clean(&e);
+    }
+    let b = json(&e, &["backup", "create", "big@a", k[0], k[1]]);
+    let id = b["id"].as_str().expect("id").to_string();
+    for delay in [200, 700] {
+        let mut child = command(&e, &["backup", "restore", &id, "--to", "back", k[0], k[1]])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(Duration::from_millis(delay));
+        let _ = child.kill();
+        let _ = child.wait();
+        let vols = ok(&e, &["volume", "list"]);
+        let done = vols
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some("back"));
+        if done {
+            assert!(contents(&e, "back", 256 << 20) == contents(&e, "big@a", 256 << 20));
+            ok(&e, &["volume", "delete", "back", "--yes"]);
+        }
+    }
+    ok(&e, &["backup", "restore", &id, "--to", "back", k[0], k[1]]);
+    assert!(contents(&e, "back", 256 << 20) == contents(&e, "big@a", 256 << 20));
+    let vols = ok(&e, &["volume", "list"]);
+    assert!(
+        !vols.contains("restoring"),
+        "the killed restores' partial volume is gone: {vols}"
+    );
+    fsck_clean(&e);
+}

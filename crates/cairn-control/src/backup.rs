@@ -1,0 +1,493 @@
+//! Backup operations: [`BackupOp`] in, [`Reply`] out. The repository work is `cairn-backup`'s;
+//! this room resolves which repository an operation means (a name registered in the store, a
+//! path, a URL, or the store's default), keeps the store's side (its id, the registry, the
+//! checkpoints a backup reads, the volume a restore fills) and maps errors to their kinds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cairn_backup::create::{create, Source};
+use cairn_backup::restore::restore;
+use cairn_backup::sink::{FileSink, VolumeSink};
+use cairn_backup::verify::{verify, VerifyReport};
+use cairn_backup::{BackupError, Manifest, Repository, S3Credentials, Secret};
+use cairn_engine::{Store, Target};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ErrorKind, OpError};
+use crate::ops::Reply;
+
+mod registry;
+
+pub use registry::RepoEntry;
+
+/// Which repository an operation uses, and what opens it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoSpec {
+    /// A registered name, a directory, or `s3://BUCKET/PREFIX`; the store's default if absent.
+    #[serde(default)]
+    pub repo: Option<String>,
+    /// S3 endpoint for S3-compatible servers.
+    #[serde(default)]
+    pub s3_endpoint: Option<String>,
+    /// The caller's working directory (relative paths are relative to it, not to the daemon's).
+    #[serde(default)]
+    pub cwd: PathBuf,
+    /// Passphrase or key file contents.
+    #[serde(default)]
+    pub passphrase: Option<Secret>,
+    /// The caller's `AWS_*` credentials.
+    #[serde(default)]
+    pub s3: S3Credentials,
+}
+
+/// Where a restore writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RestoreTo {
+    /// A new volume.
+    Volume {
+        /// Its name.
+        name: String,
+    },
+    /// An image file in any format `qemu-img` writes.
+    File {
+        /// The file (absolute).
+        path: PathBuf,
+        /// `raw`, `qcow2`, `vmdk`...
+        format: String,
+    },
+}
+
+/// One backup operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "backup", rename_all = "snake_case")]
+pub enum BackupOp {
+    /// Make a new repository.
+    Init {
+        /// Where.
+        repo: RepoSpec,
+        /// Encrypt (the default).
+        encrypt: bool,
+    },
+    /// Register a repository under a name in this store.
+    RepoAdd {
+        /// The name later commands use with `--repo`.
+        name: String,
+        /// The repository (its location and endpoint are kept, never secrets).
+        repo: RepoSpec,
+        /// Make it the store's default.
+        #[serde(default)]
+        default: bool,
+    },
+    /// Registered repositories.
+    RepoList,
+    /// Forget a registered repository (its data stays).
+    RepoRemove {
+        /// Its name.
+        name: String,
+    },
+    /// Back up a checkpoint.
+    Create {
+        /// `VOLUME@CHECKPOINT`.
+        target: String,
+        /// Into which repository.
+        repo: RepoSpec,
+    },
+    /// Backups in a repository, oldest first.
+    List {
+        /// The repository.
+        repo: RepoSpec,
+        /// Only backups of this volume or VM.
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// One backup.
+    Info {
+        /// The repository.
+        repo: RepoSpec,
+        /// Backup id or a unique prefix.
+        id: String,
+    },
+    /// Read and check a backup's chunks (or every backup's).
+    Verify {
+        /// The repository.
+        repo: RepoSpec,
+        /// Only this backup.
+        #[serde(default)]
+        id: Option<String>,
+        /// Share of packs to read, in percent.
+        #[serde(default = "hundred")]
+        sample_percent: f64,
+    },
+    /// Restore a backup.
+    Restore {
+        /// The repository.
+        repo: RepoSpec,
+        /// Backup id or a unique prefix.
+        id: String,
+        /// Where to.
+        to: RestoreTo,
+    },
+}
+
+fn hundred() -> f64 {
+    100.0
+}
+
+/// A backup as commands show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupInfo {
+    /// The repository.
+    pub repository: String,
+    /// The manifest (its `id` is the backup's).
+    #[serde(flatten)]
+    pub manifest: Manifest,
+}
+
+/// What a restore made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// The backup.
+    pub id: String,
+    /// The new volume or file.
+    pub to: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// What `init` made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoInfo {
+    /// Where.
+    pub location: String,
+    /// Repository id.
+    pub id: String,
+    /// Whether data is encrypted.
+    pub encrypted: bool,
+}
+
+/// Reply payloads of backup operations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum BackupReply {
+    /// A repository made.
+    Repo(RepoInfo),
+    /// Registered repositories.
+    Repos(Vec<RepoEntry>),
+    /// One backup.
+    Backup(Box<BackupInfo>),
+    /// Backups.
+    Backups(Vec<BackupInfo>),
+    /// What verify found.
+    Verify(VerifyReport),
+    /// What a restore made.
+    Restored(RestoreReport),
+    /// Nothing to report.
+    Done,
+}
+
+/// The store side a backup operation needs: the checkpoints backups are reading (so they are
+/// not deleted or renamed under them) and the volumes restores are filling.
+#[derive(Debug, Default, Clone)]
+pub struct BackupGuards {
+    busy: Arc<Mutex<BTreeMap<(String, String), usize>>>,
+}
+
+/// Held while a backup reads a checkpoint.
+struct Pin {
+    guards: BackupGuards,
+    key: (String, String),
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut b = self.guards.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = b.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                b.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl BackupGuards {
+    pub(crate) fn pin(&self, volume: &str, checkpoint: &str) -> impl Drop {
+        let key = (volume.to_string(), checkpoint.to_string());
+        *self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
+        Pin {
+            guards: self.clone(),
+            key,
+        }
+    }
+
+    /// Marks `partial` as being filled by a restore; refused while another restore fills it.
+    fn claim_restore(&self, partial: &str) -> Result<impl Drop, OpError> {
+        let busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&(partial.to_string(), String::new()));
+        if busy {
+            return Err(OpError::new(
+                ErrorKind::Busy,
+                format!("another restore is filling '{partial}'; wait for it, or restore to another name"),
+            ));
+        }
+        Ok(self.pin(partial, ""))
+    }
+
+    /// Refuses to delete or rename checkpoint `checkpoint` of `volume` (any, if `None`) while a
+    /// backup reads it.
+    pub fn check_free(&self, volume: &str, checkpoint: Option<&str>) -> Result<(), OpError> {
+        let b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = b
+            .keys()
+            .find(|(v, c)| v == volume && checkpoint.is_none_or(|n| n == c));
+        match hit {
+            Some((v, c)) => Err(OpError::new(
+                ErrorKind::Busy,
+                format!("checkpoint '{v}@{c}' is being backed up; try again when the backup ends"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ErrorKind {
+    /// The kind of a backup error.
+    pub fn of_backup(e: &BackupError) -> ErrorKind {
+        use BackupError as B;
+        match e {
+            B::Engine(e) => ErrorKind::of_engine(e),
+            B::NotARepository(_) | B::UnknownBackup { .. } => ErrorKind::NotFound,
+            B::RepositoryExists(_) => ErrorKind::Exists,
+            B::BadLocation { .. }
+            | B::AmbiguousBackup { .. }
+            | B::Invalid(_)
+            | B::NewerFormat { .. } => ErrorKind::Invalid,
+            B::NeedPassphrase(_) | B::WrongPassphrase(_) => ErrorKind::Auth,
+            B::Missing { .. } | B::Corrupt { .. } => ErrorKind::Corrupt,
+            B::Io { .. } => ErrorKind::Io,
+            B::NoSpace { .. } => ErrorKind::NoSpace,
+            B::Store { .. } => ErrorKind::Remote,
+        }
+    }
+}
+
+impl From<BackupError> for OpError {
+    fn from(e: BackupError) -> OpError {
+        OpError::new(ErrorKind::of_backup(&e), e.to_string())
+    }
+}
+
+/// Runs a backup operation on `store`; `progress` hears millionths of the work done.
+pub fn run(
+    store: &Store,
+    guards: &BackupGuards,
+    op: BackupOp,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Reply, OpError> {
+    let dir = store
+        .dir()
+        .ok_or_else(|| OpError::new(ErrorKind::Invalid, "backups need a store in a directory"))?;
+    let reply = match op {
+        BackupOp::Init { repo, encrypt } => {
+            let access = registry::access(dir, &repo)?;
+            let r = Repository::init(&access, encrypt)?;
+            BackupReply::Repo(RepoInfo {
+                location: r.location().to_string(),
+                id: r.config().id.clone(),
+                encrypted: r.keys().encrypted_data(),
+            })
+        }
+        BackupOp::RepoAdd {
+            name,
+            repo,
+            default,
+        } => BackupReply::Repos(registry::add(dir, &name, &repo, default)?),
+        BackupOp::RepoList => BackupReply::Repos(registry::list(dir)?),
+        BackupOp::RepoRemove { name } => BackupReply::Repos(registry::remove(dir, &name)?),
+        BackupOp::Create { target, repo } => {
+            let t = Target::parse(&target)?;
+            let Some(checkpoint) = &t.checkpoint else {
+                return Err(OpError::new(
+                    ErrorKind::Invalid,
+                    format!("back up a checkpoint, not a head: give VOLUME@CHECKPOINT (e.g. `cairn checkpoint create {target}@now` first)"),
+                ));
+            };
+            let _pin = guards.pin(&t.volume, checkpoint);
+            // The checkpoint exists and is pinned before the repository is even opened.
+            store
+                .list_checkpoints(&t.volume)?
+                .iter()
+                .find(|c| &c.name == checkpoint)
+                .ok_or_else(|| cairn_engine::Error::UnknownCheckpoint {
+                    volume: t.volume.clone(),
+                    name: checkpoint.clone(),
+                })?;
+            let r = open(dir, &repo)?;
+            let store_id = registry::store_id(dir)?;
+            let src = Source {
+                store,
+                store_id: &store_id,
+                volume: &t.volume,
+                checkpoint,
+            };
+            let m = create(&r, &src, progress)?;
+            BackupReply::Backup(Box::new(info(&r, m)))
+        }
+        BackupOp::List { repo, name } => {
+            let r = open(dir, &repo)?;
+            let list = r
+                .backups()?
+                .into_iter()
+                .filter(|m| name.as_ref().is_none_or(|n| &m.name == n))
+                .map(|m| info(&r, m))
+                .collect();
+            BackupReply::Backups(list)
+        }
+        BackupOp::Info { repo, id } => {
+            let r = open(dir, &repo)?;
+            let m = r.manifest(&id)?;
+            BackupReply::Backup(Box::new(info(&r, m)))
+        }
+        BackupOp::Verify {
+            repo,
+            id,
+            sample_percent,
+        } => {
+            if !(sample_percent > 0.0 && sample_percent <= 100.0) {
+                return Err(OpError::new(
+                    ErrorKind::Invalid,
+                    format!("--sample {sample_percent} is not a percentage in (0, 100]"),
+                ));
+            }
+            let r = open(dir, &repo)?;
+            BackupReply::Verify(verify(&r, id.as_deref(), sample_percent, progress)?)
+        }
+        BackupOp::Restore { repo, id, to } => {
+            let r = open(dir, &repo)?;
+            let m = r.manifest(&id)?;
+            BackupReply::Restored(restore_to(store, guards, &r, &m, to, progress)?)
+        }
+    };
+    Ok(Reply::Backup(reply))
+}
+
+fn open(dir: &std::path::Path, repo: &RepoSpec) -> Result<Repository, OpError> {
+    Ok(Repository::open(&registry::access(dir, repo)?)?)
+}
+
+fn info(r: &Repository, m: Manifest) -> BackupInfo {
+    BackupInfo {
+        repository: r.location().to_string(),
+        manifest: m,
+    }
+}
+
+/// Restores into a volume named `NAME.restoring` and renames it `NAME` when complete, or into
+/// `FILE.partial` and renames (or converts) it: a restore that fails or is killed never leaves
+/// a half-restored volume or file under the name asked for. A failed restore deletes its partial
+/// volume; one left by a killed process is replaced by the next restore to that name.
+fn restore_to(
+    store: &Store,
+    guards: &BackupGuards,
+    r: &Repository,
+    m: &Manifest,
+    to: RestoreTo,
+    progress: &mut dyn FnMut(u64),
+) -> Result<RestoreReport, OpError> {
+    let [img] = &m.images[..] else {
+        return Err(OpError::new(
+            ErrorKind::Invalid,
+            format!("backup {} holds {} images; restoring VM backups is not supported by this command yet", m.id, m.images.len()),
+        ));
+    };
+    match to {
+        RestoreTo::Volume { name } => {
+            cairn_engine::validate_name(&name)?;
+            if store.volume_info(&name).is_ok() {
+                return Err(cairn_engine::Error::VolumeExists(name).into());
+            }
+            let partial = format!("{name}.restoring");
+            let _claim = guards.claim_restore(&partial)?;
+            if store.volume_info(&partial).is_ok() {
+                store.delete_volume(&partial)?;
+            }
+            store.create_volume(&partial, img.size)?;
+            let mut sink = VolumeSink {
+                store,
+                volume: partial.clone(),
+            };
+            let done = restore(r, m, 0, &mut sink, progress)
+                .map_err(OpError::from)
+                .and_then(|()| Ok(store.flush()?))
+                .and_then(|()| Ok(store.rename_volume(&partial, &name)?));
+            if let Err(e) = done {
+                let _ = store.delete_volume(&partial);
+                return Err(e);
+            }
+            Ok(RestoreReport {
+                id: m.id.clone(),
+                to: name,
+                size: img.size,
+            })
+        }
+        RestoreTo::File { path, format } => {
+            let partial = path.with_extension(match path.extension() {
+                Some(e) => format!("{}.partial", e.to_string_lossy()),
+                None => "partial".into(),
+            });
+            let result = (|| -> Result<(), OpError> {
+                let mut sink = FileSink::create(&partial, img.size)?;
+                restore(r, m, 0, &mut sink, progress)?;
+                sink.finish()?;
+                match format.as_str() {
+                    "raw" => std::fs::rename(&partial, &path)
+                        .map_err(|e| BackupError::io("rename", &path, e))?,
+                    f => convert(&partial, &path, f)?,
+                }
+                Ok(())
+            })();
+            let _ = std::fs::remove_file(&partial);
+            result?;
+            Ok(RestoreReport {
+                id: m.id.clone(),
+                to: path.display().to_string(),
+                size: img.size,
+            })
+        }
+    }
+}
+
+/// Converts a raw image to `format` with `qemu-img convert` (holes stay holes).
+fn convert(raw: &std::path::Path, out: &std::path::Path, format: &str) -> Result<(), OpError> {
+    let result = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", format])
+        .arg(raw)
+        .arg(out)
+        .output();
+    match result {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(OpError::new(
+            ErrorKind::Io,
+            format!(
+                "qemu-img could not write {} as {format}: {}",
+                out.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        )),
+        Err(e) => Err(OpError::new(
+            ErrorKind::Io,
+            format!("cannot run qemu-img to write {format} ({e}); run ./scripts/setup.sh (or install qemu-utils), or restore with --to-file FILE.raw"),
+        )),
+    }
+}
