@@ -3,7 +3,7 @@
 # itself keeps working), then unit/property/crash/concurrency/CLI tests. .ci/run calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup-tests.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 cargo build --release -q -p cairn-cli

@@ -23,5 +23,5 @@ pub mod verify;
 
 pub use error::{BackupError, Result};
 pub use format::Manifest;
-pub use location::{Access, Location, S3Credentials, Secret};
+pub use location::{Access, Location, S3Options, Secret};
 pub use repo::Repository;

@@ -107,9 +107,10 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// S3 credentials and region (from the `AWS_*` variables of whoever asks).
+/// S3 credentials and region (from the `AWS_*` variables of whoever asks), and how long to
+/// retry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct S3Credentials {
+pub struct S3Options {
     /// `AWS_ACCESS_KEY_ID`.
     #[serde(default)]
     pub access_key_id: Option<String>,
@@ -122,17 +123,22 @@ pub struct S3Credentials {
     /// `AWS_REGION` or `AWS_DEFAULT_REGION`.
     #[serde(default)]
     pub region: Option<String>,
+    /// How long a failing request is retried before the error is reported, in seconds
+    /// (`CAIRN_S3_RETRY_SECS`, default 120).
+    #[serde(default)]
+    pub retry_secs: Option<u64>,
 }
 
-impl S3Credentials {
+impl S3Options {
     /// Reads the usual `AWS_*` variables.
-    pub fn from_env() -> S3Credentials {
+    pub fn from_env() -> S3Options {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        S3Credentials {
+        S3Options {
             access_key_id: var("AWS_ACCESS_KEY_ID"),
             secret_access_key: var("AWS_SECRET_ACCESS_KEY").map(Secret),
             session_token: var("AWS_SESSION_TOKEN").map(Secret),
             region: var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")),
+            retry_secs: var("CAIRN_S3_RETRY_SECS").and_then(|s| s.parse().ok()),
         }
     }
 }
@@ -147,7 +153,7 @@ pub struct Access {
     pub passphrase: Option<Secret>,
     /// For S3 locations.
     #[serde(default)]
-    pub s3: S3Credentials,
+    pub s3: S3Options,
 }
 
 impl Access {
@@ -157,7 +163,7 @@ impl Access {
         Access {
             location,
             passphrase: std::env::var("CAIRN_BACKUP_PASSPHRASE").ok().map(Secret),
-            s3: S3Credentials::from_env(),
+            s3: S3Options::from_env(),
         }
     }
 }
@@ -194,7 +200,7 @@ mod tests {
         let a = Access {
             location: Location::Local { path: "/r".into() },
             passphrase: Some(Secret("hunter2".into())),
-            s3: S3Credentials::default(),
+            s3: S3Options::default(),
         };
         assert!(!format!("{a:?}").contains("hunter2"));
     }

@@ -9,7 +9,7 @@ use cairn_backup::create::{create, Source};
 use cairn_backup::restore::restore;
 use cairn_backup::sink::VolumeSink;
 use cairn_backup::verify::verify;
-use cairn_backup::{Access, BackupError, Location, Repository, S3Credentials, Secret};
+use cairn_backup::{Access, BackupError, Location, Repository, S3Options, Secret};
 use cairn_engine::{Options, Store, Target};
 
 const MIB: u64 = 1 << 20;
@@ -20,7 +20,7 @@ fn access(dir: &Path, pass: &str) -> Access {
             path: dir.join("repo"),
         },
         passphrase: Some(Secret(pass.into())),
-        s3: S3Credentials::default(),
+        s3: S3Options::default(),
     }
 }
 

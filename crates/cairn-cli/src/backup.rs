@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use cairn_backup::verify::VerifyReport;
-use cairn_backup::{S3Credentials, Secret};
+use cairn_backup::{S3Options, Secret};
 use cairn_control::backup::{BackupInfo, BackupOp, BackupReply, RepoSpec, RestoreTo};
 use cairn_control::{Op, Reply};
 use clap::{Args, Subcommand};
@@ -153,7 +153,7 @@ impl RepoArgs {
             s3_endpoint: self.s3_endpoint.clone(),
             cwd: std::env::current_dir().context("cannot read the working directory")?,
             passphrase,
-            s3: S3Credentials::from_env(),
+            s3: S3Options::from_env(),
         })
     }
 }
@@ -219,7 +219,7 @@ pub fn run(store: &Backend, cmd: BackupCmd, json: bool, yes: bool) -> Result<()>
                     };
                     let mut spec = args.spec(Some(repo))?;
                     spec.passphrase = None;
-                    spec.s3 = S3Credentials::default();
+                    spec.s3 = S3Options::default();
                     BackupOp::RepoAdd {
                         name,
                         repo: spec,

@@ -11,7 +11,7 @@ use cairn_backup::create::{create, Source};
 use cairn_backup::restore::restore;
 use cairn_backup::sink::{FileSink, VolumeSink};
 use cairn_backup::verify::{verify, VerifyReport};
-use cairn_backup::{BackupError, Manifest, Repository, S3Credentials, Secret};
+use cairn_backup::{BackupError, Manifest, Repository, S3Options, Secret};
 use cairn_engine::{Store, Target};
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +39,7 @@ pub struct RepoSpec {
     pub passphrase: Option<Secret>,
     /// The caller's `AWS_*` credentials.
     #[serde(default)]
-    pub s3: S3Credentials,
+    pub s3: S3Options,
 }
 
 /// Where a restore writes.

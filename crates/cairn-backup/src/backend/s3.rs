@@ -1,7 +1,7 @@
 //! A repository under a prefix of an S3 bucket, through the `object_store` crate. Requests that
 //! fail for a transient reason (connection refused or reset, 5xx, throttling) are retried with
-//! exponential backoff for up to `CAIRN_S3_RETRY_SECS` (default 120) before the error reaches the
-//! user. Conditional PUT is switched off: Garage ignores `If-None-Match` and would let two
+//! exponential backoff for up to [`crate::S3Options::retry_secs`] (default 120) before the error
+//! reaches the user. Conditional PUT is switched off: Garage ignores `If-None-Match` and would let two
 //! "create only" writes both succeed, so nothing in the repository relies on it (every object
 //! has a name no other writer can choose).
 
@@ -39,10 +39,7 @@ impl S3Bucket {
         else {
             return Err(BackupError::Invalid("not an S3 location".into()));
         };
-        let retry_secs = std::env::var("CAIRN_S3_RETRY_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(120);
+        let retry_secs = access.s3.retry_secs.unwrap_or(120);
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(access.s3.region.as_deref().unwrap_or("us-east-1"))

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs the real peers the tests and benchmarks run against, idempotently (quick when they are
+# present): NBD clients, fio, the VM runtime and its test guest, the fuzzer, an S3 server, and
+# the backup tools the backup benchmark compares with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+
+need_apt=()
+# nbdinfo / nbdcopy: independent NBD clients the NBD server is tested against.
+command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
+# nbdsh (libnbd's Python shell): sends the edge-case requests of the NBD conformance tests.
+command -v nbdsh >/dev/null 2>&1 || need_apt+=(python3-libnbd)
+# fio (with its nbd engine): the NBD benchmark's load generator.
+command -v fio >/dev/null 2>&1 || need_apt+=(fio)
+# mkfs.ext4 / dumpe2fs / e2fsck / debugfs: the VM tests make and inspect a guest file system.
+[ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)
+# cpio packs the test guest's initramfs.
+command -v cpio >/dev/null 2>&1 || need_apt+=(cpio)
+# restic and borg: the backup benchmark's peers.
+command -v restic >/dev/null 2>&1 || need_apt+=(restic)
+command -v borg >/dev/null 2>&1 || need_apt+=(borgbackup)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "setup-tests: installing ${need_apt[*]}" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+# Fuzzing the decoders needs nightly and cargo-fuzz.
+rustup run nightly rustc --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+# s3s-fs: the S3 server of the backup tests (0.14.1 is the newest that builds with this rustc).
+command -v s3s-fs >/dev/null 2>&1 || cargo install s3s-fs --version 0.14.1 --features binary --locked
+# The VM runtime: QEMU 10 from bookworm-backports, and the test guest built from Debian packages.
+./scripts/setup-qemu.sh
+./scripts/build-guest.sh
