@@ -172,9 +172,7 @@ fn an_unreachable_s3_fails_clearly_and_leaves_no_manifest() {
         volume: "v",
         checkpoint: "a",
     };
-    let e = create(&repo, &src, &mut |_| {})
-        .err()
-        .expect("the server is gone");
+    let e = create(&repo, &src, &mut |_| {}).expect_err("the server is gone");
     assert!(matches!(e, BackupError::Store { .. }), "{e}");
     let msg = e.to_string();
     assert!(
