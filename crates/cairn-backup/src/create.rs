@@ -27,6 +27,7 @@ use crate::format::{
 };
 use crate::map::{Piece, VolumeMap};
 use crate::repo::{now_ms, Repository};
+use crate::session::Session;
 
 /// Volume bytes read and sealed per batch.
 const BATCH_BYTES: u64 = 16 << 20;
@@ -86,7 +87,17 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
     let units = units(&extents, cp.size, base.is_none());
     let total: u64 = units.iter().map(|u| u64::from(u.blocks) * BLOCK).sum();
 
+    // The session first: a GC that condemns anything after this waits for it; what was
+    // condemned before is read next and not reused.
+    let session = Session::begin(repo, &format!("backup {}@{}", src.volume, cp.name))?;
+    let condemned = crate::gc::condemned_packs(repo)?;
     let index = repo.load_index()?;
+    let reusable = |id: &ChunkId| {
+        index
+            .chunks
+            .get(id)
+            .is_some_and(|l| !condemned.contains(&index.packs[l.pack as usize]))
+    };
     let mut stats = BackupStats::default();
     let mut map = VolumeMap::new();
     let mut segment = IndexSegment::default();
@@ -113,6 +124,7 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
             if upload_error.lock().map(|e| e.is_some()).unwrap_or(true) {
                 break;
             }
+            session.refresh_if_due()?;
             let read: Vec<ReadUnit> = batch
                 .par_iter()
                 .map(|u| read_unit(repo, store, &target, cp.size, *u).map(|d| (*u, d)))
@@ -127,7 +139,7 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
                 });
                 stats.read_bytes += u64::from(u.blocks) * BLOCK;
                 if let Some((id, bytes)) = d {
-                    if index.chunks.contains_key(&id) || seen.insert(id, ()).is_some() {
+                    if reusable(&id) || seen.insert(id, ()).is_some() {
                         stats.reused_chunks += 1;
                     } else {
                         stats.new_chunks += 1;
@@ -193,7 +205,9 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
         },
     };
     // The manifest's own few hundred bytes are not in its stats (it cannot count itself).
+    session.check_fresh()?;
     repo.put_manifest(&manifest)?;
+    drop(session);
     progress(1_000_000);
     Ok(manifest)
 }
@@ -457,7 +471,8 @@ fn millionths(done: u64, total: u64) -> u64 {
     }
 }
 
-fn host_name() -> String {
+/// This host's name, as backups and sessions record it.
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())

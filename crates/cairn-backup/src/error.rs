@@ -114,6 +114,9 @@ pub enum BackupError {
         #[source]
         source: Box<object_store::Error>,
     },
+    /// Another process holds what this one needs (the GC lock).
+    #[error("{0}")]
+    Busy(String),
     /// A request that makes no sense (bad option values, wrong kind of source).
     #[error("{0}")]
     Invalid(String),

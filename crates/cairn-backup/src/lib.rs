@@ -4,6 +4,8 @@
 //! - [`location`]: where a repository is and what opens it; [`backend`]: its object storage.
 //! - [`crypto`]: keys, chunk ids and sealing; [`format`]: the objects and their encodings;
 //!   [`map`]: which chunk holds each block of a backed-up volume.
+//! - [`prune`]: which backups a retention policy keeps; [`session`] and [`gc`]: freeing unused
+//!   data while other hosts write.
 //! - [`repo`]: an open repository; [`create`], [`restore`], [`verify`]: what runs on it.
 //!
 //! Everything here is synchronous, like the engine; S3 requests run on a small runtime of the
@@ -14,10 +16,13 @@ pub mod create;
 pub mod crypto;
 pub mod error;
 pub mod format;
+pub mod gc;
 pub mod location;
 pub mod map;
+pub mod prune;
 pub mod repo;
 pub mod restore;
+pub mod session;
 pub mod sink;
 pub mod verify;
 

@@ -2,7 +2,7 @@
 //! same disk, each report a Markdown table that docs/benchmarks.md keeps verbatim. [`engine`] is
 //! the store against a plain file and qcow2 backing chains; [`nbd`] the daemon against qemu-nbd
 //! with fio, and import against `qemu-img convert`; [`vm`] standard checkpoints of a running
-//! test guest. The `cairn bench` command parses its flags and prints what these return.
+//! test guest; [`backup`] backups against restic and borg. The `cairn bench` command parses its flags and prints what these return.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use cairn_engine::Options;
 use std::process::Command;
 
+pub mod backup;
 pub mod engine;
 pub mod nbd;
 pub mod vm;
@@ -37,6 +38,8 @@ pub enum Bench {
     Nbd,
     /// Checkpoints of a running VM.
     Vm,
+    /// Backups against restic and borg.
+    Backup,
 }
 
 /// Runs `bench` in a scratch directory removed afterwards; returns its Markdown report.
@@ -53,6 +56,7 @@ pub fn run(bench: Bench, settings: &Settings) -> Result<String> {
         ),
         Bench::Nbd => nbd::run(&tmp.path, settings.quick, &settings.options),
         Bench::Vm => vm::run(&tmp.path, settings.quick),
+        Bench::Backup => backup::run(&tmp.path, settings.quick, &settings.options),
     }
 }
 

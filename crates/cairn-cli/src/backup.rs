@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use cairn_backup::gc::GcReport;
+use cairn_backup::prune::{KeepPolicy, Mark, PruneEntry, Rule};
 use cairn_backup::verify::VerifyReport;
 use cairn_backup::{S3Options, Secret};
 use cairn_control::backup::{BackupInfo, BackupOp, BackupReply, RepoSpec, RestoreTo};
@@ -81,6 +83,47 @@ pub enum BackupCmd {
         /// Read only this share of the packs, in percent (a different random share each run).
         #[arg(long, value_name = "PERCENT", default_value_t = 100.0)]
         sample: f64,
+        #[command(flatten)]
+        access: RepoArgs,
+    },
+    /// Remove this store's backups that a retention policy does not keep: the options run in
+    /// the order last, hourly, daily, weekly, monthly, yearly, each keeping the newest backup of
+    /// each period (local time) not already covered (Proxmox Backup Server's rules). Space comes
+    /// back with `backup gc`.
+    Prune {
+        /// Only backups of this volume.
+        name: Option<String>,
+        /// Keep the newest N.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_last: u32,
+        /// Keep the newest of each of the last N hours that have backups.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_hourly: u32,
+        /// Days.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_daily: u32,
+        /// ISO weeks (Monday to Sunday).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_weekly: u32,
+        /// Months.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_monthly: u32,
+        /// Years.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_yearly: u32,
+        /// Only show what would be removed and why each other backup is kept.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        access: RepoArgs,
+    },
+    /// Free the space no backup needs: unused data is condemned by one run and deleted by a later
+    /// one after the grace period, once backups that were running have ended (safe while other
+    /// hosts back up into the repository).
+    Gc {
+        /// How long condemned data waits at least before a later run deletes it (30s, 15m, 1h, 7d).
+        #[arg(long, default_value = "1h", value_parser = crate::units::parse_duration)]
+        grace: u64,
         #[command(flatten)]
         access: RepoArgs,
     },
@@ -316,6 +359,52 @@ pub fn run(store: &Backend, cmd: BackupCmd, json: bool, yes: bool) -> Result<()>
                 bail!("verify found {} problem(s)", r.problems.len());
             }
         }
+        BackupCmd::Prune {
+            name,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            dry_run,
+            access,
+        } => {
+            let policy = KeepPolicy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+            };
+            let repo = access.spec(None)?;
+            if !dry_run {
+                confirm("remove the backups this policy does not keep?", yes)?;
+            }
+            let op = BackupOp::Prune {
+                repo,
+                name,
+                policy,
+                dry_run,
+            };
+            match call(store, op, None)? {
+                BackupReply::Pruned(list) if json => print_json(&list)?,
+                BackupReply::Pruned(list) => pruned(&list, dry_run),
+                other => bail!("unexpected reply {other:?}"),
+            }
+        }
+        BackupCmd::Gc { grace, access } => {
+            let op = BackupOp::Gc {
+                repo: access.spec(None)?,
+                grace_secs: grace,
+            };
+            match call(store, op, Some("collecting garbage"))? {
+                BackupReply::Gc(r) if json => print_json(&r)?,
+                BackupReply::Gc(r) => gc_text(&r),
+                other => bail!("unexpected reply {other:?}"),
+            }
+        }
         BackupCmd::Restore {
             id,
             to,
@@ -433,4 +522,73 @@ fn verify_text(r: &VerifyReport) {
             n => format!("{n} problem(s)"),
         }
     );
+}
+
+fn pruned(list: &[PruneEntry], dry_run: bool) {
+    let mut removed = 0;
+    for e in list {
+        let what = match e.mark {
+            Mark::Remove => {
+                removed += 1;
+                match dry_run {
+                    true => "would remove".to_string(),
+                    false => "removed".to_string(),
+                }
+            }
+            Mark::Protected => "keep (protected)".into(),
+            Mark::Keep(rule) => format!("keep ({})", rule_name(rule)),
+        };
+        outln!(
+            "{:<17} {:<20} {:<28} {what}",
+            e.id,
+            time_str(e.time_ms),
+            format!("{}@{}", e.name, e.checkpoint)
+        );
+    }
+    outln!(
+        "{} {removed} of {} backup(s); `cairn backup gc` frees their space",
+        if dry_run { "would remove" } else { "removed" },
+        list.len()
+    );
+}
+
+fn rule_name(r: Rule) -> &'static str {
+    match r {
+        Rule::Last => "keep-last",
+        Rule::Hourly => "keep-hourly",
+        Rule::Daily => "keep-daily",
+        Rule::Weekly => "keep-weekly",
+        Rule::Monthly => "keep-monthly",
+        Rule::Yearly => "keep-yearly",
+        Rule::All => "no policy",
+    }
+}
+
+fn gc_text(r: &GcReport) {
+    outln!(
+        "{} backup(s) keep their data; deleted {} pack(s) and {} map(s) condemned earlier, freeing {}",
+        r.backups,
+        r.packs_deleted,
+        r.maps_deleted,
+        human(r.bytes_freed)
+    );
+    if r.condemned > 0 {
+        outln!(
+            "condemned {} unused object(s) holding {}: a later `backup gc` deletes them after the grace period",
+            r.condemned,
+            human(r.condemned_bytes)
+        );
+    }
+    if r.pending > 0 {
+        outln!("{} condemned object(s) wait:", r.pending);
+        for w in &r.waiting_for {
+            outln!("    {w}");
+        }
+    }
+    if r.unused_in_live_packs > 0 {
+        outln!(
+            "{} of unused chunks sit in packs still in use",
+            human(r.unused_in_live_packs)
+        );
+    }
 }

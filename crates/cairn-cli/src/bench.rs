@@ -24,15 +24,19 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "vm")]
     pub nbd: bool,
     /// Benchmark standard checkpoints of a running test guest (pause, cost, apply time).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "backup")]
     pub vm: bool,
+    /// Benchmark backups (full, incremental after 1% change, restore) against restic and borg.
+    #[arg(long, conflicts_with = "nbd")]
+    pub backup: bool,
 }
 
 /// Runs the benchmark and prints its report (Markdown, or `{"report": ...}` with `--json`).
 pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
-    let which = match (args.nbd, args.vm) {
-        (true, _) => cairn_bench::Bench::Nbd,
-        (_, true) => cairn_bench::Bench::Vm,
+    let which = match (args.nbd, args.vm, args.backup) {
+        (true, _, _) => cairn_bench::Bench::Nbd,
+        (_, true, _) => cairn_bench::Bench::Vm,
+        (_, _, true) => cairn_bench::Bench::Backup,
         _ => cairn_bench::Bench::Engine,
     };
     let settings = cairn_bench::Settings {

@@ -1,4 +1,5 @@
-//! Parsing and printing byte sizes the way sysadmins write them (`20G`, `512MiB`, `4096`).
+//! Parsing and printing byte sizes and durations the way sysadmins write them (`20G`, `512MiB`,
+//! `4096`; `30s`, `7d`).
 
 use anyhow::{bail, Result};
 
@@ -29,6 +30,27 @@ pub fn parse_size(s: &str) -> Result<u64> {
         bail!("invalid size '{s}': must be a whole number of bytes");
     }
     Ok(bytes as u64)
+}
+
+/// Parses a duration as sysadmins write it: `30s`, `15m`, `1h`, `7d`, `2w` (or plain seconds);
+/// returns seconds.
+pub fn parse_duration(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid duration '{s}': expected a number with s, m, h, d or w, such as 30s, 15m, 1h or 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        u => bail!("invalid duration '{s}': unknown unit '{u}' (use s, m, h, d or w)"),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| anyhow::anyhow!("invalid duration '{s}': too long"))
 }
 
 /// Parses an offset or length: a size, or a hexadecimal number with `0x`.

@@ -209,6 +209,101 @@ fn backups_in(e: Env) {
         .filter(|f| f.file_name().to_string_lossy().contains("partial"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Retention and GC: the data is rewritten and backed up again; keeping only the newest
+    // backup leaves the old data unused, and two GC runs free it.
+    let fresh: Vec<u8> = bytes.iter().map(|b| b ^ 0x5c).collect();
+    std::fs::write(&data, &fresh).expect("data");
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "web",
+            "--offset",
+            "1M",
+            "--from",
+            data.to_str().expect("utf8"),
+        ],
+    );
+    ok(&e, &["checkpoint", "create", "web@three"]);
+    let third = json(&e, &["backup", "create", "web@three", k[0], k[1]]);
+    let dry = json(
+        &e,
+        &[
+            "backup",
+            "prune",
+            "--keep-last",
+            "1",
+            "--dry-run",
+            k[0],
+            k[1],
+        ],
+    );
+    let marks: Vec<String> = dry
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|p| p["mark"].to_string())
+        .collect();
+    assert_eq!(
+        marks,
+        vec!["\"remove\"", "\"remove\"", "{\"keep\":\"last\"}"],
+        "{dry}"
+    );
+    assert_eq!(
+        json(&e, &["backup", "list", k[0], k[1]])
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+    fails(
+        &e,
+        &["backup", "prune", "--keep-last", "1", k[0], k[1]],
+        "--yes",
+    );
+    let out = ok(
+        &e,
+        &[
+            "backup",
+            "prune",
+            "web",
+            "--keep-last",
+            "1",
+            "--yes",
+            k[0],
+            k[1],
+        ],
+    );
+    assert!(out.contains("removed 2 of 3"), "{out}");
+    let first = json(&e, &["backup", "gc", "--grace", "0", k[0], k[1]]);
+    assert!(first["condemned"].as_u64() > Some(0), "{first}");
+    assert_eq!(
+        first["bytes_freed"], 0,
+        "the first run only condemns: {first}"
+    );
+    let second = json(&e, &["backup", "gc", "--grace", "0", k[0], k[1]]);
+    assert!(second["packs_deleted"].as_u64() > Some(0), "{second}");
+    assert!(second["bytes_freed"].as_u64() > Some(0), "{second}");
+    let v = json(&e, &["backup", "verify", k[0], k[1]]);
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
+    let third_id = third["id"].as_str().expect("id");
+    ok(
+        &e,
+        &[
+            "backup",
+            "restore",
+            third_id,
+            "--to",
+            "web-again",
+            k[0],
+            k[1],
+        ],
+    );
+    assert!(
+        contents(&e, "web-again", SIZE) == contents(&e, "web@three", SIZE),
+        "the kept backup restores after GC"
+    );
     fsck_clean(&e);
 }
 
@@ -320,6 +415,15 @@ fn backup_bad_input() {
         &e,
         &["backup", "verify", "--sample", "0", k[0], k[1]],
         "percentage",
+    );
+    fails(
+        &e,
+        &["backup", "prune", "--yes", k[0], k[1]],
+        "at least one --keep",
+    );
+    assert_eq!(
+        fails_json(&e, &["backup", "gc", "--grace", "5x", k[0], k[1]]),
+        "usage"
     );
 
     // A damaged pack: verify names it and fails; restore refuses and leaves no volume behind.

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use cairn_backup::create::{create, Source};
+use cairn_backup::gc::{gc, GcReport};
+use cairn_backup::prune::{prune, KeepPolicy, PruneEntry};
 use cairn_backup::restore::restore;
 use cairn_backup::sink::{FileSink, VolumeSink};
 use cairn_backup::verify::{verify, VerifyReport};
@@ -121,6 +123,28 @@ pub enum BackupOp {
         #[serde(default = "hundred")]
         sample_percent: f64,
     },
+    /// Remove backups a retention policy does not keep (this store's backups; of one volume or
+    /// VM if `name`).
+    Prune {
+        /// The repository.
+        repo: RepoSpec,
+        /// Only backups of this volume or VM.
+        #[serde(default)]
+        name: Option<String>,
+        /// What to keep.
+        policy: KeepPolicy,
+        /// Only say what would go.
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Free the data no backup needs (two phases: condemn now, delete after the grace period).
+    Gc {
+        /// The repository.
+        repo: RepoSpec,
+        /// How long a condemnation waits at least, seconds.
+        #[serde(default = "default_grace")]
+        grace_secs: u64,
+    },
     /// Restore a backup.
     Restore {
         /// The repository.
@@ -134,6 +158,14 @@ pub enum BackupOp {
 
 fn hundred() -> f64 {
     100.0
+}
+
+/// GC's default grace period: an hour, far beyond the clock skew between hosts (live writers
+/// are protected by their sessions, not by the grace period).
+pub const DEFAULT_GRACE_SECS: u64 = 3600;
+
+fn default_grace() -> u64 {
+    DEFAULT_GRACE_SECS
 }
 
 /// A backup as commands show it.
@@ -184,6 +216,10 @@ pub enum BackupReply {
     Verify(VerifyReport),
     /// What a restore made.
     Restored(RestoreReport),
+    /// What a prune kept and removed.
+    Pruned(Vec<PruneEntry>),
+    /// What a GC did.
+    Gc(GcReport),
     /// Nothing to report.
     Done,
 }
@@ -276,6 +312,7 @@ impl ErrorKind {
             B::NeedPassphrase(_) | B::WrongPassphrase(_) => ErrorKind::Auth,
             B::Missing { .. } | B::Corrupt { .. } => ErrorKind::Corrupt,
             B::Io { .. } => ErrorKind::Io,
+            B::Busy(_) => ErrorKind::Busy,
             B::NoSpace { .. } => ErrorKind::NoSpace,
             B::Store { .. } => ErrorKind::Remote,
         }
@@ -372,6 +409,28 @@ pub fn run(
             }
             let r = open(dir, &repo)?;
             BackupReply::Verify(verify(&r, id.as_deref(), sample_percent, progress)?)
+        }
+        BackupOp::Prune {
+            repo,
+            name,
+            policy,
+            dry_run,
+        } => {
+            if policy.is_empty() {
+                return Err(OpError::new(
+                    ErrorKind::Invalid,
+                    "give at least one --keep-last/-hourly/-daily/-weekly/-monthly/-yearly (with none, everything is kept)",
+                ));
+            }
+            let r = open(dir, &repo)?;
+            let store_id = registry::store_id(dir)?;
+            let wanted =
+                |m: &Manifest| m.store == store_id && name.as_ref().is_none_or(|n| &m.name == n);
+            BackupReply::Pruned(prune(&r, &wanted, &policy, dry_run)?)
+        }
+        BackupOp::Gc { repo, grace_secs } => {
+            let r = open(dir, &repo)?;
+            BackupReply::Gc(gc(&r, grace_secs.saturating_mul(1000), progress)?)
         }
         BackupOp::Restore { repo, id, to } => {
             let r = open(dir, &repo)?;

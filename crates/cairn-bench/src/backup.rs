@@ -1,0 +1,440 @@
+//! Backups against restic and borg, on the same data in the same run: a volume image of what
+//! disks hold (half random, a quarter zeros, a quarter text, in 1 MiB runs), backed up in full,
+//! then again after 1% of its 4 KiB blocks changed at scattered places, then restored to a file.
+//! Every tool runs as its users run it (one process per command, from its own CLI), each round
+//! into fresh repositories, rounds alternating the tools; the table holds medians. Cairn
+//! encrypts (its default), restic always does, borg runs unencrypted with its default lz4.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use cairn_engine::{Options, Store};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+const PASS: &str = "bench passphrase";
+
+/// One tool's figures in one round.
+#[derive(Debug, Clone, Copy, Default)]
+struct Round {
+    full_s: f64,
+    repo_full: u64,
+    inc_s: f64,
+    growth: u64,
+    restore_s: f64,
+    peak_rss_kib: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Bytes under `dir`.
+fn du(dir: &Path) -> u64 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => n += du(&e.path()),
+                Ok(m) => n += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    n
+}
+
+/// Runs a command to completion; returns seconds taken.
+fn timed(cmd: &mut Command, what: &str) -> Result<f64> {
+    Ok(measured(cmd, what)?.0)
+}
+
+/// Runs a command to completion; returns seconds taken and its peak anonymous resident memory in
+/// KiB, sampled every 10 ms (file pages are left out: Cairn reads volumes through a mapping of
+/// the store's data file, and those pages are the host's page cache, shared and reclaimable).
+fn measured(cmd: &mut Command, what: &str) -> Result<(f64, u64)> {
+    let t = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {what}; scripts/setup-tests.sh installs it"))?;
+    let mut stderr = child.stderr.take().context("stderr")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if let Ok(text) = std::fs::read_to_string(&status_file) {
+            let anon = text
+                .lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            peak = peak.max(anon.unwrap_or(0));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let secs = t.elapsed().as_secs_f64();
+    let err = reader.join().unwrap_or_default();
+    if !status.success() {
+        bail!(
+            "{what} failed: {}",
+            err.lines().last().unwrap_or("no message")
+        );
+    }
+    Ok((secs, peak))
+}
+
+/// Writes the image: 1 MiB runs of random, zero or text data.
+fn make_image(path: &Path, size: u64) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut rng = StdRng::seed_from_u64(7);
+    let text: Vec<u8> =
+        b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor. "
+            .iter()
+            .cycle()
+            .take(MIB as usize)
+            .copied()
+            .collect();
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..size / MIB {
+        match rng.random_range(0..4u32) {
+            0 | 1 => {
+                rng.fill(&mut buf[..]);
+                f.write_all(&buf)?;
+            }
+            2 => f.write_all(&vec![0u8; MIB as usize])?,
+            _ => {
+                // Text that is not all the same 1 MiB, so it does not dedup away.
+                let mut t = text.clone();
+                t[..8].copy_from_slice(&i.to_le_bytes());
+                f.write_all(&t)?;
+            }
+        }
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Picks 1% of the image's 4 KiB blocks at random and the bytes each gets.
+fn changes(size: u64, seed: u64) -> Vec<(u64, [u8; 4096])> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let blocks = size / 4096;
+    let mut picked: Vec<u64> = (0..blocks / 100)
+        .map(|_| rng.random_range(0..blocks))
+        .collect();
+    picked.sort_unstable();
+    picked.dedup();
+    picked
+        .into_iter()
+        .map(|b| {
+            let mut d = [0u8; 4096];
+            rng.fill(&mut d[..]);
+            (b * 4096, d)
+        })
+        .collect()
+}
+
+fn apply_to_file(path: &Path, ch: &[(u64, [u8; 4096])]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    for (off, d) in ch {
+        f.write_all_at(d, *off)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Loads the image into a volume of a new store (zero runs stay holes, as `volume import` leaves
+/// them) and takes checkpoint `full`.
+fn load_store(store: &Path, image: &Path, size: u64, options: &Options) -> Result<()> {
+    use std::io::Read;
+    Store::init(store, options.clone())?;
+    let s = Store::open(store, options.clone())?;
+    s.create_volume("disk", size)?;
+    let mut f = std::fs::File::open(image)?;
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    let mut off = 0;
+    while off < size {
+        f.read_exact(&mut buf)?;
+        for (i, c) in buf.chunks(MIB as usize).enumerate() {
+            if c.iter().any(|&b| b != 0) {
+                s.write("disk", off + i as u64 * MIB, c)?;
+            }
+        }
+        off += buf.len() as u64;
+    }
+    s.create_checkpoint("disk", "full", None)?;
+    s.flush()?;
+    Ok(())
+}
+
+fn cairn(store: &Path) -> Result<Command> {
+    let mut c = Command::new(crate::cairn_exe()?);
+    c.arg("--store")
+        .arg(store)
+        .env("CAIRN_BACKUP_PASSPHRASE", PASS);
+    Ok(c)
+}
+
+fn round_cairn(dir: &Path, store: &Path, ch: &[(u64, [u8; 4096])], tag: &str) -> Result<Round> {
+    let repo = dir.join(format!("cairn-repo-{tag}"));
+    let repo_s = repo.to_str().context("utf-8 path")?;
+    timed(
+        cairn(store)?.args(["backup", "init", repo_s]),
+        "cairn backup init",
+    )?;
+    let (full_s, peak_rss_kib) = measured(
+        cairn(store)?.args(["backup", "create", "disk@full", "--repo", repo_s]),
+        "cairn backup create",
+    )?;
+    let mut r = Round {
+        full_s,
+        peak_rss_kib,
+        ..Round::default()
+    };
+    r.repo_full = du(&repo);
+    {
+        let s = Store::open(store, Options::default())?;
+        for (off, d) in ch {
+            s.write("disk", *off, d)?;
+        }
+        s.create_checkpoint("disk", tag, None)?;
+        s.flush()?;
+    }
+    let target = format!("disk@{tag}");
+    r.inc_s = timed(
+        cairn(store)?.args(["backup", "create", &target, "--repo", repo_s]),
+        "cairn backup create",
+    )?;
+    r.growth = du(&repo) - r.repo_full;
+    let out = dir.join("cairn-restore.raw");
+    let list = cairn(store)?
+        .args(["--json", "backup", "list", "--repo", repo_s])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    let id = v
+        .as_array()
+        .and_then(|a| a.last())
+        .and_then(|b| b["id"].as_str())
+        .context("a backup id")?
+        .to_string();
+    r.restore_s = timed(
+        cairn(store)?.args([
+            "--yes",
+            "backup",
+            "restore",
+            &id,
+            "--to-file",
+            out.to_str().context("utf-8")?,
+            "--repo",
+            repo_s,
+        ]),
+        "cairn backup restore",
+    )?;
+    std::fs::remove_file(&out)?;
+    std::fs::remove_dir_all(&repo)?;
+    Ok(r)
+}
+
+fn round_restic(dir: &Path, image: &Path, ch: &[(u64, [u8; 4096])]) -> Result<Round> {
+    let repo = dir.join("restic-repo");
+    let restic = || {
+        let mut c = Command::new("restic");
+        c.arg("--repo")
+            .arg(&repo)
+            .arg("--quiet")
+            .env("RESTIC_PASSWORD", PASS)
+            .env("RESTIC_CACHE_DIR", dir.join("restic-cache"));
+        c
+    };
+    timed(restic().arg("init"), "restic init")?;
+    let (full_s, peak_rss_kib) = measured(restic().arg("backup").arg(image), "restic backup")?;
+    let mut r = Round {
+        full_s,
+        peak_rss_kib,
+        ..Round::default()
+    };
+    r.repo_full = du(&repo);
+    apply_to_file(image, ch)?;
+    r.inc_s = timed(restic().arg("backup").arg(image), "restic backup")?;
+    r.growth = du(&repo) - r.repo_full;
+    let target = dir.join("restic-restore");
+    r.restore_s = timed(
+        restic()
+            .args(["restore", "latest", "--target"])
+            .arg(&target),
+        "restic restore",
+    )?;
+    std::fs::remove_dir_all(&target)?;
+    std::fs::remove_dir_all(&repo)?;
+    Ok(r)
+}
+
+fn round_borg(dir: &Path, image: &Path, ch: &[(u64, [u8; 4096])]) -> Result<Round> {
+    let repo = dir.join("borg-repo");
+    let borg = || {
+        let mut c = Command::new("borg");
+        c.env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
+            .env("BORG_BASE_DIR", dir.join("borg-home"))
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes");
+        c
+    };
+    let repo_s = repo.to_str().context("utf-8")?;
+    timed(borg().args(["init", "-e", "none", repo_s]), "borg init")?;
+    let (full_s, peak_rss_kib) = measured(
+        borg()
+            .args(["create", &format!("{repo_s}::full")])
+            .arg(image),
+        "borg create",
+    )?;
+    let mut r = Round {
+        full_s,
+        peak_rss_kib,
+        ..Round::default()
+    };
+    r.repo_full = du(&repo);
+    apply_to_file(image, ch)?;
+    r.inc_s = timed(
+        borg()
+            .args(["create", &format!("{repo_s}::inc")])
+            .arg(image),
+        "borg create",
+    )?;
+    r.growth = du(&repo) - r.repo_full;
+    let target = dir.join("borg-restore");
+    std::fs::create_dir_all(&target)?;
+    r.restore_s = timed(
+        borg()
+            .current_dir(&target)
+            .args(["extract", &format!("{repo_s}::inc")]),
+        "borg extract",
+    )?;
+    std::fs::remove_dir_all(&target)?;
+    std::fs::remove_dir_all(&repo)?;
+    Ok(r)
+}
+
+/// Runs the backup benchmark in `dir`; returns the Markdown report.
+pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
+    let size = if quick { 256 * MIB } else { 4096 * MIB };
+    let rounds = if quick { 1 } else { 3 };
+    let started = Instant::now();
+    let image = dir.join("image.raw");
+    let mut results: Vec<(&str, Vec<Round>)> =
+        vec![("Cairn", vec![]), ("restic", vec![]), ("borg", vec![])];
+    let mut changed_bytes = 0;
+    for round in 0..rounds {
+        eprintln!("bench: backup round {}/{rounds}", round + 1);
+        make_image(&image, size)?;
+        let ch = changes(size, 100 + round);
+        changed_bytes = ch.len() as u64 * 4096;
+        let store = dir.join(format!("store-{round}"));
+        load_store(&store, &image, size, options)?;
+        // Tools in a different order each round.
+        for k in 0..3 {
+            let which = (k + round as usize) % 3;
+            let r = match which {
+                0 => round_cairn(dir, &store, &ch, &format!("inc{round}"))?,
+                1 => round_restic(dir, &image, &ch)?,
+                _ => {
+                    // restic's round changed the image: start borg from the same original.
+                    make_image(&image, size)?;
+                    round_borg(dir, &image, &ch)?
+                }
+            };
+            if which == 1 {
+                make_image(&image, size)?;
+            }
+            results[which].1.push(r);
+        }
+        std::fs::remove_dir_all(&store)?;
+    }
+    let m = |i: usize, f: fn(&Round) -> f64| median(results[i].1.iter().map(f).collect());
+    let mib = |b: f64| b / MIB as f64;
+    let sz = size as f64;
+    let mut out = format!(
+        "### Backups: Cairn vs restic and borg ({} MiB image, 1% of 4 KiB blocks changed = {} MiB; medians of {rounds} round(s))\n\n",
+        size / MIB,
+        changed_bytes / MIB
+    );
+    out += "| job | Cairn | restic | borg | Cairn vs restic | Cairn vs borg |\n|---|---|---|---|---|---|\n";
+    let row = |out: &mut String,
+               name: &str,
+               f: fn(&Round) -> f64,
+               unit: &dyn Fn(f64) -> String,
+               lower_better: bool| {
+        let (c, r, b) = (m(0, f), m(1, f), m(2, f));
+        let ratio = |x: f64| match lower_better {
+            true => format!("{:.1}x faster", x / c),
+            false => format!("{:.2}", c / x),
+        };
+        *out += &format!(
+            "| {name} | {} | {} | {} | {} | {} |\n",
+            unit(c),
+            unit(r),
+            unit(b),
+            ratio(r),
+            ratio(b)
+        );
+    };
+    let secs = |s: f64| format!("{s:.2} s ({:.0} MiB/s)", mib(sz) / s);
+    let plain_secs = |s: f64| format!("{s:.2} s");
+    let mibs = |b: f64| format!("{:.1} MiB", mib(b));
+    row(&mut out, "full backup", |r| r.full_s, &secs, true);
+    row(
+        &mut out,
+        "repository after full",
+        |r| r.repo_full as f64,
+        &mibs,
+        false,
+    );
+    row(
+        &mut out,
+        "incremental after 1% change",
+        |r| r.inc_s,
+        &plain_secs,
+        true,
+    );
+    row(
+        &mut out,
+        "repository growth",
+        |r| r.growth as f64,
+        &mibs,
+        false,
+    );
+    row(
+        &mut out,
+        "restore (latest, to a file)",
+        |r| r.restore_s,
+        &secs,
+        true,
+    );
+    row(
+        &mut out,
+        "peak RSS, full backup",
+        |r| r.peak_rss_kib as f64 * 1024.0,
+        &mibs,
+        false,
+    );
+    let growth = |i: usize| m(i, |r| r.growth as f64) / changed_bytes as f64;
+    out += &format!(
+        "\nRepository growth per changed byte: Cairn {:.2}, restic {:.1}, borg {:.1} (goal: Cairn at most 1.2). Run took {:.0} s.\n",
+        growth(0),
+        growth(1),
+        growth(2),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(out)
+}
