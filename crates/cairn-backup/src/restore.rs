@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::mpsc::sync_channel;
 
 use rayon::prelude::*;
 
@@ -43,7 +44,7 @@ pub fn restore(
     repo: &Repository,
     m: &Manifest,
     image: usize,
-    sink: &mut dyn Sink,
+    sink: &mut (dyn Sink + Send),
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let img = m
@@ -61,42 +62,65 @@ pub fn restore(
     }
     let blocks = img.size.div_ceil(BLOCK);
     let window_blocks = WINDOW / BLOCK;
-    let mut start = 0;
-    while start < blocks {
-        let end = (start + window_blocks).min(blocks);
-        let pieces = map.range(start, end);
-        let data = read_chunks(repo, m, img, &index, &pieces)?;
-        let mut buf = vec![0u8; usize::try_from((end - start) * BLOCK).expect("a window")];
-        for p in &pieces {
-            let Some((id, skip)) = p.data else { continue };
-            let chunk = &data[&id];
-            let from = usize::try_from(u64::from(skip) * BLOCK).expect("in a chunk");
-            let len = usize::try_from(u64::from(p.blocks) * BLOCK).expect("in a chunk");
-            let at = usize::try_from((p.start - start) * BLOCK).expect("in the window");
-            let Some(src) = chunk.get(from..from + len) else {
-                return Err(bad_chunk(
-                    repo,
-                    m,
-                    img,
-                    &id,
-                    p,
-                    "it is shorter than the map says",
-                ));
-            };
-            buf[at..at + len].copy_from_slice(src);
-        }
-        let base = start * BLOCK;
-        let valid = usize::try_from(img.size.min(end * BLOCK) - base).expect("a window");
-        write_nonzero(sink, base, &buf[..valid])?;
-        start = end;
-        progress(u64::try_from(u128::from(start) * 1_000_000 / u128::from(blocks)).unwrap_or(0));
-    }
+    // Windows are read and opened here while a writer thread writes the previous one out: the
+    // copy into the page cache takes a core of its own. Two window buffers go round.
+    let (to_writer, windows) = sync_channel::<(u64, Vec<u8>, usize)>(1);
+    let (give_back, buffers) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|s| -> Result<()> {
+        let writer = s.spawn(move || -> Result<()> {
+            for (base, buf, valid) in windows {
+                write_nonzero(sink, base, &buf[..valid])?;
+                let _ = give_back.send(buf);
+            }
+            Ok(())
+        });
+        let read = (|| -> Result<()> {
+            let mut start = 0;
+            while start < blocks {
+                let end = (start + window_blocks).min(blocks);
+                let pieces = map.range(start, end);
+                let data = read_chunks(repo, m, img, &index, &pieces)?;
+                let len = usize::try_from((end - start) * BLOCK).expect("a window");
+                let mut buf = buffers.try_recv().unwrap_or_default();
+                buf.clear();
+                buf.resize(len, 0);
+                for p in &pieces {
+                    let Some((id, skip)) = p.data else { continue };
+                    let chunk = &data[&id];
+                    let from = usize::try_from(u64::from(skip) * BLOCK).expect("in a chunk");
+                    let n = usize::try_from(u64::from(p.blocks) * BLOCK).expect("in a chunk");
+                    let at = usize::try_from((p.start - start) * BLOCK).expect("in the window");
+                    let Some(src) = chunk.get(from..from + n) else {
+                        let why = "it is shorter than the map says";
+                        return Err(bad_chunk(repo, m, img, &id, p, why));
+                    };
+                    buf[at..at + n].copy_from_slice(src);
+                }
+                let base = start * BLOCK;
+                let valid = usize::try_from(img.size.min(end * BLOCK) - base).expect("a window");
+                if to_writer.send((base, buf, valid)).is_err() {
+                    // The writer stopped on an error, which its join reports.
+                    return Ok(());
+                }
+                start = end;
+                progress(
+                    u64::try_from(u128::from(start) * 1_000_000 / u128::from(blocks)).unwrap_or(0),
+                );
+            }
+            Ok(())
+        })();
+        drop(to_writer);
+        let written = writer
+            .join()
+            .map_err(|_| BackupError::Invalid("the restore's writer thread panicked".into()))?;
+        read.and(written)
+    })?;
     progress(1_000_000);
     Ok(())
 }
 
 /// Writes the runs of `buf` that are not whole zero blocks.
-fn write_nonzero(sink: &mut dyn Sink, base: u64, buf: &[u8]) -> Result<()> {
+fn write_nonzero(sink: &mut (dyn Sink + Send), base: u64, buf: &[u8]) -> Result<()> {
     let bs = usize::try_from(BLOCK).expect("4 KiB");
     let mut run_start = None;
     let mut at = 0;
