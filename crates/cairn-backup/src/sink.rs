@@ -70,7 +70,7 @@ impl Sink for FileSink {
         let whole = data.len() / ALIGN * ALIGN;
         let mut done = 0;
         if let Some(direct) = &self.direct {
-            if offset % ALIGN as u64 == 0 && whole > 0 {
+            if offset.is_multiple_of(ALIGN as u64) && whole > 0 {
                 // An aligned copy: the allocator gives no alignment guarantee.
                 if self.aligned.len() < whole + ALIGN {
                     self.aligned.resize(whole + ALIGN, 0);
