@@ -10,6 +10,7 @@ cargo build --release -q -p cairn-cli
 ./target/release/cairn bench --quick
 ./target/release/cairn bench --nbd --quick
 ./target/release/cairn bench --vm --quick
+./target/release/cairn bench --backup --quick
 ./scripts/fuzz.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

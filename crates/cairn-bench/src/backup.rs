@@ -423,7 +423,7 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
     );
     row(
         &mut out,
-        "peak RSS, full backup",
+        "peak anonymous memory, full backup",
         |r| r.peak_rss_kib as f64 * 1024.0,
         &mibs,
         false,
