@@ -46,10 +46,37 @@ pub struct Source<'a> {
     pub store: &'a Store,
     /// Its id (backups of one store's volumes are incremental to each other).
     pub store_id: &'a str,
-    /// Volume name.
-    pub volume: &'a str,
-    /// Checkpoint name.
-    pub checkpoint: &'a str,
+    /// `volume` or `vm`.
+    pub kind: &'static str,
+    /// The volume or VM name: backups of one name form a group.
+    pub name: String,
+    /// Checkpoint name (the same on every volume backed up).
+    pub checkpoint: String,
+    /// The volumes whose checkpoint of that name to back up, in order (one for a volume; a VM's
+    /// disks and its state volume).
+    pub volumes: Vec<String>,
+    /// What else to keep with it (a VM's definition and checkpoint record).
+    pub extra: Option<serde_json::Value>,
+}
+
+impl<'a> Source<'a> {
+    /// A backup of one volume's checkpoint.
+    pub fn volume(
+        store: &'a Store,
+        store_id: &'a str,
+        volume: &str,
+        checkpoint: &str,
+    ) -> Source<'a> {
+        Source {
+            store,
+            store_id,
+            kind: "volume",
+            name: volume.into(),
+            checkpoint: checkpoint.into(),
+            volumes: vec![volume.into()],
+            extra: None,
+        }
+    }
 }
 
 /// A unit read: `None` if all zeros, else its chunk id and bytes.
@@ -62,34 +89,62 @@ struct Unit {
     blocks: u32,
 }
 
-/// Backs up `src` into `repo`; `progress` hears the fraction done in millionths.
-pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) -> Result<Manifest> {
-    let began = Instant::now();
+/// What one volume's image needs: its checkpoint, what it is incremental to, and what to read.
+struct ImagePlan {
+    volume: String,
+    vinfo: VolumeInfo,
+    cp: CheckpointInfo,
+    /// The backup and image this one is incremental to.
+    base: Option<(Manifest, usize)>,
+    units: Vec<Unit>,
+}
+
+fn plan(backups: &[Manifest], src: &Source, volume: &str) -> Result<ImagePlan> {
     let store = src.store;
-    let vinfo = store.volume_info(src.volume)?;
-    let checkpoints = store.list_checkpoints(src.volume)?;
+    let vinfo = store.volume_info(volume)?;
+    let checkpoints = store.list_checkpoints(volume)?;
     let cp = checkpoints
         .iter()
         .find(|c| c.name == src.checkpoint)
         .ok_or_else(|| cairn_engine::Error::UnknownCheckpoint {
-            volume: src.volume.into(),
-            name: src.checkpoint.into(),
+            volume: volume.into(),
+            name: src.checkpoint.clone(),
         })?
         .clone();
-    let base = find_base(repo, src.store_id, &vinfo, &checkpoints)?;
-    let target = Target::checkpoint(src.volume, &cp.name);
+    let base = find_base(backups, src.store_id, &vinfo, &checkpoints);
+    let target = Target::checkpoint(volume, &cp.name);
     let extents = match &base {
-        Some((_, base_cp)) => {
-            store.diff(&Target::checkpoint(src.volume, &base_cp.name), &target)?
-        }
+        Some((_, _, base_cp)) => store.diff(&Target::checkpoint(volume, &base_cp.name), &target)?,
         None => store.mapped_extents(&target)?,
     };
     let units = units(&extents, cp.size, base.is_none());
-    let total: u64 = units.iter().map(|u| u64::from(u.blocks) * BLOCK).sum();
+    Ok(ImagePlan {
+        volume: volume.into(),
+        vinfo,
+        cp,
+        base: base.map(|(m, i, _)| (m, i)),
+        units,
+    })
+}
 
+/// Backs up `src` into `repo`; `progress` hears the fraction done in millionths.
+pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) -> Result<Manifest> {
+    let began = Instant::now();
+    let store = src.store;
     // The session first: a GC that condemns anything after this waits for it; what was
     // condemned before is read next and not reused.
-    let session = Session::begin(repo, &format!("backup {}@{}", src.volume, cp.name))?;
+    let session = Session::begin(repo, &format!("backup {}@{}", src.name, src.checkpoint))?;
+    let backups = repo.backups()?;
+    let plans: Vec<ImagePlan> = src
+        .volumes
+        .iter()
+        .map(|v| plan(&backups, src, v))
+        .collect::<Result<_>>()?;
+    let total: u64 = plans
+        .iter()
+        .flat_map(|p| &p.units)
+        .map(|u| u64::from(u.blocks) * BLOCK)
+        .sum();
     let condemned = crate::gc::condemned_packs(repo)?;
     let index = repo.load_index()?;
     let reusable = |id: &ChunkId| {
@@ -99,7 +154,7 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
             .is_some_and(|l| !condemned.contains(&index.packs[l.pack as usize]))
     };
     let mut stats = BackupStats::default();
-    let mut map = VolumeMap::new();
+    let mut maps: Vec<VolumeMap> = Vec::new();
     let mut segment = IndexSegment::default();
     let upload_error: Mutex<Option<BackupError>> = Mutex::new(None);
     let (tx, rx) = sync_channel::<(String, Vec<u8>)>(1);
@@ -120,46 +175,51 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
         let mut packer = Packer::new(repo, tx);
         let mut seen: HashMap<ChunkId, ()> = HashMap::new();
         let mut done = 0u64;
-        for batch in batches(&units) {
-            if upload_error.lock().map(|e| e.is_some()).unwrap_or(true) {
-                break;
-            }
-            session.refresh_if_due()?;
-            let read: Vec<ReadUnit> = batch
-                .par_iter()
-                .map(|u| read_unit(repo, store, &target, cp.size, *u).map(|d| (*u, d)))
-                .collect::<Result<_>>()?;
-            let mut fresh = Vec::new();
-            for (u, d) in read {
-                let data = d.as_ref().map(|(id, _)| (*id, 0));
-                map.push(Piece {
-                    start: u.start,
-                    blocks: u.blocks,
-                    data,
-                });
-                stats.read_bytes += u64::from(u.blocks) * BLOCK;
-                if let Some((id, bytes)) = d {
-                    if reusable(&id) || seen.insert(id, ()).is_some() {
-                        stats.reused_chunks += 1;
-                    } else {
-                        stats.new_chunks += 1;
-                        stats.new_bytes += bytes.len() as u64;
-                        fresh.push((id, bytes));
+        for plan in &plans {
+            let target = Target::checkpoint(&plan.volume, &plan.cp.name);
+            let mut map = VolumeMap::new();
+            for batch in batches(&plan.units) {
+                if upload_error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                    break;
+                }
+                session.refresh_if_due()?;
+                let read: Vec<ReadUnit> = batch
+                    .par_iter()
+                    .map(|u| read_unit(repo, store, &target, plan.cp.size, *u).map(|d| (*u, d)))
+                    .collect::<Result<_>>()?;
+                let mut fresh = Vec::new();
+                for (u, d) in read {
+                    let data = d.as_ref().map(|(id, _)| (*id, 0));
+                    map.push(Piece {
+                        start: u.start,
+                        blocks: u.blocks,
+                        data,
+                    });
+                    stats.read_bytes += u64::from(u.blocks) * BLOCK;
+                    if let Some((id, bytes)) = d {
+                        if reusable(&id) || seen.insert(id, ()).is_some() {
+                            stats.reused_chunks += 1;
+                        } else {
+                            stats.new_chunks += 1;
+                            stats.new_bytes += bytes.len() as u64;
+                            fresh.push((id, bytes));
+                        }
                     }
                 }
+                let sealed: Vec<(ChunkId, Vec<u8>)> = fresh
+                    .par_iter()
+                    .map(|(id, bytes)| (*id, seal_record(repo, id, bytes)))
+                    .collect();
+                for (id, rec) in sealed {
+                    packer.add(id, &rec, &mut segment);
+                }
+                done += batch
+                    .iter()
+                    .map(|u| u64::from(u.blocks) * BLOCK)
+                    .sum::<u64>();
+                progress(millionths(done, total));
             }
-            let sealed: Vec<(ChunkId, Vec<u8>)> = fresh
-                .par_iter()
-                .map(|(id, bytes)| (*id, seal_record(repo, id, bytes)))
-                .collect();
-            for (id, rec) in sealed {
-                packer.add(id, &rec, &mut segment);
-            }
-            done += batch
-                .iter()
-                .map(|u| u64::from(u.blocks) * BLOCK)
-                .sum::<u64>();
-            progress(millionths(done, total));
+            maps.push(map);
         }
         packer.finish(&mut segment);
         stats.stored_bytes += packer.stored;
@@ -175,34 +235,40 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
         stats.stored_bytes += n;
         index_names.push(name);
     }
-    let maps = store_map(repo, base.as_ref().map(|(m, _)| m), &map, &mut stats)?;
+    let mut images = Vec::new();
+    for (plan, map) in plans.iter().zip(&maps) {
+        let base_maps = plan.base.as_ref().map(|(m, i)| &m.images[*i].maps[..]);
+        images.push(Image {
+            volume: plan.volume.clone(),
+            volume_id: plan.vinfo.id,
+            volume_created_ms: plan.vinfo.created_ms,
+            checkpoint: plan.cp.name.clone(),
+            checkpoint_id: plan.cp.id,
+            checkpoint_created_ms: plan.cp.created_ms,
+            size: plan.cp.size,
+            maps: store_map(repo, base_maps, map, &mut stats)?,
+        });
+    }
+    let first = &plans[0];
     let manifest = Manifest {
         format: FORMAT,
         id: crate::crypto::hex(&rand::random::<[u8; 8]>()),
-        time_ms: cp.created_ms,
+        time_ms: first.cp.created_ms,
         finished_ms: now_ms(),
-        kind: "volume".into(),
-        name: src.volume.into(),
-        checkpoint: cp.name.clone(),
-        description: cp.description.clone(),
+        kind: src.kind.into(),
+        name: src.name.clone(),
+        checkpoint: src.checkpoint.clone(),
+        description: first.cp.description.clone(),
         host: host_name(),
         store: src.store_id.into(),
-        images: vec![Image {
-            volume: src.volume.into(),
-            volume_id: vinfo.id,
-            volume_created_ms: vinfo.created_ms,
-            checkpoint: cp.name.clone(),
-            checkpoint_id: cp.id,
-            checkpoint_created_ms: cp.created_ms,
-            size: cp.size,
-            maps,
-        }],
-        parent: base.as_ref().map(|(m, _)| m.id.clone()),
+        images,
+        parent: first.base.as_ref().map(|(m, _)| m.id.clone()),
         index: index_names,
         stats: BackupStats {
             duration_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
             ..stats
         },
+        extra: src.extra.clone(),
     };
     // The manifest's own few hundred bytes are not in its stats (it cannot count itself).
     session.check_fresh()?;
@@ -212,38 +278,36 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
     Ok(manifest)
 }
 
-/// The newest backup of this very volume (same store, same catalog id and creation time) whose
-/// checkpoint the store still has, with that checkpoint.
+/// The newest image of this very volume (same store, same catalog id and creation time) in any
+/// backup, volume or VM, whose checkpoint the store still has: the backup, the image's place in
+/// it, and that checkpoint.
 fn find_base(
-    repo: &Repository,
+    backups: &[Manifest],
     store_id: &str,
     vinfo: &VolumeInfo,
     checkpoints: &[CheckpointInfo],
-) -> Result<Option<(Manifest, CheckpointInfo)>> {
-    let mut best: Option<(Manifest, CheckpointInfo)> = None;
-    for m in repo.backups()? {
-        let [img] = &m.images[..] else { continue };
-        if m.kind != "volume"
-            || m.store != store_id
-            || img.volume_id != vinfo.id
-            || img.volume_created_ms != vinfo.created_ms
-        {
-            continue;
-        }
-        let Some(cp) = checkpoints
-            .iter()
-            .find(|c| c.id == img.checkpoint_id && c.created_ms == img.checkpoint_created_ms)
-        else {
-            continue;
-        };
-        let newer = best
-            .as_ref()
-            .is_none_or(|(_, b)| (cp.created_ms, cp.id) > (b.created_ms, b.id));
-        if newer {
-            best = Some((m, cp.clone()));
+) -> Option<(Manifest, usize, CheckpointInfo)> {
+    let mut best: Option<(&Manifest, usize, &CheckpointInfo)> = None;
+    for m in backups.iter().filter(|m| m.store == store_id) {
+        for (i, img) in m.images.iter().enumerate() {
+            if img.volume_id != vinfo.id || img.volume_created_ms != vinfo.created_ms {
+                continue;
+            }
+            let Some(cp) = checkpoints
+                .iter()
+                .find(|c| c.id == img.checkpoint_id && c.created_ms == img.checkpoint_created_ms)
+            else {
+                continue;
+            };
+            let newer = best
+                .as_ref()
+                .is_none_or(|(_, _, b)| (cp.created_ms, cp.id) > (b.created_ms, b.id));
+            if newer {
+                best = Some((m, i, cp));
+            }
         }
     }
-    Ok(best)
+    best.map(|(m, i, cp)| (m.clone(), i, cp.clone()))
 }
 
 /// Cuts byte extents into records: whole chunks where every block of the chunk is to be read
@@ -428,7 +492,7 @@ impl<'a> Packer<'a> {
 /// the base's chain, or the merged chain as a new full map once the deltas outgrow the base.
 fn store_map(
     repo: &Repository,
-    base: Option<&Manifest>,
+    base: Option<&[MapRef]>,
     map: &VolumeMap,
     stats: &mut BackupStats,
 ) -> Result<Vec<MapRef>> {
@@ -440,7 +504,7 @@ fn store_map(
             pieces: map.len() as u64,
         }]);
     };
-    let mut chain = base.images[0].maps.clone();
+    let mut chain = base.to_vec();
     let delta_pieces: u64 = chain.iter().skip(1).map(|m| m.pieces).sum::<u64>() + map.len() as u64;
     let base_pieces = chain.first().map_or(0, |m| m.pieces);
     if chain.len() + 1 > MAX_CHAIN || delta_pieces > base_pieces.max(MIN_REBASE_PIECES) {

@@ -130,6 +130,9 @@ pub struct Manifest {
     pub index: Vec<String>,
     /// What it read and stored.
     pub stats: BackupStats,
+    /// What else the front end kept with it: for a VM, its definition and checkpoint record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<serde_json::Value>,
 }
 
 /// Where a record is.

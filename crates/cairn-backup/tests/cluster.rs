@@ -66,12 +66,7 @@ fn checkpoint(s: &Store, name: &str, change: u64) {
 }
 
 fn backup(repo: &Repository, s: &Store, store_id: &str, cp: &str) -> Manifest {
-    let src = Source {
-        store: s,
-        store_id,
-        volume: "web",
-        checkpoint: cp,
-    };
+    let src = Source::volume(s, store_id, "web", cp);
     create(repo, &src, &mut |_| {}).expect("backup")
 }
 
@@ -170,12 +165,7 @@ fn a_node_killed_mid_backup_loses_nothing() {
     let (repo_ref, store_ref) = (&repo, &s);
     let outcome = std::thread::scope(|sc| {
         let t = sc.spawn(move || {
-            let src = Source {
-                store: store_ref,
-                store_id: "a",
-                volume: "web",
-                checkpoint: "one",
-            };
+            let src = Source::volume(store_ref, "a", "web", "one");
             let mut said = false;
             create(repo_ref, &src, &mut |n| {
                 if n > 0 && n < 1_000_000 && !said {

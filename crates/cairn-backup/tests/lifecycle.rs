@@ -35,12 +35,7 @@ fn store(dir: &Path) -> Store {
 }
 
 fn backup(repo: &Repository, s: &Store, vol: &str, cp: &str) -> Manifest {
-    let src = Source {
-        store: s,
-        store_id: "st",
-        volume: vol,
-        checkpoint: cp,
-    };
+    let src = Source::volume(s, "st", vol, cp);
     create(repo, &src, &mut |_| {}).expect("backup")
 }
 

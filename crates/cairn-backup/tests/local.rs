@@ -87,12 +87,7 @@ fn full_and_incremental_backups_restore_byte_identical_and_read_only_changes() {
     fill(&s, "web", size, 7);
     s.create_checkpoint("web", "one", None).expect("cp");
     let repo = Repository::init(&access(dir.path(), "pw"), true).expect("init");
-    let src = |cp: &'static str| Source {
-        store: &s,
-        store_id: "st1",
-        volume: "web",
-        checkpoint: cp,
-    };
+    let src = |cp: &'static str| Source::volume(&s, "st1", "web", cp);
     let full = create(&repo, &src("one"), &mut |_| {}).expect("full");
     assert!(full.parent.is_none());
     let mapped = s.volume_info("web").expect("info").referenced;
@@ -177,17 +172,7 @@ fn bad_input_gets_a_clear_error() {
         .err()
         .expect("exists");
     assert!(matches!(e, BackupError::RepositoryExists(_)), "{e}");
-    let m = create(
-        &repo,
-        &Source {
-            store: &s,
-            store_id: "x",
-            volume: "db",
-            checkpoint: "a",
-        },
-        &mut |_| {},
-    )
-    .expect("backup");
+    let m = create(&repo, &Source::volume(&s, "x", "db", "a"), &mut |_| {}).expect("backup");
     let e = Repository::open(&access(dir.path(), "wrong"))
         .err()
         .expect("wrong passphrase");
@@ -253,17 +238,7 @@ fn unencrypted_repositories_detect_damage_too() {
         ..access(dir.path(), "")
     };
     let repo = Repository::init(&a, false).expect("init");
-    let m = create(
-        &repo,
-        &Source {
-            store: &s,
-            store_id: "x",
-            volume: "v",
-            checkpoint: "c",
-        },
-        &mut |_| {},
-    )
-    .expect("backup");
+    let m = create(&repo, &Source::volume(&s, "x", "v", "c"), &mut |_| {}).expect("backup");
     restore_into(&repo, &s, &m.id, "r").expect("restore");
     assert!(
         read_all(&s, &Target::head("r"), MIB) == read_all(&s, &Target::checkpoint("v", "c"), MIB)

@@ -107,12 +107,7 @@ fn backups_round_trip_through_s3() {
     s.create_checkpoint("v", "a", None).expect("cp");
     let a = access(server.port, "hosts/one", 30);
     let repo = Repository::init(&a, true).expect("init on S3");
-    let src = |cp: &'static str| Source {
-        store: &s,
-        store_id: "s",
-        volume: "v",
-        checkpoint: cp,
-    };
+    let src = |cp: &'static str| Source::volume(&s, "s", "v", cp);
     let full = create(&repo, &src("a"), &mut |_| {}).expect("full");
     for i in 0..200u64 {
         s.write("v", (i * 104_729 % (size / 4096)) * 4096, &[7; 4096])
@@ -166,12 +161,7 @@ fn an_unreachable_s3_fails_clearly_and_leaves_no_manifest() {
     let port = server.port;
     drop(server);
     let began = Instant::now();
-    let src = Source {
-        store: &s,
-        store_id: "s",
-        volume: "v",
-        checkpoint: "a",
-    };
+    let src = Source::volume(&s, "s", "v", "a");
     let e = create(&repo, &src, &mut |_| {}).expect_err("the server is gone");
     assert!(matches!(e, BackupError::Store { .. }), "{e}");
     let msg = e.to_string();

@@ -432,7 +432,10 @@ pub fn run(store: &Backend, cmd: BackupCmd, json: bool, yes: bool) -> Result<()>
             match call(store, op, Some(&format!("restoring {id}")))? {
                 BackupReply::Restored(r) if json => print_json(&r)?,
                 BackupReply::Restored(r) => {
-                    outln!("restored backup {} to {} ({})", r.id, r.to, human(r.size))
+                    outln!("restored backup {} to {} ({})", r.id, r.to, human(r.size));
+                    if let Some(next) = &r.next {
+                        outln!("{next}");
+                    }
                 }
                 other => bail!("unexpected reply {other:?}"),
             }

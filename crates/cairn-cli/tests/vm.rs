@@ -1096,3 +1096,90 @@ fn vm_console_attach_reaches_the_guest_and_ctrl_bracket_detaches() {
         .expect("Ctrl-]");
     assert!(again.wait().expect("wait").success());
 }
+
+/// A backup of a standard VM checkpoint holds the disks, the memory state and the definition:
+/// restored as a new VM with a fresh identity, its checkpoint resumes the guest where it was
+/// (the counter goes on from the value the backed-up disk holds), without a boot.
+#[test]
+fn a_vm_backup_restores_as_a_new_vm_that_resumes() {
+    let e = env();
+    ok(&e, &["volume", "create", "d1", "--size", "64M"]);
+    define(&e, "g1", &["d1"]);
+    let _d = Daemon::start(&e);
+    ok(&e, &["vm", "start", "g1"]);
+    wait_console(&e, "g1", "cairn-counter 00000003", 90);
+    let cp = json(&e, &["checkpoint", "create", "g1@m1"]);
+    assert_eq!(cp["kind"], "standard", "{cp}");
+    let at = counter_in(&e, "d1@m1");
+    let key = e.work.join("key");
+    std::fs::write(&key, "vm backup pass\n").expect("key");
+    let repo = e.work.join("repo").display().to_string();
+    let k = ["--key-file", key.to_str().expect("utf8")];
+    ok(&e, &["backup", "init", &repo, k[0], k[1]]);
+    let b = json(
+        &e,
+        &["backup", "create", "g1@m1", "--repo", &repo, k[0], k[1]],
+    );
+    assert_eq!(b["kind"], "vm", "{b}");
+    assert_eq!(
+        b["images"].as_array().map(Vec::len),
+        Some(2),
+        "disk and memory: {b}"
+    );
+    ok(&e, &["vm", "kill", "g1"]);
+
+    let id = b["id"].as_str().expect("id");
+    let r = json(
+        &e,
+        &[
+            "backup", "restore", id, "--to", "g2", "--repo", &repo, k[0], k[1],
+        ],
+    );
+    assert!(
+        r["next"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("checkpoint apply g2@m1"),
+        "{r}"
+    );
+    let (g1, g2) = (
+        json(&e, &["vm", "info", "g1"]),
+        json(&e, &["vm", "info", "g2"]),
+    );
+    assert_eq!(g2["disks"], serde_json::json!(["g2-d1"]), "{g2}");
+    assert_ne!(g1["mac"], g2["mac"], "a fresh MAC");
+    assert_ne!(g1["uuid"], g2["uuid"], "a fresh machine UUID");
+    assert_eq!(g1["memory"], g2["memory"]);
+    assert_eq!(counter_in(&e, "g2-d1"), at, "the disk is the checkpoint's");
+    let listed = json(&e, &["checkpoint", "list", "g2"]);
+    assert!(listed.to_string().contains("\"m1\""), "{listed}");
+
+    let applied = json(&e, &["checkpoint", "apply", "g2@m1"]);
+    assert_eq!(applied["vm"], "started-from-memory", "{applied}");
+    let t = Instant::now();
+    let first = loop {
+        let log = ok(&e, &["vm", "console", "g2"]);
+        if let Some(line) = log.lines().find(|l| l.starts_with("cairn-counter ")) {
+            assert!(
+                !log.contains("cairn-guest: up"),
+                "the guest rebooted:\n{log}"
+            );
+            break line
+                .trim_start_matches("cairn-counter ")
+                .trim()
+                .parse::<u64>()
+                .expect("counter");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "g2 did not resume:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        first == at + 1 || first == at + 2,
+        "g2 resumed at {first}; the backed-up disk had {at}"
+    );
+    ok(&e, &["vm", "kill", "g2"]);
+    fsck_clean(&e);
+}

@@ -7,11 +7,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use cairn_backup::create::{create, Source};
+use cairn_backup::create::create;
 use cairn_backup::gc::{gc, GcReport};
 use cairn_backup::prune::{prune, KeepPolicy, PruneEntry};
-use cairn_backup::restore::restore;
-use cairn_backup::sink::{FileSink, VolumeSink};
 use cairn_backup::verify::{verify, VerifyReport};
 use cairn_backup::{BackupError, Manifest, Repository, S3Options, Secret};
 use cairn_engine::{Store, Target};
@@ -21,6 +19,8 @@ use crate::error::{ErrorKind, OpError};
 use crate::ops::Reply;
 
 mod registry;
+mod restore;
+mod vm;
 
 pub use registry::RepoEntry;
 
@@ -185,8 +185,11 @@ pub struct RestoreReport {
     pub id: String,
     /// The new volume or file.
     pub to: String,
-    /// Its size in bytes.
+    /// Its size in bytes (all disks and the memory state, for a VM).
     pub size: u64,
+    /// What to do next, if anything (a restored VM resumes with `checkpoint apply`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// What `init` made.
@@ -360,24 +363,27 @@ pub fn run(
                     format!("back up a checkpoint, not a head: give VOLUME@CHECKPOINT (e.g. `cairn checkpoint create {target}@now` first)"),
                 ));
             };
-            let _pin = guards.pin(&t.volume, checkpoint);
-            // The checkpoint exists and is pinned before the repository is even opened.
-            store
-                .list_checkpoints(&t.volume)?
-                .iter()
-                .find(|c| &c.name == checkpoint)
-                .ok_or_else(|| cairn_engine::Error::UnknownCheckpoint {
-                    volume: t.volume.clone(),
-                    name: checkpoint.clone(),
-                })?;
-            let r = open(dir, &repo)?;
             let store_id = registry::store_id(dir)?;
-            let src = Source {
-                store,
-                store_id: &store_id,
-                volume: &t.volume,
-                checkpoint,
-            };
+            let src = vm::source(store, &store_id, &t.volume, checkpoint)?;
+            // Every volume it reads (and the VM checkpoint) is pinned before the repository is
+            // even opened.
+            let _pins: Vec<_> = src
+                .volumes
+                .iter()
+                .chain(std::iter::once(&src.name))
+                .map(|v| guards.pin(v, checkpoint))
+                .collect();
+            for v in &src.volumes {
+                store
+                    .list_checkpoints(v)?
+                    .iter()
+                    .find(|c| &c.name == checkpoint)
+                    .ok_or_else(|| cairn_engine::Error::UnknownCheckpoint {
+                        volume: v.clone(),
+                        name: checkpoint.clone(),
+                    })?;
+            }
+            let r = open(dir, &repo)?;
             let m = create(&r, &src, progress)?;
             BackupReply::Backup(Box::new(info(&r, m)))
         }
@@ -435,7 +441,7 @@ pub fn run(
         BackupOp::Restore { repo, id, to } => {
             let r = open(dir, &repo)?;
             let m = r.manifest(&id)?;
-            BackupReply::Restored(restore_to(store, guards, &r, &m, to, progress)?)
+            BackupReply::Restored(restore::restore_to(store, guards, &r, &m, to, progress)?)
         }
     };
     Ok(Reply::Backup(reply))
@@ -449,104 +455,5 @@ fn info(r: &Repository, m: Manifest) -> BackupInfo {
     BackupInfo {
         repository: r.location().to_string(),
         manifest: m,
-    }
-}
-
-/// Restores into a volume named `NAME.restoring` and renames it `NAME` when complete, or into
-/// `FILE.partial` and renames (or converts) it: a restore that fails or is killed never leaves
-/// a half-restored volume or file under the name asked for. A failed restore deletes its partial
-/// volume; one left by a killed process is replaced by the next restore to that name.
-fn restore_to(
-    store: &Store,
-    guards: &BackupGuards,
-    r: &Repository,
-    m: &Manifest,
-    to: RestoreTo,
-    progress: &mut dyn FnMut(u64),
-) -> Result<RestoreReport, OpError> {
-    let [img] = &m.images[..] else {
-        return Err(OpError::new(
-            ErrorKind::Invalid,
-            format!("backup {} holds {} images; restoring VM backups is not supported by this command yet", m.id, m.images.len()),
-        ));
-    };
-    match to {
-        RestoreTo::Volume { name } => {
-            cairn_engine::validate_name(&name)?;
-            if store.volume_info(&name).is_ok() {
-                return Err(cairn_engine::Error::VolumeExists(name).into());
-            }
-            let partial = format!("{name}.restoring");
-            let _claim = guards.claim_restore(&partial)?;
-            if store.volume_info(&partial).is_ok() {
-                store.delete_volume(&partial)?;
-            }
-            store.create_volume(&partial, img.size)?;
-            let mut sink = VolumeSink {
-                store,
-                volume: partial.clone(),
-            };
-            let done = restore(r, m, 0, &mut sink, progress)
-                .map_err(OpError::from)
-                .and_then(|()| Ok(store.flush()?))
-                .and_then(|()| Ok(store.rename_volume(&partial, &name)?));
-            if let Err(e) = done {
-                let _ = store.delete_volume(&partial);
-                return Err(e);
-            }
-            Ok(RestoreReport {
-                id: m.id.clone(),
-                to: name,
-                size: img.size,
-            })
-        }
-        RestoreTo::File { path, format } => {
-            let partial = path.with_extension(match path.extension() {
-                Some(e) => format!("{}.partial", e.to_string_lossy()),
-                None => "partial".into(),
-            });
-            let result = (|| -> Result<(), OpError> {
-                let mut sink = FileSink::create(&partial, img.size)?;
-                restore(r, m, 0, &mut sink, progress)?;
-                sink.finish()?;
-                match format.as_str() {
-                    "raw" => std::fs::rename(&partial, &path)
-                        .map_err(|e| BackupError::io("rename", &path, e))?,
-                    f => convert(&partial, &path, f)?,
-                }
-                Ok(())
-            })();
-            let _ = std::fs::remove_file(&partial);
-            result?;
-            Ok(RestoreReport {
-                id: m.id.clone(),
-                to: path.display().to_string(),
-                size: img.size,
-            })
-        }
-    }
-}
-
-/// Converts a raw image to `format` with `qemu-img convert` (holes stay holes).
-fn convert(raw: &std::path::Path, out: &std::path::Path, format: &str) -> Result<(), OpError> {
-    let result = std::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", format])
-        .arg(raw)
-        .arg(out)
-        .output();
-    match result {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(OpError::new(
-            ErrorKind::Io,
-            format!(
-                "qemu-img could not write {} as {format}: {}",
-                out.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-        )),
-        Err(e) => Err(OpError::new(
-            ErrorKind::Io,
-            format!("cannot run qemu-img to write {format} ({e}); run ./scripts/setup.sh (or install qemu-utils), or restore with --to-file FILE.raw"),
-        )),
     }
 }
