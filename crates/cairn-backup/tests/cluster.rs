@@ -18,6 +18,7 @@ use cairn_backup::verify::verify;
 use cairn_backup::{Access, Location, Manifest, Repository, S3Options, Secret};
 use cairn_engine::{Options, Store, Target};
 use common::garage::Garage;
+use common::noise;
 
 fn access(g: &Garage, node: usize) -> Access {
     Access {
@@ -35,18 +36,6 @@ fn access(g: &Garage, node: usize) -> Access {
             retry_secs: Some(20),
         },
     }
-}
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A host: its own store with volume `web` holding the shared base image.

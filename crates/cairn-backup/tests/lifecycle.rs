@@ -18,6 +18,9 @@ use cairn_backup::{Access, BackupError, Location, Manifest, Repository, S3Option
 use cairn_engine::{Options, Store, Target};
 use proptest::prelude::*;
 
+mod common;
+use common::noise;
+
 fn plain(dir: &Path) -> Access {
     Access {
         location: Location::Local {
@@ -60,17 +63,8 @@ fn read(s: &Store, t: &Target, size: u64) -> Vec<u8> {
     buf
 }
 
-/// Bytes that do not repeat within a volume, so no two chunks dedup by accident.
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    noise(u64::from(seed), len)
 }
 
 fn repo_bytes(dir: &Path) -> u64 {

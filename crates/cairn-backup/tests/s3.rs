@@ -50,7 +50,11 @@ fn free_port() -> u16 {
 
 fn start_s3(root: &Path, bucket: &str) -> S3Server {
     std::fs::create_dir_all(root.join(bucket)).expect("bucket dir");
-    let port = free_port();
+    spawn_s3(root, free_port())
+}
+
+/// Starts s3s-fs on `port` over `root` (again, after a stop, on the same data).
+fn spawn_s3(root: &Path, port: u16) -> S3Server {
     let child = Command::new(s3s_fs())
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--access-key", KEY_ID, "--secret-key", SECRET])
@@ -58,7 +62,7 @@ fn start_s3(root: &Path, bucket: &str) -> S3Server {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("s3s-fs runs (scripts/setup.sh installs it)");
+        .expect("s3s-fs runs (scripts/setup-tests.sh installs it)");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "s3s-fs did not start");
@@ -178,7 +182,7 @@ fn an_unreachable_s3_fails_clearly_and_leaves_no_manifest() {
         "gave up after its retries"
     );
     // The server comes back on the same data: no backup is listed, and the next one works.
-    let server = restart(&dir.path().join("s3"), port);
+    let server = spawn_s3(&dir.path().join("s3"), port);
     let repo = Repository::open(&a).expect("reopen");
     assert!(
         repo.backups().expect("list").is_empty(),
@@ -186,21 +190,4 @@ fn an_unreachable_s3_fails_clearly_and_leaves_no_manifest() {
     );
     create(&repo, &src, &mut |_| {}).expect("the next backup works");
     drop(server);
-}
-
-fn restart(root: &Path, port: u16) -> S3Server {
-    let child = Command::new(s3s_fs())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--access-key", KEY_ID, "--secret-key", SECRET])
-        .arg(root)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("s3s-fs");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "s3s-fs did not restart");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    S3Server { child, port }
 }

@@ -5,7 +5,7 @@
 //! into fresh repositories, rounds alternating the tools; the table holds medians. Cairn
 //! encrypts (its default), restic always does, borg runs unencrypted with its default lz4.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -248,82 +248,85 @@ fn round_cairn(dir: &Path, store: &Path, ch: &[(u64, [u8; 4096])], tag: &str) ->
     Ok(r)
 }
 
+/// The steps of a file-based peer's round, each as the command that does it.
+enum Step {
+    Init,
+    Full,
+    Incremental,
+    /// Restore the latest backup into this directory.
+    Restore(PathBuf),
+}
+
+/// A round of a peer that backs up the image file: init, full backup, the change, incremental,
+/// restore; `command` makes each step's command.
+fn round_peer(
+    dir: &Path,
+    name: &str,
+    image: &Path,
+    ch: &[(u64, [u8; 4096])],
+    repo: &Path,
+    command: &dyn Fn(Step) -> Command,
+) -> Result<Round> {
+    timed(&mut command(Step::Init), &format!("{name} init"))?;
+    let (full_s, peak_rss_kib) = measured(&mut command(Step::Full), &format!("{name} backup"))?;
+    let mut r = Round {
+        full_s,
+        peak_rss_kib,
+        ..Round::default()
+    };
+    r.repo_full = du(repo);
+    apply_to_file(image, ch)?;
+    r.inc_s = timed(&mut command(Step::Incremental), &format!("{name} backup"))?;
+    r.growth = du(repo) - r.repo_full;
+    let target = dir.join(format!("{name}-restore"));
+    std::fs::create_dir_all(&target)?;
+    r.restore_s = timed(
+        &mut command(Step::Restore(target.clone())),
+        &format!("{name} restore"),
+    )?;
+    std::fs::remove_dir_all(&target)?;
+    std::fs::remove_dir_all(repo)?;
+    Ok(r)
+}
+
 fn round_restic(dir: &Path, image: &Path, ch: &[(u64, [u8; 4096])]) -> Result<Round> {
     let repo = dir.join("restic-repo");
-    let restic = || {
+    let command = |step: Step| {
         let mut c = Command::new("restic");
         c.arg("--repo")
             .arg(&repo)
             .arg("--quiet")
             .env("RESTIC_PASSWORD", PASS)
             .env("RESTIC_CACHE_DIR", dir.join("restic-cache"));
+        match step {
+            Step::Init => c.arg("init"),
+            Step::Full | Step::Incremental => c.arg("backup").arg(image),
+            Step::Restore(to) => c.args(["restore", "latest", "--target"]).arg(to),
+        };
         c
     };
-    timed(restic().arg("init"), "restic init")?;
-    let (full_s, peak_rss_kib) = measured(restic().arg("backup").arg(image), "restic backup")?;
-    let mut r = Round {
-        full_s,
-        peak_rss_kib,
-        ..Round::default()
-    };
-    r.repo_full = du(&repo);
-    apply_to_file(image, ch)?;
-    r.inc_s = timed(restic().arg("backup").arg(image), "restic backup")?;
-    r.growth = du(&repo) - r.repo_full;
-    let target = dir.join("restic-restore");
-    r.restore_s = timed(
-        restic()
-            .args(["restore", "latest", "--target"])
-            .arg(&target),
-        "restic restore",
-    )?;
-    std::fs::remove_dir_all(&target)?;
-    std::fs::remove_dir_all(&repo)?;
-    Ok(r)
+    round_peer(dir, "restic", image, ch, &repo, &command)
 }
 
 fn round_borg(dir: &Path, image: &Path, ch: &[(u64, [u8; 4096])]) -> Result<Round> {
     let repo = dir.join("borg-repo");
-    let borg = || {
+    let repo_s = repo.to_str().context("utf-8")?.to_string();
+    let command = |step: Step| {
         let mut c = Command::new("borg");
         c.env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
             .env("BORG_BASE_DIR", dir.join("borg-home"))
             .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes");
+        match step {
+            Step::Init => c.args(["init", "-e", "none", &repo_s]),
+            Step::Full => c.args(["create", &format!("{repo_s}::full")]).arg(image),
+            Step::Incremental => c.args(["create", &format!("{repo_s}::inc")]).arg(image),
+            Step::Restore(to) => c
+                .current_dir(to)
+                .args(["extract", &format!("{repo_s}::inc")]),
+        };
         c
     };
-    let repo_s = repo.to_str().context("utf-8")?;
-    timed(borg().args(["init", "-e", "none", repo_s]), "borg init")?;
-    let (full_s, peak_rss_kib) = measured(
-        borg()
-            .args(["create", &format!("{repo_s}::full")])
-            .arg(image),
-        "borg create",
-    )?;
-    let mut r = Round {
-        full_s,
-        peak_rss_kib,
-        ..Round::default()
-    };
-    r.repo_full = du(&repo);
-    apply_to_file(image, ch)?;
-    r.inc_s = timed(
-        borg()
-            .args(["create", &format!("{repo_s}::inc")])
-            .arg(image),
-        "borg create",
-    )?;
-    r.growth = du(&repo) - r.repo_full;
-    let target = dir.join("borg-restore");
-    std::fs::create_dir_all(&target)?;
-    r.restore_s = timed(
-        borg()
-            .current_dir(&target)
-            .args(["extract", &format!("{repo_s}::inc")]),
-        "borg extract",
-    )?;
-    std::fs::remove_dir_all(&target)?;
-    std::fs::remove_dir_all(&repo)?;
-    Ok(r)
+    round_peer(dir, "borg", image, ch, &repo, &command)
 }
 
 /// Runs the backup benchmark in `dir`; returns the Markdown report.

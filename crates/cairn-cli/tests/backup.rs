@@ -27,6 +27,26 @@ fn contents(e: &Env, target: &str, len: u64) -> Vec<u8> {
     o.stdout
 }
 
+/// Bytes that compress but do not repeat: `len` of them from the multiplier `mul`.
+fn data(len: u32, mul: u32, shift: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(mul) >> shift) as u8)
+        .collect()
+}
+
+/// Writes `bytes` into `volume` at `offset` from a file, as a user would.
+fn write_from(e: &Env, volume: &str, offset: &str, bytes: &[u8]) {
+    let f = e.work.join(format!("{volume}-{offset}.bin"));
+    std::fs::write(&f, bytes).expect("data file");
+    let from = f.to_str().expect("utf8");
+    ok(
+        e,
+        &[
+            "volume", "write", volume, "--offset", offset, "--from", from,
+        ],
+    );
+}
+
 struct Repo {
     dir: String,
     key: String,
@@ -56,23 +76,8 @@ fn backups_in(e: Env) {
     let r = repo(&e);
     let k = ["--key-file", r.key.as_str()];
     ok(&e, &["volume", "create", "web", "--size", "32M"]);
-    let data = e.work.join("data.bin");
-    let bytes: Vec<u8> = (0..12u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    std::fs::write(&data, &bytes).expect("data");
-    ok(
-        &e,
-        &[
-            "volume",
-            "write",
-            "web",
-            "--offset",
-            "1M",
-            "--from",
-            data.to_str().expect("utf8"),
-        ],
-    );
+    let bytes = data(12 << 20, 2654435761, 13);
+    write_from(&e, "web", "1M", &bytes);
     ok(&e, &["checkpoint", "create", "web@one"]);
 
     let init = json(&e, &["backup", "init", &r.dir, "--key-file", &r.key]);
@@ -213,19 +218,7 @@ fn backups_in(e: Env) {
     // Retention and GC: the data is rewritten and backed up again; keeping only the newest
     // backup leaves the old data unused, and two GC runs free it.
     let fresh: Vec<u8> = bytes.iter().map(|b| b ^ 0x5c).collect();
-    std::fs::write(&data, &fresh).expect("data");
-    ok(
-        &e,
-        &[
-            "volume",
-            "write",
-            "web",
-            "--offset",
-            "1M",
-            "--from",
-            data.to_str().expect("utf8"),
-        ],
-    );
+    write_from(&e, "web", "1M", &fresh);
     ok(&e, &["checkpoint", "create", "web@three"]);
     let third = json(&e, &["backup", "create", "web@three", k[0], k[1]]);
     let dry = json(
@@ -467,23 +460,7 @@ fn a_killed_backup_or_restore_leaves_nothing_half_made() {
     let r = repo(&e);
     let k = ["--key-file", r.key.as_str()];
     ok(&e, &["volume", "create", "big", "--size", "256M"]);
-    let data = e.work.join("big.bin");
-    let bytes: Vec<u8> = (0..192u32 << 20)
-        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
-        .collect();
-    std::fs::write(&data, &bytes).expect("data");
-    ok(
-        &e,
-        &[
-            "volume",
-            "write",
-            "big",
-            "--offset",
-            "0",
-            "--from",
-            data.to_str().expect("utf8"),
-        ],
-    );
+    write_from(&e, "big", "0", &data(192 << 20, 2246822519, 11));
     ok(&e, &["checkpoint", "create", "big@a"]);
     ok(&e, &["backup", "init", &r.dir, k[0], k[1]]);
     ok(&e, &["backup", "repo", "add", "r", &r.dir]);

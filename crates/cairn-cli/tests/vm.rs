@@ -217,6 +217,32 @@ fn missing_qemu_is_a_clear_error() {
     assert_eq!(json(&e, &["vm", "status", "g"])["state"], "stopped");
 }
 
+/// The first counter a resumed guest prints on its console after its first `before` bytes, and
+/// that it did not boot to print it.
+fn first_counter_after(e: &Env, vm: &str, before: usize) -> u64 {
+    let t = Instant::now();
+    loop {
+        let log = ok(e, &["vm", "console", vm]);
+        let new = &log[before.min(log.len())..];
+        if let Some(line) = new.lines().find(|l| l.starts_with("cairn-counter ")) {
+            assert!(
+                !new.contains("cairn-guest: up"),
+                "the guest rebooted:\n{new}"
+            );
+            return line
+                .trim_start_matches("cairn-counter ")
+                .trim()
+                .parse::<u64>()
+                .expect("counter");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{vm} did not resume:\n{new}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The counter the guest last wrote, read from block 0 of `target` through the CLI.
 fn counter_in(e: &Env, target: &str) -> u64 {
     disk_counter(e, target)
@@ -461,27 +487,7 @@ fn standard_checkpoint_resumes_the_guest_where_it_was() {
         "the damaged disk is kept: {r}"
     );
     assert_eq!(json(&e, &["vm", "status", "g1"])["state"], "running");
-    let t = Instant::now();
-    let first = loop {
-        let log = ok(&e, &["vm", "console", "g1"]);
-        let new = &log[before.min(log.len())..];
-        if let Some(line) = new.lines().find(|l| l.starts_with("cairn-counter ")) {
-            assert!(
-                !new.contains("cairn-guest: up"),
-                "the guest rebooted:\n{new}"
-            );
-            break line
-                .trim_start_matches("cairn-counter ")
-                .trim()
-                .parse::<u64>()
-                .expect("counter");
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "guest did not resume:\n{new}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let first = first_counter_after(&e, "g1", before);
     // The disk held `at` or one less than the guest's counter at the pause.
     assert!(
         first == at + 1 || first == at + 2,
@@ -1156,26 +1162,7 @@ fn a_vm_backup_restores_as_a_new_vm_that_resumes() {
 
     let applied = json(&e, &["checkpoint", "apply", "g2@m1"]);
     assert_eq!(applied["vm"], "started-from-memory", "{applied}");
-    let t = Instant::now();
-    let first = loop {
-        let log = ok(&e, &["vm", "console", "g2"]);
-        if let Some(line) = log.lines().find(|l| l.starts_with("cairn-counter ")) {
-            assert!(
-                !log.contains("cairn-guest: up"),
-                "the guest rebooted:\n{log}"
-            );
-            break line
-                .trim_start_matches("cairn-counter ")
-                .trim()
-                .parse::<u64>()
-                .expect("counter");
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "g2 did not resume:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let first = first_counter_after(&e, "g2", 0);
     assert!(
         first == at + 1 || first == at + 2,
         "g2 resumed at {first}; the backed-up disk had {at}"
