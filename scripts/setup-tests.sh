@@ -3,6 +3,8 @@
 # present): NBD clients, fio, the VM runtime and its test guest, the fuzzer, an S3 server, and
 # the backup tools the backup benchmark compares with.
 set -euo pipefail
+# shellcheck source=scripts/apt.sh
+. "$(dirname "$0")/apt.sh"
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 
@@ -20,13 +22,7 @@ command -v cpio >/dev/null 2>&1 || need_apt+=(cpio)
 # restic and borg: the backup benchmark's peers.
 command -v restic >/dev/null 2>&1 || need_apt+=(restic)
 command -v borg >/dev/null 2>&1 || need_apt+=(borgbackup)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    echo "setup-tests: installing ${need_apt[*]}" >&2
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
-fi
+apt_install ${need_apt[@]+"${need_apt[@]}"}
 export PATH="$HOME/.cargo/bin:$PATH"
 # Fuzzing the decoders needs nightly and cargo-fuzz.
 rustup run nightly rustc --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
