@@ -4,8 +4,9 @@
 //! A backup writes `sessions/NAME` when it starts and rewrites it every few minutes while it
 //! runs; GC never deletes what it condemned while a session that started before the
 //! condemnation is still live (see `gc.rs`). A session not refreshed for [`SESSION_STALE_MS`] is
-//! dead (its writer was killed); a writer that could not refresh in time gives up before it
-//! commits rather than commit a backup that GC may have raced.
+//! dead (its writer was killed), and so is one of this host whose process is gone (its pid free,
+//! or taken by a process that started at another time); a writer that could not refresh in time
+//! gives up before it commits rather than commit a backup that GC may have raced.
 
 use std::sync::Mutex;
 
@@ -36,6 +37,35 @@ pub struct SessionRecord {
     pub started_ms: u64,
     /// When it was last refreshed.
     pub refreshed_ms: u64,
+    /// The process's start time on its host (clock ticks since boot), so a record whose pid
+    /// now belongs to another process is known dead.
+    #[serde(default)]
+    pub proc_start: Option<u64>,
+}
+
+/// Start time of process `pid` on this host (field 22 of `/proc/PID/stat`), if it runs.
+fn proc_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after its closing parenthesis count
+    // from 3.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl SessionRecord {
+    /// Whether this record's process is known gone: it ran on this host, and its pid is free
+    /// or belongs to a process started at another time. Records of other hosts are judged by
+    /// their age alone.
+    fn process_gone(&self) -> bool {
+        if self.host != crate::create::host_name() {
+            return false;
+        }
+        match (proc_start(self.pid), self.proc_start) {
+            (None, _) => true,
+            (Some(now), Some(then)) => now != then,
+            (Some(_), None) => false,
+        }
+    }
 }
 
 fn aad(key: &str) -> Vec<u8> {
@@ -58,7 +88,7 @@ pub fn list(repo: &Repository, dir: &str) -> Result<(Vec<SessionRecord>, Vec<Str
             .ok()
             .and_then(|p| serde_json::from_slice::<SessionRecord>(&p).ok());
         match r {
-            Some(mut r) if r.refreshed_ms + SESSION_STALE_MS > now => {
+            Some(mut r) if r.refreshed_ms + SESSION_STALE_MS > now && !r.process_gone() => {
                 r.name = o.key.clone();
                 live.push(r);
             }
@@ -91,6 +121,7 @@ impl<'a> Session<'a> {
             pid: std::process::id(),
             started_ms: now,
             refreshed_ms: now,
+            proc_start: proc_start(std::process::id()),
         };
         put(repo, &record.name, &record)?;
         Ok(Session {
@@ -161,7 +192,7 @@ pub fn gc_lock(repo: &Repository) -> Result<Session<'_>> {
     }
     if let Some(other) = live.iter().find(|r| r.name != ours_name) {
         return Err(BackupError::Busy(format!(
-            "another garbage collection holds repository {} ({} pid {} since {}); wait for it to end",
+            "another garbage collection holds repository {} ({} pid {} since {}); wait for it to end (a lock of a process that died on another host expires an hour after its last refresh)",
             repo.location(),
             other.host,
             other.pid,
