@@ -280,22 +280,44 @@ impl Repository {
         self.put_sealed(&format!("backups/{}", m.id), &manifest_aad(&m.id), &json)
     }
 
-    /// Reads every index segment.
+    /// Reads every index segment; a damaged one is an error (writers and restores need them all).
     pub fn load_index(&self) -> Result<ChunkIndex> {
+        let (index, mut damaged) = self.load_index_lenient()?;
+        match damaged.pop() {
+            Some((_, e)) => Err(e),
+            None => Ok(index),
+        }
+    }
+
+    /// Reads every index segment that opens; returns the others with their errors apart (verify
+    /// reports them, and the chunks only they located show up as missing).
+    pub fn load_index_lenient(&self) -> Result<(ChunkIndex, Vec<(String, BackupError)>)> {
         let mut index = ChunkIndex::default();
+        let mut damaged = Vec::new();
         for o in self.backend.list("index/")? {
             let name = o.key.trim_start_matches("index/").to_string();
-            let plain = self.get_sealed(&o.key, "index", &index_aad(&name))?;
-            let seg = IndexSegment::decode(&plain).ok_or_else(|| BackupError::Corrupt {
-                location: self.location().to_string(),
-                what: "index",
-                name: o.key.clone(),
-                why: "its records do not decode".into(),
-            })?;
-            index.add(&seg);
-            index.segments.push(name);
+            let seg = self
+                .get_sealed(&o.key, "index", &index_aad(&name))
+                .and_then(|plain| {
+                    IndexSegment::decode(&plain).ok_or_else(|| BackupError::Corrupt {
+                        location: self.location().to_string(),
+                        what: "index",
+                        name: o.key.clone(),
+                        why: "its records do not decode".into(),
+                    })
+                });
+            match seg {
+                Ok(seg) => {
+                    index.add(&seg);
+                    index.segments.push(name);
+                }
+                Err(e @ (BackupError::Corrupt { .. } | BackupError::Missing { .. })) => {
+                    damaged.push((o.key, e))
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(index)
+        Ok((index, damaged))
     }
 
     /// Writes an index segment under a new name; returns the name and bytes stored.

@@ -104,7 +104,15 @@ pub fn verify(
             }
         }
     }
-    let index = repo.load_index()?;
+    let (index, damaged) = repo.load_index_lenient()?;
+    for (key, e) in damaged {
+        report.problems.push(Problem {
+            kind: "damaged".into(),
+            object: format!("index {key}"),
+            why: e.to_string(),
+            affects: vec!["the chunks it locates (listed below as missing)".into()],
+        });
+    }
     let mut by_pack: BTreeMap<u32, Vec<(ChunkId, Location)>> = BTreeMap::new();
     for (id, affects) in &users {
         match index.chunks.get(id) {

@@ -213,6 +213,34 @@ fn bad_input_gets_a_clear_error() {
         report.problems
     );
 
+    // A damaged index segment and a damaged manifest: verify names both and what they affect.
+    let index = repo.backend().list("index/").expect("list");
+    let key = dir.path().join("repo").join(&index[0].key);
+    let mut bytes = std::fs::read(&key).expect("read index");
+    bytes[5] ^= 1;
+    std::fs::write(&key, &bytes).expect("damage");
+    let manifest = dir.path().join("repo/backups").join(&m.id);
+    let mut bytes = std::fs::read(&manifest).expect("read manifest");
+    bytes[7] ^= 1;
+    std::fs::write(&manifest, &bytes).expect("damage");
+    let report = verify(&repo, None, 100.0, &mut |_| {}).expect("verify runs");
+    let objects: Vec<&str> = report.problems.iter().map(|p| p.object.as_str()).collect();
+    assert!(
+        objects.iter().any(|o| o.starts_with("index ")),
+        "{objects:?}"
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|o| o.starts_with(&format!("manifest {}", m.id))),
+        "{objects:?}"
+    );
+    let e = repo.manifest(&m.id).expect_err("damaged");
+    assert!(
+        e.to_string().contains("damaged") && e.to_string().contains("verify"),
+        "{e}"
+    );
+
     // A repository from a newer Cairn.
     let cfg = dir.path().join("repo/config");
     let text = std::fs::read_to_string(&cfg).expect("config");
