@@ -17,7 +17,7 @@ use cairn_backup::sink::VolumeSink;
 use cairn_backup::verify::verify;
 use cairn_backup::{Access, Location, Manifest, Repository, S3Options, Secret};
 use cairn_engine::{Options, Store, Target};
-use common::garage::Garage;
+use cairn_test_peers::garage::Garage;
 use common::noise;
 
 fn access(g: &Garage, node: usize) -> Access {

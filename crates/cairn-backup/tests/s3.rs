@@ -4,9 +4,6 @@
 //! retries with a clear error and leaves no manifest.
 #![allow(missing_docs)]
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_backup::create::{create, Source};
@@ -15,61 +12,7 @@ use cairn_backup::sink::VolumeSink;
 use cairn_backup::verify::verify;
 use cairn_backup::{Access, BackupError, Location, Repository, S3Options, Secret};
 use cairn_engine::{Options, Store, Target};
-
-const KEY_ID: &str = "cairntestkey";
-const SECRET: &str = "cairntestsecret0123456789";
-
-/// A running `s3s-fs`, killed on drop.
-struct S3Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn s3s_fs() -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let cargo_bin = Path::new(&home).join(".cargo/bin/s3s-fs");
-    if cargo_bin.exists() {
-        return cargo_bin;
-    }
-    PathBuf::from("s3s-fs")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn start_s3(root: &Path, bucket: &str) -> S3Server {
-    std::fs::create_dir_all(root.join(bucket)).expect("bucket dir");
-    spawn_s3(root, free_port())
-}
-
-/// Starts s3s-fs on `port` over `root` (again, after a stop, on the same data).
-fn spawn_s3(root: &Path, port: u16) -> S3Server {
-    let child = Command::new(s3s_fs())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--access-key", KEY_ID, "--secret-key", SECRET])
-        .arg(root)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("s3s-fs runs (scripts/setup-tests.sh installs it)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "s3s-fs did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    S3Server { child, port }
-}
+use cairn_test_peers::s3s_fs::{S3Server, KEY_ID, SECRET};
 
 fn access(port: u16, prefix: &str, retry_secs: u64) -> Access {
     Access {
@@ -98,7 +41,7 @@ fn read_all(s: &Store, t: &Target, size: u64) -> Vec<u8> {
 #[test]
 fn backups_round_trip_through_s3() {
     let dir = tempfile::tempdir().expect("tmp");
-    let server = start_s3(&dir.path().join("s3"), "cairn-test");
+    let server = S3Server::start(&dir.path().join("s3"), "cairn-test");
     let sp = dir.path().join("store");
     Store::init(&sp, Options::default()).expect("init");
     let s = Store::open(&sp, Options::default()).expect("open");
@@ -150,7 +93,7 @@ fn backups_round_trip_through_s3() {
 #[test]
 fn an_unreachable_s3_fails_clearly_and_leaves_no_manifest() {
     let dir = tempfile::tempdir().expect("tmp");
-    let server = start_s3(&dir.path().join("s3"), "cairn-test");
+    let server = S3Server::start(&dir.path().join("s3"), "cairn-test");
     let sp = dir.path().join("store");
     Store::init(&sp, Options::default()).expect("init");
     let s = Store::open(&sp, Options::default()).expect("open");
@@ -182,7 +125,7 @@ fn an_unreachable_s3_fails_clearly_and_leaves_no_manifest() {
         "gave up after its retries"
     );
     // The server comes back on the same data: no backup is listed, and the next one works.
-    let server = spawn_s3(&dir.path().join("s3"), port);
+    let server = S3Server::on_port(&dir.path().join("s3"), port);
     let repo = Repository::open(&a).expect("reopen");
     assert!(
         repo.backups().expect("list").is_empty(),

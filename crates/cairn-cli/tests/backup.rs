@@ -643,3 +643,131 @@ fn a_killed_gc_or_prune_loses_nothing() {
         );
     }
 }
+
+/// `cairn --store STORE args` with S3 credentials and the passphrase in its environment, as a
+/// user's shell has them; must succeed; returns stdout.
+fn ok_s3(e: &Env, args: &[&str]) -> String {
+    use cairn_test_peers::s3s_fs::{KEY_ID, SECRET};
+    let o = command(e, args)
+        .env("AWS_ACCESS_KEY_ID", KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .env("AWS_REGION", "us-east-1")
+        .env("CAIRN_BACKUP_PASSPHRASE", "two hosts")
+        .output()
+        .expect("run cairn");
+    assert!(
+        o.status.success(),
+        "cairn {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json_s3(e: &Env, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&ok_s3(e, &a)).expect("valid JSON")
+}
+
+/// Two `cairn serve` daemons on two stores back up into one S3 prefix at once (the credentials
+/// and passphrase travel from each command to its daemon); one prunes and collects garbage, and
+/// every backup of the other still restores byte-identical and verifies clean.
+#[test]
+fn two_daemons_share_an_s3_prefix() {
+    let (a, b) = (env_with_daemon(), env_with_daemon());
+    let s3 = cairn_test_peers::s3s_fs::S3Server::start(&a.work.join("s3"), "cairn-test");
+    let url = "s3://cairn-test/hosts";
+    let endpoint = s3.endpoint();
+    let base = data(8 << 20, 2654435761, 7);
+    for e in [&a, &b] {
+        ok(e, &["volume", "create", "web", "--size", "16M"]);
+        write_from(e, "web", "0", &base);
+    }
+    // Host a also has data of its own, which its later backups no longer hold.
+    write_from(&a, "web", "8M", &data(8 << 20, 69069, 9));
+    for e in [&a, &b] {
+        ok(e, &["checkpoint", "create", "web@one"]);
+    }
+    ok_s3(&a, &["backup", "init", url, "--s3-endpoint", &endpoint]);
+    for e in [&a, &b] {
+        ok(
+            e,
+            &[
+                "backup",
+                "repo",
+                "add",
+                "s3",
+                url,
+                "--s3-endpoint",
+                &endpoint,
+            ],
+        );
+    }
+    // Both at once.
+    let (ba, bb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| json_s3(&a, &["backup", "create", "web@one"]));
+        let tb = s.spawn(|| json_s3(&b, &["backup", "create", "web@one"]));
+        (ta.join().expect("a"), tb.join().expect("b"))
+    });
+    assert_ne!(ba["store"], bb["store"], "two stores, two groups");
+    ok(
+        &b,
+        &[
+            "volume",
+            "write",
+            "web",
+            "--offset",
+            "4M",
+            "--pattern",
+            "0x33",
+            "--length",
+            "8K",
+        ],
+    );
+    ok(&b, &["checkpoint", "create", "web@two"]);
+    let bb2 = json_s3(&b, &["backup", "create", "web@two"]);
+    assert_eq!(
+        bb2["parent"], bb["id"],
+        "incremental on its own host's backup"
+    );
+
+    // Host a replaces all its data, keeps only its newest backup and collects garbage: its own
+    // old data goes, the base image host b shares stays.
+    write_from(&a, "web", "0", &data(16 << 20, 40503, 2));
+    ok(&a, &["checkpoint", "create", "web@two"]);
+    let ba2 = json_s3(&a, &["backup", "create", "web@two"]);
+    let pruned = json_s3(&a, &["backup", "prune", "--keep-last", "1", "--yes"]);
+    let removed: Vec<&str> = pruned
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|p| p["mark"] == "remove")
+        .filter_map(|p| p["id"].as_str())
+        .collect();
+    assert_eq!(
+        removed,
+        vec![ba["id"].as_str().expect("id")],
+        "only host a's older backup goes"
+    );
+    json_s3(&a, &["backup", "gc", "--grace", "0"]);
+    let gc = json_s3(&a, &["backup", "gc", "--grace", "0"]);
+    assert!(gc["packs_deleted"].as_u64() > Some(0), "{gc}");
+
+    let listed = json_s3(&b, &["backup", "list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
+    for (e, backup, cp) in [
+        (&b, &bb, "web@one"),
+        (&b, &bb2, "web@two"),
+        (&a, &ba2, "web@two"),
+    ] {
+        let id = backup["id"].as_str().expect("id");
+        let to = format!("r{}", &id[..6]);
+        ok_s3(e, &["backup", "restore", id, "--to", &to]);
+        assert!(
+            contents(e, &to, 16 << 20) == contents(e, cp, 16 << 20),
+            "{id} restores {cp}"
+        );
+    }
+    let v = json_s3(&b, &["backup", "verify"]);
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
+}

@@ -1,8 +1,6 @@
 //! Helpers shared by the backup tests.
 #![allow(dead_code)]
 
-pub mod garage;
-
 /// Bytes that do not repeat within a volume (xorshift), so no two chunks dedup by accident.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;

@@ -1,23 +1,29 @@
-//! A Garage cluster on 127.0.0.1 for the tests: `n` nodes with replication `n` (Garage's own
-//! dev-cluster recipe), a bucket and a key. `garage` comes from scripts/setup-tests.sh.
-#![allow(dead_code)]
+//! A Garage cluster: `n` nodes with replication `n` (Garage's own dev-cluster recipe), a bucket
+//! and a key.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running cluster; every node is killed on drop.
 pub struct Garage {
+    /// The nodes, in start order.
     pub nodes: Vec<Node>,
+    /// The access key's id.
     pub key_id: String,
+    /// Its secret.
     pub secret: String,
+    /// The bucket made for the tests.
     pub bucket: String,
 }
 
+/// One node.
 pub struct Node {
+    /// Its config file.
     pub config: PathBuf,
+    /// Its S3 port on 127.0.0.1.
     pub s3_port: u16,
+    /// Its process, until killed.
     pub child: Option<Child>,
 }
 
@@ -30,6 +36,7 @@ impl Drop for Garage {
 }
 
 impl Node {
+    /// Kills the node (as a crash would).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -39,19 +46,7 @@ impl Node {
 }
 
 fn binary() -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let p = Path::new(&home).join(".cargo/bin/garage");
-    if p.exists() {
-        return p;
-    }
-    PathBuf::from("garage")
-}
-
-fn port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    crate::cargo_bin("garage")
 }
 
 fn run(config: &Path, args: &[&str]) -> std::process::Output {
@@ -91,14 +86,6 @@ fn garage_eventually(config: &Path, args: &[&str]) -> String {
     }
 }
 
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "garage did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 impl Garage {
     /// Starts `n` nodes in `dir`, joins them, lays them out and makes bucket `cairn-test`.
     pub fn start(dir: &Path, n: usize) -> Garage {
@@ -109,7 +96,7 @@ impl Garage {
         for i in 0..n {
             let d = dir.join(format!("node{i}"));
             std::fs::create_dir_all(&d).expect("node dir");
-            let (rpc, s3, admin) = (port(), port(), port());
+            let (rpc, s3, admin) = (crate::free_port(), crate::free_port(), crate::free_port());
             let config = d.join("garage.toml");
             let text = format!(
                 "metadata_dir = \"{m}\"\ndata_dir = \"{da}\"\ndb_engine = \"sqlite\"\n\
@@ -132,7 +119,7 @@ impl Garage {
                 .stderr(log)
                 .spawn()
                 .expect("garage server");
-            wait_port(rpc);
+            crate::wait_port(rpc, "garage");
             nodes.push(Node {
                 config,
                 s3_port: s3,
@@ -185,7 +172,7 @@ impl Garage {
             ],
         );
         for nd in &nodes {
-            wait_port(nd.s3_port);
+            crate::wait_port(nd.s3_port, "garage");
         }
         Garage {
             nodes,
