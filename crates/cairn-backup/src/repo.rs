@@ -218,15 +218,30 @@ impl Repository {
         zstd::stream::decode_all(&packed[..]).map_err(|_| corrupt("it does not decompress"))
     }
 
-    /// Every backup, oldest first.
+    /// Every backup, oldest first; a damaged manifest is an error (GC must know every one).
     pub fn backups(&self) -> Result<Vec<Manifest>> {
-        let mut out = Vec::new();
+        let (list, mut damaged) = self.backups_lenient()?;
+        match damaged.pop() {
+            Some((_, e)) => Err(e),
+            None => Ok(list),
+        }
+    }
+
+    /// Every backup whose manifest opens, oldest first, and the others with their errors.
+    pub fn backups_lenient(&self) -> Result<(Vec<Manifest>, Vec<(String, BackupError)>)> {
+        let (mut out, mut damaged) = (Vec::new(), Vec::new());
         for o in self.backend.list("backups/")? {
             let id = o.key.trim_start_matches("backups/");
-            out.push(self.manifest_exact(id)?);
+            match self.manifest_exact(id) {
+                Ok(m) => out.push(m),
+                Err(e @ (BackupError::Corrupt { .. } | BackupError::Missing { .. })) => {
+                    damaged.push((id.to_string(), e))
+                }
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
-        Ok(out)
+        Ok((out, damaged))
     }
 
     /// The backup whose id is `id` or starts with it.

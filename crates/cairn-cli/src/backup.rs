@@ -322,11 +322,17 @@ pub fn run(store: &Backend, cmd: BackupCmd, json: bool, yes: bool) -> Result<()>
                 repo: access.spec(None)?,
                 name,
             };
-            match call(store, op, None)? {
-                BackupReply::Backups(list) if json => print_json(&list)?,
-                BackupReply::Backups(list) if list.is_empty() => outln!("no backups"),
-                BackupReply::Backups(list) => table(&list),
-                other => bail!("unexpected reply {other:?}"),
+            let BackupReply::Backups { backups, damaged } = call(store, op, None)? else {
+                bail!("unexpected reply to backup list");
+            };
+            // The list stays a list (for scripts); damaged manifests are warnings on stderr.
+            for d in &damaged {
+                eprintln!("cairn: warning: {d}");
+            }
+            match (json, backups.is_empty()) {
+                (true, _) => print_json(&backups)?,
+                (false, true) => outln!("no backups"),
+                (false, false) => table(&backups),
             }
         }
         BackupCmd::Info { id, access } => {

@@ -437,6 +437,22 @@ fn backup_bad_input() {
     );
     let vols = ok(&e, &["volume", "list"]);
     assert!(!vols.contains("r2"), "{vols}");
+
+    // A damaged manifest: the list shows the other backups and warns about it.
+    ok(&e, &["checkpoint", "create", "v@b"]);
+    let b2 = json(&e, &["backup", "create", "v@b", k[0], k[1]]);
+    let path = std::path::Path::new(&r.dir)
+        .join("backups")
+        .join(b2["id"].as_str().expect("id"));
+    let mut bytes = std::fs::read(&path).expect("manifest");
+    bytes[3] ^= 0x10;
+    std::fs::write(&path, &bytes).expect("damage");
+    let o = cairn(&e, &["--json", "backup", "list", k[0], k[1]]);
+    assert!(o.status.success());
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON list");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("warning") && err.contains("damaged"), "{err}");
     fsck_clean(&e);
 }
 

@@ -213,8 +213,14 @@ pub enum BackupReply {
     Repos(Vec<RepoEntry>),
     /// One backup.
     Backup(Box<BackupInfo>),
-    /// Backups.
-    Backups(Vec<BackupInfo>),
+    /// Backups, and what is wrong with the manifests that would not open.
+    Backups {
+        /// The backups, oldest first.
+        backups: Vec<BackupInfo>,
+        /// One message per damaged manifest.
+        #[serde(default)]
+        damaged: Vec<String>,
+    },
     /// What verify found.
     Verify(VerifyReport),
     /// What a restore made.
@@ -389,13 +395,14 @@ pub fn run(
         }
         BackupOp::List { repo, name } => {
             let r = open(dir, &repo)?;
-            let list = r
-                .backups()?
+            let (list, damaged) = r.backups_lenient()?;
+            let backups = list
                 .into_iter()
                 .filter(|m| name.as_ref().is_none_or(|n| &m.name == n))
                 .map(|m| info(&r, m))
                 .collect();
-            BackupReply::Backups(list)
+            let damaged = damaged.into_iter().map(|(_, e)| e.to_string()).collect();
+            BackupReply::Backups { backups, damaged }
         }
         BackupOp::Info { repo, id } => {
             let r = open(dir, &repo)?;
