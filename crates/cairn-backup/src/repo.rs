@@ -11,6 +11,9 @@ use crate::format::{
 use crate::location::{Access, Location};
 use crate::map::VolumeMap;
 
+/// Objects that would not open (their key), with why.
+pub type Damaged = Vec<(String, BackupError)>;
+
 /// zstd level of metadata objects (maps, index segments, manifests).
 const META_ZSTD: i32 = 3;
 
@@ -228,7 +231,7 @@ impl Repository {
     }
 
     /// Every backup whose manifest opens, oldest first, and the others with their errors.
-    pub fn backups_lenient(&self) -> Result<(Vec<Manifest>, Vec<(String, BackupError)>)> {
+    pub fn backups_lenient(&self) -> Result<(Vec<Manifest>, Damaged)> {
         let (mut out, mut damaged) = (Vec::new(), Vec::new());
         for o in self.backend.list("backups/")? {
             let id = o.key.trim_start_matches("backups/");
@@ -306,7 +309,7 @@ impl Repository {
 
     /// Reads every index segment that opens; returns the others with their errors apart (verify
     /// reports them, and the chunks only they located show up as missing).
-    pub fn load_index_lenient(&self) -> Result<(ChunkIndex, Vec<(String, BackupError)>)> {
+    pub fn load_index_lenient(&self) -> Result<(ChunkIndex, Damaged)> {
         let mut index = ChunkIndex::default();
         let mut damaged = Vec::new();
         for o in self.backend.list("index/")? {
