@@ -180,23 +180,50 @@ fn load_store(store: &Path, image: &Path, size: u64, options: &Options) -> Resul
     Ok(())
 }
 
-fn cairn(store: &Path) -> Result<Command> {
+/// Where Cairn's backups of a round go: a directory, or a prefix on an S3 server.
+struct CairnRepo {
+    /// `--repo` value.
+    arg: String,
+    /// More flags (the S3 endpoint).
+    flags: Vec<String>,
+    /// Environment (S3 credentials).
+    env: Vec<(String, String)>,
+    /// Whose size is the repository's (a local repository's directory).
+    disk: Option<PathBuf>,
+}
+
+fn cairn(store: &Path, repo: &CairnRepo, args: &[&str]) -> Result<Command> {
     let mut c = Command::new(crate::cairn_exe()?);
     c.arg("--store")
         .arg(store)
-        .env("CAIRN_BACKUP_PASSPHRASE", PASS);
+        .args(args)
+        .arg("--repo")
+        .arg(&repo.arg)
+        .args(&repo.flags)
+        .env("CAIRN_BACKUP_PASSPHRASE", PASS)
+        .envs(repo.env.iter().map(|(k, v)| (k, v)));
     Ok(c)
 }
 
-fn round_cairn(dir: &Path, store: &Path, ch: &[(u64, [u8; 4096])], tag: &str) -> Result<Round> {
-    let repo = dir.join(format!("cairn-repo-{tag}"));
-    let repo_s = repo.to_str().context("utf-8 path")?;
-    timed(
-        cairn(store)?.args(["backup", "init", repo_s]),
-        "cairn backup init",
-    )?;
+fn round_cairn(
+    store: &Path,
+    ch: &[(u64, [u8; 4096])],
+    tag: &str,
+    repo: &CairnRepo,
+    out: &Path,
+) -> Result<Round> {
+    let size = |r: &CairnRepo| r.disk.as_deref().map_or(0, du);
+    let init = repo.arg.clone();
+    let mut c = Command::new(crate::cairn_exe()?);
+    c.arg("--store")
+        .arg(store)
+        .args(["backup", "init", &init])
+        .args(&repo.flags)
+        .env("CAIRN_BACKUP_PASSPHRASE", PASS)
+        .envs(repo.env.iter().map(|(k, v)| (k, v)));
+    timed(&mut c, "cairn backup init")?;
     let (full_s, peak_rss_kib) = measured(
-        cairn(store)?.args(["backup", "create", "disk@full", "--repo", repo_s]),
+        &mut cairn(store, repo, &["backup", "create", "disk@full"])?,
         "cairn backup create",
     )?;
     let mut r = Round {
@@ -204,7 +231,7 @@ fn round_cairn(dir: &Path, store: &Path, ch: &[(u64, [u8; 4096])], tag: &str) ->
         peak_rss_kib,
         ..Round::default()
     };
-    r.repo_full = du(&repo);
+    r.repo_full = size(repo);
     {
         let s = Store::open(store, Options::default())?;
         for (off, d) in ch {
@@ -215,14 +242,11 @@ fn round_cairn(dir: &Path, store: &Path, ch: &[(u64, [u8; 4096])], tag: &str) ->
     }
     let target = format!("disk@{tag}");
     r.inc_s = timed(
-        cairn(store)?.args(["backup", "create", &target, "--repo", repo_s]),
+        &mut cairn(store, repo, &["backup", "create", &target])?,
         "cairn backup create",
     )?;
-    r.growth = du(&repo) - r.repo_full;
-    let out = dir.join("cairn-restore.raw");
-    let list = cairn(store)?
-        .args(["--json", "backup", "list", "--repo", repo_s])
-        .output()?;
+    r.growth = size(repo) - r.repo_full;
+    let list = cairn(store, repo, &["--json", "backup", "list"])?.output()?;
     let v: serde_json::Value = serde_json::from_slice(&list.stdout)?;
     let id = v
         .as_array()
@@ -230,21 +254,19 @@ fn round_cairn(dir: &Path, store: &Path, ch: &[(u64, [u8; 4096])], tag: &str) ->
         .and_then(|b| b["id"].as_str())
         .context("a backup id")?
         .to_string();
+    let out_s = out.to_str().context("utf-8")?;
     r.restore_s = timed(
-        cairn(store)?.args([
-            "--yes",
-            "backup",
-            "restore",
-            &id,
-            "--to-file",
-            out.to_str().context("utf-8")?,
-            "--repo",
-            repo_s,
-        ]),
+        &mut cairn(
+            store,
+            repo,
+            &["--yes", "backup", "restore", &id, "--to-file", out_s],
+        )?,
         "cairn backup restore",
     )?;
-    std::fs::remove_file(&out)?;
-    std::fs::remove_dir_all(&repo)?;
+    std::fs::remove_file(out)?;
+    if let Some(d) = &repo.disk {
+        std::fs::remove_dir_all(d)?;
+    }
     Ok(r)
 }
 
@@ -335,8 +357,37 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
     let rounds = if quick { 1 } else { 3 };
     let started = Instant::now();
     let image = dir.join("image.raw");
-    let mut results: Vec<(&str, Vec<Round>)> =
-        vec![("Cairn", vec![]), ("restic", vec![]), ("borg", vec![])];
+    let mut results: Vec<(&str, Vec<Round>)> = vec![
+        ("Cairn", vec![]),
+        ("restic", vec![]),
+        ("borg", vec![]),
+        ("Cairn to Garage", vec![]),
+    ];
+    // A one-node Garage on loopback, for Cairn's backups to S3.
+    let garage = cairn_test_peers::garage::Garage::start(&dir.join("garage"), 1);
+    let s3 = |round: u64| CairnRepo {
+        arg: format!("s3://{}/round{round}", garage.bucket),
+        flags: vec![
+            "--s3-endpoint".into(),
+            format!("http://127.0.0.1:{}", garage.nodes[0].s3_port),
+        ],
+        env: vec![
+            ("AWS_ACCESS_KEY_ID".into(), garage.key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), garage.secret.clone()),
+            ("AWS_REGION".into(), "garage".into()),
+        ],
+        disk: None,
+    };
+    let local = |round: u64| {
+        let d = dir.join(format!("cairn-repo-{round}"));
+        CairnRepo {
+            arg: d.display().to_string(),
+            flags: vec![],
+            env: vec![],
+            disk: Some(d),
+        }
+    };
+    let restored = dir.join("cairn-restore.raw");
     let mut changed_bytes = 0;
     for round in 0..rounds {
         eprintln!("bench: backup round {}/{rounds}", round + 1);
@@ -346,10 +397,17 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
         let store = dir.join(format!("store-{round}"));
         load_store(&store, &image, size, options)?;
         // Tools in a different order each round.
-        for k in 0..3 {
-            let which = (k + round as usize) % 3;
+        for k in 0..4 {
+            let which = (k + round as usize) % 4;
             let r = match which {
-                0 => round_cairn(dir, &store, &ch, &format!("inc{round}"))?,
+                0 => round_cairn(
+                    &store,
+                    &ch,
+                    &format!("inc{round}"),
+                    &local(round),
+                    &restored,
+                )?,
+                3 => round_cairn(&store, &ch, &format!("s3inc{round}"), &s3(round), &restored)?,
                 1 => round_restic(dir, &image, &ch)?,
                 _ => {
                     // restic's round changed the image: start borg from the same original.
@@ -438,6 +496,21 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
         growth(1),
         growth(2),
         started.elapsed().as_secs_f64()
+    );
+    out += "\n| Cairn's repository | full backup | incremental after 1% change | restore |\n|---|---|---|---|\n";
+    for (i, what) in [(0, "local directory"), (3, "Garage, one node on loopback")] {
+        out += &format!(
+            "| {what} | {} | {} | {} |\n",
+            secs(m(i, |r| r.full_s)),
+            plain_secs(m(i, |r| r.inc_s)),
+            secs(m(i, |r| r.restore_s))
+        );
+    }
+    out += &format!(
+        "\nGarage / local: full {:.2}x, incremental {:.2}x, restore {:.2}x the time (goal: within 2x).\n",
+        m(3, |r| r.full_s) / m(0, |r| r.full_s),
+        m(3, |r| r.inc_s) / m(0, |r| r.inc_s),
+        m(3, |r| r.restore_s) / m(0, |r| r.restore_s)
     );
     Ok(out)
 }
