@@ -230,16 +230,17 @@ impl Repository {
         }
     }
 
-    /// Every backup whose manifest opens, oldest first, and the others with their errors.
+    /// Every backup whose manifest opens, oldest first, and the damaged ones with their errors. A
+    /// manifest listed and then gone was pruned meanwhile (by another host): it is left out.
     pub fn backups_lenient(&self) -> Result<(Vec<Manifest>, Damaged)> {
         let (mut out, mut damaged) = (Vec::new(), Vec::new());
         for o in self.backend.list("backups/")? {
             let id = o.key.trim_start_matches("backups/");
             match self.manifest_exact(id) {
                 Ok(m) => out.push(m),
-                Err(e @ (BackupError::Corrupt { .. } | BackupError::Missing { .. })) => {
-                    damaged.push((id.to_string(), e))
-                }
+                // Listed, then gone: another host pruned it meanwhile.
+                Err(BackupError::Missing { .. }) => {}
+                Err(e @ BackupError::Corrupt { .. }) => damaged.push((id.to_string(), e)),
                 Err(e) => return Err(e),
             }
         }
@@ -329,9 +330,10 @@ impl Repository {
                     index.add(&seg);
                     index.segments.push(name);
                 }
-                Err(e @ (BackupError::Corrupt { .. } | BackupError::Missing { .. })) => {
-                    damaged.push((o.key, e))
-                }
+                // Listed, then gone: a GC rewrote it meanwhile (its entries live on in a newer
+                // segment; readers that miss one load the index again).
+                Err(BackupError::Missing { .. }) => {}
+                Err(e @ BackupError::Corrupt { .. }) => damaged.push((o.key, e)),
                 Err(e) => return Err(e),
             }
         }

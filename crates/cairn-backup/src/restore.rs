@@ -52,13 +52,22 @@ pub fn restore(
         .get(image)
         .ok_or_else(|| BackupError::Invalid(format!("backup {} has no image {image}", m.id)))?;
     let map = repo.load_map(&img.maps)?;
-    let index = repo.load_index()?;
-    for p in map.pieces() {
-        if let Some((id, _)) = p.data {
-            if !index.chunks.contains_key(&id) {
-                return Err(missing_chunk(repo, m, img, &id, p));
-            }
-        }
+    let mut index = repo.load_index()?;
+    let unindexed = |index: &ChunkIndex| {
+        map.pieces()
+            .find(|p| {
+                p.data
+                    .is_some_and(|(id, _)| !index.chunks.contains_key(&id))
+            })
+            .copied()
+    };
+    if unindexed(&index).is_some() {
+        // A GC on another host may have rewritten a segment between listing and reading it.
+        index = repo.load_index()?;
+    }
+    if let Some(p) = unindexed(&index) {
+        let (id, _) = p.data.expect("a data piece");
+        return Err(missing_chunk(repo, m, img, &id, &p));
     }
     let blocks = img.size.div_ceil(BLOCK);
     let window_blocks = WINDOW / BLOCK;
