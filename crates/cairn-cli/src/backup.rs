@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use cairn_backup::format::BackupStats;
 use cairn_backup::gc::GcReport;
 use cairn_backup::prune::{KeepPolicy, Mark, PruneEntry, Rule};
 use cairn_backup::verify::VerifyReport;
@@ -303,15 +304,10 @@ pub fn run(store: &Backend, cmd: BackupCmd, json: bool, yes: bool) -> Result<()>
                         None => "full".into(),
                     };
                     outln!(
-                        "backup {} of {target} in {} ({how}): read {}, {} new in {} chunk(s), {} reused; repository grew {} in {:.1} s",
+                        "backup {} of {target} in {} ({how}): {}",
                         b.manifest.id,
                         b.repository,
-                        human(s.read_bytes),
-                        human(s.new_bytes),
-                        s.new_chunks,
-                        s.reused_chunks,
-                        human(s.stored_bytes),
-                        s.duration_ms as f64 / 1000.0
+                        stats_text(s)
                     );
                 }
                 other => bail!("unexpected reply {other:?}"),
@@ -500,16 +496,20 @@ fn info(b: &BackupInfo) {
             i.maps.len()
         );
     }
-    let s = &m.stats;
-    outln!(
-        "read {}, {} new in {} chunk(s), {} chunk(s) reused, repository grew {}, took {:.1} s",
+    outln!("{}", stats_text(&m.stats));
+}
+
+/// What a backup read and stored, in one line.
+fn stats_text(s: &BackupStats) -> String {
+    format!(
+        "read {}, {} new in {} chunk(s), {} reused; repository grew {} in {:.1} s",
         human(s.read_bytes),
         human(s.new_bytes),
         s.new_chunks,
         s.reused_chunks,
         human(s.stored_bytes),
         s.duration_ms as f64 / 1000.0
-    );
+    )
 }
 
 fn verify_text(r: &VerifyReport) {

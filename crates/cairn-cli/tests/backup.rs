@@ -47,6 +47,17 @@ fn write_from(e: &Env, volume: &str, offset: &str, bytes: &[u8]) {
     );
 }
 
+/// Volume `vol` of `size` holding `bytes` from offset 0, its checkpoint `vol@a`, and an
+/// initialised encrypted repository.
+fn volume_and_repo(e: &Env, vol: &str, size: &str, bytes: &[u8]) -> Repo {
+    let r = repo(e);
+    ok(e, &["volume", "create", vol, "--size", size]);
+    write_from(e, vol, "0", bytes);
+    ok(e, &["checkpoint", "create", &format!("{vol}@a")]);
+    ok(e, &["backup", "init", &r.dir, "--key-file", &r.key]);
+    r
+}
+
 struct Repo {
     dir: String,
     key: String,
@@ -473,12 +484,8 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn a_killed_backup_or_restore_leaves_nothing_half_made() {
     let e = env();
-    let r = repo(&e);
+    let r = volume_and_repo(&e, "big", "256M", &data(192 << 20, 2246822519, 11));
     let k = ["--key-file", r.key.as_str()];
-    ok(&e, &["volume", "create", "big", "--size", "256M"]);
-    write_from(&e, "big", "0", &data(192 << 20, 2246822519, 11));
-    ok(&e, &["checkpoint", "create", "big@a"]);
-    ok(&e, &["backup", "init", &r.dir, k[0], k[1]]);
     ok(&e, &["backup", "repo", "add", "r", &r.dir]);
     for delay in [300, 900, 1500] {
         let mut child = command(&e, &["backup", "create", "big@a", k[0], k[1]])
@@ -537,12 +544,8 @@ impl Drop for Mount {
 #[test]
 fn a_restore_onto_a_full_disk_fails_clearly_and_leaves_nothing() {
     let e = env();
-    let r = repo(&e);
+    let r = volume_and_repo(&e, "v", "16M", &data(12 << 20, 2246822519, 3));
     let k = ["--key-file", r.key.as_str()];
-    ok(&e, &["volume", "create", "v", "--size", "16M"]);
-    write_from(&e, "v", "0", &data(12 << 20, 2246822519, 3));
-    ok(&e, &["checkpoint", "create", "v@a"]);
-    ok(&e, &["backup", "init", &r.dir, k[0], k[1]]);
     let id = json(
         &e,
         &["backup", "create", "v@a", "--repo", &r.dir, k[0], k[1]],
