@@ -112,10 +112,11 @@ pub fn gc(repo: &Repository, grace_ms: u64, progress: &mut dyn FnMut(u64)) -> Re
     let mut chunks_used: HashSet<crate::crypto::ChunkId> = HashSet::new();
     // Chunks count as used only where a backup's merged map still shows them: a base's chunks
     // that later deltas cover entirely are garbage, though the base map object stays.
+    let mut map_objects = HashMap::new();
     for m in &manifests {
         for img in &m.images {
             maps_used.extend(img.maps.iter().map(|r| r.name.clone()));
-            for p in repo.load_map(&img.maps)?.pieces() {
+            for p in repo.load_map_cached(&img.maps, &mut map_objects)?.pieces() {
                 if let Some((id, _)) = p.data {
                     chunks_used.insert(id);
                 }

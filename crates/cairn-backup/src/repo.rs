@@ -361,14 +361,26 @@ impl Repository {
 
     /// An image's whole map: its base with each delta laid over it.
     pub fn load_map(&self, maps: &[crate::format::MapRef]) -> Result<VolumeMap> {
-        let mut it = maps.iter();
-        let mut map = match it.next() {
-            Some(m) => self.load_map_object(&m.name)?,
-            None => VolumeMap::new(),
-        };
-        for delta in it {
-            for p in self.load_map_object(&delta.name)?.pieces() {
-                map.overlay(*p, false);
+        self.load_map_cached(maps, &mut HashMap::new())
+    }
+
+    /// [`Repository::load_map`] reading each map object once across calls: the backups of one
+    /// chain share its base and earlier deltas, so a caller walking many backups (GC) reads each
+    /// object once instead of once per backup.
+    pub fn load_map_cached(
+        &self,
+        maps: &[crate::format::MapRef],
+        cache: &mut HashMap<String, VolumeMap>,
+    ) -> Result<VolumeMap> {
+        let mut map = VolumeMap::new();
+        for (i, r) in maps.iter().enumerate() {
+            if !cache.contains_key(&r.name) {
+                cache.insert(r.name.clone(), self.load_map_object(&r.name)?);
+            }
+            let part = &cache[&r.name];
+            match i {
+                0 => map = part.clone(),
+                _ => part.pieces().for_each(|p| map.overlay(*p, false)),
             }
         }
         Ok(map)

@@ -78,9 +78,10 @@ pub fn verify(
     report.backups = manifests.len();
     // Which chunks each backup needs, and for what.
     let mut users: HashMap<ChunkId, Vec<String>> = HashMap::new();
+    let mut map_objects = HashMap::new();
     for m in &manifests {
         for img in &m.images {
-            let map = match repo.load_map(&img.maps) {
+            let map = match repo.load_map_cached(&img.maps, &mut map_objects) {
                 Ok(map) => map,
                 Err(e) => {
                     report.problems.push(Problem {
