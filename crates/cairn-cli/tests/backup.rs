@@ -34,6 +34,19 @@ fn data(len: u32, mul: u32, shift: u32) -> Vec<u8> {
         .collect()
 }
 
+/// `len` bytes that zstd cannot shrink (xorshift64), so their chunks fill whole packs.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// Writes `bytes` into `volume` at `offset` from a file, as a user would.
 fn write_from(e: &Env, volume: &str, offset: &str, bytes: &[u8]) {
     let f = e.work.join(format!("{volume}-{offset}.bin"));
@@ -699,11 +712,13 @@ fn two_daemons_share_an_s3_prefix() {
     let endpoint = s3.endpoint();
     let base = data(8 << 20, 2654435761, 7);
     for e in [&a, &b] {
-        ok(e, &["volume", "create", "web", "--size", "16M"]);
+        ok(e, &["volume", "create", "web", "--size", "32M"]);
         write_from(e, "web", "0", &base);
     }
-    // Host a also has data of its own, which its later backups no longer hold.
-    write_from(&a, "web", "8M", &data(8 << 20, 69069, 9));
+    // Host a also has data of its own, which its later backups no longer hold: incompressible
+    // and three packs long, so however the two concurrent first backups share out the base
+    // image's chunks, at least one of host a's packs holds only its own data.
+    write_from(&a, "web", "8M", &noise(24 << 20, 0x9e37_79b9_7f4a_7c15));
     for e in [&a, &b] {
         ok(e, &["checkpoint", "create", "web@one"]);
     }
@@ -752,7 +767,7 @@ fn two_daemons_share_an_s3_prefix() {
 
     // Host a replaces all its data, keeps only its newest backup and collects garbage: its own
     // old data goes, the base image host b shares stays.
-    write_from(&a, "web", "0", &data(16 << 20, 40503, 2));
+    write_from(&a, "web", "0", &data(32 << 20, 40503, 2));
     ok(&a, &["checkpoint", "create", "web@two"]);
     let ba2 = json_s3(&a, &["backup", "create", "web@two"]);
     let pruned = json_s3(&a, &["backup", "prune", "--keep-last", "1", "--yes"]);
@@ -783,7 +798,7 @@ fn two_daemons_share_an_s3_prefix() {
         let to = format!("r{}", &id[..6]);
         ok_s3(e, &["backup", "restore", id, "--to", &to]);
         assert!(
-            contents(e, &to, 16 << 20) == contents(e, cp, 16 << 20),
+            contents(e, &to, 32 << 20) == contents(e, cp, 32 << 20),
             "{id} restores {cp}"
         );
     }
