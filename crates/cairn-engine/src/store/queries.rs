@@ -1,0 +1,149 @@
+//! What a store can tell about its contents: diffs, mapped ranges, space and fsck.
+
+use super::*;
+
+impl Store {
+    /// Byte ranges that differ between two states of one volume, found by walking only the parts
+    /// of the two trees that are not shared.
+    pub fn diff(&self, a: &Target, b: &Target) -> Result<Vec<Extent>> {
+        self.diff_range(a, b, 0, u64::MAX)
+    }
+
+    /// [`Store::diff`] limited to the bytes `offset..offset + len` (extents are clipped to it).
+    pub fn diff_range(&self, a: &Target, b: &Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.heal()?;
+        self.wait_for_head(a)?;
+        self.wait_for_head(b)?;
+        {
+            let st = self.state();
+            st.resolve(a)?;
+            st.resolve(b)?;
+        }
+        if a.volume != b.volume {
+            return Err(Error::Invalid(format!(
+                "diff compares two states of one volume; got '{}' and '{}'",
+                a.volume, b.volume
+            )));
+        }
+        let mut st = self.state();
+        let (ra, da, sa) = st.resolve(a)?;
+        let (rb, db, sb) = st.resolve(b)?;
+        let end = sa.max(sb).min(offset.saturating_add(len));
+        let mut runs = Vec::new();
+        st.meta
+            .diff_range((ra, da), (rb, db), offset / BS, end.div_ceil(BS), &mut runs)?;
+        Ok(clip_runs(runs, offset, end))
+    }
+
+    /// Byte ranges of a head or checkpoint that hold data (everything else reads as zeros without
+    /// taking space); the cost follows the mapped size, not the volume size.
+    pub fn mapped_extents(&self, target: &Target) -> Result<Vec<Extent>> {
+        self.mapped_range(target, 0, u64::MAX)
+    }
+
+    /// [`Store::mapped_extents`] limited to the bytes `offset..offset + len`.
+    pub fn mapped_range(&self, target: &Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.heal()?;
+        self.wait_for_head(target)?;
+        let mut st = self.state();
+        let (root, depth, size) = st.resolve(target)?;
+        let end = size.min(offset.saturating_add(len));
+        let mut runs = Vec::new();
+        st.meta.diff_range(
+            (0, depth),
+            (root, depth),
+            offset / BS,
+            end.div_ceil(BS),
+            &mut runs,
+        )?;
+        Ok(clip_runs(runs, offset, end))
+    }
+
+    /// Space per checkpoint and volume (all volumes if `volume` is `None`) and store totals.
+    pub fn space(&self, volume: Option<&str>) -> Result<SpaceReport> {
+        self.heal()?;
+        // Every figure counts every acknowledged write.
+        self.core.write_behind.wait_all();
+        let mut st = self.state();
+        let ids: Vec<u64> = match volume {
+            Some(n) => vec![st.volume_id(n)?],
+            None => {
+                let mut v: Vec<(String, u64)> =
+                    st.volume_ids.iter().map(|(n, i)| (n.clone(), *i)).collect();
+                v.sort();
+                v.into_iter().map(|(_, i)| i).collect()
+            }
+        };
+        let mut volumes = Vec::new();
+        for vid in ids {
+            let v = st.volumes[&vid].clone();
+            let depth = tree_depth(v.size);
+            let base = st.head_base(&v);
+            let head_changed_since = base.as_ref().map(|p| st.qualified_name(p));
+            let head_changed = match base {
+                Some(p) => {
+                    let mut runs = Vec::new();
+                    let limit = v.size.max(p.size).div_ceil(BS);
+                    st.meta.diff(
+                        (p.root, tree_depth(p.size)),
+                        (v.root, depth),
+                        limit,
+                        &mut runs,
+                    )?;
+                    runs.iter().map(|(_, l)| l * BS).sum()
+                }
+                None => v.mapped * BS,
+            };
+            let (d, m) = st.meta.unique(v.root, depth)?;
+            let cps: Vec<CheckpointRecord> = st
+                .checkpoints
+                .values()
+                .filter(|c| c.volume == vid)
+                .cloned()
+                .collect();
+            let mut checkpoints = Vec::new();
+            for c in cps {
+                let (cd, cm) = st.meta.unique(c.root, tree_depth(c.size))?;
+                checkpoints.push(CheckpointSpace {
+                    name: c.name.clone(),
+                    referenced: c.mapped * BS,
+                    unique: (cd + cm) * BS,
+                });
+            }
+            volumes.push(VolumeSpace {
+                name: v.name.clone(),
+                size: v.size,
+                head_referenced: v.mapped * BS,
+                head_changed,
+                head_changed_since,
+                head_unique: (d + m) * BS,
+                checkpoints,
+            });
+        }
+        let dpath = st.meta.path.clone();
+        let file_size = self.data.len().map_err(Error::io("stat", dpath.clone()))?;
+        let host_used = self
+            .data
+            .allocated_bytes()
+            .map_err(Error::io("stat", dpath))?
+            + self.journal_dev.allocated_bytes().unwrap_or(0);
+        Ok(SpaceReport {
+            volumes,
+            allocated: st.meta.sb.allocated * BS,
+            file_size,
+            host_used,
+            dropped_trees: st.dropped.len(),
+        })
+    }
+
+    /// Checks every invariant of the store as it is on disk; see [`crate::fsck`].
+    pub fn fsck(&self) -> Result<crate::fsck::FsckReport> {
+        self.heal()?;
+        let _g = self.exclusive();
+        self.core.write_behind.wait_all();
+        let mut st = self.state();
+        st.commit(true)?;
+        st.meta.release_ready();
+        Ok(crate::fsck::check(&*self.data, &st.meta.path))
+    }
+}
