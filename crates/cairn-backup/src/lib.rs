@@ -6,7 +6,8 @@
 //!   [`map`]: which chunk holds each block of a backed-up volume.
 //! - [`prune`]: which backups a retention policy keeps; [`session`] and [`gc`]: freeing unused
 //!   data while other hosts write.
-//! - [`repo`]: an open repository; [`create`], [`restore`], [`verify`]: what runs on it.
+//! - [`repo`]: an open repository; [`create`], [`restore`], [`verify`]: what runs on it;
+//!   [`reader`]: one image read at any offset, for serving a backup where it lies.
 //!
 //! Everything here is synchronous, like the engine; S3 requests run on a small runtime of the
 //! S3 backend's own.
@@ -20,6 +21,7 @@ pub mod gc;
 pub mod location;
 pub mod map;
 pub mod prune;
+pub mod reader;
 pub mod repo;
 pub mod restore;
 pub mod session;

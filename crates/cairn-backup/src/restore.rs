@@ -52,23 +52,7 @@ pub fn restore(
         .get(image)
         .ok_or_else(|| BackupError::Invalid(format!("backup {} has no image {image}", m.id)))?;
     let map = repo.load_map(&img.maps)?;
-    let mut index = repo.load_index()?;
-    let unindexed = |index: &ChunkIndex| {
-        map.pieces()
-            .find(|p| {
-                p.data
-                    .is_some_and(|(id, _)| !index.chunks.contains_key(&id))
-            })
-            .copied()
-    };
-    if unindexed(&index).is_some() {
-        // A GC on another host may have rewritten a segment between listing and reading it.
-        index = repo.load_index()?;
-    }
-    if let Some(p) = unindexed(&index) {
-        let (id, _) = p.data.expect("a data piece");
-        return Err(missing_chunk(repo, m, img, &id, &p));
-    }
+    let index = index_covering(repo, m, img, &map)?;
     let blocks = img.size.div_ceil(BLOCK);
     let window_blocks = WINDOW / BLOCK;
     // Windows are read and opened here while a writer thread writes the previous one out: the
@@ -128,8 +112,37 @@ pub fn restore(
     Ok(())
 }
 
-/// Writes the runs of `buf` that are not whole zero blocks.
-fn write_nonzero(sink: &mut (dyn Sink + Send), base: u64, buf: &[u8]) -> Result<()> {
+/// The repository's index, checked to hold every chunk `map` (of image `img` of `m`) needs; a
+/// chunk it lacks is named with the range it holds.
+pub(crate) fn index_covering(
+    repo: &Repository,
+    m: &Manifest,
+    img: &Image,
+    map: &VolumeMap,
+) -> Result<ChunkIndex> {
+    let mut index = repo.load_index()?;
+    let unindexed = |index: &ChunkIndex| {
+        map.pieces()
+            .find(|p| {
+                p.data
+                    .is_some_and(|(id, _)| !index.chunks.contains_key(&id))
+            })
+            .copied()
+    };
+    if unindexed(&index).is_some() {
+        // A GC on another host may have rewritten a segment between listing and reading it.
+        index = repo.load_index()?;
+    }
+    if let Some(p) = unindexed(&index) {
+        let (id, _) = p.data.expect("a data piece");
+        return Err(missing_chunk(repo, m, img, &id, &p));
+    }
+    Ok(index)
+}
+
+/// Writes the runs of `buf` (which starts at volume offset `base`) that are not whole zero
+/// blocks: a sink starts out reading as zeros.
+pub fn write_nonzero(sink: &mut (dyn Sink + Send), base: u64, buf: &[u8]) -> Result<()> {
     let bs = usize::try_from(BLOCK).expect("4 KiB");
     let mut run_start = None;
     let mut at = 0;
@@ -153,7 +166,7 @@ fn write_nonzero(sink: &mut (dyn Sink + Send), base: u64, buf: &[u8]) -> Result<
 }
 
 /// Reads and opens the chunks `pieces` need: per pack, merged ranges; packs in parallel.
-fn read_chunks(
+pub(crate) fn read_chunks(
     repo: &Repository,
     m: &Manifest,
     img: &Image,

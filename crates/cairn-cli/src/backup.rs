@@ -146,9 +146,35 @@ pub enum BackupCmd {
         /// Image format for --to-file (raw, qcow2, vmdk, vhdx, vdi...).
         #[arg(long, requires = "to_file")]
         format: Option<String>,
+        /// Make the volume (or start the VM) at once and copy the data in behind it, reading
+        /// from the repository whatever is used first (needs `cairn serve`). After a daemon
+        /// restart, run the same command again to go on.
+        #[arg(long, conflicts_with = "to_file")]
+        live: bool,
+        /// With --live: copy in the background at most this many bytes per second (e.g. 50M),
+        /// so the restore leaves the network or disk to the running VM.
+        #[arg(long, requires = "live", value_parser = crate::units::parse_size, value_name = "BYTES")]
+        rate_limit: Option<u64>,
         #[command(flatten)]
         access: RepoArgs,
     },
+    /// Serve a backup read-only over NBD, straight from the repository (needs `cairn serve`):
+    /// one export per image, named in the output, until `backup unmount` or the daemon stops.
+    Mount {
+        /// Backup id (or a unique prefix).
+        id: String,
+        #[command(flatten)]
+        access: RepoArgs,
+    },
+    /// Stop serving a mounted backup (clients already connected keep reading until they close).
+    Unmount {
+        /// Backup id (or a unique prefix), or one export's name.
+        id: String,
+    },
+    /// Mounted backups' NBD exports.
+    Mounts,
+    /// Live restores under way, and how far each got.
+    Live,
 }
 
 #[derive(Subcommand)]
@@ -412,6 +438,8 @@ pub fn run(store: &Backend, cmd: BackupCmd, json: bool, yes: bool) -> Result<()>
             to,
             to_file,
             format,
+            live,
+            rate_limit,
             access,
         } => {
             let to = match (to, to_file) {
@@ -430,6 +458,8 @@ pub fn run(store: &Backend, cmd: BackupCmd, json: bool, yes: bool) -> Result<()>
                 repo: access.spec(None)?,
                 id: id.clone(),
                 to,
+                live,
+                rate_limit,
             };
             match call(store, op, Some(&format!("restoring {id}")))? {
                 BackupReply::Restored(r) if json => print_json(&r)?,
@@ -442,6 +472,83 @@ pub fn run(store: &Backend, cmd: BackupCmd, json: bool, yes: bool) -> Result<()>
                 other => bail!("unexpected reply {other:?}"),
             }
         }
+        BackupCmd::Mount { id, access } => {
+            let op = BackupOp::Mount {
+                repo: access.spec(None)?,
+                id,
+            };
+            mounted(store, call(store, op, None)?, json, "serving")?;
+        }
+        BackupCmd::Unmount { id } => {
+            mounted(
+                store,
+                call(store, BackupOp::Unmount { id }, None)?,
+                json,
+                "stopped",
+            )?;
+        }
+        BackupCmd::Mounts => {
+            mounted(store, call(store, BackupOp::Mounts, None)?, json, "serving")?;
+        }
+        BackupCmd::Live => match call(store, BackupOp::Live, None)? {
+            BackupReply::Live(list) if json => print_json(&list)?,
+            BackupReply::Live(list) => {
+                if list.is_empty() {
+                    outln!("no live restores under way");
+                }
+                for l in list {
+                    let pct = l.filled_bytes as f64 * 100.0 / l.record.size.max(1) as f64;
+                    outln!(
+                        "{}  from backup {}  {pct:.1}% of {}  {}{}",
+                        l.record.volume,
+                        l.record.backup,
+                        human(l.record.size),
+                        l.state,
+                        l.error.map(|e| format!(": {e}")).unwrap_or_default()
+                    );
+                }
+            }
+            other => bail!("unexpected reply {other:?}"),
+        },
+    }
+    Ok(())
+}
+
+/// Prints mounted exports with the URI a client connects to.
+fn mounted(store: &Backend, reply: BackupReply, json: bool, verb: &str) -> Result<()> {
+    let BackupReply::Mounted(list) = reply else {
+        bail!("unexpected reply {reply:?}");
+    };
+    let socket = match store {
+        Backend::Daemon(c) => Some(c.status()?.nbd_socket),
+        Backend::Local(_) => None,
+    };
+    let uri = |export: &str| match &socket {
+        Some(s) => format!("nbd+unix:///{export}?socket={}", s.display()),
+        None => String::new(),
+    };
+    if json {
+        let out: Vec<serde_json::Value> = list
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(e).expect("JSON");
+                v["uri"] = uri(&e.export).into();
+                v
+            })
+            .collect();
+        return print_json(&out);
+    }
+    if list.is_empty() {
+        outln!("no backups mounted");
+    }
+    for e in &list {
+        outln!(
+            "{verb} {} ({}, {}): {}",
+            e.export,
+            e.volume,
+            human(e.size),
+            uri(&e.export)
+        );
     }
     Ok(())
 }

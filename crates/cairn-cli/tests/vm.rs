@@ -1170,3 +1170,77 @@ fn a_vm_backup_restores_as_a_new_vm_that_resumes() {
     ok(&e, &["vm", "kill", "g2"]);
     fsck_clean(&e);
 }
+
+/// A VM backup restored live: the new VM runs at once, resumed from the backed-up memory, while
+/// its disk is still being copied in (held to 1 MiB/s); the guest's counter goes on from the
+/// backed-up value, and once the copy ends the disk holds what the guest wrote since.
+#[test]
+fn a_vm_backup_restored_live_runs_before_its_disk_is_copied() {
+    let e = env();
+    ok(&e, &["volume", "create", "d1", "--size", "64M"]);
+    define(&e, "g1", &["d1"]);
+    let _d = Daemon::start(&e);
+    ok(&e, &["vm", "start", "g1"]);
+    wait_console(&e, "g1", "cairn-counter 00000003", 90);
+    ok(&e, &["checkpoint", "create", "g1@m1"]);
+    let at = counter_in(&e, "d1@m1");
+    let key = e.work.join("key");
+    std::fs::write(&key, "vm live pass\n").expect("key");
+    let repo = e.work.join("repo").display().to_string();
+    let k = ["--key-file", key.to_str().expect("utf8")];
+    ok(&e, &["backup", "init", &repo, k[0], k[1]]);
+    let b = json(
+        &e,
+        &["backup", "create", "g1@m1", "--repo", &repo, k[0], k[1]],
+    );
+    ok(&e, &["vm", "kill", "g1"]);
+
+    let id = b["id"].as_str().expect("id");
+    let r = json(
+        &e,
+        &[
+            "backup",
+            "restore",
+            id,
+            "--to",
+            "g3",
+            "--live",
+            "--rate-limit",
+            "1M",
+            "--repo",
+            &repo,
+            k[0],
+            k[1],
+        ],
+    );
+    assert!(
+        r["next"].as_str().unwrap_or_default().contains("runs"),
+        "{r}"
+    );
+    let status = json(&e, &["vm", "status", "g3"]);
+    assert_eq!(status["state"], "running", "{status}");
+    let first = first_counter_after(&e, "g3", 0);
+    assert!(
+        first == at + 1 || first == at + 2,
+        "g3 resumed at {first}; the backed-up disk had {at}"
+    );
+    let t = std::time::Instant::now();
+    while !json(&e, &["backup", "live"])
+        .as_array()
+        .is_some_and(Vec::is_empty)
+    {
+        assert!(
+            t.elapsed().as_secs() < 120,
+            "the disk is still being copied"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let seen = ok(&e, &["vm", "console", "g3"]).len();
+    let later = first_counter_after(&e, "g3", seen);
+    ok(&e, &["vm", "kill", "g3"]);
+    assert!(
+        counter_in(&e, "g3-d1") >= later,
+        "the disk holds what the guest wrote while it was filled"
+    );
+    fsck_clean(&e);
+}

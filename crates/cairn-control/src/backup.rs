@@ -18,10 +18,14 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ErrorKind, OpError};
 use crate::ops::Reply;
 
+pub mod live;
+pub mod mount;
 mod registry;
 mod restore;
-mod vm;
+pub(crate) mod vm;
 
+pub use live::{LiveRestores, LiveStatus};
+pub use mount::MountedExport;
 pub use registry::RepoEntry;
 
 /// Which repository an operation uses, and what opens it.
@@ -153,7 +157,31 @@ pub enum BackupOp {
         id: String,
         /// Where to.
         to: RestoreTo,
+        /// Make the volume (or start the VM) at once and copy the data in behind it (daemon
+        /// only); run again after a daemon restart to go on.
+        #[serde(default)]
+        live: bool,
+        /// Bytes per second a live restore copies in the background at most (clients' reads
+        /// are never held back); unlimited if absent.
+        #[serde(default)]
+        rate_limit: Option<u64>,
     },
+    /// Serve every image of a backup read-only over NBD (daemon only).
+    Mount {
+        /// The repository.
+        repo: RepoSpec,
+        /// Backup id or a unique prefix.
+        id: String,
+    },
+    /// Stop serving a mounted backup (an id prefix) or one of its exports (daemon only).
+    Unmount {
+        /// Backup id prefix or export name.
+        id: String,
+    },
+    /// Mounted backups' exports (daemon only).
+    Mounts,
+    /// Live restores under way (daemon only).
+    Live,
 }
 
 fn hundred() -> f64 {
@@ -229,6 +257,10 @@ pub enum BackupReply {
     Pruned(Vec<PruneEntry>),
     /// What a GC did.
     Gc(GcReport),
+    /// NBD exports serving backups.
+    Mounted(Vec<MountedExport>),
+    /// Live restores under way.
+    Live(Vec<LiveStatus>),
     /// Nothing to report.
     Done,
 }
@@ -445,16 +477,33 @@ pub fn run(
             let r = open(dir, &repo)?;
             BackupReply::Gc(gc(&r, grace_secs.saturating_mul(1000), progress)?)
         }
-        BackupOp::Restore { repo, id, to } => {
+        BackupOp::Restore {
+            repo,
+            id,
+            to,
+            live: false,
+            ..
+        } => {
             let r = open(dir, &repo)?;
             let m = r.manifest(&id)?;
             BackupReply::Restored(restore::restore_to(store, guards, &r, &m, to, progress)?)
+        }
+        BackupOp::Restore { live: true, .. }
+        | BackupOp::Mount { .. }
+        | BackupOp::Unmount { .. }
+        | BackupOp::Mounts
+        | BackupOp::Live => {
+            return Err(OpError::new(
+                ErrorKind::State,
+                "serving a backup (mount, live restore) needs the daemon: start `cairn serve` on this store first",
+            ))
         }
     };
     Ok(Reply::Backup(reply))
 }
 
-fn open(dir: &std::path::Path, repo: &RepoSpec) -> Result<Repository, OpError> {
+/// Opens the repository `repo` means.
+pub(crate) fn open(dir: &std::path::Path, repo: &RepoSpec) -> Result<Repository, OpError> {
     Ok(Repository::open(&registry::access(dir, repo)?)?)
 }
 

@@ -13,13 +13,14 @@ use cairn_engine::Store;
 use cairn_vm::checkpoint::{self as ck, Keep, Take};
 use cairn_vm::{Runtime, VmError, VmStore};
 
-use crate::backup::BackupGuards;
+use crate::backup::{BackupGuards, BackupOp, LiveRestores, MountedExport};
 use crate::error::{ErrorKind, OpError};
 use crate::execute::execute;
 use crate::ops::{Op, Reply};
 use crate::reports::{ApplyReport, VmCheckpointInfo};
 
 mod nbd_users;
+mod serving;
 
 use nbd_users::NbdUsers;
 
@@ -36,6 +37,10 @@ pub struct Service {
     store: Arc<Store>,
     vms: Option<(Arc<Runtime>, Arc<cairn_nbd::Server>)>,
     backups: BackupGuards,
+    /// Volumes being restored live (daemon only).
+    live: LiveRestores,
+    /// Mounted backups' exports (daemon only).
+    mounts: Arc<std::sync::Mutex<Vec<MountedExport>>>,
 }
 
 impl Service {
@@ -57,16 +62,23 @@ impl Service {
             store,
             vms: None,
             backups: BackupGuards::default(),
+            live: LiveRestores::default(),
+            mounts: Arc::default(),
         }
     }
 
-    /// The daemon's service: the store `nbd` serves, and the VMs `runtime` runs on it.
+    /// The daemon's service: the store `nbd` serves, and the VMs `runtime` runs on it. Live
+    /// restores a stopped daemon left are served again at once, as far as they got.
     pub fn daemon(nbd: Arc<cairn_nbd::Server>, runtime: Arc<Runtime>) -> Service {
-        Service {
+        let s = Service {
             store: nbd.store().clone(),
             vms: Some((runtime, nbd)),
             backups: BackupGuards::default(),
-        }
+            live: LiveRestores::default(),
+            mounts: Arc::default(),
+        };
+        s.pick_up_live_restores();
+        s
     }
 
     /// The store.
@@ -105,6 +117,17 @@ impl Service {
     /// Runs `op`. `progress` hears how far long work got.
     pub async fn run(&self, op: Op, progress: Progress) -> Result<Reply, OpError> {
         self.check_pins(&op)?;
+        self.check_live(&op)?;
+        if let Op::Backup(
+            b @ (BackupOp::Restore { live: true, .. }
+            | BackupOp::Mount { .. }
+            | BackupOp::Unmount { .. }
+            | BackupOp::Mounts
+            | BackupOp::Live),
+        ) = op
+        {
+            return self.run_serving(b, progress).await;
+        }
         if let Op::Backup(b) = op {
             let (store, guards) = (self.store.clone(), self.backups.clone());
             return on_blocking_pool(move || {

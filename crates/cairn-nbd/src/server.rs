@@ -20,10 +20,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::proto::*;
 
+mod attached;
 mod clients;
 mod handshake;
 mod requests;
 
+pub use attached::{Backfill, ImageSource};
 pub use clients::{ClientInfo, Fence};
 
 /// Tunables of a server.
@@ -82,6 +84,7 @@ pub struct Server {
     all_closed: tokio::sync::Mutex<mpsc::Receiver<()>>,
     clients: Mutex<clients::Registry>,
     clients_changed: tokio::sync::Notify,
+    attached: Mutex<attached::Attached>,
 }
 
 /// One metadata context a client selected.
@@ -101,12 +104,14 @@ impl Context {
 }
 
 /// An export as resolved at negotiation.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Export {
     name: String,
     target: Target,
     size: u64,
     read_only: bool,
+    /// Set for an attached image (then `target` means nothing).
+    image: Option<Arc<dyn ImageSource>>,
 }
 
 impl Export {
@@ -120,6 +125,9 @@ impl Export {
         f
     }
     fn description(&self) -> String {
+        if let Some(image) = &self.image {
+            return image.description();
+        }
         match &self.target.checkpoint {
             None => format!("Cairn volume '{}' (head, read-write)", self.target.volume),
             Some(c) => format!(
@@ -139,6 +147,8 @@ struct Session {
     contexts: Vec<Context>,
     max_payload: u32,
     peer: String,
+    /// Set while the head this session writes is still being filled.
+    backfill: Option<Arc<dyn Backfill>>,
 }
 
 /// Why a connection ended early; logged once.
@@ -164,6 +174,7 @@ impl Server {
             all_closed: tokio::sync::Mutex::new(rx),
             clients: Mutex::default(),
             clients_changed: tokio::sync::Notify::new(),
+            attached: Mutex::default(),
         })
     }
 

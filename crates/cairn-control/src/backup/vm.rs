@@ -54,6 +54,83 @@ pub(super) fn source<'a>(
     })
 }
 
+/// What restoring VM backup `m` as new VM `new` makes: its disks (`NEW-DISK`), in the order of
+/// the backup's images, then its memory state's volume (for a standard checkpoint).
+pub(crate) struct VmPlan {
+    extra: VmExtra,
+    /// The new disks' names.
+    pub disks: Vec<String>,
+    /// The volume each image goes to.
+    pub targets: Vec<String>,
+}
+
+impl VmPlan {
+    /// Checks that backup `m` is a VM's and that nothing of VM `new` exists yet.
+    pub(crate) fn new(store: &Store, m: &Manifest, new: &str) -> Result<VmPlan, OpError> {
+        let extra: VmExtra = m
+            .extra
+            .clone()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .ok_or_else(|| {
+                OpError::new(
+                    ErrorKind::Corrupt,
+                    format!("backup {} of VM '{}' lacks its VM definition; restore its disks with `--to-file` per image is not possible either", m.id, m.name),
+                )
+            })?;
+        cairn_engine::validate_name(new)?;
+        let vms = crate::execute::vm_store(store)?;
+        if vms.exists(new) {
+            return Err(VmError::Exists(new.into()).into());
+        }
+        let cp = &extra.checkpoint;
+        let disks: Vec<String> = cp.disks.iter().map(|d| format!("{new}-{d}")).collect();
+        let mut targets = disks.clone();
+        if cp.kind == CheckpointKind::Standard {
+            targets.push(state_volume(new));
+        }
+        if targets.len() != m.images.len() {
+            return Err(OpError::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "backup {} holds {} images for {} VM parts",
+                    m.id,
+                    m.images.len(),
+                    targets.len()
+                ),
+            ));
+        }
+        for t in &targets {
+            if store.volume_info(t).is_ok() {
+                return Err(cairn_engine::Error::VolumeExists(t.clone()).into());
+            }
+        }
+        Ok(VmPlan {
+            extra,
+            disks,
+            targets,
+        })
+    }
+
+    /// The checkpoint the backup was taken of.
+    pub(crate) fn checkpoint(&self) -> &VmCheckpoint {
+        &self.extra.checkpoint
+    }
+
+    /// The new VM's definition: the backed-up one with the new disks, a fresh MAC and UUID, and
+    /// `parent` as its checkpoint.
+    pub(crate) fn spec(&self, new: &str, parent: Option<String>) -> VmSpec {
+        VmSpec {
+            name: new.into(),
+            disks: self.disks.clone(),
+            mac: cairn_vm::spec::fresh_mac(),
+            uuid: cairn_vm::spec::fresh_uuid(),
+            created_ms: cairn_vm::now_ms(),
+            parent,
+            ..self.extra.spec.clone()
+        }
+    }
+}
+
 /// Restores VM backup `m` as new VM `new`: disks `NEW-DISK` (as `clone` names them), memory state
 /// in `NEW.state`, each with the checkpoint, then the definition with a fresh MAC and UUID and
 /// the VM checkpoint record. Whatever fails, nothing of the new VM is left behind.
@@ -65,43 +142,10 @@ pub(super) fn restore_vm(
     new: &str,
     progress: &mut dyn FnMut(u64),
 ) -> Result<RestoreReport, OpError> {
-    let extra: VmExtra = m
-        .extra
-        .clone()
-        .and_then(|v| serde_json::from_value(v).ok())
-        .ok_or_else(|| {
-            OpError::new(
-                ErrorKind::Corrupt,
-                format!("backup {} of VM '{}' lacks its VM definition; restore its disks with `--to-file` per image is not possible either", m.id, m.name),
-            )
-        })?;
-    cairn_engine::validate_name(new)?;
+    let plan = VmPlan::new(store, m, new)?;
     let vms = crate::execute::vm_store(store)?;
-    if vms.exists(new) {
-        return Err(VmError::Exists(new.into()).into());
-    }
-    let cp = &extra.checkpoint;
-    let disks: Vec<String> = cp.disks.iter().map(|d| format!("{new}-{d}")).collect();
-    let mut targets = disks.clone();
-    if cp.kind == CheckpointKind::Standard {
-        targets.push(state_volume(new));
-    }
-    if targets.len() != m.images.len() {
-        return Err(OpError::new(
-            ErrorKind::Corrupt,
-            format!(
-                "backup {} holds {} images for {} VM parts",
-                m.id,
-                m.images.len(),
-                targets.len()
-            ),
-        ));
-    }
-    for t in &targets {
-        if store.volume_info(t).is_ok() {
-            return Err(cairn_engine::Error::VolumeExists(t.clone()).into());
-        }
-    }
+    let cp = plan.checkpoint();
+    let (disks, targets) = (&plan.disks, &plan.targets);
     let total: u64 = m.images.iter().map(|i| i.size.max(1)).sum();
     let mut before = 0u64;
     let mut made: Vec<String> = Vec::new();
@@ -116,16 +160,7 @@ pub(super) fn restore_vm(
             store.create_checkpoint(t, &cp.name, cp.description.as_deref())?;
             before += size;
         }
-        let spec = VmSpec {
-            name: new.into(),
-            disks: disks.clone(),
-            mac: cairn_vm::spec::fresh_mac(),
-            uuid: cairn_vm::spec::fresh_uuid(),
-            created_ms: cairn_vm::now_ms(),
-            parent: Some(cp.name.clone()),
-            ..extra.spec.clone()
-        };
-        vms.save(&spec)?;
+        vms.save(&plan.spec(new, Some(cp.name.clone())))?;
         let record = VmCheckpoint {
             vm: new.into(),
             disks: disks.clone(),

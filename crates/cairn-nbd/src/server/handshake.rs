@@ -13,6 +13,15 @@ impl Server {
                     .into(),
             );
         }
+        if let Some(image) = self.image(name) {
+            return Ok(Export {
+                name: name.to_string(),
+                target: Target::head(name),
+                size: image.size(),
+                read_only: true,
+                image: Some(image),
+            });
+        }
         let target = Target::parse(name).map_err(|e| e.to_string())?;
         if target.checkpoint.is_none() && self.is_fenced(&target.volume) {
             return Err(format!(
@@ -48,6 +57,7 @@ impl Server {
             target,
             size,
             read_only,
+            image: None,
         })
     }
 
@@ -59,6 +69,7 @@ impl Server {
                 target: Target::head(&v.name),
                 size: v.size,
                 read_only: false,
+                image: None,
             });
             for c in self
                 .store
@@ -70,8 +81,18 @@ impl Server {
                     target: Target::checkpoint(&v.name, &c.name),
                     size: c.size,
                     read_only: true,
+                    image: None,
                 });
             }
+        }
+        for (name, image) in self.images() {
+            out.push(Export {
+                target: Target::head(&name),
+                name,
+                size: image.size(),
+                read_only: true,
+                image: Some(image),
+            });
         }
         Ok(out)
     }
@@ -83,13 +104,17 @@ impl Server {
         queries: &[String],
         list: bool,
     ) -> Result<Vec<Context>, String> {
-        let checkpoints: Vec<String> = self
-            .store
-            .list_checkpoints(&export.target.volume)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|c| c.name)
-            .collect();
+        // An image has no checkpoints to tell changes from.
+        let checkpoints: Vec<String> = match export.image {
+            Some(_) => Vec::new(),
+            None => self
+                .store
+                .list_checkpoints(&export.target.volume)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|c| c.name)
+                .collect(),
+        };
         let all = || {
             let mut v = vec![Context::Allocation];
             v.extend(checkpoints.iter().cloned().map(Context::ChangedSince));
@@ -365,8 +390,13 @@ impl Server {
             true => n.contexts,
             false => Vec::new(),
         };
+        let backfill = match (&export.image, &export.target.checkpoint) {
+            (None, None) => self.backfill(&export.target.volume),
+            _ => None,
+        };
         Session {
             store: self.store.clone(),
+            backfill,
             export,
             structured: n.structured,
             extended: n.extended,

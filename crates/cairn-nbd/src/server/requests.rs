@@ -115,9 +115,33 @@ impl Session {
 
     fn flush_if_fua(&self, req: &Request) -> Result<(), RequestError> {
         if req.flags & CMD_FLAG_FUA != 0 {
-            self.store.flush().map_err(RequestError::from)?;
+            self.flush()?;
         }
         Ok(())
+    }
+
+    /// Commits every acknowledged write (and, on a head still being filled, what is filled).
+    fn flush(&self) -> Result<(), RequestError> {
+        match &self.backfill {
+            Some(b) => b.flush().map_err(|why| RequestError::new(EIO, why)),
+            None => self.store.flush().map_err(RequestError::from),
+        }
+    }
+
+    /// Fills the range a request touches first, on a head still being filled.
+    fn fill(&self, req: &Request) -> Result<(), RequestError> {
+        match &self.backfill {
+            Some(b) => b
+                .ensure(req.offset, req.length)
+                .map_err(|why| RequestError::new(EIO, why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether block status must call every byte data: an image (whose holes are not worth
+    /// finding), or a head not yet filled (whose holes may be data still to come).
+    fn all_data(&self) -> bool {
+        self.export.image.is_some() || self.backfill.as_ref().is_some_and(|b| !b.is_complete())
     }
 
     fn run(&self, req: &Request, payload: Vec<u8>) -> Outcome {
@@ -153,6 +177,7 @@ impl Session {
             }
             CMD_WRITE => {
                 self.check(req, 0, true)?;
+                self.fill(req)?;
                 self.store
                     .write(vol, req.offset, &payload)
                     .map_err(RequestError::from)?;
@@ -161,11 +186,12 @@ impl Session {
             }
             CMD_FLUSH => {
                 self.check(req, 0, false)?;
-                self.store.flush().map_err(RequestError::from)?;
+                self.flush()?;
                 Ok(None)
             }
             CMD_TRIM => {
                 self.check(req, 0, true)?;
+                self.fill(req)?;
                 self.store
                     .trim(vol, req.offset, req.length)
                     .map_err(RequestError::from)?;
@@ -174,6 +200,7 @@ impl Session {
             }
             CMD_WRITE_ZEROES => {
                 self.check(req, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, true)?;
+                self.fill(req)?;
                 if req.flags & CMD_FLAG_NO_HOLE != 0 {
                     if req.flags & CMD_FLAG_FAST_ZERO != 0 {
                         // Allocated zeros mean writing them: not fast, so say so at once.
@@ -218,11 +245,18 @@ impl Session {
     fn read(&self, req: &Request) -> Result<Vec<u8>, RequestError> {
         let len = req.length as usize;
         let t = &self.export.target;
+        self.fill(req)?;
         if !self.structured {
             let mut out = vec![0u8; 16 + len];
-            self.store
-                .read(t, req.offset, &mut out[16..])
-                .map_err(RequestError::from)?;
+            match &self.export.image {
+                Some(image) => image
+                    .read(req.offset, &mut out[16..])
+                    .map_err(|why| RequestError::new(EIO, why))?,
+                None => self
+                    .store
+                    .read(t, req.offset, &mut out[16..])
+                    .map_err(RequestError::from)?,
+            }
             let mut hdr = Vec::with_capacity(16);
             simple_reply(&mut hdr, 0, req.cookie);
             out[..16].copy_from_slice(&hdr);
@@ -232,10 +266,18 @@ impl Session {
         // needs no copy.
         let hs = chunk_header_size(self.extended) + 8;
         let mut out = vec![0u8; hs + len];
-        let runs = self
-            .store
-            .read_sparse(t, req.offset, &mut out[hs..])
-            .map_err(RequestError::from)?;
+        let runs = match &self.export.image {
+            Some(image) => {
+                image
+                    .read(req.offset, &mut out[hs..])
+                    .map_err(|why| RequestError::new(EIO, why))?;
+                vec![(len as u64, false)]
+            }
+            None => self
+                .store
+                .read_sparse(t, req.offset, &mut out[hs..])
+                .map_err(RequestError::from)?,
+        };
         let one_chunk =
             req.flags & CMD_FLAG_DF != 0 || runs.len() <= 1 && runs.first().is_none_or(|r| !r.1);
         if one_chunk {
@@ -308,6 +350,10 @@ impl Session {
         let mut out = Vec::new();
         for (i, c) in self.contexts.iter().enumerate() {
             let set = match c {
+                Context::Allocation if self.all_data() => Ok(vec![Extent {
+                    offset: req.offset,
+                    length: len,
+                }]),
                 Context::Allocation => self.store.mapped_range(t, req.offset, len),
                 Context::ChangedSince(cp) => {
                     self.store
