@@ -34,7 +34,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Bytes under `dir`.
-fn du(dir: &Path) -> u64 {
+pub(crate) fn du(dir: &Path) -> u64 {
     let mut n = 0;
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -56,7 +56,7 @@ fn timed(cmd: &mut Command, what: &str) -> Result<f64> {
 /// Runs a command to completion; returns seconds taken and its peak anonymous resident memory in
 /// KiB, sampled every 10 ms (file pages are left out: Cairn reads volumes through a mapping of
 /// the store's data file, and those pages are the host's page cache, shared and reclaimable).
-fn measured(cmd: &mut Command, what: &str) -> Result<(f64, u64)> {
+pub(crate) fn measured(cmd: &mut Command, what: &str) -> Result<(f64, u64)> {
     let t = Instant::now();
     let mut child = cmd
         .stdout(Stdio::null())
@@ -190,6 +190,16 @@ struct CairnRepo {
     env: Vec<(String, String)>,
     /// Whose size is the repository's (a local repository's directory).
     disk: Option<PathBuf>,
+}
+
+/// `cairn --store STORE ARGS` with the benchmark's passphrase.
+pub(crate) fn cairn_command(store: &Path, args: &[&str]) -> Result<Command> {
+    let mut c = Command::new(crate::cairn_exe()?);
+    c.arg("--store")
+        .arg(store)
+        .args(args)
+        .env("CAIRN_BACKUP_PASSPHRASE", PASS);
+    Ok(c)
 }
 
 fn cairn(store: &Path, repo: &CairnRepo, args: &[&str]) -> Result<Command> {

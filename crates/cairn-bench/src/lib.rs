@@ -2,7 +2,8 @@
 //! same disk, each report a Markdown table that docs/benchmarks.md keeps verbatim. [`engine`] is
 //! the store against a plain file and qcow2 backing chains; [`nbd`] the daemon against qemu-nbd
 //! with fio, and import against `qemu-img convert`; [`vm`] standard checkpoints of a running
-//! test guest; [`backup`] backups against restic and borg. The `cairn bench` command parses its flags and prints what these return.
+//! test guest; [`backup`] backups against restic and borg; [`backup_large`] backups of a large
+//! volume: their memory, and the I/O latency the volume's user sees meanwhile. The `cairn bench` command parses its flags and prints what these return.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use cairn_engine::Options;
 use std::process::Command;
 
 pub mod backup;
+pub mod backup_large;
 pub mod engine;
 pub mod nbd;
 pub mod vm;
@@ -40,6 +42,8 @@ pub enum Bench {
     Vm,
     /// Backups against restic and borg.
     Backup,
+    /// Backups of a large volume: memory, and I/O latency meanwhile.
+    BackupLarge,
 }
 
 /// Runs `bench` in a scratch directory removed afterwards; returns its Markdown report.
@@ -57,6 +61,7 @@ pub fn run(bench: Bench, settings: &Settings) -> Result<String> {
         Bench::Nbd => nbd::run(&tmp.path, settings.quick, &settings.options),
         Bench::Vm => vm::run(&tmp.path, settings.quick),
         Bench::Backup => backup::run(&tmp.path, settings.quick, &settings.options),
+        Bench::BackupLarge => backup_large::run(&tmp.path, settings.quick, &settings.options),
     }
 }
 

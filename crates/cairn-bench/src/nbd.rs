@@ -61,7 +61,7 @@ const JOBS: &[(&str, &str, &str, u32)] = &[
 /// A server process that is stopped on drop.
 pub(crate) struct ServerProcess {
     child: Child,
-    uri: String,
+    pub(crate) uri: String,
     what: String,
 }
 
