@@ -83,6 +83,16 @@ pub enum CheckpointCmd {
         /// New name: NEW or VOLUME@NEW.
         new_name: String,
     },
+    /// Keep a checkpoint whatever a lifecycle policy says (it cannot be deleted until unpinned).
+    Pin {
+        /// VOLUME@CHECKPOINT or VM@CHECKPOINT.
+        target: String,
+    },
+    /// Let lifecycle policies expire a pinned checkpoint again.
+    Unpin {
+        /// VOLUME@CHECKPOINT or VM@CHECKPOINT.
+        target: String,
+    },
 }
 
 /// `VOLUME@CHECKPOINT` split in two; the checkpoint is required.
@@ -300,6 +310,8 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
                 }
             }
         }
+        CheckpointCmd::Pin { target } => pin(store, &target, true, json)?,
+        CheckpointCmd::Unpin { target } => pin(store, &target, false, json)?,
         CheckpointCmd::Rename { target, new_name } => {
             let (v, c) = checkpoint_target(&target)?;
             // `VM@new` as well as `new`, as long as it names the same volume or VM.
@@ -462,6 +474,20 @@ fn tree_lines(rows: &[Row], head: Option<&str>) -> Vec<String> {
     let mut out = Vec::new();
     walk(rows, None, "", head, &mut out);
     out
+}
+
+/// `checkpoint pin|unpin`.
+fn pin(store: &Backend, target: &str, pinned: bool, json: bool) -> Result<()> {
+    let op = Op::Lifecycle(cairn_control::lifecycle::LifecycleOp::Pin {
+        target: target.into(),
+        pinned,
+    });
+    match store.call(op)? {
+        Reply::Lifecycle(r) if json => print_json(&r)?,
+        Reply::Lifecycle(_) => outln!("{} {target}", if pinned { "pinned" } else { "unpinned" }),
+        other => bail!("unexpected reply {other:?}"),
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod console;
 mod convert;
 mod demo;
 mod output;
+mod policy;
 mod serve;
 mod space;
 mod terminal;
@@ -82,6 +83,19 @@ enum Cmd {
     /// verify and restore them.
     #[command(subcommand)]
     Backup(backup::BackupCmd),
+    /// Lifecycle policies: scheduled checkpoints, retention, space budgets, scheduled backups.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
+    /// Apply retention now: delete the checkpoints the policies do not keep (pinned and, unless
+    /// a policy says --include-manual, named ones stay), after showing each with the exact
+    /// space it frees and the total.
+    Prune {
+        /// Only this VM or volume (default: every one with a policy).
+        name: Option<String>,
+        /// Only show what would go and what it frees.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Run a benchmark (the engine by default, --nbd, --vm) and print its table.
     Bench(bench::BenchArgs),
     /// Walk through Cairn's main job on the store: a volume, checkpoints, a rewind, space.
@@ -219,6 +233,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Space { name } => space::run(&open()?, name, json)?,
         Cmd::Backup(cmd) => backup::run(&open()?, cmd, json, cli.yes)?,
+        Cmd::Policy(cmd) => policy::run(&open()?, cmd, json)?,
+        Cmd::Prune { name, dry_run } => policy::prune(&open()?, name, dry_run, json, cli.yes)?,
         Cmd::Fsck => {
             // Without a daemon, fsck reads the files itself: it must report on a store that does
             // not even open. With one, the daemon checks the store it has open.

@@ -20,7 +20,7 @@ use crate::ops::Reply;
 
 pub mod live;
 pub mod mount;
-mod registry;
+pub(crate) mod registry;
 mod restore;
 pub(crate) mod vm;
 

@@ -105,6 +105,10 @@ pub fn execute(
     if let Some(r) = crate::vm_ops::execute_vm_checkpoint(store, &op)? {
         return Ok(r);
     }
+    if let Op::Lifecycle(l) = op {
+        // A caller without a Service has no backup running that could be reading a checkpoint.
+        return crate::lifecycle::run(store, l, &|_, _| false, progress);
+    }
     execute_store(store, op, progress)
 }
 
@@ -361,6 +365,7 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
         Op::Backup(b) => {
             crate::backup::run(store, &crate::backup::BackupGuards::default(), b, progress)?
         }
+        Op::Lifecycle(_) => unreachable!("execute runs lifecycle operations before this"),
         Op::VmStatus { name } => {
             let vms = vm_store(store)?;
             vms.get(&name)?;

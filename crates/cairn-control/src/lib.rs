@@ -8,6 +8,8 @@ pub mod backup;
 pub mod client;
 mod error;
 mod execute;
+mod files;
+pub mod lifecycle;
 pub use cairn_engine::names;
 pub mod ops;
 pub mod reports;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use crate::backup::{BackupOp, BackupReply};
+use crate::lifecycle::{LifecycleOp, LifecycleReply};
 use crate::reports::{ApplyReport, VmCheckpointInfo, VmSpaceReport};
 
 /// Largest data an `Op::VolumeWrite` carries or an `Op::VolumeRead` returns; bigger transfers
@@ -212,6 +213,8 @@ pub enum Op {
     },
     /// A backup operation (`crate::backup`).
     Backup(BackupOp),
+    /// A lifecycle operation: policies, pins, pruning (`crate::lifecycle`).
+    Lifecycle(LifecycleOp),
 }
 
 /// The user-settable fields of a VM; on edit, `None` keeps the current value.
@@ -289,6 +292,8 @@ pub enum Reply {
     VmStatus(VmStatus),
     /// What a backup operation returned.
     Backup(BackupReply),
+    /// What a lifecycle operation returned.
+    Lifecycle(LifecycleReply),
 }
 
 fn default_min_extents() -> u64 {

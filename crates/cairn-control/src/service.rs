@@ -67,6 +67,14 @@ impl Service {
         }
     }
 
+    /// A service over `store` alone that shares `guards` (for work moved to another thread).
+    fn local_with(store: Arc<Store>, guards: BackupGuards) -> Service {
+        Service {
+            backups: guards,
+            ..Service::local(store)
+        }
+    }
+
     /// The daemon's service: the store `nbd` serves, and the VMs `runtime` runs on it. Live
     /// restores a stopped daemon left are served again at once, as far as they got.
     pub fn daemon(nbd: Arc<cairn_nbd::Server>, runtime: Arc<Runtime>) -> Service {
@@ -91,11 +99,24 @@ impl Service {
         self.check_pins(&op)?;
         match op {
             Op::Backup(b) => crate::backup::run(&self.store, &self.backups, b, progress),
+            Op::Lifecycle(l) => self.lifecycle(l, progress),
             op => execute(&self.store, op, progress),
         }
     }
 
-    /// Refuses to delete or rename a checkpoint that a backup is reading.
+    /// Runs a lifecycle operation; checkpoints a backup is reading are not pruned.
+    fn lifecycle(
+        &self,
+        op: crate::lifecycle::LifecycleOp,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Reply, OpError> {
+        let guards = &self.backups;
+        let busy = |v: &str, c: &str| guards.check_free(v, Some(c)).is_err();
+        crate::lifecycle::run(&self.store, op, &busy, progress)
+    }
+
+    /// Refuses to delete or rename a checkpoint that a backup is reading, and to delete a
+    /// pinned one.
     fn check_pins(&self, op: &Op) -> Result<(), OpError> {
         match op {
             Op::CheckpointDelete {
@@ -104,7 +125,8 @@ impl Service {
                 children,
             } => {
                 let only = (!children).then_some(name.as_str());
-                self.backups.check_free(volume, only)
+                self.backups.check_free(volume, only)?;
+                crate::lifecycle::check_not_pinned(&self.store, volume, name)
             }
             Op::CheckpointRename { volume, name, .. } => {
                 self.backups.check_free(volume, Some(name))
@@ -127,6 +149,13 @@ impl Service {
         ) = op
         {
             return self.run_serving(b, progress).await;
+        }
+        if let Op::Lifecycle(l) = op {
+            let (store, guards) = (self.store.clone(), self.backups.clone());
+            return on_blocking_pool(move || {
+                Service::local_with(store, guards).lifecycle(l, &mut |n| progress(n))
+            })
+            .await;
         }
         if let Op::Backup(b) = op {
             let (store, guards) = (self.store.clone(), self.backups.clone());

@@ -444,6 +444,9 @@ pub struct CheckpointRecord {
     /// older records, which were all taken by name.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub automatic: bool,
+    /// Kept whatever a retention policy says (`checkpoint pin`). Absent in older records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
 }
 
 /// A mapping tree that no volume or checkpoint uses any more and that is being freed a step

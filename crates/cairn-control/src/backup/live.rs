@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::error::{ErrorKind, OpError};
+use crate::files::{io_err, write_atomic};
 
 /// Units the background thread claims at once: 4 MiB, small enough that a client waiting for
 /// one of them waits little.
@@ -143,8 +144,8 @@ impl LiveRestore {
         }
         let filled: Vec<u64> = needed.iter().map(|w| !w).collect();
         let live = LiveRestore::new(store, store_dir, record, Some(reader), filled);
-        std::fs::create_dir_all(&live.dir).map_err(|e| io("create", &live.dir, e))?;
-        write_atomically(
+        std::fs::create_dir_all(&live.dir).map_err(|e| io_err("creating", &live.dir, e))?;
+        write_atomic(
             &live.json_path(),
             &serde_json::to_vec(&live.record).expect("JSON"),
         )?;
@@ -163,7 +164,7 @@ impl LiveRestore {
     ) -> Result<Arc<LiveRestore>, OpError> {
         let dir = live_dir(store_dir);
         let json = dir.join(format!("{volume}.json"));
-        let bytes = std::fs::read(&json).map_err(|e| io("read", &json, e))?;
+        let bytes = std::fs::read(&json).map_err(|e| io_err("reading", &json, e))?;
         let record: LiveRecord = serde_json::from_slice(&bytes).map_err(|e| {
             OpError::new(
                 ErrorKind::Corrupt,
@@ -171,7 +172,7 @@ impl LiveRestore {
             )
         })?;
         let fill = dir.join(format!("{volume}.fill"));
-        let raw = std::fs::read(&fill).map_err(|e| io("read", &fill, e))?;
+        let raw = std::fs::read(&fill).map_err(|e| io_err("reading", &fill, e))?;
         let words = unit_count(record.size).div_ceil(64) as usize;
         if raw.len() != words * 8 {
             return Err(OpError::new(
@@ -267,7 +268,7 @@ impl LiveRestore {
 
     fn write_units(&self, filled: &[u64]) -> Result<(), OpError> {
         let bytes: Vec<u8> = filled.iter().flat_map(|w| w.to_le_bytes()).collect();
-        write_atomically(&self.fill_path(), &bytes)
+        write_atomic(&self.fill_path(), &bytes)
     }
 
     /// Claims the units of `units` nobody fills and that are not filled; says whether some
@@ -456,7 +457,7 @@ impl LiveRestore {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("remove", &p, e)),
+                Err(e) => return Err(io_err("removing", &p, e)),
             }
         }
         Ok(())
@@ -578,29 +579,4 @@ pub fn recorded(store_dir: &Path) -> Vec<String> {
         .collect();
     out.sort();
     out
-}
-
-fn io(op: &str, path: &Path, e: std::io::Error) -> OpError {
-    let kind = match e.raw_os_error() {
-        Some(28) => ErrorKind::NoSpace,
-        _ => ErrorKind::Io,
-    };
-    OpError::new(kind, format!("cannot {op} {}: {e}", path.display()))
-}
-
-/// Writes `bytes` to `path` through a synced temporary file and a rename, then syncs the
-/// directory: a crash leaves the old contents or the new, never a mix.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), OpError> {
-    use std::io::Write;
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
-    f.write_all(bytes).map_err(|e| io("write", &tmp, e))?;
-    f.sync_all().map_err(|e| io("sync", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("rename", &tmp, e))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("sync", dir, e))?;
-    }
-    Ok(())
 }

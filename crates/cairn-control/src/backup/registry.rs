@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::RepoSpec;
 use crate::error::{ErrorKind, OpError};
+use crate::files::{io_err, write_atomic};
 
 /// One registered repository.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,28 +30,6 @@ struct Registry {
 
 fn dir_of(store: &Path) -> PathBuf {
     store.join("backup")
-}
-
-fn io_err(what: &str, path: &Path, e: std::io::Error) -> OpError {
-    OpError::new(
-        ErrorKind::Io,
-        format!("{what} {} failed: {e}", path.display()),
-    )
-}
-
-/// Writes a small file atomically: temporary file, sync, rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OpError> {
-    use std::io::Write;
-    let parent = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| io_err("creating", parent, e))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        })
-        .map_err(|e| io_err("writing", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err("renaming", path, e))
 }
 
 fn load(store: &Path) -> Result<Registry, OpError> {

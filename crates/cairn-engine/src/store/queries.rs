@@ -136,6 +136,25 @@ impl Store {
         })
     }
 
+    /// Bytes that deleting checkpoints `names` of `volume` together would give back to the
+    /// store: the data and metadata blocks no other tree (head, checkpoint, clone) references.
+    /// Exact, and more than the sum of the checkpoints' own unique figures where they share
+    /// blocks only with each other.
+    pub fn space_freed_by_deleting(&self, volume: &str, names: &[String]) -> Result<u64> {
+        self.heal()?;
+        self.core.write_behind.wait_all();
+        let mut st = self.state();
+        let vid = st.volume_id(volume)?;
+        let mut roots = Vec::new();
+        for n in names {
+            let cid = st.checkpoint_id(vid, volume, n)?;
+            let c = &st.checkpoints[&cid];
+            roots.push((c.root, tree_depth(c.size)));
+        }
+        let (d, m) = st.meta.freed_by(&roots)?;
+        Ok((d + m) * BS)
+    }
+
     /// Checks every invariant of the store as it is on disk; see [`crate::fsck`].
     pub fn fsck(&self) -> Result<crate::fsck::FsckReport> {
         self.heal()?;

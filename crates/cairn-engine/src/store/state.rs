@@ -193,6 +193,7 @@ impl State {
             description: c.description.clone(),
             is_head_parent: v.parent == Some(id),
             automatic: c.automatic,
+            pinned: c.pinned,
         })
     }
 
@@ -233,6 +234,7 @@ impl State {
                 created_ms: now_ms(),
                 description: description.map(Into::into),
                 automatic: false,
+                pinned: false,
             },
         );
         self.checkpoint_ids.insert((vid, name.into()), id);

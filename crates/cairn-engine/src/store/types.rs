@@ -216,9 +216,13 @@ pub struct CheckpointInfo {
     pub description: Option<String>,
     /// Whether the volume's head was last taken or applied from it.
     pub is_head_parent: bool,
-    /// Taken by Cairn itself to keep the state an apply replaced, not asked for by name.
+    /// Taken by Cairn itself (the state an apply replaced, or a lifecycle policy's schedule),
+    /// not asked for by name; retention policies expire these.
     #[serde(default)]
     pub automatic: bool,
+    /// Kept whatever a retention policy says.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// The checkpoint an apply takes of the head it replaces.

@@ -288,6 +288,33 @@ impl Store {
         st.checkpoint_info(cid)
     }
 
+    /// Sets what a lifecycle policy needs to know of a checkpoint: whether Cairn took it
+    /// (`automatic`; policies expire those) and whether it is kept whatever a policy says
+    /// (`pinned`). `None` leaves a flag as it is.
+    pub fn set_checkpoint_flags(
+        &self,
+        volume: &str,
+        name: &str,
+        automatic: Option<bool>,
+        pinned: Option<bool>,
+    ) -> Result<CheckpointInfo> {
+        self.heal()?;
+        let mut st = self.state();
+        let vid = st.volume_id(volume)?;
+        let cid = st.checkpoint_id(vid, volume, name)?;
+        if let Some(c) = st.checkpoints.get_mut(&cid) {
+            if let Some(a) = automatic {
+                c.automatic = a;
+            }
+            if let Some(p) = pinned {
+                c.pinned = p;
+            }
+        }
+        st.dirty_records.insert(cid);
+        st.commit(false)?;
+        st.checkpoint_info(cid)
+    }
+
     /// Renames a checkpoint.
     pub fn rename_checkpoint(&self, volume: &str, old: &str, new: &str) -> Result<CheckpointInfo> {
         validate_name(new)?;
