@@ -7,7 +7,8 @@
 //! it dedups with fulls, clones and other hosts); otherwise each run of changed blocks is stored
 //! alone, and a scattered 4 KiB change costs 4 KiB plus about 90 bytes of record, index and map.
 //!
-//! Reading, hashing, compressing and sealing run on all cores (rayon), a batch at a time;
+//! Reading, hashing, compressing and sealing run on all cores (rayon), a batch at a time, at the
+//! lowest CPU priority ([`crate::background`]);
 //! records go into packs that uploader threads store while the next batch is read. The index
 //! segment, then the map, then the manifest are written only once every pack is stored.
 
@@ -161,14 +162,17 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
     let rx = Mutex::new(rx);
     std::thread::scope(|s| -> Result<()> {
         for _ in 0..UPLOADERS {
-            s.spawn(|| loop {
-                let job = rx.lock().map(|r| r.recv());
-                let Ok(Ok((name, bytes))) = job else {
-                    return;
-                };
-                if let Err(e) = repo.backend().put(&pack_key(&name), bytes) {
-                    let mut slot = upload_error.lock().unwrap_or_else(|p| p.into_inner());
-                    slot.get_or_insert(e);
+            s.spawn(|| {
+                crate::background::lower_priority();
+                loop {
+                    let job = rx.lock().map(|r| r.recv());
+                    let Ok(Ok((name, bytes))) = job else {
+                        return;
+                    };
+                    if let Err(e) = repo.backend().put(&pack_key(&name), bytes) {
+                        let mut slot = upload_error.lock().unwrap_or_else(|p| p.into_inner());
+                        slot.get_or_insert(e);
+                    }
                 }
             });
         }
@@ -183,10 +187,12 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
                     break;
                 }
                 session.refresh_if_due()?;
-                let read: Vec<ReadUnit> = batch
-                    .par_iter()
-                    .map(|u| read_unit(repo, store, &target, plan.cp.size, *u).map(|d| (*u, d)))
-                    .collect::<Result<_>>()?;
+                let read: Vec<ReadUnit> = crate::background::pool().install(|| {
+                    batch
+                        .par_iter()
+                        .map(|u| read_unit(repo, store, &target, plan.cp.size, *u).map(|d| (*u, d)))
+                        .collect::<Result<_>>()
+                })?;
                 let mut fresh = Vec::new();
                 for (u, d) in read {
                     let data = d.as_ref().map(|(id, _)| (*id, 0));
@@ -206,10 +212,12 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
                         }
                     }
                 }
-                let sealed: Vec<(ChunkId, Vec<u8>)> = fresh
-                    .par_iter()
-                    .map(|(id, bytes)| (*id, seal_record(repo, id, bytes)))
-                    .collect();
+                let sealed: Vec<(ChunkId, Vec<u8>)> = crate::background::pool().install(|| {
+                    fresh
+                        .par_iter()
+                        .map(|(id, bytes)| (*id, seal_record(repo, id, bytes)))
+                        .collect()
+                });
                 for (id, rec) in sealed {
                     packer.add(id, &rec, &mut segment);
                 }

@@ -9,10 +9,12 @@
 //! - [`repo`]: an open repository; [`create`], [`restore`], [`verify`]: what runs on it;
 //!   [`reader`]: one image read at any offset, for serving a backup where it lies.
 //!
-//! Everything here is synchronous, like the engine; S3 requests run on a small runtime of the
+//! A backup's threads run at the lowest CPU priority ([`background`]), so the VMs beside it keep
+//! their I/O. Everything here is synchronous, like the engine; S3 requests run on a small runtime of the
 //! S3 backend's own.
 
 pub mod backend;
+pub mod background;
 pub mod create;
 pub mod crypto;
 pub mod error;

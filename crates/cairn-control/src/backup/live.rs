@@ -346,6 +346,8 @@ impl LiveRestore {
     ) {
         let me = self.clone();
         std::thread::spawn(move || {
+            // Background work, beside the VM that uses the volume (see cairn_backup::background).
+            cairn_backup::background::lower_priority();
             let began = Instant::now();
             let mut copied = 0u64;
             let mut last_record = Instant::now();
@@ -364,7 +366,7 @@ impl LiveRestore {
                     let _ = me.changed.wait_timeout(st, Duration::from_millis(100));
                     continue;
                 };
-                match me.fill(&batch) {
+                match cairn_backup::background::pool().install(|| me.fill(&batch)) {
                     Ok(()) => {
                         *lock(&me.error) = None;
                         backoff = Duration::from_secs(1);
