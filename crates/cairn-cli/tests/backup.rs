@@ -34,19 +34,6 @@ fn data(len: u32, mul: u32, shift: u32) -> Vec<u8> {
         .collect()
 }
 
-/// `len` bytes that zstd cannot shrink (xorshift64), so their chunks fill whole packs.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Writes `bytes` into `volume` at `offset` from a file, as a user would.
 fn write_from(e: &Env, volume: &str, offset: &str, bytes: &[u8]) {
     let f = e.work.join(format!("{volume}-{offset}.bin"));

@@ -12,19 +12,10 @@ fn with_passphrase() {
     std::env::set_var("CAIRN_BACKUP_PASSPHRASE", "serving test");
 }
 
-/// `len` bytes no compressor shrinks (xorshift64), as a file the CLI writes from.
+/// `len` bytes no compressor shrinks, as a file the CLI writes from.
 fn noise_file(e: &Env, name: &str, len: usize, seed: u64) -> String {
-    let mut x = seed | 1;
-    let bytes: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect();
     let f = e.work.join(name);
-    std::fs::write(&f, bytes).expect("data file");
+    std::fs::write(&f, noise(len, seed)).expect("data file");
     f.display().to_string()
 }
 

@@ -1103,29 +1103,37 @@ fn vm_console_attach_reaches_the_guest_and_ctrl_bracket_detaches() {
     assert!(again.wait().expect("wait").success());
 }
 
+/// Running VM `g1` (disk `d1`) with a standard checkpoint `g1@m1` backed up into an encrypted
+/// repository (the daemon runs): the backup, the counter its disk holds, the repository and the
+/// key-file flags.
+fn backed_up_vm(e: &Env) -> (serde_json::Value, u64, String, [String; 2]) {
+    ok(e, &["volume", "create", "d1", "--size", "64M"]);
+    define(e, "g1", &["d1"]);
+    ok(e, &["vm", "start", "g1"]);
+    wait_console(e, "g1", "cairn-counter 00000003", 90);
+    let cp = json(e, &["checkpoint", "create", "g1@m1"]);
+    assert_eq!(cp["kind"], "standard", "{cp}");
+    let at = counter_in(e, "d1@m1");
+    let key = e.work.join("key");
+    std::fs::write(&key, "vm backup pass\n").expect("key");
+    let repo = e.work.join("repo").display().to_string();
+    let k = ["--key-file".to_string(), key.display().to_string()];
+    ok(e, &["backup", "init", &repo, &k[0], &k[1]]);
+    let b = json(
+        e,
+        &["backup", "create", "g1@m1", "--repo", &repo, &k[0], &k[1]],
+    );
+    (b, at, repo, k)
+}
+
 /// A backup of a standard VM checkpoint holds the disks, the memory state and the definition:
 /// restored as a new VM with a fresh identity, its checkpoint resumes the guest where it was
 /// (the counter goes on from the value the backed-up disk holds), without a boot.
 #[test]
 fn a_vm_backup_restores_as_a_new_vm_that_resumes() {
     let e = env();
-    ok(&e, &["volume", "create", "d1", "--size", "64M"]);
-    define(&e, "g1", &["d1"]);
     let _d = Daemon::start(&e);
-    ok(&e, &["vm", "start", "g1"]);
-    wait_console(&e, "g1", "cairn-counter 00000003", 90);
-    let cp = json(&e, &["checkpoint", "create", "g1@m1"]);
-    assert_eq!(cp["kind"], "standard", "{cp}");
-    let at = counter_in(&e, "d1@m1");
-    let key = e.work.join("key");
-    std::fs::write(&key, "vm backup pass\n").expect("key");
-    let repo = e.work.join("repo").display().to_string();
-    let k = ["--key-file", key.to_str().expect("utf8")];
-    ok(&e, &["backup", "init", &repo, k[0], k[1]]);
-    let b = json(
-        &e,
-        &["backup", "create", "g1@m1", "--repo", &repo, k[0], k[1]],
-    );
+    let (b, at, repo, k) = backed_up_vm(&e);
     assert_eq!(b["kind"], "vm", "{b}");
     assert_eq!(
         b["images"].as_array().map(Vec::len),
@@ -1138,7 +1146,7 @@ fn a_vm_backup_restores_as_a_new_vm_that_resumes() {
     let r = json(
         &e,
         &[
-            "backup", "restore", id, "--to", "g2", "--repo", &repo, k[0], k[1],
+            "backup", "restore", id, "--to", "g2", "--repo", &repo, &k[0], &k[1],
         ],
     );
     assert!(
@@ -1177,22 +1185,8 @@ fn a_vm_backup_restores_as_a_new_vm_that_resumes() {
 #[test]
 fn a_vm_backup_restored_live_runs_before_its_disk_is_copied() {
     let e = env();
-    ok(&e, &["volume", "create", "d1", "--size", "64M"]);
-    define(&e, "g1", &["d1"]);
     let _d = Daemon::start(&e);
-    ok(&e, &["vm", "start", "g1"]);
-    wait_console(&e, "g1", "cairn-counter 00000003", 90);
-    ok(&e, &["checkpoint", "create", "g1@m1"]);
-    let at = counter_in(&e, "d1@m1");
-    let key = e.work.join("key");
-    std::fs::write(&key, "vm live pass\n").expect("key");
-    let repo = e.work.join("repo").display().to_string();
-    let k = ["--key-file", key.to_str().expect("utf8")];
-    ok(&e, &["backup", "init", &repo, k[0], k[1]]);
-    let b = json(
-        &e,
-        &["backup", "create", "g1@m1", "--repo", &repo, k[0], k[1]],
-    );
+    let (b, at, repo, k) = backed_up_vm(&e);
     ok(&e, &["vm", "kill", "g1"]);
 
     let id = b["id"].as_str().expect("id");
@@ -1209,8 +1203,8 @@ fn a_vm_backup_restored_live_runs_before_its_disk_is_copied() {
             "1M",
             "--repo",
             &repo,
-            k[0],
-            k[1],
+            &k[0],
+            &k[1],
         ],
     );
     assert!(

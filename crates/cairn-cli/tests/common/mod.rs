@@ -260,3 +260,16 @@ pub fn output(cmd: &str, args: &[&str]) -> Output {
         .output()
         .unwrap_or_else(|e| panic!("{cmd} is installed by scripts/setup.sh: {e}"))
 }
+
+/// `len` bytes that no compressor shrinks (xorshift64 from `seed`).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
