@@ -112,6 +112,8 @@ pub struct LiveRestore {
     /// Held through a whole commit (snapshot, flush, record), so that a flush that finds
     /// nothing new to record cannot return before an earlier one has recorded what it took.
     committing: Mutex<()>,
+    /// The record is gone (the restore finished or was given up): flushes record nothing more.
+    finished: AtomicBool,
     /// The restore that took over from this one (resumed after a daemon restart): connections
     /// made before it still hold this one, and are passed on.
     successor: Mutex<Option<Arc<LiveRestore>>>,
@@ -227,6 +229,7 @@ impl LiveRestore {
             error: Mutex::new(None),
             cursor: AtomicU64::new(0),
             committing: Mutex::new(()),
+            finished: AtomicBool::new(false),
             successor: Mutex::new(None),
         }
     }
@@ -434,6 +437,9 @@ impl LiveRestore {
     /// Flushes the store, then records the units filled before the flush.
     fn commit(&self) -> Result<(), OpError> {
         let _one = lock(&self.committing);
+        if self.finished.load(Ordering::SeqCst) {
+            return Ok(self.store.flush()?);
+        }
         let snapshot = {
             let mut st = lock(&self.units);
             match std::mem::take(&mut st.dirty) {
@@ -454,6 +460,7 @@ impl LiveRestore {
 
     /// Every unit is filled: commits and removes the record.
     fn finish(&self) -> Result<(), OpError> {
+        let _one = lock(&self.committing);
         self.store.flush()?;
         for p in [self.fill_path(), self.json_path()] {
             match std::fs::remove_file(&p) {
@@ -462,6 +469,7 @@ impl LiveRestore {
                 Err(e) => return Err(io_err("removing", &p, e)),
             }
         }
+        self.finished.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -473,9 +481,11 @@ impl LiveRestore {
     /// Gives the restore up (its volume is being deleted): stops and forgets the record.
     pub fn abandon(&self) {
         self.stop();
+        let _one = lock(&self.committing);
         for p in [self.fill_path(), self.json_path()] {
             let _ = std::fs::remove_file(p);
         }
+        self.finished.store(true, Ordering::SeqCst);
     }
 }
 
@@ -487,11 +497,12 @@ impl LiveRestore {
 
 impl Backfill for LiveRestore {
     fn ensure(&self, offset: u64, len: u64) -> Result<(), String> {
-        if let Some(next) = self.successor() {
-            return next.ensure(offset, len);
-        }
+        // Checked first: every request of a completed restore passes here, with no lock.
         if self.complete.load(Ordering::Relaxed) || len == 0 {
             return Ok(());
+        }
+        if let Some(next) = self.successor() {
+            return next.ensure(offset, len);
         }
         let units = offset / CHUNK_SIZE..(offset + len).div_ceil(CHUNK_SIZE).min(self.total);
         loop {
@@ -524,10 +535,7 @@ impl Backfill for LiveRestore {
     }
 
     fn is_complete(&self) -> bool {
-        match self.successor() {
-            Some(next) => next.is_complete(),
-            None => self.complete.load(Ordering::Relaxed),
-        }
+        self.complete.load(Ordering::Relaxed) || self.successor().is_some_and(|n| n.is_complete())
     }
 }
 
