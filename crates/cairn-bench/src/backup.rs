@@ -14,6 +14,8 @@ use cairn_engine::{Options, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::median;
+
 const MIB: u64 = 1 << 20;
 const PASS: &str = "bench passphrase";
 
@@ -26,11 +28,6 @@ struct Round {
     growth: u64,
     restore_s: f64,
     peak_rss_kib: u64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Bytes under `dir`.

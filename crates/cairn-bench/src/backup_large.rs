@@ -13,16 +13,16 @@
 //! completion latencies.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use cairn_engine::{Options, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::backup::{cairn_command, measured};
+use crate::median;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -122,32 +122,16 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
 
 /// 99th percentile completion latencies of a VM-like fio job, read and write, in µs.
 fn fio_p99(uri: &str, seconds: u64) -> Result<(f64, f64)> {
-    let out = Command::new("fio")
-        .args([
-            "--name=vm",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randrw",
-            "--rwmixread=70",
-            "--bs=4k",
-            "--iodepth=4",
-            "--size=1g",
-            &format!("--runtime={seconds}"),
-            "--time_based",
-            "--randrepeat=0",
-            "--output-format=json",
-        ])
-        .output()
-        .context("running fio (./scripts/setup-tests.sh installs it)")?;
-    if !out.status.success() {
-        bail!(
-            "fio failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find('{').context("fio printed no JSON")?;
-    let v: serde_json::Value = serde_json::from_str(&text[start..]).context("fio JSON")?;
+    let job: Vec<String> = [
+        "--rw=randrw",
+        "--rwmixread=70",
+        "--bs=4k",
+        "--iodepth=4",
+        "--size=1g",
+    ]
+    .map(String::from)
+    .to_vec();
+    let v = crate::nbd::fio_json(uri, &job, seconds)?;
     let p99 = |side: &str| {
         v["jobs"][0][side]["clat_ns"]["percentile"]["99.000000"]
             .as_f64()
@@ -155,11 +139,6 @@ fn fio_p99(uri: &str, seconds: u64) -> Result<(f64, f64)> {
             / 1000.0
     };
     Ok((p99("read"), p99("write")))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// fio's p99 latencies on the volume, idle and while the daemon backs its checkpoint up.

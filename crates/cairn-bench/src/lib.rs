@@ -85,6 +85,12 @@ impl Drop for TempDir {
 }
 
 /// Runs a peer tool; it must succeed.
+/// The median of `v` (the upper one of an even count; 0 for none).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 pub(crate) fn tool_ok(program: &str, args: &[&str]) -> Result<()> {
     let out = std::process::Command::new(program)
         .args(args)

@@ -147,35 +147,48 @@ pub(crate) fn cairn_serve(store: &Path, volume: &str) -> Result<ServerProcess> {
     })
 }
 
-/// Runs one fio job against an NBD URI; returns MiB/s for 1 MiB jobs, IOPS for 4 KiB ones.
-fn fio(uri: &str, job: &(&str, &str, &str, u32), size: u64, seconds: u64) -> Result<f64> {
-    let (_, rw, bs, qd) = *job;
+/// Runs one time-based fio job (nbd engine) against an NBD URI with `job` options
+/// (`--rw=...`, `--bs=...`); returns fio's JSON report.
+pub(crate) fn fio_json(uri: &str, job: &[String], seconds: u64) -> Result<serde_json::Value> {
     let out = Command::new("fio")
         .args([
-            "--name=bench",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            &format!("--rw={rw}"),
-            &format!("--bs={bs}"),
-            &format!("--iodepth={qd}"),
-            &format!("--size={size}"),
-            &format!("--runtime={seconds}"),
-            "--time_based",
-            "--randrepeat=0",
-            "--output-format=json",
+            "--name=bench".to_string(),
+            "--ioengine=nbd".into(),
+            format!("--uri={uri}"),
+            format!("--runtime={seconds}"),
+            "--time_based".into(),
+            "--randrepeat=0".into(),
+            "--output-format=json".into(),
         ])
+        .args(job)
         .output()
-        .context("running fio (install it: ./scripts/setup.sh)")?;
+        .context("running fio (install it: ./scripts/setup-tests.sh)")?;
     if !out.status.success() {
         bail!(
-            "fio {rw} {bs} failed: {}",
+            "fio {} failed: {}",
+            job.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     // fio may print notes before its JSON.
     let start = text.find('{').context("fio printed no JSON")?;
-    let v: serde_json::Value = serde_json::from_str(&text[start..]).context("fio JSON")?;
+    serde_json::from_str(&text[start..]).context("fio JSON")
+}
+
+/// Runs one fio job against an NBD URI; returns MiB/s for 1 MiB jobs, IOPS for 4 KiB ones.
+fn fio(uri: &str, job: &(&str, &str, &str, u32), size: u64, seconds: u64) -> Result<f64> {
+    let (_, rw, bs, qd) = *job;
+    let v = fio_json(
+        uri,
+        &[
+            format!("--rw={rw}"),
+            format!("--bs={bs}"),
+            format!("--iodepth={qd}"),
+            format!("--size={size}"),
+        ],
+        seconds,
+    )?;
     let side = if rw.contains("read") { "read" } else { "write" };
     let j = &v["jobs"][0][side];
     Ok(if bs == "1M" {

@@ -7,17 +7,12 @@ use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::cairn;
+use crate::{cairn, median};
 
 fn json(store: &Path, args: &[&str]) -> Result<serde_json::Value> {
     let mut a = vec!["--json"];
     a.extend_from_slice(args);
     Ok(serde_json::from_str(&cairn(store, &a)?)?)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Runs the VM benchmark in `dir`; returns the Markdown report.

@@ -668,7 +668,8 @@ fn pruned(list: &[PruneEntry], dry_run: bool) {
     );
 }
 
-fn rule_name(r: Rule) -> &'static str {
+/// The option a retention rule is given by (`keep-daily`...).
+pub(crate) fn rule_name(r: Rule) -> &'static str {
     match r {
         Rule::Last => "keep-last",
         Rule::Hourly => "keep-hourly",

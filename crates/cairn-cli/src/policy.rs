@@ -6,7 +6,7 @@ use cairn_control::lifecycle::{
     LifecycleOp, LifecycleReply, Policy, PolicyInfo, PruneReport, Verdict, DEFAULT,
 };
 use cairn_control::{Op, Reply};
-use cairn_retention::{KeepPolicy, Rule};
+use cairn_retention::KeepPolicy;
 use clap::{Args, Subcommand};
 
 use crate::backend::Backend;
@@ -308,7 +308,7 @@ fn report(r: &PruneReport, json: bool, summary: bool) -> Result<()> {
     );
     for i in &r.items {
         let what = match i.verdict {
-            Verdict::Keep(rule) => format!("keep ({})", rule_name(rule)),
+            Verdict::Keep(rule) => format!("keep ({})", crate::backup::rule_name(rule)),
             Verdict::Pinned => "keep (pinned)".into(),
             Verdict::Manual => "keep (manual)".into(),
             Verdict::Busy => "keep (backing up)".into(),
@@ -336,16 +336,4 @@ fn report(r: &PruneReport, json: bool, summary: bool) -> Result<()> {
         if r.dry_run { " (dry run)" } else { "" }
     );
     Ok(())
-}
-
-fn rule_name(r: Rule) -> &'static str {
-    match r {
-        Rule::Last => "last",
-        Rule::Hourly => "hourly",
-        Rule::Daily => "daily",
-        Rule::Weekly => "weekly",
-        Rule::Monthly => "monthly",
-        Rule::Yearly => "yearly",
-        Rule::All => "all",
-    }
 }

@@ -492,14 +492,17 @@ pub fn run(
         | BackupOp::Mount { .. }
         | BackupOp::Unmount { .. }
         | BackupOp::Mounts
-        | BackupOp::Live => {
-            return Err(OpError::new(
-                ErrorKind::State,
-                "serving a backup (mount, live restore) needs the daemon: start `cairn serve` on this store first",
-            ))
-        }
+        | BackupOp::Live => return Err(needs_daemon()),
     };
     Ok(Reply::Backup(reply))
+}
+
+/// What serving a backup (mount, live restore) says without a daemon to serve it.
+pub(crate) fn needs_daemon() -> OpError {
+    OpError::new(
+        ErrorKind::State,
+        "serving a backup (mount, live restore) needs the daemon: start `cairn serve` on this store first",
+    )
 }
 
 /// Opens the repository `repo` means.

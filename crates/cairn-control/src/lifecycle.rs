@@ -5,6 +5,7 @@
 //! - [`schedule`]: when a policy's next checkpoint is due.
 //! - [`prune`]: which checkpoints a policy removes, and what that frees.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -262,11 +263,7 @@ pub fn run(
                     format!("pin a checkpoint: give NAME@CHECKPOINT, not '{target}'"),
                 ));
             };
-            let parts = match vm_store(store).ok().filter(|v| v.exists(&t.volume)) {
-                Some(vms) => vms.checkpoint(&t.volume, &name)?.parts(),
-                None => vec![t.volume.clone()],
-            };
-            for p in &parts {
+            for p in &checkpoint_parts(store, &t.volume, &name)? {
                 store.set_checkpoint_flags(p, &name, None, Some(pinned))?;
             }
             LifecycleReply::Pinned(vec![format!("{}@{name}", t.volume)])
@@ -275,20 +272,29 @@ pub fn run(
     Ok(Reply::Lifecycle(reply))
 }
 
-/// Refuses to delete a pinned checkpoint by hand.
+/// The volumes that hold checkpoint `name` of `target`: a VM checkpoint's parts, or the volume.
+fn checkpoint_parts(store: &Store, target: &str, name: &str) -> Result<Vec<String>, OpError> {
+    match vm_store(store).ok().filter(|v| v.exists(target)) {
+        Some(vms) => Ok(vms.checkpoint(target, name)?.parts()),
+        None => Ok(vec![target.to_string()]),
+    }
+}
+
+/// Names of the pinned checkpoints of `volume` (none if it does not exist).
+pub(crate) fn pinned_on(store: &Store, volume: &str) -> HashSet<String> {
+    store
+        .list_checkpoints(volume)
+        .map(|l| l.into_iter().filter(|c| c.pinned).map(|c| c.name).collect())
+        .unwrap_or_default()
+}
+
+/// Refuses to delete a pinned checkpoint by hand (an unknown one is left to the delete to name).
 pub fn check_not_pinned(store: &Store, volume: &str, name: &str) -> Result<(), OpError> {
-    let parts = match vm_store(store).ok().filter(|v| v.exists(volume)) {
-        Some(vms) => match vms.checkpoint(volume, name) {
-            Ok(c) => c.parts(),
-            Err(_) => return Ok(()),
-        },
-        None => vec![volume.to_string()],
+    let Ok(parts) = checkpoint_parts(store, volume, name) else {
+        return Ok(());
     };
     for p in parts {
-        let pinned = store
-            .list_checkpoints(&p)
-            .is_ok_and(|l| l.iter().any(|c| c.name == name && c.pinned));
-        if pinned {
+        if pinned_on(store, &p).contains(name) {
             return Err(OpError::new(
                 ErrorKind::State,
                 format!("checkpoint '{volume}@{name}' is pinned; `cairn checkpoint unpin {volume}@{name}` first"),

@@ -472,31 +472,7 @@ impl Meta {
     /// Blocks (data, metadata) that dropping one reference to `root` would free: the exact space
     /// unique to a tree. Visits only what it counts.
     pub fn unique(&mut self, root: u64, depth: u32) -> Result<(u64, u64)> {
-        let (mut data, mut meta) = (0, 0);
-        if root == 0 {
-            return Ok((0, 0));
-        }
-        let mut stack = vec![(root, Some(depth - 1))];
-        while let Some((b, level)) = stack.pop() {
-            if self.rc(b)? != 1 {
-                continue;
-            }
-            match level {
-                None => data += 1,
-                Some(l) => {
-                    meta += 1;
-                    let page = self.cache.get(&*self.dev, b, PageKind::Tree)?;
-                    debug_assert_eq!(page_level(page) as u32, l);
-                    for i in 0..FANOUT {
-                        let e = entry(page, i);
-                        if e != 0 {
-                            stack.push((e, child_level(l)));
-                        }
-                    }
-                }
-            }
-        }
-        Ok((data, meta))
+        self.freed_by(&[(root, depth)])
     }
 
     /// Blocks (data, metadata) that dropping one reference to each of `roots` (root, depth)
@@ -523,6 +499,7 @@ impl Meta {
                 Some(l) => {
                     meta += 1;
                     let page = self.cache.get(&*self.dev, b, PageKind::Tree)?;
+                    debug_assert_eq!(page_level(page) as u32, l);
                     for i in 0..FANOUT {
                         let e = entry(page, i);
                         if e != 0 {

@@ -7,7 +7,7 @@
 //! frees more than the sum of what each frees alone where they share blocks only with each other,
 //! so the total is computed for the set, per volume.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use cairn_engine::Store;
@@ -86,12 +86,14 @@ fn checkpoints_of(store: &Store, target: &str) -> Result<Vec<Seen>, OpError> {
     if let Ok(vms) = vm_store(store) {
         if vms.exists(target) {
             let mut out = Vec::new();
+            // Each part's pins are listed once, not once per checkpoint.
+            let mut pins: HashMap<String, HashSet<String>> = HashMap::new();
             for c in vms.checkpoints(target)?.into_iter().filter(|c| !c.pending) {
                 let parts = c.parts();
                 let pinned = parts.iter().any(|p| {
-                    store
-                        .list_checkpoints(p)
-                        .is_ok_and(|l| l.iter().any(|x| x.name == c.name && x.pinned))
+                    pins.entry(p.clone())
+                        .or_insert_with(|| super::pinned_on(store, p))
+                        .contains(&c.name)
                 });
                 out.push(Seen {
                     name: c.name.clone(),

@@ -62,6 +62,7 @@ impl LiveContext {
                     ),
                 ));
             }
+            self.nbd.attach_backfill(name, l.clone());
             self.run(l);
             return Ok(true);
         }
@@ -84,9 +85,10 @@ impl LiveContext {
         Ok(false)
     }
 
+    /// Registers `l` (its backfill already attached) and starts its background copy, which
+    /// detaches it once complete.
     fn run(&self, l: Arc<LiveRestore>) {
         let name = l.volume().to_string();
-        self.nbd.attach_backfill(&name, l.clone());
         self.lives.insert(l.clone());
         let (nbd, lives) = (self.nbd.clone(), self.lives.clone());
         l.run_background(self.rate_limit, move || {
@@ -109,7 +111,7 @@ impl LiveContext {
 impl Service {
     fn live_context(&self) -> Result<(LiveContext, Arc<Runtime>), OpError> {
         let Some((rt, nbd)) = &self.vms else {
-            return Err(needs_daemon());
+            return Err(crate::backup::needs_daemon());
         };
         let dir = self
             .store
@@ -427,13 +429,6 @@ async fn restore_vm_live(
             "VM '{new}' runs ({how}); its disks fill in behind it, `cairn backup live` shows how far"
         )),
     })
-}
-
-fn needs_daemon() -> OpError {
-    OpError::new(
-        ErrorKind::State,
-        "serving a backup (mount, live restore) needs the daemon: start `cairn serve` on this store first",
-    )
 }
 
 fn live_error(why: String) -> OpError {
