@@ -224,6 +224,13 @@ impl RepoArgs {
             cwd: std::env::current_dir().context("cannot read the working directory")?,
             passphrase,
             s3: S3Options::from_env(),
+            key_file: match &self.key_file {
+                Some(f) => Some(
+                    std::path::absolute(f)
+                        .with_context(|| format!("cannot resolve key file {}", f.display()))?,
+                ),
+                None => None,
+            },
         })
     }
 }

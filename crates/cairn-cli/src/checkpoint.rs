@@ -172,6 +172,7 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
                 description: message,
                 disk_only,
                 quiesce,
+                automatic: false,
             };
             // Only a running VM's standard checkpoint reports progress: its memory being saved.
             let sp = spinner("checkpointing");

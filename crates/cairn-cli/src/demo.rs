@@ -39,6 +39,7 @@ pub fn run(dir: &Path) -> Result<()> {
             description: Some(what.into()),
             disk_only: false,
             quiesce: false,
+            automatic: false,
         })
     };
     write(0, b'A', 4 << 20)?;

@@ -7,6 +7,7 @@ mod checkpoint;
 mod console;
 mod convert;
 mod demo;
+mod events;
 mod output;
 mod policy;
 mod serve;
@@ -95,6 +96,16 @@ enum Cmd {
         /// Only show what would go and what it frees.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// What the daemon's lifecycle did and why: checkpoints taken and pruned (with the bytes
+    /// freed), skipped over a budget or the floor, backups done or failed.
+    Events {
+        /// Keep printing events as they land.
+        #[arg(short, long)]
+        follow: bool,
+        /// Show at most the newest N.
+        #[arg(long, default_value_t = 50, value_name = "N")]
+        limit: usize,
     },
     /// Run a benchmark (the engine by default, --nbd, --vm) and print its table.
     Bench(bench::BenchArgs),
@@ -235,6 +246,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Backup(cmd) => backup::run(&open()?, cmd, json, cli.yes)?,
         Cmd::Policy(cmd) => policy::run(&open()?, cmd, json)?,
         Cmd::Prune { name, dry_run } => policy::prune(&open()?, name, dry_run, json, cli.yes)?,
+        Cmd::Events { follow, limit } => events::run(&open()?, limit, follow, json)?,
         Cmd::Fsck => {
             // Without a daemon, fsck reads the files itself: it must report on a store that does
             // not even open. With one, the daemon checks the store it has open.

@@ -2,6 +2,7 @@
 //! default), and applying their retention now, with the exact space it frees.
 
 use anyhow::{bail, Result};
+use cairn_control::lifecycle::space::Floor;
 use cairn_control::lifecycle::{
     LifecycleOp, LifecycleReply, Policy, PolicyInfo, PruneReport, Verdict, DEFAULT,
 };
@@ -66,6 +67,10 @@ pub struct PolicyArgs {
     /// Apply retention to checkpoints taken by name too (by default only to those Cairn took).
     #[arg(long)]
     include_manual: bool,
+    /// A running VM's policy checkpoints keep its memory too (standard checkpoints); without
+    /// this they are disk-only (file systems frozen through the guest agent when it answers).
+    #[arg(long)]
+    with_memory: bool,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +98,13 @@ pub enum PolicyCmd {
     },
     /// Every policy set, the store's default first.
     List,
+    /// The store's floor of free host space (default: 10% of the file system or 10 GiB,
+    /// whichever is less): below it no checkpoint is taken and the daemon deletes automatic
+    /// ones. Without a value, shows it.
+    Floor {
+        /// A size (20G), a share (15%), `default` or `off`.
+        value: Option<String>,
+    },
     /// Remove a VM's or volume's own policy (the default applies again), or the default.
     Clear {
         /// VM or volume.
@@ -112,7 +124,11 @@ fn target(name: Option<String>, default: bool) -> Result<String> {
     }
 }
 
-fn call(store: &Backend, op: LifecycleOp, progress: Option<&str>) -> Result<LifecycleReply> {
+pub(crate) fn call(
+    store: &Backend,
+    op: LifecycleOp,
+    progress: Option<&str>,
+) -> Result<LifecycleReply> {
     let pb = progress.map(crate::spinner);
     let reply = store.call_with_progress(Op::Lifecycle(op), &mut |n| {
         if let Some(pb) = &pb {
@@ -151,6 +167,7 @@ pub fn run(store: &Backend, cmd: PolicyCmd, json: bool) -> Result<()> {
             backup_to: a.backup_to,
             backup_every_secs: a.backup_every,
             include_manual: a.include_manual,
+            with_memory: a.with_memory,
         }),
         PolicyCmd::Show { name, default } => LifecycleOp::PolicyShow {
             target: target(name, default)?,
@@ -159,6 +176,13 @@ pub fn run(store: &Backend, cmd: PolicyCmd, json: bool) -> Result<()> {
         PolicyCmd::Clear { name, default } => LifecycleOp::PolicyClear {
             target: target(name, default)?,
         },
+        PolicyCmd::Floor { value } => {
+            let set = match value {
+                Some(v) => Some(Floor::parse(&v, |s| parse_size(s).ok())?),
+                None => None,
+            };
+            return floor(store, set, json);
+        }
     };
     match call(store, op, None)? {
         LifecycleReply::Policies(list) if json => print_json(&list)?,
@@ -172,6 +196,34 @@ pub fn run(store: &Backend, cmd: PolicyCmd, json: bool) -> Result<()> {
         }
         other => bail!("unexpected reply {other:?}"),
     }
+    Ok(())
+}
+
+/// `cairn policy floor [VALUE]`.
+fn floor(store: &Backend, set: Option<Floor>, json: bool) -> Result<()> {
+    let LifecycleReply::Floor(f) = call(store, LifecycleOp::Floor { set }, None)? else {
+        bail!("unexpected reply");
+    };
+    if json {
+        return print_json(&f);
+    }
+    let setting = match f.floor {
+        Floor::Default => "default (10% or 10 GiB, whichever is less)".to_string(),
+        Floor::Bytes(b) => human(b),
+        Floor::Percent(p) => format!("{p}%"),
+        Floor::Off => "off".into(),
+    };
+    outln!(
+        "floor: {setting} = {} of {}; free now: {}{}",
+        human(f.floor_bytes),
+        human(f.total_bytes),
+        human(f.free_bytes),
+        if f.below() {
+            " (below: no new checkpoints)"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 
@@ -219,6 +271,9 @@ fn describe(i: &PolicyInfo) -> String {
     }
     if p.include_manual {
         parts.push("manual checkpoints included".into());
+    }
+    if p.with_memory {
+        parts.push("with memory".into());
     }
     let who = match (p.target.as_str(), i.inherited) {
         (DEFAULT, _) => "store default".to_string(),

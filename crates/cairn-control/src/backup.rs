@@ -46,6 +46,10 @@ pub struct RepoSpec {
     /// The caller's `AWS_*` credentials.
     #[serde(default)]
     pub s3: S3Options,
+    /// The file the passphrase came from (absolute): registering a repository records it, so
+    /// the daemon's scheduled backups can read it (the store never keeps the secret itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// Where a restore writes.

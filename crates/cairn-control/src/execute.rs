@@ -178,6 +178,7 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             name,
             description,
             quiesce,
+            automatic,
             ..
         } => {
             if quiesce {
@@ -194,7 +195,12 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
                     cairn_vm::checkpoint::UNNAMED_PREFIX,
                 )?,
             };
-            Reply::Checkpoint(store.create_checkpoint(&volume, &name, description.as_deref())?)
+            let mut info = store.create_checkpoint(&volume, &name, description.as_deref())?;
+            if automatic {
+                // A crash before this leaves it manual: kept, never wrongly pruned.
+                info = store.set_checkpoint_flags(&volume, &name, Some(true), None)?;
+            }
+            Reply::Checkpoint(info)
         }
         Op::CheckpointList { volume } => Reply::Checkpoints {
             checkpoints: store.list_checkpoints(&volume)?,

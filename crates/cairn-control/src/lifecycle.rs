@@ -4,6 +4,8 @@
 //! - [`policy`]: what a policy says and where the store keeps it.
 //! - [`schedule`]: when a policy's next checkpoint is due.
 //! - [`prune`]: which checkpoints a policy removes, and what that frees.
+//! - [`space`]: budgets and the floor of free host space.
+//! - [`scheduler`]: the daemon's loop that runs policies; [`events`]: its record.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -16,9 +18,12 @@ use crate::error::{ErrorKind, OpError};
 use crate::execute::vm_store;
 use crate::ops::Reply;
 
+pub mod events;
 pub mod policy;
 pub mod prune;
 pub mod schedule;
+pub mod scheduler;
+pub mod space;
 
 pub use policy::{Policy, DEFAULT};
 pub use prune::{PruneItem, PruneReport, Verdict};
@@ -50,6 +55,22 @@ pub enum LifecycleOp {
         #[serde(default)]
         dry_run: bool,
     },
+    /// The store's floor of free host space (set it if `set`), and where the file system stands.
+    Floor {
+        /// The new setting.
+        #[serde(default)]
+        set: Option<space::Floor>,
+    },
+    /// What the daemon's lifecycle did: events with a sequence number after `after`, at most the
+    /// newest `limit`.
+    Events {
+        /// Only events after this sequence number.
+        #[serde(default)]
+        after: u64,
+        /// At most this many (the newest).
+        #[serde(default = "events_limit")]
+        limit: usize,
+    },
     /// Keep a checkpoint whatever a policy says (or stop keeping it).
     Pin {
         /// `VOLUME@CHECKPOINT` or `VM@CHECKPOINT`.
@@ -57,6 +78,10 @@ pub enum LifecycleOp {
         /// Pin or unpin.
         pinned: bool,
     },
+}
+
+fn events_limit() -> usize {
+    1000
 }
 
 /// What a policy query returns.
@@ -79,6 +104,10 @@ pub enum LifecycleReply {
     Pruned(PruneReport),
     /// Checkpoints whose pin changed.
     Pinned(Vec<String>),
+    /// The floor of free host space.
+    Floor(space::FloorStatus),
+    /// Lifecycle events, oldest first.
+    Events(Vec<events::Event>),
 }
 
 fn store_dir(store: &Store) -> Result<&Path, OpError> {
@@ -233,7 +262,7 @@ pub fn run(
                 }
                 None => all_targets(store)?,
             };
-            let now = cairn_vm::now_ms();
+            let now = store.clock().now_ms();
             let mut total = PruneReport {
                 dry_run,
                 ..PruneReport::default()
@@ -254,6 +283,15 @@ pub fn run(
                 total.frees_total += done.frees_total;
             }
             LifecycleReply::Pruned(total)
+        }
+        LifecycleOp::Floor { set } => {
+            if let Some(f) = set {
+                policy::set_floor(dir, f)?;
+            }
+            LifecycleReply::Floor(space::FloorStatus::of(dir)?)
+        }
+        LifecycleOp::Events { after, limit } => {
+            LifecycleReply::Events(events::read(dir, after, limit)?)
         }
         LifecycleOp::Pin { target, pinned } => {
             let t = Target::parse(&target)?;

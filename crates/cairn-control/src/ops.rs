@@ -95,6 +95,9 @@ pub enum Op {
         /// (otherwise Cairn falls back to crash-consistent and says so).
         #[serde(default)]
         quiesce: bool,
+        /// Taken by a lifecycle policy: marked automatic, so the policy's retention applies.
+        #[serde(default)]
+        automatic: bool,
     },
     /// Checkpoints of a volume.
     CheckpointList {

@@ -96,7 +96,7 @@ impl Service {
 
     /// Runs `op` here, synchronously: for a service without VMs (see [`Service::local`]).
     pub fn run_here(&self, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
-        self.check_pins(&op)?;
+        self.check_allowed(&op)?;
         match op {
             Op::Backup(b) => crate::backup::run(&self.store, &self.backups, b, progress),
             Op::Lifecycle(l) => self.lifecycle(l, progress),
@@ -115,10 +115,13 @@ impl Service {
         crate::lifecycle::run(&self.store, op, &busy, progress)
     }
 
-    /// Refuses to delete or rename a checkpoint that a backup is reading, and to delete a
-    /// pinned one.
-    fn check_pins(&self, op: &Op) -> Result<(), OpError> {
+    /// Refuses to delete or rename a checkpoint that a backup is reading, to delete a pinned
+    /// one, and to take one when the store's file system is below its floor.
+    fn check_allowed(&self, op: &Op) -> Result<(), OpError> {
         match op {
+            Op::CheckpointCreate { volume, .. } => {
+                crate::lifecycle::space::check_floor(&self.store, volume)
+            }
             Op::CheckpointDelete {
                 volume,
                 name,
@@ -138,7 +141,7 @@ impl Service {
 
     /// Runs `op`. `progress` hears how far long work got.
     pub async fn run(&self, op: Op, progress: Progress) -> Result<Reply, OpError> {
-        self.check_pins(&op)?;
+        self.check_allowed(&op)?;
         self.check_live(&op)?;
         if let Op::Backup(
             b @ (BackupOp::Restore { live: true, .. }
@@ -205,6 +208,7 @@ impl Service {
                 description,
                 disk_only,
                 quiesce,
+                automatic,
             } if rt.is_running(&vm) => {
                 if quiesce && !disk_only {
                     return Err(OpError::new(
@@ -233,7 +237,15 @@ impl Service {
                 };
                 let report = |n| progress(n);
                 let cp = rt
-                    .take_checkpoint(&self.store, &vm, &name, description, how, false, &report)
+                    .take_checkpoint(
+                        &self.store,
+                        &vm,
+                        &name,
+                        description,
+                        how,
+                        automatic,
+                        &report,
+                    )
                     .await?;
                 Ok(Reply::VmCheckpoint(VmCheckpointInfo::of(
                     &self.store,

@@ -37,6 +37,7 @@ pub(crate) fn execute_vm_checkpoint(store: &Arc<Store>, op: &Op) -> Result<Optio
             name,
             description,
             quiesce,
+            automatic,
             ..
         } => {
             if *quiesce {
@@ -49,7 +50,7 @@ pub(crate) fn execute_vm_checkpoint(store: &Arc<Store>, op: &Op) -> Result<Optio
                 Some(n) => n.clone(),
                 None => ck::new_checkpoint_name(store, &vms, vm, ck::UNNAMED_PREFIX)?,
             };
-            let cp = ck::take_stopped(&vms, store, vm, &name, description.as_deref(), false)?;
+            let cp = ck::take_stopped(&vms, store, vm, &name, description.as_deref(), *automatic)?;
             Reply::VmCheckpoint(VmCheckpointInfo::of(store, &cp, Some(&cp.name)))
         }
         Op::CheckpointList { .. } => {

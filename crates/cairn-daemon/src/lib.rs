@@ -16,6 +16,7 @@ use cairn_nbd::{Server, ServerConfig};
 use tracing::{info, warn};
 
 pub mod api;
+mod lifecycle;
 
 /// File name of the NBD unix socket inside the store directory.
 pub const NBD_SOCKET: &str = "nbd.sock";
@@ -164,17 +165,14 @@ async fn serve(
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let api_task = tokio::spawn(api::serve(
-        control_listener,
-        Arc::new(cairn_control::Service::daemon(
-            server.clone(),
-            runtime.clone(),
-        )),
-        status,
-        async move {
-            let _ = api_stopped.await;
-        },
+    let service = Arc::new(cairn_control::Service::daemon(
+        server.clone(),
+        runtime.clone(),
     ));
+    let lifecycle = lifecycle::start(service.clone());
+    let api_task = tokio::spawn(api::serve(control_listener, service, status, async move {
+        let _ = api_stopped.await;
+    }));
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
     let listening = Listening {
@@ -195,6 +193,9 @@ async fn serve(
     }
     // New API calls are refused from here; calls in flight finish first.
     let _ = std::fs::remove_file(&control);
+    if let Some(l) = lifecycle {
+        l.stop().await;
+    }
     let _ = stop_api.send(());
     let _ = api_task.await;
     if config.stop_vms_on_exit {

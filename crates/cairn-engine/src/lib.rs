@@ -9,6 +9,7 @@ compile_error!("Cairn needs a 64-bit target");
 
 pub(crate) mod blockmap;
 pub(crate) mod cache;
+pub mod clock;
 pub mod device;
 pub mod error;
 pub mod format;
@@ -20,6 +21,7 @@ pub mod names;
 pub mod store;
 pub mod sync;
 
+pub use clock::Clock;
 pub use error::{Error, Result};
 pub use store::{
     validate_name, CheckpointInfo, CheckpointSpace, DefragReport, Extent, Options, SaveCurrent,

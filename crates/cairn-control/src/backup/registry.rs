@@ -21,6 +21,9 @@ pub struct RepoEntry {
     /// Whether it is the store's default.
     #[serde(default)]
     pub default: bool,
+    /// The file holding its passphrase, for the daemon's scheduled backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -98,6 +101,7 @@ pub fn add(
         name: name.into(),
         location,
         default,
+        key_file: spec.key_file.clone(),
     });
     save(store, &r)?;
     Ok(r.repos)

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use cairn_retention::KeepPolicy;
 use serde::{Deserialize, Serialize};
 
+use super::space::Floor;
 use crate::error::{ErrorKind, OpError};
 use crate::files::{io_err, write_atomic};
 
@@ -42,6 +43,10 @@ pub struct Policy {
     /// Apply retention to checkpoints taken by name too, not only to those Cairn took.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub include_manual: bool,
+    /// A running VM's policy checkpoints keep its memory too (standard); otherwise they are
+    /// disk-only (file systems frozen through the guest agent when it answers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub with_memory: bool,
 }
 
 impl Policy {
@@ -78,6 +83,9 @@ impl Policy {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Policies {
     policies: BTreeMap<String, Policy>,
+    /// The free space kept on the store's file system.
+    #[serde(default)]
+    floor: Floor,
 }
 
 fn file(store: &Path) -> PathBuf {
@@ -139,4 +147,16 @@ pub fn effective(store: &Path, target: &str) -> Result<Option<Policy>, OpError> 
             ..d.clone()
         }),
     })
+}
+
+/// The store's floor of free host space.
+pub fn floor(store: &Path) -> Result<Floor, OpError> {
+    Ok(load(store)?.floor)
+}
+
+/// Sets the store's floor of free host space.
+pub fn set_floor(store: &Path, floor: Floor) -> Result<(), OpError> {
+    let mut all = load(store)?;
+    all.floor = floor;
+    save(store, &all)
 }

@@ -72,17 +72,17 @@ pub struct PruneReport {
 }
 
 /// A checkpoint as pruning sees it: a VM's (all its parts) or a volume's.
-struct Seen {
-    name: String,
-    created_ms: u64,
-    automatic: bool,
-    pinned: bool,
+pub(crate) struct Seen {
+    pub(crate) name: String,
+    pub(crate) created_ms: u64,
+    pub(crate) automatic: bool,
+    pub(crate) pinned: bool,
     /// The volumes holding it.
-    parts: Vec<String>,
+    pub(crate) parts: Vec<String>,
 }
 
 /// The checkpoints of `target` (a VM or a volume).
-fn checkpoints_of(store: &Store, target: &str) -> Result<Vec<Seen>, OpError> {
+pub(crate) fn checkpoints_of(store: &Store, target: &str) -> Result<Vec<Seen>, OpError> {
     if let Ok(vms) = vm_store(store) {
         if vms.exists(target) {
             let mut out = Vec::new();

@@ -178,6 +178,11 @@ impl Store {
         s
     }
 
+    /// The clock the store takes creation times from.
+    pub fn clock(&self) -> crate::Clock {
+        self.state().opts.clock.clone()
+    }
+
     /// The directory this store lives in, if it was opened from one.
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()

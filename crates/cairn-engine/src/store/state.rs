@@ -231,7 +231,7 @@ impl State {
                 root: v.root,
                 mapped: v.mapped,
                 parent: v.parent,
-                created_ms: now_ms(),
+                created_ms: self.opts.clock.now_ms(),
                 description: description.map(Into::into),
                 automatic: false,
                 pinned: false,

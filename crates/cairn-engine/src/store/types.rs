@@ -45,6 +45,8 @@ pub struct Options {
     /// a thread of the store's (`store/write_behind.rs`): sequential rewrites after a checkpoint
     /// then overlap the disk with the caller's next request.
     pub write_behind: bool,
+    /// Where checkpoints' and volumes' creation times come from (the system clock but in tests).
+    pub clock: crate::Clock,
 }
 
 impl Default for Options {
@@ -59,6 +61,7 @@ impl Default for Options {
             mapped_reads: true,
             direct_writes: true,
             write_behind: true,
+            clock: crate::Clock::system(),
         }
     }
 }

@@ -14,6 +14,7 @@ impl Store {
             return Err(Error::VolumeExists(name.into()));
         }
         let id = st.new_id();
+        let created_ms = st.opts.clock.now_ms();
         st.volumes.insert(
             id,
             VolumeRecord {
@@ -23,7 +24,7 @@ impl Store {
                 root: 0,
                 mapped: 0,
                 parent: None,
-                created_ms: now_ms(),
+                created_ms,
                 origin: None,
                 origin_checkpoint: None,
             },
@@ -401,6 +402,7 @@ impl Store {
             st.poison_on(r)?;
         }
         let id = st.new_id();
+        let created_ms = st.opts.clock.now_ms();
         st.volumes.insert(
             id,
             VolumeRecord {
@@ -410,7 +412,7 @@ impl Store {
                 root: c.root,
                 mapped: c.mapped,
                 parent: None,
-                created_ms: now_ms(),
+                created_ms,
                 origin: Some(Target::checkpoint(volume, checkpoint).to_string()),
                 origin_checkpoint: Some(cid),
             },

@@ -27,6 +27,7 @@ pub fn small_opts() -> Options {
         // Long copies-on-write (the model's writes of 250 KB and more) are linked by the store's
         // write-behind thread, while the test goes on.
         write_behind: true,
+        clock: cairn_engine::Clock::system(),
     }
 }
 
