@@ -28,6 +28,20 @@ pub fn env() -> Env {
     e
 }
 
+/// A fresh, initialised store at `store` (which the caller cleans up), with a work directory
+/// of its own.
+pub fn env_at(store: PathBuf) -> Env {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let e = Env {
+        store,
+        work: tmp.path().to_path_buf(),
+        daemon: None,
+        _tmp: tmp,
+    };
+    ok(&e, &["init"]);
+    e
+}
+
 /// A fresh store owned by a running daemon: every command goes through its control API.
 pub fn env_with_daemon() -> Env {
     let mut e = env();
