@@ -192,6 +192,7 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
                     info.name,
                     vm_kind(&info)
                 ),
+                Reply::Group(g) => crate::group::print_reply(&t.volume, g, json)?,
                 other => bail!("unexpected reply {other:?}"),
             }
         }
@@ -199,6 +200,9 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
             let reply = store.call(Op::CheckpointList {
                 volume: name.clone(),
             })?;
+            if let Reply::Group(g) = reply {
+                return crate::group::print_reply(&name, g, json);
+            }
             let (rows, head) = match &reply {
                 Reply::Checkpoints {
                     checkpoints,
@@ -256,6 +260,7 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
             sp.finish_and_clear();
             let report = match reply? {
                 Reply::Applied(r) => r,
+                Reply::Group(g) => return crate::group::print_reply(&v, g, json),
                 other => bail!("unexpected reply {other:?}"),
             };
             if json {

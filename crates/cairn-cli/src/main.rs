@@ -8,6 +8,7 @@ mod console;
 mod convert;
 mod demo;
 mod events;
+mod group;
 mod output;
 mod policy;
 mod serve;
@@ -84,6 +85,9 @@ enum Cmd {
     /// verify and restore them.
     #[command(subcommand)]
     Backup(backup::BackupCmd),
+    /// Groups of VMs and volumes checkpointed at one instant and applied together.
+    #[command(subcommand)]
+    Group(group::GroupCmd),
     /// Lifecycle policies: scheduled checkpoints, retention, space budgets, scheduled backups.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
@@ -245,6 +249,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Space { name } => space::run(&open()?, name, json)?,
         Cmd::Backup(cmd) => backup::run(&open()?, cmd, json, cli.yes)?,
         Cmd::Policy(cmd) => policy::run(&open()?, cmd, json)?,
+        Cmd::Group(cmd) => group::run(&open()?, cmd, json)?,
         Cmd::Prune { name, dry_run } => policy::prune(&open()?, name, dry_run, json, cli.yes)?,
         Cmd::Events { follow, limit } => events::run(&open()?, limit, follow, json)?,
         Cmd::Fsck => {

@@ -372,6 +372,7 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             crate::backup::run(store, &crate::backup::BackupGuards::default(), b, progress)?
         }
         Op::Lifecycle(_) => unreachable!("execute runs lifecycle operations before this"),
+        Op::Group(g) => Reply::Group(crate::group::run(store, g)?),
         Op::VmStatus { name } => {
             let vms = vm_store(store)?;
             vms.get(&name)?;

@@ -9,6 +9,7 @@ pub mod client;
 mod error;
 mod execute;
 mod files;
+pub mod group;
 pub mod lifecycle;
 pub use cairn_engine::names;
 pub mod ops;

@@ -218,6 +218,8 @@ pub enum Op {
     Backup(BackupOp),
     /// A lifecycle operation: policies, pins, pruning (`crate::lifecycle`).
     Lifecycle(LifecycleOp),
+    /// Groups of VMs and volumes checkpointed together.
+    Group(crate::group::GroupOp),
 }
 
 /// The user-settable fields of a VM; on edit, `None` keeps the current value.
@@ -297,6 +299,8 @@ pub enum Reply {
     Backup(BackupReply),
     /// What a lifecycle operation returned.
     Lifecycle(LifecycleReply),
+    /// What a group operation (or a checkpoint operation on a group) did.
+    Group(crate::group::GroupReply),
 }
 
 fn default_min_extents() -> u64 {

@@ -19,6 +19,7 @@ use crate::execute::execute;
 use crate::ops::{Op, Reply};
 use crate::reports::{ApplyReport, VmCheckpointInfo};
 
+mod groups;
 mod nbd_users;
 mod serving;
 
@@ -97,6 +98,16 @@ impl Service {
     /// Runs `op` here, synchronously: for a service without VMs (see [`Service::local`]).
     pub fn run_here(&self, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
         self.check_allowed(&op)?;
+        if crate::group::targets_group(&self.store, &op) {
+            // A group's members run through the same async path as the daemon's, here on a
+            // runtime of this call's own (no VM runs without a daemon).
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| OpError::new(ErrorKind::Io, format!("cannot start a runtime: {e}")))?;
+            let reply = rt.block_on(self.run_group(&op, &no_progress()))?;
+            return Ok(reply.expect("the target is a group"));
+        }
         match op {
             Op::Backup(b) => crate::backup::run(&self.store, &self.backups, b, progress),
             Op::Lifecycle(l) => self.lifecycle(l, progress),
@@ -122,6 +133,8 @@ impl Service {
             Op::CheckpointCreate { volume, .. } => {
                 crate::lifecycle::space::check_floor(&self.store, volume)
             }
+            Op::VolumeCreate { name, .. } => crate::group::check_name_free(&self.store, name),
+            Op::VmCreate(def) => crate::group::check_name_free(&self.store, &def.name),
             Op::CheckpointDelete {
                 volume,
                 name,
@@ -143,6 +156,9 @@ impl Service {
     pub async fn run(&self, op: Op, progress: Progress) -> Result<Reply, OpError> {
         self.check_allowed(&op)?;
         self.check_live(&op)?;
+        if let Some(reply) = self.run_group(&op, &progress).await? {
+            return Ok(reply);
+        }
         if let Op::Backup(
             b @ (BackupOp::Restore { live: true, .. }
             | BackupOp::Mount { .. }

@@ -11,13 +11,17 @@
 
 pub mod apply;
 pub mod record;
+pub mod running;
 pub mod state;
 pub mod take;
+pub mod together;
 
 pub use apply::*;
 pub use record::*;
+pub use running::*;
 pub use state::*;
 pub use take::*;
+pub use together::*;
 
 use crate::VmError;
 

@@ -2,6 +2,8 @@
 //! `cairn serve` daemon.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

@@ -1,0 +1,155 @@
+//! Checkpoints of several running VMs (and plain volumes) at one instant: a group checkpoint.
+//! Every VM is prepared first (record, memory snapshot set up, file systems frozen), then all
+//! are paused together, every disk and volume is checkpointed and every memory snapshot started,
+//! and all resume together; memory is saved afterwards, VM by VM, with the guests running. Each
+//! guest is paused for about as long as a checkpoint of it alone pauses it, plus the few
+//! milliseconds the other members' disks take.
+//!
+//! All or nothing: if any member fails, what the others made is removed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_engine::Store;
+use futures::future::join_all;
+use tracing::warn;
+
+use super::blocking;
+use super::record::{delete, VmCheckpoint};
+use super::running::Taking;
+use super::take::Take;
+use crate::runtime::Runtime;
+use crate::VmError;
+
+/// What a checkpoint taken together made.
+#[derive(Debug)]
+pub struct Together {
+    /// Each running VM's checkpoint, in the order given.
+    pub vms: Vec<VmCheckpoint>,
+    /// How long each VM was paused, in the same order.
+    pub paused: Vec<Duration>,
+}
+
+/// Removes plain volumes' checkpoints `name` made by a group that failed.
+fn drop_volume_checkpoints(store: &Store, volumes: &[String], name: &str) {
+    for v in volumes {
+        if let Err(e) = store.delete_checkpoint(v, name) {
+            warn!("removing {v}@{name} of a failed group checkpoint: {e}");
+        }
+    }
+}
+
+impl Runtime {
+    /// Checkpoint `name` of the running VMs `vms` and the plain volumes `volumes` at one
+    /// instant (see the module's documentation). `progress` hears the bytes of memory saved.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn take_together(
+        &self,
+        store: &Arc<Store>,
+        vms: &[String],
+        volumes: &[String],
+        name: &str,
+        description: Option<String>,
+        how: Take,
+        automatic: bool,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Together, VmError> {
+        let mut takings: Vec<Taking> = Vec::new();
+        for vm in vms {
+            // An error drops the ones prepared so far, which removes what they made.
+            let t = self
+                .prepare_checkpoint(store, vm, name, description.clone(), how, automatic)
+                .await?;
+            takings.push(t);
+        }
+        let paused = join_all(takings.iter_mut().map(Taking::pause)).await;
+        let mut failed = paused.into_iter().find_map(Result::err);
+        let mut made_volumes: Vec<String> = Vec::new();
+        if failed.is_none() {
+            for t in &mut takings {
+                t.take_paused(store).await;
+            }
+            let (store2, vols, n, d) = (
+                store.clone(),
+                volumes.to_vec(),
+                name.to_string(),
+                description.clone(),
+            );
+            let made = blocking(move || {
+                let mut made = Vec::new();
+                for v in &vols {
+                    if let Err(e) = store2.create_checkpoint_unflushed(v, &n, d.as_deref()) {
+                        return Ok(Err((made, VmError::from(e))));
+                    }
+                    made.push(v.clone());
+                }
+                Ok(Ok(made))
+            });
+            match made.await {
+                Ok(Ok(m)) => made_volumes = m,
+                Ok(Err((m, e))) => {
+                    made_volumes = m;
+                    failed = Some(e);
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        // Whatever happened, every guest runs again, together.
+        join_all(takings.iter_mut().map(Taking::resume)).await;
+        let pauses: Vec<Duration> = takings.iter().map(Taking::paused).collect();
+        if let Some(e) = failed {
+            drop(takings);
+            let (store2, n) = (store.clone(), name.to_string());
+            let _ = blocking(move || {
+                drop_volume_checkpoints(&store2, &made_volumes, &n);
+                Ok(())
+            })
+            .await;
+            return Err(e);
+        }
+        let store2 = store.clone();
+        if let Err(e) = blocking(move || Ok(store2.flush()?)).await {
+            let (store2, n) = (store.clone(), name.to_string());
+            let _ = blocking(move || {
+                drop_volume_checkpoints(&store2, &made_volumes, &n);
+                Ok(())
+            })
+            .await;
+            return Err(e);
+        }
+        let mut done: Vec<VmCheckpoint> = Vec::new();
+        let mut failed = None;
+        for t in takings {
+            if failed.is_some() {
+                // Dropped unfinished: its parts go.
+                continue;
+            }
+            match self.complete_checkpoint(store, t, progress).await {
+                Ok(cp) => done.push(cp),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            let (store2, defs, n) = (store.clone(), self.definitions().clone(), name.to_string());
+            let finished = std::mem::take(&mut done);
+            let _ = blocking(move || {
+                for cp in &finished {
+                    if let Err(e) = delete(&defs, &store2, cp) {
+                        warn!(
+                            "removing {}@{} of a failed group checkpoint: {e}",
+                            cp.vm, cp.name
+                        );
+                    }
+                }
+                drop_volume_checkpoints(&store2, &made_volumes, &n);
+                Ok(())
+            })
+            .await;
+            return Err(e);
+        }
+        Ok(Together {
+            vms: done,
+            paused: pauses,
+        })
+    }
+}
