@@ -12,6 +12,7 @@ cargo build --release -q -p cairn-cli
 ./target/release/cairn bench --vm --quick
 ./target/release/cairn bench --backup --quick
 ./target/release/cairn bench --backup-large --quick
+./target/release/cairn bench --lifecycle --quick
 ./scripts/fuzz.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -3,7 +3,9 @@
 //! the store against a plain file and qcow2 backing chains; [`nbd`] the daemon against qemu-nbd
 //! with fio, and import against `qemu-img convert`; [`vm`] standard checkpoints of a running
 //! test guest; [`backup`] backups against restic and borg; [`backup_large`] backups of a large
-//! volume: their memory, and the I/O latency the volume's user sees meanwhile. The `cairn bench` command parses its flags and prints what these return.
+//! volume: their memory, and the I/O latency the volume's user sees meanwhile; [`lifecycle`] the
+//! scheduler, pruning and group checkpoints. The `cairn bench` command parses its flags and
+//! prints what these return.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +16,7 @@ use std::process::Command;
 pub mod backup;
 pub mod backup_large;
 pub mod engine;
+pub mod lifecycle;
 pub mod nbd;
 pub mod vm;
 
@@ -44,6 +47,8 @@ pub enum Bench {
     Backup,
     /// Backups of a large volume: memory, and I/O latency meanwhile.
     BackupLarge,
+    /// The lifecycle: scheduler idle, pruning many checkpoints, group checkpoint pauses.
+    Lifecycle,
 }
 
 /// Runs `bench` in a scratch directory removed afterwards; returns its Markdown report.
@@ -62,6 +67,7 @@ pub fn run(bench: Bench, settings: &Settings) -> Result<String> {
         Bench::Vm => vm::run(&tmp.path, settings.quick),
         Bench::Backup => backup::run(&tmp.path, settings.quick, &settings.options),
         Bench::BackupLarge => backup_large::run(&tmp.path, settings.quick, &settings.options),
+        Bench::Lifecycle => lifecycle::run(&tmp.path, settings.quick),
     }
 }
 

@@ -9,14 +9,21 @@ use std::time::{Duration, Instant};
 
 use crate::{cairn, median};
 
-fn json(store: &Path, args: &[&str]) -> Result<serde_json::Value> {
+pub(crate) fn json(store: &Path, args: &[&str]) -> Result<serde_json::Value> {
     let mut a = vec!["--json"];
     a.extend_from_slice(args);
     Ok(serde_json::from_str(&cairn(store, &a)?)?)
 }
 
-/// Runs the VM benchmark in `dir`; returns the Markdown report.
-pub fn run(dir: &Path, quick: bool) -> Result<String> {
+/// Defines VM `name` on the test guest (scripts/build-guest.sh, or `CAIRN_GUEST_DIR`) with
+/// `disk` and `memory`, `extra` added to its kernel command line.
+pub(crate) fn define_guest(
+    store: &Path,
+    name: &str,
+    disk: &str,
+    memory: &str,
+    extra: &str,
+) -> Result<()> {
     let guest =
         PathBuf::from(std::env::var("CAIRN_GUEST_DIR").unwrap_or_else(|_| "target/guest".into()));
     let (kernel, initrd) = (guest.join("vmlinuz"), guest.join("initrd.img"));
@@ -26,48 +33,61 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
             guest.display()
         );
     }
-    let (memory, count) = if quick { ("256M", 3) } else { ("1G", 7) };
-    let store = dir.join("store");
-    cairn(&store, &["init"])?;
-    cairn(&store, &["volume", "create", "d1", "--size", "1G"])?;
     let (k, i) = (
         std::fs::canonicalize(&kernel)?,
         std::fs::canonicalize(&initrd)?,
     );
     cairn(
-        &store,
+        store,
         &[
             "vm",
             "create",
-            "g",
+            name,
             "--memory",
             memory,
             "--disk",
-            "d1",
+            disk,
             "--kernel",
             &k.display().to_string(),
             "--initrd",
             &i.display().to_string(),
             "--append",
-            "console=ttyS0 rdinit=/init quiet cairn.heartbeat",
+            &format!("console=ttyS0 rdinit=/init quiet {extra}"),
         ],
     )?;
+    Ok(())
+}
+
+/// Waits until running VM `name` has booted (its second counter on the console).
+pub(crate) fn wait_booted(store: &Path, name: &str) -> Result<()> {
+    let console = store.join(format!("vms/{name}/console.log"));
+    let t = Instant::now();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("cairn-counter 00000002")
+    {
+        if t.elapsed() > Duration::from_secs(180) {
+            bail!("guest {name} did not boot within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Runs the VM benchmark in `dir`; returns the Markdown report.
+pub fn run(dir: &Path, quick: bool) -> Result<String> {
+    let (memory, count) = if quick { ("256M", 3) } else { ("1G", 7) };
+    let store = dir.join("store");
+    cairn(&store, &["init"])?;
+    cairn(&store, &["volume", "create", "d1", "--size", "1G"])?;
+    define_guest(&store, "g", "d1", memory, "cairn.heartbeat")?;
     // Stopped (SIGTERM, then waited for) when dropped at the end.
     let _daemon = crate::nbd::cairn_serve(&store, "d1")?;
     (|| -> Result<String> {
         let st = json(&store, &["vm", "start", "g"])?;
         let accel = st["accel"].as_str().unwrap_or("?").to_string();
         let console = store.join("vms/g/console.log");
-        let t = Instant::now();
-        while !std::fs::read_to_string(&console)
-            .unwrap_or_default()
-            .contains("cairn-counter 00000002")
-        {
-            if t.elapsed() > Duration::from_secs(120) {
-                bail!("the guest did not boot within 120 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_booted(&store, "g")?;
         let beats = Heartbeat::watch(console.clone());
         let allocated =
             || -> Result<u64> { Ok(json(&store, &["space"])?["allocated"].as_u64().unwrap_or(0)) };

@@ -33,11 +33,16 @@ pub struct BenchArgs {
     /// 4 KiB I/O latency a VM on the volume sees while its checkpoint is backed up.
     #[arg(long, conflicts_with_all = ["nbd", "vm", "backup"])]
     pub backup_large: bool,
+    /// Benchmark the lifecycle: the scheduler idle with 1,000 volumes on hourly policies,
+    /// pruning 1,000 checkpoints, and group checkpoints of 4 running test guests against one.
+    #[arg(long, conflicts_with_all = ["nbd", "vm", "backup", "backup_large"])]
+    pub lifecycle: bool,
 }
 
 /// Runs the benchmark and prints its report (Markdown, or `{"report": ...}` with `--json`).
 pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     let which = match (args.nbd, args.vm, args.backup, args.backup_large) {
+        _ if args.lifecycle => cairn_bench::Bench::Lifecycle,
         (true, ..) => cairn_bench::Bench::Nbd,
         (_, true, ..) => cairn_bench::Bench::Vm,
         (_, _, true, _) => cairn_bench::Bench::Backup,
