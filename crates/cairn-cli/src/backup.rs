@@ -191,6 +191,10 @@ pub enum RepoCmd {
         /// S3 endpoint URL.
         #[arg(long, value_name = "URL")]
         s3_endpoint: Option<String>,
+        /// The file holding its passphrase: its path (never the secret) is kept, so that the
+        /// daemon's scheduled backups (`policy set --backup-to NAME`) can read it.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
     },
     /// Registered repositories.
     List,
@@ -289,9 +293,11 @@ pub fn run(store: &Backend, cmd: BackupCmd, json: bool, yes: bool) -> Result<()>
                     repo,
                     default,
                     s3_endpoint,
+                    key_file,
                 } => {
                     let args = RepoArgs {
                         s3_endpoint,
+                        key_file,
                         ..RepoArgs::default()
                     };
                     let mut spec = args.spec(Some(repo))?;

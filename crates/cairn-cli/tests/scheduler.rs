@@ -231,3 +231,76 @@ fn below_the_floor_checkpoints_are_refused_and_automatic_ones_make_room() {
     drop(e);
     drop(fs);
 }
+
+/// A policy that backs each of its checkpoints up: the daemon reads the passphrase from the key
+/// file the repository was registered with; a repository it cannot open is a logged failure, and
+/// the checkpoints go on.
+#[test]
+fn scheduled_backups_use_the_registered_key_file_and_failures_are_events() {
+    let e = env_with_daemon();
+    let key = e.work.join("key");
+    std::fs::write(&key, "correct horse\n").expect("key");
+    let (repo, key) = (
+        e.work.join("repo").display().to_string(),
+        key.display().to_string(),
+    );
+    ok(&e, &["backup", "init", &repo, "--key-file", &key]);
+    ok(
+        &e,
+        &["backup", "repo", "add", "r", &repo, "--key-file", &key],
+    );
+    ok(&e, &["volume", "create", "v", "--size", "4M"]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "v",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x5a",
+            "--length",
+            "1M",
+        ],
+    );
+    ok(
+        &e,
+        &[
+            "policy",
+            "set",
+            "v",
+            "--every",
+            "2s",
+            "--keep-last",
+            "2",
+            "--backup-to",
+            "r",
+        ],
+    );
+    wait_for(30, "two scheduled backups", || {
+        of_kind(&e, "backup_done").len() >= 2
+    });
+    let listed = json(&e, &["backup", "list", "--repo", "r", "--key-file", &key]);
+    let n = listed["backups"]
+        .as_array()
+        .or(listed.as_array())
+        .map_or(0, Vec::len);
+    assert!(n >= 2, "{listed}");
+    // The key file gone: the next backups fail with a reason, and checkpoints go on.
+    std::fs::remove_file(&key).expect("rm");
+    let created = of_kind(&e, "created").len();
+    wait_for(30, "a failed scheduled backup", || {
+        !of_kind(&e, "backup_failed").is_empty()
+    });
+    let failed = of_kind(&e, "backup_failed");
+    let msg = failed[0]["message"].as_str().expect("message");
+    assert!(
+        msg.contains("key file") && msg.contains("backup of v@auto-"),
+        "{msg}"
+    );
+    wait_for(10, "checkpoints after the failure", || {
+        of_kind(&e, "created").len() > created + 1
+    });
+    fsck_clean(&e);
+}

@@ -390,7 +390,10 @@ impl Scheduler {
         };
         let spec = match self.repo_spec(&repo) {
             Ok(s) => s,
-            Err(e) => return self.log(fail(e.message)),
+            Err(e) => {
+                let m = format!("backup of {t}@{cp} into '{repo}' failed: {}; the daemon needs the key file the repository was registered with (`cairn backup repo remove {repo}`, then `backup repo add {repo} LOCATION --key-file FILE`)", e.message);
+                return self.log(fail(m).checkpoint(&cp));
+            }
         };
         let op = Op::Backup(BackupOp::Create {
             target: format!("{t}@{cp}"),
