@@ -146,9 +146,10 @@ fn prune_many(dir: &Path, n: usize) -> Result<[f64; 3]> {
     ])
 }
 
-/// Pauses of standard checkpoints of one running guest, then of `n` guests as a group:
-/// (single median ms, group median of each checkpoint's longest pause ms, group median of all).
-fn group_pauses(dir: &Path, n: usize, rounds: usize) -> Result<[f64; 3]> {
+/// Pauses of checkpoints of one running guest, then of `n` guests as a group, standard then
+/// disk-only: (single median ms, group median of each checkpoint's longest pause ms, group
+/// median of all) for each kind.
+fn group_pauses(dir: &Path, n: usize, rounds: usize) -> Result<[f64; 6]> {
     let store = dir.join("vms");
     crate::cairn(&store, &["init"])?;
     let mut args = vec!["group".to_string(), "create".into(), "app".into()];
@@ -161,42 +162,54 @@ fn group_pauses(dir: &Path, n: usize, rounds: usize) -> Result<[f64; 3]> {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     crate::cairn(&store, &a)?;
     let _daemon = crate::nbd::cairn_serve(&store, "d0")?;
-    let result = (|| -> Result<[f64; 3]> {
+    let result = (|| -> Result<[f64; 6]> {
         for i in 0..n {
             crate::cairn(&store, &["vm", "start", &format!("g{i}")])?;
         }
         for i in 0..n {
             wait_booted(&store, &format!("g{i}"))?;
         }
-        let mut single = Vec::new();
-        for r in 0..rounds {
-            let cp = json(&store, &["checkpoint", "create", &format!("g0@s{r}")])?;
-            let rec: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(store.join(format!(
-                    "vms/g0/checkpoints/{}.json",
-                    cp["name"].as_str().unwrap_or("?")
-                )))?)?;
-            single.push(rec["timings"]["paused_us"].as_f64().unwrap_or(0.0) / 1000.0);
-        }
-        let (mut longest, mut all) = (Vec::new(), Vec::new());
-        for r in 0..rounds {
-            let cp = json(&store, &["checkpoint", "create", &format!("app@t{r}")])?;
-            let pauses: Vec<f64> = cp["value"]["members"]
-                .as_array()
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|m| m["paused_us"].as_f64())
-                        .map(|us| us / 1000.0)
-                        .collect()
-                })
-                .unwrap_or_default();
-            longest.push(pauses.iter().copied().fold(0.0, f64::max));
-            all.extend(pauses);
+        // Standard checkpoints, then disk-only ones: one guest alone, then the group.
+        let mut out = [0.0; 6];
+        for (k, extra) in [(0, None), (3, Some("--disk-only"))] {
+            let mut single = Vec::new();
+            for r in 0..rounds {
+                let mut a = vec!["checkpoint", "create"];
+                let target = format!("g0@s{k}{r}");
+                a.push(&target);
+                a.extend(extra);
+                json(&store, &a)?;
+                let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(
+                    store.join(format!("vms/g0/checkpoints/s{k}{r}.json")),
+                )?)?;
+                single.push(rec["timings"]["paused_us"].as_f64().unwrap_or(0.0) / 1000.0);
+            }
+            let (mut longest, mut all) = (Vec::new(), Vec::new());
+            for r in 0..rounds {
+                let target = format!("app@t{k}{r}");
+                let mut a = vec!["checkpoint", "create", target.as_str()];
+                a.extend(extra);
+                let cp = json(&store, &a)?;
+                let pauses: Vec<f64> = cp["value"]["members"]
+                    .as_array()
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(|m| m["paused_us"].as_f64())
+                            .map(|us| us / 1000.0)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                longest.push(pauses.iter().copied().fold(0.0, f64::max));
+                all.extend(pauses);
+            }
+            out[k] = median(single);
+            out[k + 1] = median(longest);
+            out[k + 2] = median(all);
         }
         for i in 0..n {
             crate::cairn(&store, &["vm", "kill", &format!("g{i}")])?;
         }
-        Ok([median(single), median(longest), median(all)])
+        Ok(out)
     })();
     result
 }
@@ -212,7 +225,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
     eprintln!("bench: pruning {checkpoints} checkpoints");
     let [decide, delete, freed] = prune_many(dir, checkpoints)?;
     eprintln!("bench: group checkpoints of {guests} running guests");
-    let [single, longest, all] = group_pauses(dir, guests, rounds)?;
+    let [single, longest, all, d_single, d_longest, d_all] = group_pauses(dir, guests, rounds)?;
     // The loop ticks once a minute when nothing is due and checks the floor (and the policy
     // file's time) once a second.
     let computed = (tick / 60_000.0 + floor / 1_000.0) * 100.0;
@@ -227,7 +240,8 @@ pub fn run(dir: &Path, quick: bool) -> Result<String> {
          | prune: the deletes that free their data ({freed:.1} MiB) | {delete:.2} s |\n\
          | standard checkpoint of one running guest: guest paused, median | {single:.1} ms |\n\
          | group checkpoint of {guests} running guests: longest pause of any guest, median | {longest:.1} ms |\n\
-         | group checkpoint: every guest's pause, median | {all:.1} ms |\n",
+         | group checkpoint: every guest's pause, median | {all:.1} ms |\n\
+         | disk-only: one guest paused / group's longest pause / every guest's, median | {d_single:.1} / {d_longest:.1} / {d_all:.1} ms |\n",
         idle.as_secs(),
     ))
 }

@@ -1,9 +1,9 @@
 //! Checkpoints of several running VMs (and plain volumes) at one instant: a group checkpoint.
 //! Every VM is prepared first (record, memory snapshot set up, file systems frozen), then all
-//! are paused together, every disk and volume is checkpointed and every memory snapshot started,
-//! and all resume together; memory is saved afterwards, VM by VM, with the guests running. Each
-//! guest is paused for about as long as a checkpoint of it alone pauses it, plus the few
-//! milliseconds the other members' disks take.
+//! are paused together; once every one stands still, the plain volumes are checkpointed, and each
+//! VM's disks are checkpointed and its memory snapshot started, after which it resumes without
+//! waiting for the others (what was captured is each VM as it stood when all were paused).
+//! Memory is saved afterwards, VM by VM, with the guests running.
 //!
 //! All or nothing: if any member fails, what the others made is removed.
 
@@ -64,12 +64,12 @@ impl Runtime {
         }
         let t0 = std::time::Instant::now();
         let paused = join_all(takings.iter_mut().map(Taking::pause)).await;
-        let t1 = t0.elapsed();
+        let all_paused = t0.elapsed();
         let mut failed = paused.into_iter().find_map(Result::err);
         let mut made_volumes: Vec<String> = Vec::new();
         if failed.is_none() {
-            // Each VM's disks and snapshot start at once, so no guest waits for another's.
-            join_all(takings.iter_mut().map(|t| t.take_paused(store))).await;
+            // Every guest stands still from here: the plain volumes are taken first, in the
+            // window.
             let (store2, vols, n, d) = (
                 store.clone(),
                 volumes.to_vec(),
@@ -95,11 +95,20 @@ impl Runtime {
                 Err(e) => failed = Some(e),
             }
         }
-        let t2 = t0.elapsed();
-        // Whatever happened, every guest runs again, together.
-        join_all(takings.iter_mut().map(Taking::resume)).await;
+        if failed.is_none() {
+            // Each VM's disks and memory snapshot capture it as it stood when all were paused;
+            // once its own have started it resumes, without waiting for the others'.
+            join_all(takings.iter_mut().map(|t| async move {
+                t.take_paused(store).await;
+                t.resume().await;
+            }))
+            .await;
+        } else {
+            join_all(takings.iter_mut().map(Taking::resume)).await;
+        }
         tracing::info!(
-            "group checkpoint {name}: all paused after {t1:?}, disks and snapshots started after {t2:?}, all resumed after {:?}",
+            "group checkpoint {name}: all {} paused after {all_paused:?}, all running again after {:?}",
+            takings.len(),
             t0.elapsed()
         );
         let pauses: Vec<Duration> = takings.iter().map(Taking::paused).collect();
