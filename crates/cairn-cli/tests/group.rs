@@ -136,6 +136,38 @@ fn a_group_checkpoint_of_two_running_guests_rewinds_both_to_one_instant() {
         .collect();
     assert_eq!(names, ["cold", "x"], "{listed}");
 
+    // A running VM's policy checkpoints are disk-only, quiesced through its guest agent.
+    ok(
+        &e,
+        &["policy", "set", "g1", "--every", "2s", "--keep-last", "1"],
+    );
+    let t = std::time::Instant::now();
+    let auto = loop {
+        let list = json(&e, &["checkpoint", "list", "g1"]);
+        let auto: Vec<serde_json::Value> = list
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter(|c| {
+                c["automatic"] == true && c["name"].as_str().is_some_and(|n| n.ends_with('Z'))
+            })
+            .cloned()
+            .collect();
+        let events = ok(&e, &["events"]);
+        if !auto.is_empty() && events.contains("pruned g1@auto-") {
+            break auto;
+        }
+        assert!(
+            t.elapsed().as_secs() < 60,
+            "no policy checkpoints of g1: {list}\n{events}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(auto.len(), 1, "keep-last 1: {auto:?}");
+    assert_eq!(auto[0]["kind"], "disk-only", "{auto:?}");
+    assert_eq!(auto[0]["consistency"], "application", "{auto:?}");
+    ok(&e, &["policy", "clear", "g1"]);
+
     // One running, one stopped: the stopped one is taken disk-only, at rest.
     ok(&e, &["vm", "kill", "g2"]);
     let mixed = json(&e, &["checkpoint", "create", "app@mixed"]);
