@@ -90,6 +90,8 @@ struct State {
     checkpoint_ids: HashMap<(u64, String), u64>,
     dirty_records: BTreeSet<u64>,
     deleted_records: BTreeSet<u64>,
+    /// When the oldest write not yet committed was linked (for commits by time).
+    unflushed_since: Option<std::time::Instant>,
     /// Set when an operation failed after it began changing the in-memory state: that state is no
     /// longer trusted, commits refuse to run, and the next operation reloads the durable state.
     poisoned: Arc<AtomicBool>,

@@ -5,7 +5,8 @@ use super::*;
 
 /// A thread that commits when writes have dirtied `dirty_limit` metadata pages, so the write that
 /// crosses the limit does not wait for a commit (at full scale one took 165 ms, and a write that
-/// found another in flight waited for both: 381 ms).
+/// found another in flight waited for both: 381 ms); and when the oldest uncommitted write is
+/// `commit_interval` old, so acknowledged writes reach the disk within seconds without a flush.
 pub(super) struct Committer {
     pub(super) signal: Arc<(Mutex<CommitterState>, std::sync::Condvar)>,
     pub(super) thread: Option<std::thread::JoinHandle<()>>,
@@ -19,20 +20,40 @@ pub(super) struct CommitterState {
 
 impl Committer {
     pub(super) fn start(core: Arc<Core>) -> Result<Committer> {
+        let interval = core.state().opts.commit_interval;
         let signal: Arc<(Mutex<CommitterState>, std::sync::Condvar)> = Arc::default();
         let sig = signal.clone();
         let thread = std::thread::Builder::new()
             .name("cairn-commit".into())
             .spawn(move || loop {
-                {
+                let timed = {
                     let mut g = lock(&sig.0);
-                    while !g.wanted && !g.stop {
-                        g = sig.1.wait(g).unwrap_or_else(|e| e.into_inner());
+                    let mut timed = false;
+                    while !g.wanted && !g.stop && !timed {
+                        g = match interval {
+                            // Looks a few times per interval whether the oldest write waits too
+                            // long: a sleeping thread's wakeups, and nothing on the write path.
+                            Some(i) => {
+                                let (g, _) = sig
+                                    .1
+                                    .wait_timeout(g, i / 4)
+                                    .unwrap_or_else(|e| e.into_inner());
+                                timed = core.commit_overdue(i);
+                                g
+                            }
+                            None => sig.1.wait(g).unwrap_or_else(|e| e.into_inner()),
+                        };
                     }
                     if g.stop {
                         return;
                     }
                     g.wanted = false;
+                    timed
+                };
+                if timed {
+                    // Acknowledged long copies-on-write are linked first, so the commit covers
+                    // them too.
+                    core.write_behind.wait_all();
                 }
                 core.background_commit();
                 // Trees left by a crashed delete or a large unmap: a step at a time, each
@@ -68,6 +89,13 @@ impl Committer {
 impl Core {
     pub(super) fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// Whether the oldest write not yet committed was linked `interval` ago or more.
+    fn commit_overdue(&self, interval: std::time::Duration) -> bool {
+        self.state()
+            .unflushed_since
+            .is_some_and(|t| t.elapsed() >= interval)
     }
 
     pub(super) fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {

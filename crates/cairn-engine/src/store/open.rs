@@ -113,6 +113,7 @@ impl Store {
             checkpoint_ids: HashMap::new(),
             dirty_records: BTreeSet::new(),
             deleted_records: BTreeSet::new(),
+            unflushed_since: None,
             poisoned: Arc::new(AtomicBool::new(false)),
             stats: Stats::default(),
         };

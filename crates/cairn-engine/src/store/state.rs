@@ -319,6 +319,8 @@ impl State {
     /// ascending). After a failure the blocks not linked are given back.
     pub(super) fn link_blocks(&mut self, vid: u64, links: &[(u64, u64)]) -> Result<()> {
         self.meta.data_written = true;
+        self.unflushed_since
+            .get_or_insert_with(std::time::Instant::now);
         let v = &self.volumes[&vid];
         let (mut root, depth, mut mapped) = (v.root, tree_depth(v.size), v.mapped);
         let res = self.meta.link_writes(&mut root, depth, links, &mut mapped);
@@ -529,6 +531,7 @@ impl State {
         let dropped = std::mem::take(&mut self.meta.decremented);
         self.meta.decremented_sealed.extend(dropped);
         self.meta.data_written = false;
+        self.unflushed_since = None;
         Ok(Some((epoch, pages)))
     }
 

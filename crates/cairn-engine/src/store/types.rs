@@ -16,6 +16,10 @@ pub const MAX_DESCRIPTION: usize = 1024;
 /// Largest volume: 2^50 bytes (1 PiB).
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
 
+/// How long acknowledged writes may wait for a commit when no flush comes (see
+/// [`Options::commit_interval`]): ext4's default journal commit interval is 5 s.
+pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Tunables of an open store.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -47,6 +51,10 @@ pub struct Options {
     pub write_behind: bool,
     /// Where checkpoints' and volumes' creation times come from (the system clock but in tests).
     pub clock: crate::Clock,
+    /// With a background committer: commit writes this long after the first one not yet
+    /// committed, flush or not, so that acknowledged writes reach the disk within seconds
+    /// (`None`: only flushes and the dirty limit commit).
+    pub commit_interval: Option<std::time::Duration>,
 }
 
 impl Default for Options {
@@ -62,6 +70,7 @@ impl Default for Options {
             direct_writes: true,
             write_behind: true,
             clock: crate::Clock::system(),
+            commit_interval: Some(COMMIT_INTERVAL),
         }
     }
 }

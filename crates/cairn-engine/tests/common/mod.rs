@@ -28,6 +28,8 @@ pub fn small_opts() -> Options {
         // write-behind thread, while the test goes on.
         write_behind: true,
         clock: cairn_engine::Clock::system(),
+        // Without a background committer there is no commit by time either.
+        commit_interval: None,
     }
 }
 
