@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real peers the tests and benchmarks run against, idempotently (quick when they are
-# present): NBD clients, fio, the VM runtime and its test guest, the fuzzer, an S3 server, and
-# the backup tools the backup benchmark compares with.
+# present): NBD clients, fio, the fuzzer, an S3 server, and the backup tools the backup benchmark
+# compares with (the VM runtime and its test guest come with scripts/setup.sh).
 set -euo pipefail
 # shellcheck source=scripts/apt.sh
 . "$(dirname "$0")/apt.sh"
@@ -17,8 +17,6 @@ command -v nbdsh >/dev/null 2>&1 || need_apt+=(python3-libnbd)
 command -v fio >/dev/null 2>&1 || need_apt+=(fio)
 # mkfs.ext4 / dumpe2fs / e2fsck / debugfs: the VM tests make and inspect a guest file system.
 [ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)
-# cpio packs the test guest's initramfs.
-command -v cpio >/dev/null 2>&1 || need_apt+=(cpio)
 # restic and borg: the backup benchmark's peers.
 command -v restic >/dev/null 2>&1 || need_apt+=(restic)
 command -v borg >/dev/null 2>&1 || need_apt+=(borgbackup)
@@ -34,6 +32,3 @@ command -v s3s-fs >/dev/null 2>&1 || cargo install s3s-fs --version 0.14.1 --fea
 # cores instead of half an hour; a test peer on loopback needs no more.
 command -v garage >/dev/null 2>&1 || CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_DEBUG=0 \
     cargo install garage --version 2.5.0 --locked --no-default-features --features bundled-libs,sqlite
-# The VM runtime: QEMU 10 from bookworm-backports, and the test guest built from Debian packages.
-./scripts/setup-qemu.sh
-./scripts/build-guest.sh

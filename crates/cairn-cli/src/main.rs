@@ -113,8 +113,14 @@ enum Cmd {
     },
     /// Run a benchmark (the engine by default, --nbd, --vm) and print its table.
     Bench(bench::BenchArgs),
-    /// Walk through Cairn's main job on the store: a volume, checkpoints, a rewind, space.
-    Demo,
+    /// Cairn's main job in under a minute, on a store of its own: the test guest booted on a
+    /// Cairn volume, a standard checkpoint while it runs, its disk broken, the checkpoint applied,
+    /// the guest running again; then the tree and the space. Cleans up after itself.
+    Demo {
+        /// Keep the demo's store (its path is printed) instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Define, run and inspect VMs whose disks are Cairn volumes.
     #[command(subcommand)]
     Vm(vm::VmCmd),
@@ -294,7 +300,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Bench(args) => bench::run(&args, json)?,
-        Cmd::Demo => demo::run(&dir)?,
+        Cmd::Demo { keep } => demo::run(keep)?,
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             // Rendered first: clap_complete panics on a failed write (a closed pipe).
