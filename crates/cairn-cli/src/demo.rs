@@ -86,9 +86,9 @@ impl Stage {
         let log = self.console();
         log.get(from.min(log.len())..)?
             .lines()
+            .rev()
             .filter_map(|l| l.strip_prefix("cairn-counter "))
-            .filter_map(|n| n.trim().parse().ok())
-            .last()
+            .find_map(|n| n.trim().parse().ok())
     }
 
     /// The first counter the guest prints after the console's first `from` bytes.
