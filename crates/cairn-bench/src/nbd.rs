@@ -26,7 +26,11 @@ struct Plan {
     depth: u64,
     /// Random 4 KiB overwrites after each checkpoint.
     overwrites: u64,
+    /// Seconds each fio job measures, after `ramp` seconds it does not.
     seconds: u64,
+    ramp: u64,
+    /// Rounds of each job, qemu-nbd and Cairn in turn; the tables give medians.
+    rounds: usize,
 }
 
 impl Plan {
@@ -37,13 +41,17 @@ impl Plan {
                 depth: 50,
                 overwrites: 64,
                 seconds: 2,
+                ramp: 0,
+                rounds: 1,
             }
         } else {
             Plan {
-                data: 4096 * MIB,
+                data: 1024 * MIB,
                 depth: 1000,
                 overwrites: 256,
                 seconds: 10,
+                ramp: 2,
+                rounds: 3,
             }
         }
     }
@@ -51,12 +59,25 @@ impl Plan {
 
 /// One fio job: name, rw mode, block size, queue depth.
 const JOBS: &[(&str, &str, &str, u32)] = &[
-    ("sequential 1 MiB read, qd8", "read", "1M", 8),
-    ("sequential 1 MiB write, qd8", "write", "1M", 8),
+    ("random 4 KiB write, qd1", "randwrite", "4k", 1),
+    ("random 4 KiB write, qd16", "randwrite", "4k", 16),
+    ("random 4 KiB write, qd32", "randwrite", "4k", 32),
     ("random 4 KiB read, qd1", "randread", "4k", 1),
     ("random 4 KiB read, qd16", "randread", "4k", 16),
-    ("random 4 KiB write, qd16", "randwrite", "4k", 16),
+    ("random 4 KiB read, qd32", "randread", "4k", 32),
+    ("random 4 KiB 70/30 read/write, qd16", "randrw", "4k", 16),
+    ("random 64 KiB write, qd16", "randwrite", "64k", 16),
+    ("sequential 1 MiB read, qd8", "read", "1M", 8),
+    ("sequential 1 MiB write, qd8", "write", "1M", 8),
 ];
+
+/// What one fio job measured: MiB/s for 1 MiB jobs, IOPS otherwise (reads and writes together
+/// for a mix), and the 99th percentile completion latency in µs (the worse side for a mix).
+#[derive(Debug, Clone, Copy)]
+struct Measure {
+    value: f64,
+    p99_us: f64,
+}
 
 /// A server process that is stopped on drop.
 pub(crate) struct ServerProcess {
@@ -176,43 +197,109 @@ pub(crate) fn fio_json(uri: &str, job: &[String], seconds: u64) -> Result<serde_
     serde_json::from_str(&text[start..]).context("fio JSON")
 }
 
-/// Runs one fio job against an NBD URI; returns MiB/s for 1 MiB jobs, IOPS for 4 KiB ones.
-fn fio(uri: &str, job: &(&str, &str, &str, u32), size: u64, seconds: u64) -> Result<f64> {
+/// Runs one fio job against an NBD URI.
+fn fio(uri: &str, job: &(&str, &str, &str, u32), plan: &Plan) -> Result<Measure> {
     let (_, rw, bs, qd) = *job;
-    let v = fio_json(
-        uri,
-        &[
-            format!("--rw={rw}"),
-            format!("--bs={bs}"),
-            format!("--iodepth={qd}"),
-            format!("--size={size}"),
-        ],
-        seconds,
-    )?;
-    let side = if rw.contains("read") { "read" } else { "write" };
-    let j = &v["jobs"][0][side];
-    Ok(if bs == "1M" {
-        j["bw_bytes"].as_f64().unwrap_or(0.0) / MIB as f64
-    } else {
-        j["iops"].as_f64().unwrap_or(0.0)
-    })
+    let mut args = vec![
+        format!("--rw={rw}"),
+        format!("--bs={bs}"),
+        format!("--iodepth={qd}"),
+        format!("--size={}", plan.data),
+        format!("--ramp_time={}", plan.ramp),
+    ];
+    if rw == "randrw" {
+        args.push("--rwmixread=70".into());
+    }
+    let v = fio_json(uri, &args, plan.seconds)?;
+    let mut m = Measure {
+        value: 0.0,
+        p99_us: 0.0,
+    };
+    for side in ["read", "write"] {
+        let j = &v["jobs"][0][side];
+        if j["total_ios"].as_u64().unwrap_or(0) == 0 {
+            continue;
+        }
+        m.value += if bs == "1M" {
+            j["bw_bytes"].as_f64().unwrap_or(0.0) / MIB as f64
+        } else {
+            j["iops"].as_f64().unwrap_or(0.0)
+        };
+        let p99 = j["clat_ns"]["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0;
+        m.p99_us = m.p99_us.max(p99);
+    }
+    Ok(m)
 }
 
-fn run_jobs(server: &mut ServerProcess, plan: &Plan) -> Vec<Result<f64>> {
-    eprintln!("bench: fio against {}", server.what);
+/// Runs one job on `server`, telling a server that died from a job that failed.
+fn job_on(server: &mut ServerProcess, job: &(&str, &str, &str, u32), plan: &Plan) -> Result<Measure> {
+    if let Ok(Some(st)) = server.child.try_wait() {
+        bail!("{} died ({st})", server.what);
+    }
+    let r = fio(&server.uri, job, plan);
+    match (r, server.child.try_wait()) {
+        (Err(_), Ok(Some(st))) => bail!("{} died ({st})", server.what),
+        (r, _) => r,
+    }
+}
+
+/// Every job on both servers, `plan.rounds` times, the servers in turn within each job; the
+/// median of each (value and p99 taken separately).
+fn compare(
+    peer: &mut ServerProcess,
+    ours: &mut ServerProcess,
+    plan: &Plan,
+) -> Vec<[Result<Measure>; 2]> {
+    eprintln!("bench: fio against {} and {}, {} round(s)", peer.what, ours.what, plan.rounds);
     JOBS.iter()
         .map(|j| {
-            // A server that died (qemu-nbd crashes on very deep chains) is reported as such.
-            if let Ok(Some(st)) = server.child.try_wait() {
-                bail!("{} died ({st})", server.what);
+            let mut got: [Vec<Measure>; 2] = [Vec::new(), Vec::new()];
+            let mut err: [Option<anyhow::Error>; 2] = [None, None];
+            for _ in 0..plan.rounds {
+                for (k, server) in [&mut *peer, &mut *ours].into_iter().enumerate() {
+                    if err[k].is_some() {
+                        continue;
+                    }
+                    match job_on(server, j, plan) {
+                        Ok(m) => got[k].push(m),
+                        Err(e) => err[k] = Some(e),
+                    }
+                }
             }
-            let r = fio(&server.uri, j, plan.data, plan.seconds);
-            match (r, server.child.try_wait()) {
-                (Err(_), Ok(Some(st))) => bail!("{} died ({st})", server.what),
-                (r, _) => r,
-            }
+            let summary = |k: usize, err: &mut [Option<anyhow::Error>; 2]| match err[k].take() {
+                Some(e) => Err(e),
+                None => Ok(Measure {
+                    value: crate::median(got[k].iter().map(|m| m.value).collect()),
+                    p99_us: crate::median(got[k].iter().map(|m| m.p99_us).collect()),
+                }),
+            };
+            [summary(0, &mut err), summary(1, &mut err)]
         })
         .collect()
+}
+
+/// One table: each job on qemu-nbd and Cairn, their ratio, and their p99 latencies.
+fn table(results: &[[Result<Measure>; 2]], peer: &str, ours: &str) -> String {
+    let mut t = format!(
+        "| workload | {peer} | {ours} | {ours} / {peer} | p99 µs, {peer} | p99 µs, {ours} |\n|---|---|---|---|---|---|\n"
+    );
+    for (job, [p, o]) in JOBS.iter().zip(results) {
+        let v = |r: &Result<Measure>| r.as_ref().map(|m| m.value).map_err(|e| anyhow::anyhow!("{e}"));
+        let l = |r: &Result<Measure>| match r {
+            Ok(m) => format!("{:.0}", m.p99_us),
+            Err(_) => "-".into(),
+        };
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            job.0,
+            cell(&v(p)),
+            cell(&v(o)),
+            ratio(&v(o), &v(p)),
+            l(p),
+            l(o)
+        ));
+    }
+    t
 }
 
 fn cell(r: &Result<f64>) -> String {
@@ -252,9 +339,11 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
     let plan = Plan::new(quick);
     let started = Instant::now();
     let mut report = format!(
-        "NBD: {} MiB of data; fio {} s per job (nbd engine); checkpoint depth {} with {} random 4 KiB overwrites after each checkpoint; qcow2 chain of the same depth. Units: MiB/s for 1 MiB jobs, IOPS for 4 KiB jobs.\n\n",
+        "NBD: {} MiB of data; fio (nbd engine) {} s per job after a {} s ramp, {} round(s) with qemu-nbd and Cairn in turn, medians; checkpoint depth {} with {} random 4 KiB overwrites after each checkpoint. Units: MiB/s for 1 MiB jobs, IOPS otherwise.\n\n",
         plan.data / MIB,
         plan.seconds,
+        plan.ramp,
+        plan.rounds,
         plan.depth,
         plan.overwrites
     );
@@ -324,15 +413,13 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
     ));
     ours?;
 
-    // Depth 0.
-    let raw0 = {
-        let mut s = qemu_nbd(dir, &raw, "raw", "raw0")?;
-        run_jobs(&mut s, &plan)
+    // Depth 0: qemu-nbd on the raw file and Cairn on the imported volume, in turn.
+    let depth0 = {
+        let mut peer = qemu_nbd(dir, &raw, "raw", "raw0")?;
+        let mut ours = cairn_serve(&store_dir, "bench")?;
+        compare(&mut peer, &mut ours, &plan)
     };
-    let cairn0 = {
-        let mut s = cairn_serve(&store_dir, "bench")?;
-        run_jobs(&mut s, &plan)
-    };
+    report.push_str(&format!("Depth 0 (no checkpoints):\n\n{}\n", table(&depth0, "qemu-nbd raw", "cairn")));
 
     // Depth N: checkpoints with overwrites in between, made through the engine directly.
     eprintln!("bench: making {} checkpoints", plan.depth);
@@ -349,49 +436,39 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
         }
         store.flush()?;
     }
+    let n = plan.depth;
+    let depthn = {
+        let mut peer = qemu_nbd(dir, &raw, "raw", "rawn")?;
+        let mut ours = cairn_serve(&store_dir, "bench")?;
+        compare(&mut peer, &mut ours, &plan)
+    };
+    report.push_str(&format!(
+        "Depth {n} (each checkpoint followed by {} random 4 KiB overwrites):\n\n{}\n",
+        plan.overwrites,
+        table(&depthn, "qemu-nbd raw", &format!("cairn @{n}"))
+    ));
+    // The same depth as a qcow2 backing chain, once per job (qemu-nbd 10 crashes on deep ones).
     let mut chain_top = None;
     crate::engine::qcow2_chain(dir, &raw, &[plan.depth], plan.data, |_, top| {
         chain_top = Some(top.to_path_buf());
         Ok(())
     })?;
-    let rawn = {
-        let mut s = qemu_nbd(dir, &raw, "raw", "rawn")?;
-        run_jobs(&mut s, &plan)
-    };
-    let cairnn = {
-        let mut s = cairn_serve(&store_dir, "bench")?;
-        run_jobs(&mut s, &plan)
-    };
-    let chain: Vec<Result<f64>> = match chain_top
+    let once = Plan { rounds: 1, ..plan };
+    let chain: Vec<String> = match chain_top
         .as_deref()
         .map(|top: &Path| qemu_nbd(dir, top, "qcow2", "chain"))
     {
-        Some(Ok(mut s)) => run_jobs(&mut s, &plan),
-        Some(Err(e)) => JOBS.iter().map(|_| Err(anyhow::anyhow!("{e}"))).collect(),
-        None => JOBS
+        Some(Ok(mut s)) => JOBS
             .iter()
-            .map(|_| Err(anyhow::anyhow!("no chain")))
+            .map(|j| cell(&job_on(&mut s, j, &once).map(|m| m.value)))
             .collect(),
+        Some(Err(e)) => JOBS.iter().map(|_| format!("failed: {e}")).collect(),
+        None => JOBS.iter().map(|_| "no chain".to_string()).collect(),
     };
-
-    let n = plan.depth;
-    report.push_str(&format!(
-        "| workload | qemu-nbd raw | cairn @0 | cairn @0 / raw | qemu-nbd raw (again) | cairn @{n} | cairn @{n} / raw | qemu-nbd qcow2 chain @{n} | cairn @{n} / chain |\n|---|---|---|---|---|---|---|---|---|\n"
-    ));
-    for (i, job) in JOBS.iter().enumerate() {
-        report.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            job.0,
-            cell(&raw0[i]),
-            cell(&cairn0[i]),
-            ratio(&cairn0[i], &raw0[i]),
-            cell(&rawn[i]),
-            cell(&cairnn[i]),
-            ratio(&cairnn[i], &rawn[i]),
-            cell(&chain[i]),
-            ratio(&cairnn[i], &chain[i]),
-        ));
-    }
+    report.push_str(&format!("qemu-nbd on a qcow2 chain of {n}, one round: "));
+    let cells: Vec<String> = JOBS.iter().zip(&chain).map(|(j, c)| format!("{} {c}", j.0)).collect();
+    report.push_str(&cells.join("; "));
+    report.push('\n');
     report.push_str(&format!(
         "\ntotal NBD benchmark time {:.0} s\n",
         started.elapsed().as_secs_f64()

@@ -78,14 +78,26 @@ impl Default for Options {
 impl Options {
     /// The defaults, with the read and write paths' switches as the environment sets them:
     /// `CAIRN_MAPPED_READS`, `CAIRN_DIRECT_WRITES`, `CAIRN_WRITE_BEHIND` (`0`, `off`, `false` or
-    /// `no` turns one off), so every Cairn process opens a store the same way.
+    /// `no` turns one off), and `CAIRN_COMMIT_INTERVAL` (seconds, `0` for none), so every Cairn
+    /// process opens a store the same way.
     pub fn from_env() -> Options {
         let on = |var: &str| {
             std::env::var(var)
                 .map(|v| !matches!(v.trim(), "0" | "off" | "false" | "no"))
                 .unwrap_or(true)
         };
+        // Seconds; 0 turns commits by time off (writes then wait for a flush, as with a plain
+        // file in the page cache).
+        let commit_interval = match std::env::var("CAIRN_COMMIT_INTERVAL") {
+            Ok(v) => match v.trim().parse::<f64>() {
+                Ok(s) if s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
+                Ok(_) => None,
+                Err(_) => Some(COMMIT_INTERVAL),
+            },
+            Err(_) => Some(COMMIT_INTERVAL),
+        };
         Options {
+            commit_interval,
             mapped_reads: on("CAIRN_MAPPED_READS"),
             direct_writes: on("CAIRN_DIRECT_WRITES"),
             write_behind: on("CAIRN_WRITE_BEHIND"),
