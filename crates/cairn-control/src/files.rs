@@ -33,3 +33,24 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OpError> {
         .and_then(|d| d.sync_all())
         .map_err(|e| io_err("syncing", parent, e))
 }
+
+/// Reads the JSON file `path`: its default when there is none; a damaged one is kind `corrupt`,
+/// with `remedy` (what to do, e.g. "set the policies again") in the message.
+pub(crate) fn load_json<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+    remedy: &str,
+) -> Result<T, OpError> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            OpError::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{} is damaged ({e}); fix or remove it, then {remedy}",
+                    path.display()
+                ),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(io_err("reading", path, e)),
+    }
+}

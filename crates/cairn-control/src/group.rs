@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ErrorKind, OpError};
 use crate::execute::vm_store;
-use crate::files::{io_err, write_atomic};
+use crate::files::{load_json, write_atomic};
 use crate::reports::ApplyReport;
 
 /// A group of VMs and volumes.
@@ -123,20 +123,7 @@ fn file(store: &Path) -> PathBuf {
 }
 
 fn load(store: &Path) -> Result<Groups, OpError> {
-    let p = file(store);
-    match std::fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-            OpError::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "{} is damaged ({e}); fix or remove it, then make the groups again",
-                    p.display()
-                ),
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Groups::default()),
-        Err(e) => Err(io_err("reading", &p, e)),
-    }
+    load_json(&file(store), "make the groups again")
 }
 
 fn save(store: &Path, g: &Groups) -> Result<(), OpError> {
@@ -163,17 +150,8 @@ pub fn find(store: &Store, name: &str) -> Option<Group> {
 
 /// Whether `op` is a checkpoint operation on a group.
 pub fn targets_group(store: &Store, op: &crate::ops::Op) -> bool {
-    use crate::ops::Op;
-    match op {
-        Op::CheckpointCreate { volume, .. }
-        | Op::CheckpointList { volume }
-        | Op::CheckpointApply { volume, .. }
-        | Op::CheckpointDelete { volume, .. }
-        | Op::CheckpointEdit { volume, .. }
-        | Op::CheckpointRename { volume, .. }
-        | Op::Clone { volume, .. } => find(store, volume).is_some(),
-        _ => false,
-    }
+    op.checkpoint_target()
+        .is_some_and(|t| find(store, t).is_some())
 }
 
 /// Refuses a new VM or volume named like a group (its name would hide the group).

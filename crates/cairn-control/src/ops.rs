@@ -324,6 +324,22 @@ mod b64 {
     }
 }
 
+impl Op {
+    /// The VM, volume or group a checkpoint operation names (and the volume of a space query).
+    pub fn checkpoint_target(&self) -> Option<&str> {
+        match self {
+            Op::CheckpointCreate { volume, .. }
+            | Op::CheckpointList { volume }
+            | Op::CheckpointApply { volume, .. }
+            | Op::CheckpointDelete { volume, .. }
+            | Op::CheckpointEdit { volume, .. }
+            | Op::CheckpointRename { volume, .. }
+            | Op::Clone { volume, .. } => Some(volume),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

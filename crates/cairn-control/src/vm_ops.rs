@@ -18,15 +18,11 @@ pub(crate) fn execute_vm_checkpoint(store: &Arc<Store>, op: &Op) -> Result<Optio
         return Ok(None);
     };
     let vm = match op {
-        Op::CheckpointCreate { volume, .. }
-        | Op::CheckpointList { volume }
-        | Op::CheckpointApply { volume, .. }
-        | Op::CheckpointDelete { volume, .. }
-        | Op::CheckpointEdit { volume, .. }
-        | Op::CheckpointRename { volume, .. }
-        | Op::Clone { volume, .. } => volume,
-        Op::Space { volume: Some(v) } => v,
-        _ => return Ok(None),
+        Op::Space { volume: Some(v) } => v.as_str(),
+        op => match op.checkpoint_target() {
+            Some(t) => t,
+            None => return Ok(None),
+        },
     };
     if !vms.exists(vm) {
         return Ok(None);

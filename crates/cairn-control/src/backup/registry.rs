@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::RepoSpec;
 use crate::error::{ErrorKind, OpError};
-use crate::files::{io_err, write_atomic};
+use crate::files::{io_err, load_json, write_atomic};
 
 /// One registered repository.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,20 +36,10 @@ fn dir_of(store: &Path) -> PathBuf {
 }
 
 fn load(store: &Path) -> Result<Registry, OpError> {
-    let p = dir_of(store).join("repos.json");
-    match std::fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-            OpError::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "{} is damaged ({e}); fix or remove it and register the repositories again",
-                    p.display()
-                ),
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
-        Err(e) => Err(io_err("reading", &p, e)),
-    }
+    load_json(
+        &dir_of(store).join("repos.json"),
+        "register the repositories again",
+    )
 }
 
 fn save(store: &Path, r: &Registry) -> Result<(), OpError> {

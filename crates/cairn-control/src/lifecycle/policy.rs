@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::space::Floor;
 use crate::error::{ErrorKind, OpError};
-use crate::files::{io_err, write_atomic};
+use crate::files::{load_json, write_atomic};
 
 /// The name a store's default policy is kept under (not a valid volume or VM name).
 pub const DEFAULT: &str = "*";
@@ -93,20 +93,7 @@ fn file(store: &Path) -> PathBuf {
 }
 
 fn load(store: &Path) -> Result<Policies, OpError> {
-    let p = file(store);
-    match std::fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-            OpError::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "{} is damaged ({e}); fix or remove it, then set the policies again",
-                    p.display()
-                ),
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Policies::default()),
-        Err(e) => Err(io_err("reading", &p, e)),
-    }
+    load_json(&file(store), "set the policies again")
 }
 
 fn save(store: &Path, p: &Policies) -> Result<(), OpError> {

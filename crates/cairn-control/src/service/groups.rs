@@ -17,15 +17,8 @@ impl Service {
         op: &Op,
         progress: &Progress,
     ) -> Result<Option<Reply>, OpError> {
-        let target = match op {
-            Op::CheckpointCreate { volume, .. }
-            | Op::CheckpointList { volume }
-            | Op::CheckpointApply { volume, .. }
-            | Op::CheckpointDelete { volume, .. }
-            | Op::CheckpointEdit { volume, .. }
-            | Op::CheckpointRename { volume, .. }
-            | Op::Clone { volume, .. } => volume,
-            _ => return Ok(None),
+        let Some(target) = op.checkpoint_target() else {
+            return Ok(None);
         };
         let Some(g) = group::find(&self.store, target) else {
             return Ok(None);
