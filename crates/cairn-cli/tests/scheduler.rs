@@ -149,7 +149,8 @@ fn floor_status(e: &Env) -> (u64, u64) {
 
 /// On a small file system, a client rewrites a volume whose policy checkpoint holds all of it,
 /// more than the disk has free: below the floor new checkpoints are refused (and a pinned
-/// automatic checkpoint stays), once unpinned the daemon deletes it, and every write lands.
+/// automatic checkpoint stays), once unpinned the daemon deletes it, and every write lands. Then
+/// a budget: over it, the next policy checkpoint is skipped.
 #[test]
 fn below_the_floor_checkpoints_are_refused_and_automatic_ones_make_room() {
     let work = tempfile::tempdir().expect("tmp");
@@ -227,6 +228,35 @@ fn below_the_floor_checkpoints_are_refused_and_automatic_ones_make_room() {
         free >= floor
     });
     ok(&e, &["checkpoint", "create", "v@more"]);
+
+    // A budget on the same file system: once the checkpoints hold more than it, the next policy
+    // checkpoint is skipped with the reason.
+    ok(
+        &e,
+        &[
+            "policy",
+            "set",
+            "v",
+            "--every",
+            "2s",
+            "--keep-last",
+            "100",
+            "--budget",
+            "8M",
+        ],
+    );
+    let created = of_kind(&e, "created").len();
+    wait_for(20, "a policy checkpoint", || {
+        of_kind(&e, "created").len() > created
+    });
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 16M", &uri]);
+    wait_for(20, "a checkpoint skipped over the budget", || {
+        of_kind(&e, "skipped").iter().any(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("over its budget of 8.0 MiB"))
+        })
+    });
     fsck_clean(&e);
     drop(e);
     drop(fs);
