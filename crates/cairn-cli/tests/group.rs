@@ -7,15 +7,6 @@ mod common;
 use common::guest::*;
 use common::*;
 
-fn checkpoint_names(e: &Env, target: &str) -> Vec<String> {
-    let list = json(e, &["checkpoint", "list", target]);
-    let arr = list["checkpoints"].as_array().or(list.as_array()).cloned();
-    arr.unwrap_or_default()
-        .iter()
-        .filter_map(|c| c["name"].as_str().map(str::to_string))
-        .collect()
-}
-
 fn kinds(cp: &serde_json::Value) -> Vec<(String, String)> {
     cp["value"]["members"]
         .as_array()

@@ -29,15 +29,6 @@ fn five_checkpoints(e: &Env) {
     }
 }
 
-fn names(e: &Env) -> Vec<String> {
-    let list = json(e, &["checkpoint", "list", "v"]);
-    let arr = list["checkpoints"].as_array().or(list.as_array()).cloned();
-    arr.unwrap_or_default()
-        .iter()
-        .filter_map(|c| c["name"].as_str().map(str::to_string))
-        .collect()
-}
-
 fn policies_in(e: Env) {
     five_checkpoints(&e);
     // Nothing set: prune has nothing to do.
@@ -105,13 +96,17 @@ fn policies_in(e: Env) {
         total >= alone && alone >= 2 << 20,
         "alone {alone}, total {total}"
     );
-    assert_eq!(names(&e).len(), 5, "a dry run deletes nothing");
+    assert_eq!(
+        checkpoint_names(&e, "v").len(),
+        5,
+        "a dry run deletes nothing"
+    );
 
     // A pinned checkpoint cannot be deleted by hand either.
     fails(&e, &["checkpoint", "delete", "v@c0"], "pinned");
     let pruned = json(&e, &["--yes", "prune", "v"]);
     assert_eq!(pruned["frees_total"], plan["frees_total"], "{pruned}");
-    assert_eq!(names(&e), vec!["c0", "c3", "c4"]);
+    assert_eq!(checkpoint_names(&e, "v"), vec!["c0", "c3", "c4"]);
     ok(&e, &["checkpoint", "unpin", "v@c0"]);
     ok(&e, &["checkpoint", "delete", "v@c0"]);
 
@@ -188,5 +183,5 @@ fn policy_bad_input() {
     fails(&e, &["checkpoint", "pin", "v"], "CHECKPOINT");
     fails(&e, &["checkpoint", "pin", "v@nope"], "nope");
     assert_eq!(json(&e, &["policy", "list"]), serde_json::json!([]));
-    assert_eq!(names(&e).len(), 5);
+    assert_eq!(checkpoint_names(&e, "v").len(), 5);
 }

@@ -34,9 +34,7 @@ fn wait_for(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
 }
 
 fn automatic_names(e: &Env, volume: &str) -> Vec<String> {
-    let list = json(e, &["checkpoint", "list", volume]);
-    let arr = list["checkpoints"].as_array().or(list.as_array()).cloned();
-    arr.unwrap_or_default()
+    checkpoints(e, volume)
         .iter()
         .filter(|c| c["automatic"] == true)
         .filter_map(|c| c["name"].as_str().map(str::to_string))

@@ -148,12 +148,6 @@ pub fn find(store: &Store, name: &str) -> Option<Group> {
     load(d).ok()?.groups.remove(name)
 }
 
-/// Whether `op` is a checkpoint operation on a group.
-pub fn targets_group(store: &Store, op: &crate::ops::Op) -> bool {
-    op.checkpoint_target()
-        .is_some_and(|t| find(store, t).is_some())
-}
-
 /// Refuses a new VM or volume named like a group (its name would hide the group).
 pub fn check_name_free(store: &Store, name: &str) -> Result<(), OpError> {
     let Some(d) = store.dir() else {

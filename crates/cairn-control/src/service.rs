@@ -98,15 +98,14 @@ impl Service {
     /// Runs `op` here, synchronously: for a service without VMs (see [`Service::local`]).
     pub fn run_here(&self, op: Op, progress: &mut dyn FnMut(u64)) -> Result<Reply, OpError> {
         self.check_allowed(&op)?;
-        if crate::group::targets_group(&self.store, &op) {
+        if let Some(g) = self.group_of(&op) {
             // A group's members run through the same async path as the daemon's, here on a
             // runtime of this call's own (no VM runs without a daemon).
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| OpError::new(ErrorKind::Io, format!("cannot start a runtime: {e}")))?;
-            let reply = rt.block_on(self.run_group(&op, &no_progress()))?;
-            return Ok(reply.expect("the target is a group"));
+            return rt.block_on(self.run_group(g, op, &no_progress()));
         }
         match op {
             Op::Backup(b) => crate::backup::run(&self.store, &self.backups, b, progress),
@@ -156,8 +155,8 @@ impl Service {
     pub async fn run(&self, op: Op, progress: Progress) -> Result<Reply, OpError> {
         self.check_allowed(&op)?;
         self.check_live(&op)?;
-        if let Some(reply) = self.run_group(&op, &progress).await? {
-            return Ok(reply);
+        if let Some(g) = self.group_of(&op) {
+            return self.run_group(g, op, &progress).await;
         }
         if let Op::Backup(
             b @ (BackupOp::Restore { live: true, .. }

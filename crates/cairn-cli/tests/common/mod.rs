@@ -128,6 +128,21 @@ pub fn json(e: &Env, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(e, &a)).expect("valid JSON")
 }
 
+/// What `checkpoint list TARGET --json` lists, for a volume or a VM.
+pub fn checkpoints(e: &Env, target: &str) -> Vec<serde_json::Value> {
+    let list = json(e, &["checkpoint", "list", target]);
+    let arr = list["checkpoints"].as_array().or(list.as_array()).cloned();
+    arr.unwrap_or_default()
+}
+
+/// The names of `target`'s checkpoints, in listing order.
+pub fn checkpoint_names(e: &Env, target: &str) -> Vec<String> {
+    checkpoints(e, target)
+        .iter()
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect()
+}
+
 pub fn fsck_clean(e: &Env) {
     let out = ok(e, &["fsck"]);
     assert!(out.contains("no problems"), "fsck: {out}");

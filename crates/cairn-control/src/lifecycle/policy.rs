@@ -120,7 +120,13 @@ pub fn clear(store: &Path, target: &str) -> Result<bool, OpError> {
 
 /// Every policy, the default first.
 pub fn list(store: &Path) -> Result<Vec<Policy>, OpError> {
-    Ok(load(store)?.policies.into_values().collect())
+    Ok(list_with_floor(store)?.0)
+}
+
+/// Every policy, the default first, and the floor: one read of the file.
+pub fn list_with_floor(store: &Path) -> Result<(Vec<Policy>, Floor), OpError> {
+    let all = load(store)?;
+    Ok((all.policies.into_values().collect(), all.floor))
 }
 
 /// The policy that applies to `target`: its own, else the store's default (with `target` set

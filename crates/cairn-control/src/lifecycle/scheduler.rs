@@ -112,11 +112,13 @@ impl Scheduler {
         }
     }
 
-    /// The policies in force: each VM's or volume's own, and the default for every other.
-    fn in_force(&self) -> Result<Vec<Policy>, OpError> {
+    /// The policies in force: each VM's or volume's own, and the default for every other; and
+    /// the floor.
+    fn in_force(&self) -> Result<(Vec<Policy>, super::space::Floor), OpError> {
         let mut own = Vec::new();
         let mut default = None;
-        for p in policy::list(&self.dir)? {
+        let (policies, floor) = policy::list_with_floor(&self.dir)?;
+        for p in policies {
             match p.target == DEFAULT {
                 true => default = Some(p),
                 false => own.push(p),
@@ -134,7 +136,7 @@ impl Scheduler {
                 }
             }
         }
-        Ok(own)
+        Ok((own, floor))
     }
 
     /// Runs whatever is due now; returns when something is next due (ms since the epoch;
@@ -142,11 +144,11 @@ impl Scheduler {
     /// is seen at the next tick, which the daemon's loop makes at least every [`MAX_WAIT_MS`].
     pub fn tick(&mut self) -> u64 {
         let now = self.clock.now_ms();
-        if let Ok(f) = policy::floor(&self.dir) {
-            self.floor = f;
-        }
         let policies = match self.in_force() {
-            Ok(p) => p,
+            Ok((p, floor)) => {
+                self.floor = floor;
+                p
+            }
             Err(e) => {
                 self.log(Event::new(now, EventKind::Failed, DEFAULT, e.message));
                 return now.saturating_add(MAX_WAIT_MS);

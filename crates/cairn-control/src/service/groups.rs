@@ -11,19 +11,19 @@ use crate::group::{self, Group, GroupCheckpoint, GroupReply, MemberCheckpoint};
 use crate::ops::{Op, Reply};
 
 impl Service {
-    /// Runs `op` if its target is a group; `None` when it names a VM or volume (or nothing).
+    /// The group a checkpoint operation names, if it names one (not a VM or volume).
+    pub(super) fn group_of(&self, op: &Op) -> Option<Group> {
+        group::find(&self.store, op.checkpoint_target()?)
+    }
+
+    /// Runs checkpoint operation `op` on group `g` (see [`Service::group_of`]).
     pub(super) async fn run_group(
         &self,
-        op: &Op,
+        g: Group,
+        op: Op,
         progress: &Progress,
-    ) -> Result<Option<Reply>, OpError> {
-        let Some(target) = op.checkpoint_target() else {
-            return Ok(None);
-        };
-        let Some(g) = group::find(&self.store, target) else {
-            return Ok(None);
-        };
-        let reply = match op.clone() {
+    ) -> Result<Reply, OpError> {
+        let reply = match op {
             Op::CheckpointCreate {
                 name,
                 description,
@@ -107,14 +107,14 @@ impl Service {
                 }
                 let (store, gname, n) = (self.store.clone(), g.name.clone(), name.clone());
                 on_blocking_pool(move || group::forget_checkpoint(&store, &gname, &n)).await?;
-                return Ok(Some(Reply::Deleted(deleted)));
+                return Ok(Reply::Deleted(deleted));
             }
             _ => {
                 return Err(OpError::new(ErrorKind::Invalid, format!(
                     "'{}' is a group: rename, describe or clone its members' checkpoints one by one", g.name)))
             }
         };
-        Ok(Some(Reply::Group(reply)))
+        Ok(Reply::Group(reply))
     }
 
     /// Whether member `m` (a VM or volume) has checkpoint `name`.

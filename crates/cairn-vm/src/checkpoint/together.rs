@@ -30,13 +30,33 @@ pub struct Together {
     pub paused: Vec<Duration>,
 }
 
-/// Removes plain volumes' checkpoints `name` made by a group that failed.
-fn drop_volume_checkpoints(store: &Store, volumes: &[String], name: &str) {
-    for v in volumes {
-        if let Err(e) = store.delete_checkpoint(v, name) {
-            warn!("removing {v}@{name} of a failed group checkpoint: {e}");
+/// Removes what a group that failed made: the finished VM checkpoints `vms` and the plain
+/// volumes' checkpoints `name` (on the blocking pool; failures are logged).
+async fn undo(
+    store: &Arc<Store>,
+    defs: &crate::spec::VmStore,
+    vms: Vec<VmCheckpoint>,
+    volumes: Vec<String>,
+    name: &str,
+) {
+    let (store, defs, name) = (store.clone(), defs.clone(), name.to_string());
+    let _ = blocking(move || {
+        for cp in &vms {
+            if let Err(e) = delete(&defs, &store, cp) {
+                warn!(
+                    "removing {}@{} of a failed group checkpoint: {e}",
+                    cp.vm, cp.name
+                );
+            }
         }
-    }
+        for v in &volumes {
+            if let Err(e) = store.delete_checkpoint(v, &name) {
+                warn!("removing {v}@{name} of a failed group checkpoint: {e}");
+            }
+        }
+        Ok(())
+    })
+    .await;
 }
 
 impl Runtime {
@@ -112,24 +132,15 @@ impl Runtime {
             t0.elapsed()
         );
         let pauses: Vec<Duration> = takings.iter().map(Taking::paused).collect();
+        let defs = self.definitions();
         if let Some(e) = failed {
             drop(takings);
-            let (store2, n) = (store.clone(), name.to_string());
-            let _ = blocking(move || {
-                drop_volume_checkpoints(&store2, &made_volumes, &n);
-                Ok(())
-            })
-            .await;
+            undo(store, defs, Vec::new(), made_volumes, name).await;
             return Err(e);
         }
         let store2 = store.clone();
         if let Err(e) = blocking(move || Ok(store2.flush()?)).await {
-            let (store2, n) = (store.clone(), name.to_string());
-            let _ = blocking(move || {
-                drop_volume_checkpoints(&store2, &made_volumes, &n);
-                Ok(())
-            })
-            .await;
+            undo(store, defs, Vec::new(), made_volumes, name).await;
             return Err(e);
         }
         let mut done: Vec<VmCheckpoint> = Vec::new();
@@ -145,21 +156,7 @@ impl Runtime {
             }
         }
         if let Some(e) = failed {
-            let (store2, defs, n) = (store.clone(), self.definitions().clone(), name.to_string());
-            let finished = std::mem::take(&mut done);
-            let _ = blocking(move || {
-                for cp in &finished {
-                    if let Err(e) = delete(&defs, &store2, cp) {
-                        warn!(
-                            "removing {}@{} of a failed group checkpoint: {e}",
-                            cp.vm, cp.name
-                        );
-                    }
-                }
-                drop_volume_checkpoints(&store2, &made_volumes, &n);
-                Ok(())
-            })
-            .await;
+            undo(store, defs, done, made_volumes, name).await;
             return Err(e);
         }
         Ok(Together {
