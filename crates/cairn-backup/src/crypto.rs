@@ -27,6 +27,7 @@ const PLAIN_CHECK: usize = 16;
 
 /// Argon2id settings, kept in the config so they can be raised later without breaking old
 /// repositories.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KdfParams {
     /// Always `argon2id`.
@@ -72,6 +73,7 @@ impl Default for KdfParams {
 }
 
 /// How the master key is kept in the config.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WrappedKey {
     /// Always `xchacha20poly1305`.

@@ -31,6 +31,7 @@ pub const CHUNK_BLOCKS: u64 = CHUNK_SIZE / BLOCK;
 pub const PACK_TARGET: usize = 8 << 20;
 
 /// The `config` object.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     /// Repository format.
@@ -50,6 +51,7 @@ pub struct Config {
 }
 
 /// One volume image in a backup.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Image {
     /// Volume name when backed up.
@@ -72,6 +74,7 @@ pub struct Image {
 }
 
 /// One map object of an image's chain.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MapRef {
     /// Object name under `maps/`.
@@ -81,6 +84,7 @@ pub struct MapRef {
 }
 
 /// What a backup read and stored.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupStats {
     /// Volume bytes read from the checkpoint.
@@ -98,6 +102,7 @@ pub struct BackupStats {
 }
 
 /// A backup's manifest: sealed JSON under `backups/ID`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Repository format it was written with.

@@ -25,6 +25,7 @@ use crate::repo::{now_ms, Repository};
 use crate::session;
 
 /// What one run condemned, as stored under `gc/`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Condemned {
     /// When it was written, ms since the Unix epoch.
@@ -36,6 +37,7 @@ pub struct Condemned {
 }
 
 /// What a GC run found and did.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
     /// Backups whose data was kept.

@@ -11,12 +11,14 @@ use serde::{Deserialize, Serialize};
 use crate::error::{BackupError, Result};
 
 /// A repository's place.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Location {
     /// A directory on a local (or mounted) file system; always absolute.
     Local {
         /// The directory.
+        #[cfg_attr(feature = "openapi", schema(value_type = String))]
         path: PathBuf,
     },
     /// A prefix in an S3 bucket.
@@ -97,6 +99,7 @@ impl fmt::Debug for Location {
 
 /// A secret (a passphrase, a key file's contents, an S3 secret key) that never shows in logs or
 /// debug output.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(pub String);
@@ -109,6 +112,7 @@ impl fmt::Debug for Secret {
 
 /// S3 credentials and region (from the `AWS_*` variables of whoever asks), and how long to
 /// retry.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct S3Options {
     /// `AWS_ACCESS_KEY_ID`.
@@ -144,6 +148,7 @@ impl S3Options {
 }
 
 /// Everything needed to open a repository.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Access {
     /// Where it is.

@@ -5,6 +5,7 @@ pub use cairn_retention::{select, Candidate, KeepPolicy, Mark, Rule};
 use serde::{Deserialize, Serialize};
 
 /// One backup and what a prune does (or would do) with it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PruneEntry {
     /// Backup id.

@@ -22,6 +22,7 @@ pub const SESSION_STALE_MS: u64 = 60 * 60 * 1000;
 const REFRESH_MS: u64 = 5 * 60 * 1000;
 
 /// A session or lock record.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
     /// Object name under `sessions/` or `locks/`.

@@ -18,6 +18,7 @@ use crate::restore::open_record;
 type PackCheck = (u64, u64, Vec<(ChunkId, String, String)>);
 
 /// One problem found.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
     /// `missing` or `damaged`.
@@ -31,6 +32,7 @@ pub struct Problem {
 }
 
 /// What a verify found.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     /// Backups whose metadata was checked.

@@ -14,6 +14,7 @@ mod policy;
 mod serve;
 mod space;
 mod terminal;
+mod token;
 mod units;
 mod vm;
 mod volume;
@@ -88,6 +89,9 @@ enum Cmd {
     /// Groups of VMs and volumes checkpointed at one instant and applied together.
     #[command(subcommand)]
     Group(group::GroupCmd),
+    /// Bearer tokens for the HTTP API (`cairn serve --http`).
+    #[command(subcommand)]
+    Token(token::TokenCmd),
     /// Lifecycle policies: scheduled checkpoints, retention, space budgets, scheduled backups.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
@@ -256,6 +260,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Backup(cmd) => backup::run(&open()?, cmd, json, cli.yes)?,
         Cmd::Policy(cmd) => policy::run(&open()?, cmd, json)?,
         Cmd::Group(cmd) => group::run(&open()?, cmd, json)?,
+        Cmd::Token(cmd) => token::run(&open()?, cmd, json)?,
         Cmd::Prune { name, dry_run } => policy::prune(&open()?, name, dry_run, json, cli.yes)?,
         Cmd::Events { follow, limit } => events::run(&open()?, limit, follow, json)?,
         Cmd::Fsck => {

@@ -29,6 +29,7 @@ pub use mount::MountedExport;
 pub use registry::RepoEntry;
 
 /// Which repository an operation uses, and what opens it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepoSpec {
     /// A registered name, a directory, or `s3://BUCKET/PREFIX`; the store's default if absent.
@@ -39,6 +40,7 @@ pub struct RepoSpec {
     pub s3_endpoint: Option<String>,
     /// The caller's working directory (relative paths are relative to it, not to the daemon's).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub cwd: PathBuf,
     /// Passphrase or key file contents.
     #[serde(default)]
@@ -49,10 +51,12 @@ pub struct RepoSpec {
     /// The file the passphrase came from (absolute): registering a repository records it, so
     /// the daemon's scheduled backups can read it (the store never keeps the secret itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub key_file: Option<PathBuf>,
 }
 
 /// Where a restore writes.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RestoreTo {
@@ -64,6 +68,7 @@ pub enum RestoreTo {
     /// An image file in any format `qemu-img` writes.
     File {
         /// The file (absolute).
+        #[cfg_attr(feature = "openapi", schema(value_type = String))]
         path: PathBuf,
         /// `raw`, `qcow2`, `vmdk`...
         format: String,
@@ -71,6 +76,7 @@ pub enum RestoreTo {
 }
 
 /// One backup operation.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "backup", rename_all = "snake_case")]
 pub enum BackupOp {
@@ -201,6 +207,7 @@ fn default_grace() -> u64 {
 }
 
 /// A backup as commands show it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupInfo {
     /// The repository.
@@ -211,6 +218,7 @@ pub struct BackupInfo {
 }
 
 /// What a restore made.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreReport {
     /// The backup.
@@ -225,6 +233,7 @@ pub struct RestoreReport {
 }
 
 /// What `init` made.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepoInfo {
     /// Where.
@@ -236,6 +245,7 @@ pub struct RepoInfo {
 }
 
 /// Reply payloads of backup operations.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 pub enum BackupReply {

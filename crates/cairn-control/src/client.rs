@@ -24,13 +24,16 @@ pub fn control_socket(store_dir: &Path) -> PathBuf {
 }
 
 /// What a running daemon says about itself.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaemonStatus {
     /// Its process id.
     pub pid: u32,
     /// The store it owns.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub store: PathBuf,
     /// Its NBD unix socket.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub nbd_socket: PathBuf,
     /// Its NBD TCP address, if any.
     pub nbd_tcp: Option<String>,
@@ -43,6 +46,7 @@ pub const NDJSON: &str = "application/x-ndjson";
 
 /// One line of a streamed answer: any number of `{"progress": N}` (the operation's own measure,
 /// e.g. bytes done), then exactly one `{"reply": ...}` or `{"error": ...}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StreamLine {

@@ -6,6 +6,7 @@ use cairn_vm::VmError;
 use serde::{Deserialize, Serialize};
 
 /// What kind of failure an [`OpError`] is, so callers (and HTTP) can react without parsing text.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
@@ -33,9 +34,15 @@ pub enum ErrorKind {
     Auth,
     /// A remote object store (S3) failed or could not be reached.
     Remote,
+    /// The caller is known but may not do this (a read-only token writing, a cross-origin
+    /// request, an operation only the store's owner may run).
+    Forbidden,
+    /// Too many failed attempts from the caller's address; try again later.
+    Limited,
 }
 
 /// A failed operation: a kind and the one-line message users see.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
 pub struct OpError {
@@ -71,6 +78,8 @@ impl ErrorKind {
             ErrorKind::Vm => "vm",
             ErrorKind::Auth => "auth",
             ErrorKind::Remote => "remote",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Limited => "limited",
         }
     }
 
@@ -147,6 +156,8 @@ mod tests {
             K::Vm,
             K::Auth,
             K::Remote,
+            K::Forbidden,
+            K::Limited,
         ] {
             assert_eq!(serde_json::to_value(k).expect("json"), k.name());
         }

@@ -293,6 +293,12 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
         } => Reply::Volume(store.clone_checkpoint(&volume, &checkpoint, &new_name)?),
         Op::Diff { a, b } => Reply::Extents(store.diff(&Target::parse(&a)?, &Target::parse(&b)?)?),
         Op::Space { volume } => Reply::Space(store.space(volume.as_deref())?),
+        Op::SpaceFreed {
+            target,
+            checkpoints,
+        } => Reply::Freed {
+            bytes: space_freed(store, &target, &checkpoints)?,
+        },
         Op::Fsck => Reply::Fsck(store.fsck()?),
         Op::Flush => {
             store.flush()?;
@@ -373,6 +379,15 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
         }
         Op::Lifecycle(_) => unreachable!("execute runs lifecycle operations before this"),
         Op::Group(g) => Reply::Group(crate::group::run(store, g)?),
+        Op::Token(t) => {
+            let dir = store.dir().ok_or_else(|| {
+                OpError::new(
+                    ErrorKind::Invalid,
+                    "tokens belong to a store in a directory",
+                )
+            })?;
+            Reply::Token(crate::tokens::run(dir, t)?)
+        }
         Op::VmStatus { name } => {
             let vms = vm_store(store)?;
             vms.get(&name)?;
@@ -392,6 +407,42 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
         Op::VmStart { .. } => return Err(needs_daemon("starting a VM")),
         Op::VmStop { .. } | Op::VmKill { .. } => return Err(needs_daemon("stopping a VM")),
     })
+}
+
+/// What deleting `names` of `target` together frees: for a VM, summed over its disks and its
+/// memory-state volume (a VM checkpoint is a checkpoint of the same name on each).
+fn space_freed(store: &Store, target: &str, names: &[String]) -> Result<u64, OpError> {
+    let vms = vm_store(store).ok().filter(|v| v.exists(target));
+    let Some(vms) = vms else {
+        return Ok(store.space_freed_by_deleting(target, names)?);
+    };
+    let spec = vms.get(target)?;
+    let mut volumes = spec.disks.clone();
+    volumes.push(cairn_vm::checkpoint::state_volume(target));
+    let mut found = std::collections::HashSet::new();
+    let mut bytes = 0;
+    for v in &volumes {
+        let Ok(cps) = store.list_checkpoints(v) else {
+            continue;
+        };
+        let here: Vec<String> = names
+            .iter()
+            .filter(|n| cps.iter().any(|c| &c.name == *n))
+            .cloned()
+            .collect();
+        found.extend(here.iter().cloned());
+        if !here.is_empty() {
+            bytes += store.space_freed_by_deleting(v, &here)?;
+        }
+    }
+    if let Some(missing) = names.iter().find(|n| !found.contains(*n)) {
+        return Err(VmError::UnknownCheckpoint {
+            vm: target.to_string(),
+            name: missing.clone(),
+        }
+        .into());
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

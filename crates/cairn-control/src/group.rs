@@ -21,6 +21,7 @@ use crate::files::{load_json, write_atomic};
 use crate::reports::ApplyReport;
 
 /// A group of VMs and volumes.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
     /// Its name (shared with no VM or volume).
@@ -44,6 +45,7 @@ impl Group {
 }
 
 /// A checkpoint of a group.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupCheckpoint {
     /// Its name (each member's checkpoint has it too).
@@ -58,6 +60,7 @@ pub struct GroupCheckpoint {
 }
 
 /// One member's part of a group checkpoint.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberCheckpoint {
     /// The VM or volume.
@@ -71,6 +74,7 @@ pub struct MemberCheckpoint {
 }
 
 /// One group operation.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "group", rename_all = "snake_case")]
 pub enum GroupOp {
@@ -95,6 +99,7 @@ pub enum GroupOp {
 }
 
 /// Replies of group operations.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 pub enum GroupReply {
@@ -113,6 +118,7 @@ pub enum GroupReply {
     Applied(Vec<ApplyReport>),
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Groups {
     groups: BTreeMap<String, Group>,

@@ -15,6 +15,7 @@ pub use cairn_engine::names;
 pub mod ops;
 pub mod reports;
 mod service;
+pub mod tokens;
 mod vm_ops;
 
 pub use client::{control_socket, Client, DaemonStatus, StreamLine, CONTROL_SOCKET, NDJSON};

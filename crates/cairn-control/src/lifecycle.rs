@@ -29,6 +29,7 @@ pub use policy::{Policy, DEFAULT};
 pub use prune::{PruneItem, PruneReport, Verdict};
 
 /// One lifecycle operation.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "lifecycle", rename_all = "snake_case")]
 pub enum LifecycleOp {
@@ -55,6 +56,9 @@ pub enum LifecycleOp {
         #[serde(default)]
         dry_run: bool,
     },
+    /// What retention would delete now under this policy (not saved): the preview while a
+    /// policy is being edited.
+    PrunePreview(Policy),
     /// The store's floor of free host space (set it if `set`), and where the file system stands.
     Floor {
         /// The new setting.
@@ -85,6 +89,7 @@ fn events_limit() -> usize {
 }
 
 /// What a policy query returns.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyInfo {
     /// The policy.
@@ -95,6 +100,7 @@ pub struct PolicyInfo {
 }
 
 /// Replies of lifecycle operations.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 pub enum LifecycleReply {
@@ -283,6 +289,12 @@ pub fn run(
                 total.frees_total += done.frees_total;
             }
             LifecycleReply::Pruned(total)
+        }
+        LifecycleOp::PrunePreview(p) => {
+            p.validate()?;
+            check_target(store, dir, &p)?;
+            let now = store.clock().now_ms();
+            LifecycleReply::Pruned(prune::plan(store, &p, now, busy)?)
         }
         LifecycleOp::Floor { set } => {
             if let Some(f) = set {

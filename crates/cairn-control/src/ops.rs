@@ -19,6 +19,7 @@ use crate::reports::{ApplyReport, VmCheckpointInfo, VmSpaceReport};
 pub const MAX_DATA: u64 = 4 << 20;
 
 /// One operation on a store.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
@@ -67,6 +68,7 @@ pub enum Op {
         offset: u64,
         /// The bytes (base64 in JSON), at most [`MAX_DATA`].
         #[serde(with = "b64")]
+        #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
         data: Vec<u8>,
     },
     /// Read bytes from a head or checkpoint.
@@ -171,6 +173,13 @@ pub enum Op {
         /// Only this volume.
         volume: Option<String>,
     },
+    /// The exact bytes deleting these checkpoints of a volume or VM together would free.
+    SpaceFreed {
+        /// VM or volume.
+        target: String,
+        /// Checkpoint names.
+        checkpoints: Vec<String>,
+    },
     /// Check every invariant of the open store.
     Fsck,
     /// Make every acknowledged write durable.
@@ -220,9 +229,12 @@ pub enum Op {
     Lifecycle(LifecycleOp),
     /// Groups of VMs and volumes checkpointed together.
     Group(crate::group::GroupOp),
+    /// Manage the HTTP API's tokens (refused over HTTP itself).
+    Token(crate::tokens::TokenOp),
 }
 
 /// The user-settable fields of a VM; on edit, `None` keeps the current value.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmDefinition {
     /// VM name.
@@ -234,8 +246,10 @@ pub struct VmDefinition {
     /// Volumes, in order (replaces the list on edit).
     pub disks: Option<Vec<String>>,
     /// Kernel file.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub kernel: Option<PathBuf>,
     /// Initramfs file.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     pub append: Option<String>,
@@ -246,6 +260,7 @@ pub struct VmDefinition {
 }
 
 /// What an [`Op`] returns.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", content = "value", rename_all = "snake_case")]
 pub enum Reply {
@@ -283,11 +298,17 @@ pub enum Reply {
     Extents(Vec<Extent>),
     /// Space report.
     Space(SpaceReport),
+    /// Bytes a delete would free.
+    Freed {
+        /// Exact bytes.
+        bytes: u64,
+    },
     /// Fsck report.
     Fsck(FsckReport),
     /// What a defrag moved and cost.
     Defrag(DefragReport),
     /// Bytes read (base64 in JSON).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     Bytes(#[serde(with = "b64")] Vec<u8>),
     /// One VM definition.
     Vm(VmSpec),
@@ -301,6 +322,8 @@ pub enum Reply {
     Lifecycle(LifecycleReply),
     /// What a group operation (or a checkpoint operation on a group) did.
     Group(crate::group::GroupReply),
+    /// What a token operation did.
+    Token(crate::tokens::TokenReply),
 }
 
 fn default_min_extents() -> u64 {
@@ -325,6 +348,45 @@ mod b64 {
 }
 
 impl Op {
+    /// Whether `op` only reads: what a read-only API token may ask for.
+    pub fn is_read_only(&self) -> bool {
+        use crate::backup::BackupOp as B;
+        use crate::group::GroupOp as G;
+        use crate::lifecycle::LifecycleOp as L;
+        match self {
+            Op::VolumeList
+            | Op::VolumeInfo { .. }
+            | Op::VolumeRead { .. }
+            | Op::CheckpointList { .. }
+            | Op::Diff { .. }
+            | Op::Space { .. }
+            | Op::SpaceFreed { .. }
+            | Op::Fsck
+            | Op::VmList
+            | Op::VmInfo { .. }
+            | Op::VmStatus { .. } => true,
+            Op::Backup(b) => matches!(
+                b,
+                B::RepoList
+                    | B::List { .. }
+                    | B::Info { .. }
+                    | B::Verify { .. }
+                    | B::Mounts
+                    | B::Live
+            ),
+            Op::Lifecycle(l) => match l {
+                L::PolicyShow { .. } | L::PolicyList | L::Events { .. } | L::PrunePreview(_) => {
+                    true
+                }
+                L::Prune { dry_run, .. } => *dry_run,
+                L::Floor { set } => set.is_none(),
+                _ => false,
+            },
+            Op::Group(g) => matches!(g, G::List),
+            _ => false,
+        }
+    }
+
     /// The VM, volume or group a checkpoint operation names (and the volume of a space query).
     pub fn checkpoint_target(&self) -> Option<&str> {
         match self {

@@ -6,6 +6,7 @@ use cairn_vm::checkpoint::{state_volume, CheckpointKind, Consistency, VmCheckpoi
 use serde::{Deserialize, Serialize};
 
 /// A VM checkpoint as reported to users.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmCheckpointInfo {
     /// VM name.
@@ -81,6 +82,7 @@ impl VmCheckpointInfo {
 }
 
 /// Space held by one VM checkpoint: its disks' checkpoints and its memory state together.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmCheckpointSpace {
     /// Checkpoint name.
@@ -102,6 +104,7 @@ pub struct VmCheckpointSpace {
 
 /// A VM's space: its volumes (disks and state volume) as the engine reports them, and each VM
 /// checkpoint's total.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpaceReport {
     /// VM name.
@@ -159,6 +162,7 @@ impl VmSpaceReport {
 pub use cairn_vm::checkpoint::{KeptState, VmOutcome};
 
 /// What an apply did.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyReport {
     /// `VOLUME@CHECKPOINT` or `VM@CHECKPOINT` applied.

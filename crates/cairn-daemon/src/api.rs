@@ -52,24 +52,8 @@ pub async fn serve(
     }
 }
 
-fn http_status(kind: ErrorKind) -> StatusCode {
-    match kind {
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::Exists => StatusCode::CONFLICT,
-        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
-        ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
-        ErrorKind::Busy => StatusCode::LOCKED,
-        ErrorKind::Corrupt | ErrorKind::Io => StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorKind::Daemon => StatusCode::BAD_GATEWAY,
-        ErrorKind::State => StatusCode::CONFLICT,
-        ErrorKind::Vm => StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorKind::Auth => StatusCode::UNAUTHORIZED,
-        ErrorKind::Remote => StatusCode::BAD_GATEWAY,
-    }
-}
-
 fn failure(e: OpError) -> Response {
-    (http_status(e.kind), Json(e)).into_response()
+    (cairn_http::status_of(e.kind), Json(e)).into_response()
 }
 
 async fn ops(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {

@@ -46,6 +46,8 @@ pub struct DaemonConfig {
     pub nbd_listen: Option<SocketAddr>,
     /// NBD server tunables.
     pub nbd: ServerConfig,
+    /// Also serve the HTTP API and web UI on TCP.
+    pub http: Option<cairn_http::HttpConfig>,
     /// Power running VMs off when the daemon stops, instead of leaving them running for the
     /// next daemon to reattach.
     pub stop_vms_on_exit: bool,
@@ -66,6 +68,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The HTTP API could not be served.
+    #[error(transparent)]
+    Http(#[from] cairn_http::HttpError),
     /// The async runtime could not start.
     #[error("cannot start the runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -80,6 +85,8 @@ pub struct Listening {
     pub nbd_tcp: Option<SocketAddr>,
     /// Whether TCP clients must use TLS.
     pub tls: bool,
+    /// The HTTP API's base URL, if served.
+    pub http: Option<String>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; `ready` is called once every socket accepts.
@@ -169,6 +176,20 @@ async fn serve(
         server.clone(),
         runtime.clone(),
     ));
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let mut http_url = None;
+    let http_task = match &config.http {
+        Some(h) => {
+            let server = cairn_http::bind(h).await?;
+            http_url = Some(server.url());
+            let state = cairn_http::AppState::new(service.clone(), status.clone());
+            let mut stopped = http_stopped.clone();
+            Some(tokio::spawn(server.serve(state, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })))
+        }
+        None => None,
+    };
     let lifecycle = lifecycle::start(service.clone());
     let api_task = tokio::spawn(api::serve(control_listener, service, status, async move {
         let _ = api_stopped.await;
@@ -179,6 +200,7 @@ async fn serve(
         nbd_socket: sock.clone(),
         nbd_tcp,
         tls: config.nbd.tls.is_some(),
+        http: http_url,
     };
     info!(
         "serving store {} on {}{}",
@@ -197,7 +219,11 @@ async fn serve(
         l.stop().await;
     }
     let _ = stop_api.send(());
+    let _ = stop_http.send(true);
     let _ = api_task.await;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
     if config.stop_vms_on_exit {
         // Asked for: power them off first (hard after 10 s), before their disks go away.
         runtime.stop_all(std::time::Duration::from_secs(10)).await;

@@ -393,6 +393,7 @@ impl Superblock {
 }
 
 /// A volume as stored in the catalog: its head is the writable tree.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeRecord {
     /// Catalog id.
@@ -420,6 +421,7 @@ pub struct VolumeRecord {
 }
 
 /// A checkpoint as stored in the catalog: an immutable tree root plus its metadata.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckpointRecord {
     /// Catalog id (also orders checkpoints by creation).
@@ -452,6 +454,7 @@ pub struct CheckpointRecord {
 /// A mapping tree that no volume or checkpoint uses any more and that is being freed a step
 /// at a time: the record holds one reference to `root`, and the pages under it that only it
 /// references lose their entries as those are released (so every step leaves counts exact).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DroppedTreeRecord {
     /// Catalog id.
@@ -463,6 +466,7 @@ pub struct DroppedTreeRecord {
 }
 
 /// Any catalog record.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Record {

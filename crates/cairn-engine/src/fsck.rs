@@ -19,6 +19,7 @@ const BS: u64 = BLOCK_SIZE as u64;
 const MAX_ERRORS: usize = 1000;
 
 /// What fsck found.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FsckReport {
     /// One line per problem (at most 1000; `error_count` has the total).

@@ -16,6 +16,7 @@ use chrono::{DateTime, Datelike, TimeZone, Timelike};
 use serde::{Deserialize, Serialize};
 
 /// How many of each period to keep (0: the option is off).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeepPolicy {
     /// The newest N.
@@ -46,6 +47,7 @@ impl KeepPolicy {
 }
 
 /// What becomes of one item.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mark {
@@ -58,6 +60,7 @@ pub enum Mark {
 }
 
 /// The option that kept an item.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {

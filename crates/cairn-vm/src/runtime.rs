@@ -35,6 +35,7 @@ pub use snapshot::{
 };
 
 /// What `vm status` reports.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
     /// VM name.
@@ -52,6 +53,7 @@ pub struct VmStatus {
     /// When it ended, ms since the Unix epoch.
     pub last_exit_ms: Option<u64>,
     /// Serial console log.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub console: PathBuf,
     /// After a stop: whether the guest ignored the power-off request and QEMU was stopped hard.
     #[serde(default, skip_serializing_if = "Option::is_none")]

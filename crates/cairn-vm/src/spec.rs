@@ -17,6 +17,7 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 pub const MAX_CPUS: u32 = 64;
 
 /// A VM definition.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     /// Name (same rules as volume names).
@@ -28,8 +29,10 @@ pub struct VmSpec {
     /// Volumes attached as virtio disks, in order; the first is the boot disk.
     pub disks: Vec<String>,
     /// Kernel to boot directly (else firmware boots the first disk).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub kernel: Option<PathBuf>,
     /// Initramfs for `kernel`.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     pub append: Option<String>,

@@ -42,6 +42,7 @@ const BATCH_UNITS: u64 = 64;
 const RECORD_EVERY: Duration = Duration::from_secs(5);
 
 /// What `VOLUME.json` holds: which backup fills the volume.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LiveRecord {
     /// The volume being filled.
@@ -57,6 +58,7 @@ pub struct LiveRecord {
 }
 
 /// How far a live restore got.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LiveStatus {
     /// Which volume from which backup.

@@ -36,6 +36,7 @@ impl ImageSource for BackupImage {
 }
 
 /// An export a mount made.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountedExport {
     /// The NBD export name.

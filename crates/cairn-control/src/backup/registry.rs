@@ -12,6 +12,7 @@ use crate::error::{ErrorKind, OpError};
 use crate::files::{io_err, load_json, write_atomic};
 
 /// One registered repository.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepoEntry {
     /// Its name.
@@ -23,9 +24,11 @@ pub struct RepoEntry {
     pub default: bool,
     /// The file holding its passphrase, for the daemon's scheduled backups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub key_file: Option<PathBuf>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Registry {
     repos: Vec<RepoEntry>,

@@ -14,6 +14,7 @@ use super::{BackupGuards, RestoreReport};
 use crate::error::{ErrorKind, OpError};
 
 /// What a VM backup keeps besides its images.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct VmExtra {
     spec: VmSpec,

@@ -15,6 +15,7 @@ use crate::files::io_err;
 pub const MAX_BYTES: u64 = 1 << 20;
 
 /// What happened.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
@@ -37,6 +38,7 @@ pub enum EventKind {
 }
 
 /// One entry of the log.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// Increases by one per event over the store's life.

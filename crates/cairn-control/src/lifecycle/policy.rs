@@ -15,6 +15,7 @@ use crate::files::{load_json, write_atomic};
 pub const DEFAULT: &str = "*";
 
 /// What Cairn does by itself with one VM's or volume's checkpoints.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// The VM or volume, or [`DEFAULT`] for the store's default.
@@ -80,6 +81,7 @@ impl Policy {
 }
 
 /// The policies of a store.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Policies {
     policies: BTreeMap<String, Policy>,

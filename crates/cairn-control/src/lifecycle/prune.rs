@@ -20,6 +20,7 @@ use crate::execute::{execute, vm_store};
 use crate::ops::Op;
 
 /// Why a checkpoint stays or goes.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
@@ -45,6 +46,7 @@ impl Verdict {
 }
 
 /// One checkpoint and what pruning does with it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PruneItem {
     /// The VM or volume.
@@ -61,6 +63,7 @@ pub struct PruneItem {
 }
 
 /// What a prune did or would do.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PruneReport {
     /// Every checkpoint looked at, by target and age.

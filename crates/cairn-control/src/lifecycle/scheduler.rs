@@ -36,6 +36,7 @@ const RETENTION_EVERY_MS: u64 = 3_600_000;
 pub const MAX_WAIT_MS: u64 = 60_000;
 
 /// When a target's steps last ran (ms since the epoch).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Last {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,6 +47,7 @@ struct Last {
     retention_ms: Option<u64>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Runs {
     targets: BTreeMap<String, Last>,

@@ -17,6 +17,7 @@ use crate::error::{ErrorKind, OpError};
 pub const DEFAULT_FLOOR_CAP: u64 = 10 << 30;
 
 /// The free space kept on the store's file system.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Floor {
@@ -88,6 +89,7 @@ pub fn host_space(dir: &Path) -> Result<(u64, u64), OpError> {
 }
 
 /// Where the store's file system stands against its floor.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FloorStatus {
     /// The setting.

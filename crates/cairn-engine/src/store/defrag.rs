@@ -29,6 +29,7 @@ const CHUNK_BLOCKS: u64 = FANOUT;
 pub const DEFRAG_MIN_EXTENTS: u64 = 16;
 
 /// What [`Store::defrag`] found and did.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DefragReport {
     /// The volume.

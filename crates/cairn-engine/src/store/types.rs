@@ -195,6 +195,7 @@ pub(super) fn check_description(description: Option<&str>) -> Result<()> {
 }
 
 /// A volume as reported to users.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeInfo {
     /// Name.
@@ -218,6 +219,7 @@ pub struct VolumeInfo {
 }
 
 /// A checkpoint as reported to users.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckpointInfo {
     /// Volume name.
@@ -259,6 +261,7 @@ pub struct SaveCurrent<'a> {
 }
 
 /// One byte range that differs between two states of a volume.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Extent {
     /// Start, in bytes.
@@ -268,6 +271,7 @@ pub struct Extent {
 }
 
 /// Space held by one checkpoint.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckpointSpace {
     /// Checkpoint name.
@@ -279,6 +283,7 @@ pub struct CheckpointSpace {
 }
 
 /// Space of one volume.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeSpace {
     /// Volume name.
@@ -299,6 +304,7 @@ pub struct VolumeSpace {
 }
 
 /// Space of the whole store.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SpaceReport {
     /// Volumes asked for.
@@ -316,6 +322,7 @@ pub struct SpaceReport {
 }
 
 /// Counters of an open store, for benchmarks and monitoring.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Stats {
     /// Commits made (flushes, checkpoint operations, forced commits).

@@ -21,6 +21,7 @@ use crate::spec::VmStore;
 use crate::VmError;
 
 /// What became of a VM when a checkpoint was applied to it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmOutcome {

@@ -8,6 +8,7 @@ use crate::spec::{VmSpec, VmStore};
 use crate::VmError;
 
 /// What a VM checkpoint holds.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CheckpointKind {
@@ -19,6 +20,7 @@ pub enum CheckpointKind {
 }
 
 /// How the disks of a disk-only checkpoint stand with respect to the guest's file systems.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Consistency {
@@ -38,6 +40,7 @@ pub fn state_volume(vm: &str) -> String {
 }
 
 /// The record of one VM checkpoint.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmCheckpoint {
     /// Checkpoint name (also the name of each disk's engine checkpoint).
@@ -115,6 +118,7 @@ pub fn kind_summary(kind: CheckpointKind, consistency: Option<Consistency>) -> &
 }
 
 /// Measured while taking a checkpoint of a running VM.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
     /// Microseconds the guest was paused by Cairn (QMP stop to cont, disks checkpointed).

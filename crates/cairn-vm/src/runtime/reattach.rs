@@ -17,6 +17,7 @@ use super::*;
 pub const RECONNECT_DELAY: Duration = Duration::from_secs(60);
 
 /// What a running VM's directory records, so that a later daemon can find its QEMU again.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct RunRecord {
     pub(super) pid: u32,

@@ -1,0 +1,271 @@
+//! Long work as jobs: `POST /api/v1/jobs` starts an operation and answers at once with the
+//! job's id; its progress and outcome stream as server-sent events; `DELETE` cancels it. The
+//! newest [`KEPT`] finished jobs stay listed.
+//!
+//! Cancelling drops the operation's future: async steps (a VM checkpoint's state save, whose
+//! guard abandons the half-made checkpoint) stop at once; a step already handed to the blocking
+//! pool (a backup's or restore's copy loop) runs to its end and its outcome is dropped.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::{Extension, Json};
+use cairn_control::{ErrorKind, Op, OpError, Progress, Reply};
+use futures_util::Stream;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::auth::Caller;
+use crate::routes::ops::admit;
+use crate::{ApiError, AppState, Body, Path};
+
+/// Finished jobs kept for listing.
+pub const KEPT: usize = 100;
+
+/// Where a job stands.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum JobState {
+    /// Working; `progress` is the operation's own measure (bytes done for copies and deletes).
+    Running {
+        /// How far it got.
+        progress: u64,
+    },
+    /// Finished; the operation's reply.
+    Done {
+        /// What the operation returned.
+        reply: Box<Reply>,
+    },
+    /// Failed.
+    Failed {
+        /// Why.
+        error: OpError,
+    },
+    /// Cancelled before it finished.
+    Cancelled,
+}
+
+impl JobState {
+    fn finished(&self) -> bool {
+        !matches!(self, JobState::Running { .. })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            JobState::Running { .. } => "running",
+            JobState::Done { .. } => "done",
+            JobState::Failed { .. } => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A job as listed.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct JobInfo {
+    /// Its id.
+    pub id: u64,
+    /// The operation's name (`backup`, `volume_defrag`...).
+    pub op: String,
+    /// Where it stands.
+    pub status: JobState,
+}
+
+struct Job {
+    id: u64,
+    op: String,
+    state: watch::Sender<JobState>,
+    task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Job {
+    fn info(&self) -> JobInfo {
+        JobInfo {
+            id: self.id,
+            op: self.op.clone(),
+            status: self.state.borrow().clone(),
+        }
+    }
+}
+
+/// The daemon's jobs.
+#[derive(Default)]
+pub struct Jobs {
+    next: AtomicU64,
+    map: Mutex<BTreeMap<u64, Arc<Job>>>,
+}
+
+impl Jobs {
+    fn get(&self, id: u64) -> Result<Arc<Job>, ApiError> {
+        cairn_engine::sync::lock(&self.map)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("no job {id}; GET /api/v1/jobs lists them"),
+                )
+            })
+    }
+
+    fn add(&self, job: Arc<Job>) {
+        let mut m = cairn_engine::sync::lock(&self.map);
+        m.insert(job.id, job);
+        let finished: Vec<u64> = m
+            .values()
+            .filter(|j| j.state.borrow().finished())
+            .map(|j| j.id)
+            .collect();
+        for id in finished.iter().take(finished.len().saturating_sub(KEPT)) {
+            m.remove(id);
+        }
+    }
+}
+
+/// Starts an operation as a job.
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", request_body = Op,
+    responses((status = 202, body = JobInfo), (status = "default", body = OpError)))]
+pub async fn start(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Body(op): Body<Op>,
+) -> Result<(StatusCode, Json<JobInfo>), ApiError> {
+    admit(&caller, &op)?;
+    let name = serde_json::to_value(&op)
+        .ok()
+        .and_then(|v| v["op"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    let (tx, _) = watch::channel(JobState::Running { progress: 0 });
+    let job = Arc::new(Job {
+        id: st.jobs.next.fetch_add(1, Ordering::Relaxed) + 1,
+        op: name,
+        state: tx,
+        task: Mutex::new(None),
+    });
+    let progress: Progress = {
+        let job = job.clone();
+        Arc::new(move |n| {
+            job.state.send_if_modified(|s| match s {
+                JobState::Running { progress } => {
+                    *progress = n;
+                    true
+                }
+                _ => false,
+            });
+        })
+    };
+    let service = st.service.clone();
+    let runner = job.clone();
+    let task = tokio::spawn(async move {
+        let end = match service.run(op, progress).await {
+            Ok(r) => JobState::Done { reply: Box::new(r) },
+            Err(error) => JobState::Failed { error },
+        };
+        runner.state.send_if_modified(|s| {
+            // A cancel that raced the end keeps its word.
+            if s.finished() {
+                return false;
+            }
+            *s = end;
+            true
+        });
+    });
+    *cairn_engine::sync::lock(&job.task) = Some(task.abort_handle());
+    st.jobs.add(job.clone());
+    Ok((StatusCode::ACCEPTED, Json(job.info())))
+}
+
+/// Every job still kept, oldest first.
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
+    responses((status = 200, body = [JobInfo]), (status = "default", body = OpError)))]
+pub async fn list(State(st): State<AppState>) -> Json<Vec<JobInfo>> {
+    let m = cairn_engine::sync::lock(&st.jobs.map);
+    Json(m.values().map(|j| j.info()).collect())
+}
+
+/// One job.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
+    params(("id" = u64, Path, description = "Job id")),
+    responses((status = 200, body = JobInfo), (status = "default", body = OpError)))]
+pub async fn info(
+    State(st): State<AppState>,
+    Path(id): Path<u64>,
+) -> Result<Json<JobInfo>, ApiError> {
+    Ok(Json(st.jobs.get(id)?.info()))
+}
+
+/// Cancels a running job (a finished one stays as it ended).
+#[utoipa::path(delete, path = "/api/v1/jobs/{id}", tag = "jobs",
+    params(("id" = u64, Path, description = "Job id")),
+    responses((status = 200, body = JobInfo), (status = "default", body = OpError)))]
+pub async fn cancel(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<u64>,
+) -> Result<Json<JobInfo>, ApiError> {
+    caller.may_write("cancel a job")?;
+    let job = st.jobs.get(id)?;
+    let cancelled = job.state.send_if_modified(|s| {
+        if s.finished() {
+            return false;
+        }
+        *s = JobState::Cancelled;
+        true
+    });
+    if cancelled {
+        if let Some(t) = cairn_engine::sync::lock(&job.task).take() {
+            t.abort();
+        }
+    }
+    Ok(Json(job.info()))
+}
+
+/// The job's state now and at every change, as server-sent events named after the state
+/// (`running`, `done`, `failed`, `cancelled`; data: the job's JSON); ends when it finishes.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = u64, Path, description = "Job id")),
+    responses((status = 200, content_type = "text/event-stream", body = String,
+        description = "One event per change of the job's state, data the job's JSON"),
+        (status = "default", body = OpError)))]
+pub async fn events(
+    State(st): State<AppState>,
+    Path(id): Path<u64>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let job = st.jobs.get(id)?;
+    let rx = job.state.subscribe();
+    // (receiver, job, first event still to send, finished)
+    let stream = futures_util::stream::unfold(
+        (rx, job, true, false),
+        |(mut rx, job, first, done)| async move {
+            if done {
+                return None;
+            }
+            // Progress closer together than a tenth of a second is folded into the next event.
+            if !first && rx.changed().await.is_err() {
+                return None;
+            }
+            let info = {
+                let s = rx.borrow_and_update();
+                JobInfo {
+                    id: job.id,
+                    op: job.op.clone(),
+                    status: s.clone(),
+                }
+            };
+            if !info.status.finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            let finished = info.status.finished();
+            let ev = SseEvent::default()
+                .event(info.status.name())
+                .data(serde_json::to_string(&info).unwrap_or_default());
+            Some((Ok(ev), (rx, job, false, finished)))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
