@@ -9,6 +9,8 @@ use axum::Router;
 
 const INDEX: &str = include_str!("../ui/index.html");
 const APP_JS: &str = include_str!("../ui/app.js");
+const TARGET_JS: &str = include_str!("../ui/target.js");
+const STORE_JS: &str = include_str!("../ui/store.js");
 const APP_CSS: &str = include_str!("../ui/app.css");
 
 /// A strict policy: only this origin's script, style and API; no inline script, no framing.
@@ -26,7 +28,7 @@ fn asset(body: &'static str, kind: &'static str) -> impl IntoResponse {
     )
 }
 
-/// `/`, `/app.js`, `/app.css`.
+/// `/` and its script and style files.
 pub fn routes() -> Router {
     Router::new()
         .route(
@@ -36,6 +38,14 @@ pub fn routes() -> Router {
         .route(
             "/app.js",
             get(|| async { asset(APP_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/target.js",
+            get(|| async { asset(TARGET_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/store.js",
+            get(|| async { asset(STORE_JS, "text/javascript; charset=utf-8") }),
         )
         .route(
             "/app.css",

@@ -124,16 +124,15 @@ fn unknown(name: &str) -> OpError {
     )
 }
 
-/// What `spec` opens: a registered name, else a path or URL, else the store's default.
+/// What `spec` opens: a registered name, else a path or URL, else the store's default. Without
+/// a passphrase in `spec`, a registered repository's recorded key file gives it (so the web UI
+/// and API clients need not send one).
 pub fn access(store: &Path, spec: &RepoSpec) -> Result<Access, OpError> {
     let reg = load(store)?;
-    let location = match spec.repo.as_deref() {
-        Some(given) => match reg.repos.iter().find(|e| e.name == given) {
-            Some(e) => e.location.clone(),
-            None => Location::parse(given, spec.s3_endpoint.as_deref(), &spec.cwd)?,
-        },
+    let entry = match spec.repo.as_deref() {
+        Some(given) => reg.repos.iter().find(|e| e.name == given),
         None => match reg.repos.iter().find(|e| e.default) {
-            Some(e) => e.location.clone(),
+            Some(e) => Some(e),
             None => {
                 return Err(OpError::new(
                     ErrorKind::Invalid,
@@ -142,9 +141,29 @@ pub fn access(store: &Path, spec: &RepoSpec) -> Result<Access, OpError> {
             }
         },
     };
+    let location = match entry {
+        Some(e) => e.location.clone(),
+        None => Location::parse(
+            spec.repo.as_deref().unwrap_or_default(),
+            spec.s3_endpoint.as_deref(),
+            &spec.cwd,
+        )?,
+    };
+    let passphrase = match (&spec.passphrase, entry.and_then(|e| e.key_file.as_ref())) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).map_err(|e| {
+                crate::files::io_err("reading the repository's recorded key file", f, e)
+            })?;
+            Some(cairn_backup::Secret(
+                text.lines().next().unwrap_or_default().to_string(),
+            ))
+        }
+        (None, None) => None,
+    };
     Ok(Access {
         location,
-        passphrase: spec.passphrase.clone(),
+        passphrase,
         s3: spec.s3.clone(),
     })
 }
