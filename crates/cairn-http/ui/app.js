@@ -334,6 +334,7 @@ document.addEventListener('DOMContentLoaded', () => {
   document.getElementById('logout').onclick = () => signOut('');
   document.getElementById('refresh').onclick = () => Cairn.refresh();
   document.getElementById('new-vm').onclick = () => Cairn.pages.newVm();
+  document.getElementById('new-volume').onclick = () => Cairn.pages.newVolume();
   for (const b of document.querySelectorAll('nav [data-page]')) {
     b.onclick = () => Cairn.open('page', b.dataset.page);
   }

@@ -152,6 +152,19 @@
     });
   };
 
+  // ---- a new volume ----
+  Cairn.pages.newVolume = async function () {
+    const name = Cairn.field('Name', { type: 'text', required: true });
+    const size = Cairn.field('Size (e.g. 64M, 10G)', { type: 'text', required: true });
+    await Cairn.dialog('New volume', [name.node, size.node], 'Create', async () => {
+      const bytesWanted = Cairn.parseSize(size.input.value);
+      if (!bytesWanted) throw new Error('size: give a size such as 64M or 10G');
+      await api('POST', '/volumes', { name: name.input.value.trim(), size: bytesWanted });
+      say('Created volume ' + name.input.value.trim());
+    });
+    await Cairn.loadTargets();
+  };
+
   // ---- a new VM ----
   Cairn.pages.newVm = async function () {
     const name = Cairn.field('Name', { type: 'text', required: true });

@@ -174,17 +174,17 @@
           row.append(el('span', { className: 'marker' }, '▶'), el('strong', {}, 'now'), el('span', { className: 'muted' }, ' current state'));
           return row;
         }
-        const toggle = el('button', { type: 'button', className: 'toggle', 'aria-label': (state.collapsed.has(c.name) ? 'Expand ' : 'Collapse ') + c.name, hidden: !r.children, tabIndex: -1,
+        const toggle = el('button', { type: 'button', className: 'toggle' + (r.children ? '' : ' leaf'), 'aria-label': (state.collapsed.has(c.name) ? 'Expand ' : 'Collapse ') + c.name, 'aria-hidden': !r.children, tabIndex: -1,
           onclick: (ev) => { ev.stopPropagation(); state.collapsed.has(c.name) ? state.collapsed.delete(c.name) : state.collapsed.add(c.name); render(); } }, state.collapsed.has(c.name) ? '▸' : '▾');
         const box = el('input', { type: 'checkbox', checked: state.selected.has(c.name), tabIndex: -1, 'aria-label': 'Select ' + c.name,
           onclick: (ev) => { ev.stopPropagation(); ev.target.checked ? state.selected.add(c.name) : state.selected.delete(c.name); selectionInfo(); } });
-        row.append(toggle, box,
+        row.append(...[toggle, box,
           el('span', { className: 'cp-name' }, c.name),
           el('span', { className: 'badge' }, kindOf(c, isVm)),
           c.pinned ? el('span', { className: 'badge pin' }, 'pinned') : null,
           c.automatic ? el('span', { className: 'badge' }, 'auto') : null,
           el('span', { className: 'muted' }, time(c.created_ms)),
-          c.description ? el('span', { className: 'desc' }, c.description) : null);
+          c.description ? el('span', { className: 'desc' }, c.description) : null].filter(Boolean));
         row.onclick = () => { state.current = c.name; viewport.setAttribute('aria-activedescendant', row.id); paint(); toolbar(); };
         return row;
       }

@@ -1,0 +1,312 @@
+//! The web UI end to end in a real Chromium (Debian's, driven through chromedriver): sign in
+//! with a token, make a volume and a VM on the test guest, start it, take a standard checkpoint
+//! with a description full of markup, apply it (the guest's counter goes back), delete a
+//! checkpoint and watch the space chart change. Screenshots land in target/web-artifacts/.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::guest::{disk_counter, first_counter_after, guest, APPEND};
+use common::{env, kill_left_vms, ok, Daemon, Env};
+use fantoccini::{Client, ClientBuilder, Locator};
+
+/// What a checkpoint description may hold: it must show as typed, never as markup.
+const MARKUP: &str = "<img src=x onerror=\"document.title='pwned'\"><b>bold</b> & 'quotes'";
+
+struct Browser {
+    driver: Child,
+    port: u16,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn chromedriver() -> Browser {
+    let port = free_port();
+    let driver = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver (scripts/setup-tests.sh installs chromium-driver)");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Browser {
+        driver,
+        port,
+        _profile: tempfile::tempdir().expect("profile"),
+    }
+}
+
+async fn open_browser(b: &Browser) -> Client {
+    let mut caps = serde_json::Map::new();
+    // The flags keep Chromium off the network this machine does not have (background
+    // fetches, component updates, sync) and make it run headless as root.
+    let args = vec![
+        "--headless=new".to_string(),
+        "--no-sandbox".into(),
+        "--disable-gpu".into(),
+        "--disable-dev-shm-usage".into(),
+        "--disable-background-networking".into(),
+        "--disable-component-update".into(),
+        "--disable-sync".into(),
+        "--disable-quic".into(),
+        "--no-first-run".into(),
+        "--window-size=1400,900".into(),
+        format!("--user-data-dir={}", b._profile.path().display()),
+    ];
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({ "binary": "/usr/bin/chromium", "args": args }),
+    );
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", b.port))
+        .await
+        .expect("WebDriver session")
+}
+
+fn artifacts() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/web-artifacts");
+    std::fs::create_dir_all(&d).expect("artifacts dir");
+    d
+}
+
+async fn shot(c: &Client, name: &str) {
+    let png = c.screenshot().await.expect("screenshot");
+    std::fs::write(artifacts().join(format!("{name}.png")), png).expect("save screenshot");
+}
+
+/// The daemon's HTTP address, from its log line.
+fn http_url(d: &Daemon) -> String {
+    let t = Instant::now();
+    loop {
+        let log = d.log();
+        if let Some(l) = log.lines().find(|l| l.contains("HTTP API and web UI on ")) {
+            let url = l.split("on ").nth(1).unwrap_or("").split(' ').next().unwrap_or("");
+            return url.trim_end_matches('/').to_string();
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no HTTP line: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn wait_css(c: &Client, css: &str) -> fantoccini::elements::Element {
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css} never appeared: {e}"))
+}
+
+/// Clicks the enabled button labelled `text` under `scope`, finding it again if the page redrew
+/// it between finding and clicking.
+async fn press(c: &Client, scope: &str, text: &str) {
+    let xp = format!("{scope}//button[normalize-space(text())='{text}' and not(@disabled)]");
+    let t = Instant::now();
+    loop {
+        let found = c
+            .wait()
+            .at_most(Duration::from_secs(30))
+            .for_element(Locator::XPath(&xp))
+            .await
+            .unwrap_or_else(|e| panic!("no button '{text}': {e}"));
+        match found.click().await {
+            Ok(()) => return,
+            Err(e) if t.elapsed() < Duration::from_secs(10) => {
+                eprintln!("clicking '{text}' again: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot click '{text}': {e}"),
+        }
+    }
+}
+
+/// Fills the open dialog's field labelled `label`.
+async fn fill(c: &Client, label: &str, value: &str) {
+    let xp = format!("//dialog[@open]//label[normalize-space(text())='{label}']/following-sibling::*[1]");
+    let f = c.find(Locator::XPath(&xp)).await.unwrap_or_else(|e| panic!("field {label}: {e}"));
+    f.clear().await.expect("clear");
+    f.send_keys(value).await.expect("type");
+}
+
+/// Confirms the open dialog and waits for it to close.
+async fn confirm(c: &Client) {
+    c.find(Locator::Id("dialog-ok")).await.expect("ok").click().await.expect("click ok");
+    let t = Instant::now();
+    while c.find(Locator::Css("dialog[open]")).await.is_ok() {
+        let err = match c.find(Locator::Id("dialog-error")).await {
+            Ok(e) => e.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        assert!(err.is_empty(), "the dialog refused: {err}");
+        assert!(t.elapsed() < Duration::from_secs(120), "the dialog never closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn open_tab(c: &Client, id: &str) {
+    c.find(Locator::Id(id)).await.expect("tab").click().await.expect("click tab");
+}
+
+/// The names of the bars in the space chart, once it is drawn.
+async fn chart(c: &Client) -> Vec<String> {
+    open_tab(c, "tab-space").await;
+    wait_css(c, ".chart .bar-row").await;
+    let mut names = Vec::new();
+    for r in c.find_all(Locator::Css(".chart .bar-row")).await.expect("rows") {
+        names.push(r.attr("data-name").await.ok().flatten().unwrap_or_default());
+    }
+    names
+}
+
+fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(f).join().expect("helper thread")
+}
+
+#[test]
+fn the_ui_runs_a_vm_through_checkpoint_apply_and_delete() {
+    let mut e = env();
+    e.daemon = Some(Daemon::start_with(&e, &["--http", "0"]));
+    let url = http_url(e.daemon.as_ref().expect("daemon"));
+    let token = ok(&e, &["token", "create", "ui-test"]).trim().to_string();
+    let browser = chromedriver();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let e = std::sync::Arc::new(e);
+    rt.block_on(drive(e.clone(), &browser, &url, &token));
+    kill_left_vms(&e.store);
+}
+
+async fn drive(e: std::sync::Arc<Env>, browser: &Browser, url: &str, token: &str) {
+    let c = open_browser(browser).await;
+    c.goto(&format!("{url}/")).await.expect("open the UI");
+    wait_css(&c, "#token").await.send_keys(token).await.expect("token");
+    press(&c, "//form[@id='login-form']", "Sign in").await;
+    wait_css(&c, "#new-volume").await;
+    shot(&c, "01-signed-in").await;
+
+    // A volume and a VM on the test guest, made in the UI.
+    c.find(Locator::Id("new-volume")).await.expect("new volume").click().await.expect("click");
+    fill(&c, "Name", "web-disk").await;
+    fill(&c, "Size (e.g. 64M, 10G)", "64M").await;
+    confirm(&c).await;
+    let (kernel, initrd) = guest();
+    c.find(Locator::Id("new-vm")).await.expect("new vm").click().await.expect("click");
+    fill(&c, "Name", "web").await;
+    fill(&c, "Disks (existing volumes, comma-separated)", "web-disk").await;
+    fill(&c, "Kernel (path on the host)", &kernel.display().to_string()).await;
+    fill(&c, "Initramfs (path on the host)", &initrd.display().to_string()).await;
+    fill(&c, "Kernel command line", APPEND).await;
+    confirm(&c).await;
+    wait_css(&c, "button.target[data-name='web']").await.click().await.expect("open VM");
+    press(&c, "//div[@class='buttons']", "Start").await;
+    // The guest counts on its console; the UI's console tab shows it.
+    open_tab(&c, "tab-console").await;
+    let t = Instant::now();
+    loop {
+        let text = wait_css(&c, "pre.console").await.text().await.unwrap_or_default();
+        if text.matches("cairn-counter").count() >= 3 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "the console never showed the counter: {text}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    shot(&c, "02-console").await;
+
+    // A standard checkpoint, described with markup.
+    open_tab(&c, "tab-checkpoints").await;
+    press(&c, "//div[@class='tab-body']", "Create").await;
+    fill(&c, "Name (a timestamp when empty)", "before").await;
+    fill(&c, "Description", MARKUP).await;
+    confirm(&c).await;
+    let row = wait_css(&c, ".row[data-name='before']").await;
+    let desc = row.find(Locator::Css(".desc")).await.expect("description").text().await.expect("text");
+    assert_eq!(desc, MARKUP, "the description is not shown as typed");
+    assert!(row.find(Locator::Css("b, img")).await.is_err(), "markup in a description became elements");
+    assert_ne!(c.title().await.expect("title"), "pwned");
+    let kind = row.find(Locator::Css(".badge")).await.expect("kind").text().await.expect("text");
+    assert_eq!(kind, "standard");
+    shot(&c, "03-checkpoint").await;
+
+    // Let the guest count on, then apply: it goes back to the checkpoint's count.
+    let e2 = e.clone();
+    let at_checkpoint = blocking(move || disk_counter(&e2, "web-disk@before"));
+    let t = Instant::now();
+    loop {
+        let e2 = e.clone();
+        if blocking(move || disk_counter(&e2, "web-disk")) >= at_checkpoint + 4 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the guest stopped counting");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let e2 = e.clone();
+    let counted = blocking(move || disk_counter(&e2, "web-disk"));
+    row.click().await.expect("pick the checkpoint");
+    press(&c, "//div[@class='tab-body']", "Apply").await;
+    let warning = wait_css(&c, "dialog[open] #dialog-body p").await.text().await.expect("text");
+    assert!(warning.contains("replaces the current state"), "{warning}");
+    shot(&c, "04-apply-dialog").await;
+    confirm(&c).await;
+    // The dialog closes once the apply returned; what the guest prints from here on is the
+    // resumed guest's.
+    let e2 = e.clone();
+    let before_len = blocking(move || ok(&e2, &["vm", "console", "web"]).len());
+    let e2 = e.clone();
+    let resumed = blocking(move || first_counter_after(&e2, "web", before_len));
+    assert!(
+        resumed >= at_checkpoint && resumed < counted,
+        "after the apply the guest counted {resumed} (checkpoint {at_checkpoint}, before the apply {counted})"
+    );
+    shot(&c, "05-applied").await;
+
+    // A second checkpoint, then delete it: its bar leaves the space chart.
+    press(&c, "//div[@class='tab-body']", "Create").await;
+    fill(&c, "Name (a timestamp when empty)", "later").await;
+    confirm(&c).await;
+    wait_css(&c, ".row[data-name='later']").await;
+    let bars = chart(&c).await;
+    assert!(bars.contains(&"later".to_string()) && bars.contains(&"before".to_string()), "{bars:?}");
+    shot(&c, "06-space-before-delete").await;
+    open_tab(&c, "tab-checkpoints").await;
+    wait_css(&c, ".row[data-name='later']").await.click().await.expect("pick");
+    press(&c, "//div[@class='tab-body']", "Delete").await;
+    let frees = wait_css(&c, "dialog[open] #dialog-body p").await.text().await.expect("text");
+    assert!(frees.contains("frees") && frees.contains("(exact)"), "{frees}");
+    confirm(&c).await;
+    let t = Instant::now();
+    while c.find(Locator::Css(".row[data-name='later']")).await.is_ok() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the deleted row stayed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = chart(&c).await;
+    assert!(!after.contains(&"later".to_string()), "{after:?}");
+    assert_eq!(after.len() + 1, bars.len(), "before {bars:?}, after {after:?}");
+    shot(&c, "07-space-after-delete").await;
+    let e2 = e.clone();
+    let names = blocking(move || common::checkpoint_names(&e2, "web"));
+    assert!(names.contains(&"before".to_string()) && !names.contains(&"later".to_string()), "{names:?}");
+    let _ = c.close().await;
+}
