@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real peers the tests and benchmarks run against, idempotently (quick when they are
-# present): NBD clients, fio, the fuzzer, an S3 server, and the backup tools the backup benchmark
-# compares with (the VM runtime and its test guest come with scripts/setup.sh).
+# present): NBD clients, fio, the fuzzers, an S3 server, the backup tools the backup benchmark
+# compares with, and the browser of the web UI test (the VM runtime and its test guest come with
+# scripts/setup.sh).
 set -euo pipefail
 # shellcheck source=scripts/apt.sh
 . "$(dirname "$0")/apt.sh"
@@ -20,7 +21,16 @@ command -v fio >/dev/null 2>&1 || need_apt+=(fio)
 # restic and borg: the backup benchmark's peers.
 command -v restic >/dev/null 2>&1 || need_apt+=(restic)
 command -v borg >/dev/null 2>&1 || need_apt+=(borgbackup)
+# Chromium and its WebDriver: the web UI's end-to-end test drives a real browser.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 apt_install ${need_apt[@]+"${need_apt[@]}"}
+# schemathesis: fuzzes the HTTP API from its OpenAPI document (scripts/fuzz-api.sh).
+if ! st --version 2>/dev/null | grep -q "4.32.5"; then
+    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "schemathesis==4.32.5"
+    # pyenv puts new commands on PATH through its shims.
+    if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+fi
 export PATH="$HOME/.cargo/bin:$PATH"
 # Fuzzing the decoders needs nightly and cargo-fuzz.
 rustup run nightly rustc --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal

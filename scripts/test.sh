@@ -13,7 +13,9 @@ cargo build --release -q -p cairn-cli
 ./target/release/cairn bench --backup --quick
 ./target/release/cairn bench --backup-large --quick
 ./target/release/cairn bench --lifecycle --quick
+./target/release/cairn bench --api --quick
 ./scripts/fuzz.sh
+./scripts/fuzz-api.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"

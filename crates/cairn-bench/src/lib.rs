@@ -4,7 +4,8 @@
 //! with fio, and import against `qemu-img convert`; [`vm`] standard checkpoints of a running
 //! test guest; [`backup`] backups against restic and borg; [`backup_large`] backups of a large
 //! volume: their memory, and the I/O latency the volume's user sees meanwhile; [`lifecycle`] the
-//! scheduler, pruning and group checkpoints. The `cairn bench` command parses its flags and
+//! scheduler, pruning and group checkpoints; [`api`] the HTTP API and the web UI's first paint
+//! with 10,000 checkpoints. The `cairn bench` command parses its flags and
 //! prints what these return.
 
 use std::path::{Path, PathBuf};
@@ -13,9 +14,11 @@ use anyhow::{bail, Context, Result};
 use cairn_engine::Options;
 use std::process::Command;
 
+pub mod api;
 pub mod backup;
 pub mod backup_large;
 pub mod engine;
+mod http;
 pub mod lifecycle;
 pub mod nbd;
 pub mod vm;
@@ -49,6 +52,8 @@ pub enum Bench {
     BackupLarge,
     /// The lifecycle: scheduler idle, pruning many checkpoints, group checkpoint pauses.
     Lifecycle,
+    /// The HTTP API's reading calls and the web UI's first paint with 10,000 checkpoints.
+    Api,
 }
 
 /// Runs `bench` in a scratch directory removed afterwards; returns its Markdown report.
@@ -68,6 +73,7 @@ pub fn run(bench: Bench, settings: &Settings) -> Result<String> {
         Bench::Backup => backup::run(&tmp.path, settings.quick, &settings.options),
         Bench::BackupLarge => backup_large::run(&tmp.path, settings.quick, &settings.options),
         Bench::Lifecycle => lifecycle::run(&tmp.path, settings.quick),
+        Bench::Api => api::run(&tmp.path, settings),
     }
 }
 

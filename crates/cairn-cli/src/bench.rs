@@ -37,12 +37,17 @@ pub struct BenchArgs {
     /// pruning 1,000 checkpoints, and group checkpoints of 4 running test guests against one.
     #[arg(long, conflicts_with_all = ["nbd", "vm", "backup", "backup_large"])]
     pub lifecycle: bool,
+    /// Benchmark the HTTP API's reading calls (p50/p99) and the web UI's first paint in
+    /// Chromium, with 10,000 checkpoints on one volume.
+    #[arg(long, conflicts_with_all = ["nbd", "vm", "backup", "backup_large", "lifecycle"])]
+    pub api: bool,
 }
 
 /// Runs the benchmark and prints its report (Markdown, or `{"report": ...}` with `--json`).
 pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     let which = match (args.nbd, args.vm, args.backup, args.backup_large) {
         _ if args.lifecycle => cairn_bench::Bench::Lifecycle,
+        _ if args.api => cairn_bench::Bench::Api,
         (true, ..) => cairn_bench::Bench::Nbd,
         (_, true, ..) => cairn_bench::Bench::Vm,
         (_, _, true, _) => cairn_bench::Bench::Backup,

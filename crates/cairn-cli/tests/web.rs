@@ -46,7 +46,10 @@ fn chromedriver() -> Browser {
         .expect("chromedriver (scripts/setup-tests.sh installs chromium-driver)");
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "chromedriver did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Browser {
@@ -102,7 +105,13 @@ fn http_url(d: &Daemon) -> String {
     loop {
         let log = d.log();
         if let Some(l) = log.lines().find(|l| l.contains("HTTP API and web UI on ")) {
-            let url = l.split("on ").nth(1).unwrap_or("").split(' ').next().unwrap_or("");
+            let url = l
+                .split("on ")
+                .nth(1)
+                .unwrap_or("")
+                .split(' ')
+                .next()
+                .unwrap_or("");
             return url.trim_end_matches('/').to_string();
         }
         assert!(t.elapsed() < Duration::from_secs(10), "no HTTP line: {log}");
@@ -143,15 +152,25 @@ async fn press(c: &Client, scope: &str, text: &str) {
 
 /// Fills the open dialog's field labelled `label`.
 async fn fill(c: &Client, label: &str, value: &str) {
-    let xp = format!("//dialog[@open]//label[normalize-space(text())='{label}']/following-sibling::*[1]");
-    let f = c.find(Locator::XPath(&xp)).await.unwrap_or_else(|e| panic!("field {label}: {e}"));
+    let xp = format!(
+        "//dialog[@open]//label[normalize-space(text())='{label}']/following-sibling::*[1]"
+    );
+    let f = c
+        .find(Locator::XPath(&xp))
+        .await
+        .unwrap_or_else(|e| panic!("field {label}: {e}"));
     f.clear().await.expect("clear");
     f.send_keys(value).await.expect("type");
 }
 
 /// Confirms the open dialog and waits for it to close.
 async fn confirm(c: &Client) {
-    c.find(Locator::Id("dialog-ok")).await.expect("ok").click().await.expect("click ok");
+    c.find(Locator::Id("dialog-ok"))
+        .await
+        .expect("ok")
+        .click()
+        .await
+        .expect("click ok");
     let t = Instant::now();
     while c.find(Locator::Css("dialog[open]")).await.is_ok() {
         let err = match c.find(Locator::Id("dialog-error")).await {
@@ -159,13 +178,21 @@ async fn confirm(c: &Client) {
             Err(_) => String::new(),
         };
         assert!(err.is_empty(), "the dialog refused: {err}");
-        assert!(t.elapsed() < Duration::from_secs(120), "the dialog never closed");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the dialog never closed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 async fn open_tab(c: &Client, id: &str) {
-    c.find(Locator::Id(id)).await.expect("tab").click().await.expect("click tab");
+    c.find(Locator::Id(id))
+        .await
+        .expect("tab")
+        .click()
+        .await
+        .expect("click tab");
 }
 
 /// The names of the bars in the space chart, once it is drawn.
@@ -173,7 +200,11 @@ async fn chart(c: &Client) -> Vec<String> {
     open_tab(c, "tab-space").await;
     wait_css(c, ".chart .bar-row").await;
     let mut names = Vec::new();
-    for r in c.find_all(Locator::Css(".chart .bar-row")).await.expect("rows") {
+    for r in c
+        .find_all(Locator::Css(".chart .bar-row"))
+        .await
+        .expect("rows")
+    {
         names.push(r.attr("data-name").await.ok().flatten().unwrap_or_default());
     }
     names
@@ -202,35 +233,70 @@ fn the_ui_runs_a_vm_through_checkpoint_apply_and_delete() {
 async fn drive(e: std::sync::Arc<Env>, browser: &Browser, url: &str, token: &str) {
     let c = open_browser(browser).await;
     c.goto(&format!("{url}/")).await.expect("open the UI");
-    wait_css(&c, "#token").await.send_keys(token).await.expect("token");
+    wait_css(&c, "#token")
+        .await
+        .send_keys(token)
+        .await
+        .expect("token");
     press(&c, "//form[@id='login-form']", "Sign in").await;
     wait_css(&c, "#new-volume").await;
     shot(&c, "01-signed-in").await;
 
     // A volume and a VM on the test guest, made in the UI.
-    c.find(Locator::Id("new-volume")).await.expect("new volume").click().await.expect("click");
+    c.find(Locator::Id("new-volume"))
+        .await
+        .expect("new volume")
+        .click()
+        .await
+        .expect("click");
     fill(&c, "Name", "web-disk").await;
     fill(&c, "Size (e.g. 64M, 10G)", "64M").await;
     confirm(&c).await;
     let (kernel, initrd) = guest();
-    c.find(Locator::Id("new-vm")).await.expect("new vm").click().await.expect("click");
+    c.find(Locator::Id("new-vm"))
+        .await
+        .expect("new vm")
+        .click()
+        .await
+        .expect("click");
     fill(&c, "Name", "web").await;
     fill(&c, "Disks (existing volumes, comma-separated)", "web-disk").await;
-    fill(&c, "Kernel (path on the host)", &kernel.display().to_string()).await;
-    fill(&c, "Initramfs (path on the host)", &initrd.display().to_string()).await;
+    fill(
+        &c,
+        "Kernel (path on the host)",
+        &kernel.display().to_string(),
+    )
+    .await;
+    fill(
+        &c,
+        "Initramfs (path on the host)",
+        &initrd.display().to_string(),
+    )
+    .await;
     fill(&c, "Kernel command line", APPEND).await;
     confirm(&c).await;
-    wait_css(&c, "button.target[data-name='web']").await.click().await.expect("open VM");
+    wait_css(&c, "button.target[data-name='web']")
+        .await
+        .click()
+        .await
+        .expect("open VM");
     press(&c, "//div[@class='buttons']", "Start").await;
     // The guest counts on its console; the UI's console tab shows it.
     open_tab(&c, "tab-console").await;
     let t = Instant::now();
     loop {
-        let text = wait_css(&c, "pre.console").await.text().await.unwrap_or_default();
+        let text = wait_css(&c, "pre.console")
+            .await
+            .text()
+            .await
+            .unwrap_or_default();
         if text.matches("cairn-counter").count() >= 3 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(90), "the console never showed the counter: {text}");
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "the console never showed the counter: {text}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     shot(&c, "02-console").await;
@@ -242,11 +308,26 @@ async fn drive(e: std::sync::Arc<Env>, browser: &Browser, url: &str, token: &str
     fill(&c, "Description", MARKUP).await;
     confirm(&c).await;
     let row = wait_css(&c, ".row[data-name='before']").await;
-    let desc = row.find(Locator::Css(".desc")).await.expect("description").text().await.expect("text");
+    let desc = row
+        .find(Locator::Css(".desc"))
+        .await
+        .expect("description")
+        .text()
+        .await
+        .expect("text");
     assert_eq!(desc, MARKUP, "the description is not shown as typed");
-    assert!(row.find(Locator::Css("b, img")).await.is_err(), "markup in a description became elements");
+    assert!(
+        row.find(Locator::Css("b, img")).await.is_err(),
+        "markup in a description became elements"
+    );
     assert_ne!(c.title().await.expect("title"), "pwned");
-    let kind = row.find(Locator::Css(".badge")).await.expect("kind").text().await.expect("text");
+    let kind = row
+        .find(Locator::Css(".badge"))
+        .await
+        .expect("kind")
+        .text()
+        .await
+        .expect("text");
     assert_eq!(kind, "standard");
     shot(&c, "03-checkpoint").await;
 
@@ -259,14 +340,21 @@ async fn drive(e: std::sync::Arc<Env>, browser: &Browser, url: &str, token: &str
         if blocking(move || disk_counter(&e2, "web-disk")) >= at_checkpoint + 4 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "the guest stopped counting");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the guest stopped counting"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let e2 = e.clone();
     let counted = blocking(move || disk_counter(&e2, "web-disk"));
     row.click().await.expect("pick the checkpoint");
     press(&c, "//div[@class='tab-body']", "Apply").await;
-    let warning = wait_css(&c, "dialog[open] #dialog-body p").await.text().await.expect("text");
+    let warning = wait_css(&c, "dialog[open] #dialog-body p")
+        .await
+        .text()
+        .await
+        .expect("text");
     assert!(warning.contains("replaces the current state"), "{warning}");
     shot(&c, "04-apply-dialog").await;
     confirm(&c).await;
@@ -288,25 +376,134 @@ async fn drive(e: std::sync::Arc<Env>, browser: &Browser, url: &str, token: &str
     confirm(&c).await;
     wait_css(&c, ".row[data-name='later']").await;
     let bars = chart(&c).await;
-    assert!(bars.contains(&"later".to_string()) && bars.contains(&"before".to_string()), "{bars:?}");
+    assert!(
+        bars.contains(&"later".to_string()) && bars.contains(&"before".to_string()),
+        "{bars:?}"
+    );
     shot(&c, "06-space-before-delete").await;
     open_tab(&c, "tab-checkpoints").await;
-    wait_css(&c, ".row[data-name='later']").await.click().await.expect("pick");
+    wait_css(&c, ".row[data-name='later']")
+        .await
+        .click()
+        .await
+        .expect("pick");
     press(&c, "//div[@class='tab-body']", "Delete").await;
-    let frees = wait_css(&c, "dialog[open] #dialog-body p").await.text().await.expect("text");
-    assert!(frees.contains("frees") && frees.contains("(exact)"), "{frees}");
+    let frees = wait_css(&c, "dialog[open] #dialog-body p")
+        .await
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        frees.contains("frees") && frees.contains("(exact)"),
+        "{frees}"
+    );
     confirm(&c).await;
     let t = Instant::now();
-    while c.find(Locator::Css(".row[data-name='later']")).await.is_ok() {
-        assert!(t.elapsed() < Duration::from_secs(30), "the deleted row stayed");
+    while c
+        .find(Locator::Css(".row[data-name='later']"))
+        .await
+        .is_ok()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the deleted row stayed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let after = chart(&c).await;
     assert!(!after.contains(&"later".to_string()), "{after:?}");
-    assert_eq!(after.len() + 1, bars.len(), "before {bars:?}, after {after:?}");
+    assert_eq!(
+        after.len() + 1,
+        bars.len(),
+        "before {bars:?}, after {after:?}"
+    );
     shot(&c, "07-space-after-delete").await;
     let e2 = e.clone();
     let names = blocking(move || common::checkpoint_names(&e2, "web"));
-    assert!(names.contains(&"before".to_string()) && !names.contains(&"later".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"before".to_string()) && !names.contains(&"later".to_string()),
+        "{names:?}"
+    );
     let _ = c.close().await;
+}
+
+/// The port of the daemon's HTTP line (whatever address it names).
+fn http_port(d: &Daemon) -> u16 {
+    http_url(d)
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port in the HTTP line")
+}
+
+#[test]
+fn off_loopback_the_api_needs_tls_and_serves_https() {
+    let mut e = env();
+    // Plain HTTP on every interface is refused before anything is served.
+    let out = common::cairn(&e, &["serve", "--http", "0.0.0.0:0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tls-cert") && err.contains("in the clear"),
+        "{err}"
+    );
+
+    let (srv, cli) = common::make_certs(&e.work);
+    let cert = srv.join("server-cert.pem").display().to_string();
+    let key = srv.join("server-key.pem").display().to_string();
+    let d = Daemon::start_with(
+        &e,
+        &[
+            "--http",
+            "0.0.0.0:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    );
+    assert!(http_url(&d).starts_with("https://"), "{}", http_url(&d));
+    let port = http_port(&d);
+    e.daemon = Some(d);
+    let token = ok(&e, &["token", "create", "remote"]).trim().to_string();
+    let url = format!("https://127.0.0.1:{port}/api/v1/volumes");
+    let ca = cli.join("ca-cert.pem").display().to_string();
+    let auth = format!("Authorization: Bearer {token}");
+    let body = common::run(
+        "curl",
+        &["-sS", "--fail", "--cacert", &ca, "-H", &auth, &url],
+    );
+    assert_eq!(body.trim(), "[]");
+    // Plain HTTP to the TLS port gets nothing.
+    let plain = common::output(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-H",
+            &auth,
+            &format!("http://127.0.0.1:{port}/api/v1/volumes"),
+        ],
+    );
+    assert!(!plain.status.success(), "plain HTTP was answered");
+    // The UI's page comes over HTTPS too, with its content security policy.
+    let head = common::run(
+        "curl",
+        &[
+            "-sS",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--cacert",
+            &ca,
+            &format!("https://127.0.0.1:{port}/"),
+        ],
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
 }

@@ -1,7 +1,7 @@
 //! Who may call the API: every request under `/api/v1` carries `Authorization: Bearer SECRET`
 //! of a token the store's owner made (`cairn token create`); read-only tokens may only read;
-//! requests a browser sends from another origin are refused; an address that keeps failing is
-//! refused for a while. Failures are logged with the address and the reason, never the secret.
+//! requests a browser sends from another origin are refused; an address that keeps presenting
+//! wrong tokens is refused for a while. Failures are logged with the address and the reason, never the secret.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::listen::Peer;
 use crate::AppState;
 
-/// Failed attempts an address may make per window before it is refused.
+/// Wrong tokens an address may present per window before it is refused.
 pub const MAX_FAILURES: u32 = 10;
 /// The window failures are counted in, and how long an address is then refused.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
@@ -126,8 +126,8 @@ pub async fn check(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
+    // A missing token is a mistake, not a guess: it is refused but not counted.
     let Some(secret) = secret else {
-        st.limiter.failed(ip);
         warn!("http: {peer} {path}: no bearer token");
         return ApiError::new(
             ErrorKind::Auth,

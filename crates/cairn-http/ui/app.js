@@ -218,6 +218,9 @@ Cairn.pages = {}; // filled by target.js and store.js
 
 Cairn.open = function (kind, name) {
   Cairn.current = { kind, name };
+  // The address names the page, so it can be bookmarked and reloaded.
+  const hash = '#' + kind + '/' + encodeURIComponent(name);
+  if (location.hash !== hash) history.replaceState(null, '', hash);
   for (const b of document.querySelectorAll('nav .target')) {
     const on = b.dataset.kind === kind && b.dataset.name === name;
     const pageOn = kind === 'page' && b.dataset.page === name;
@@ -319,6 +322,8 @@ async function signIn() {
   document.getElementById('refresh').hidden = false;
   document.getElementById('logout').hidden = false;
   await Cairn.loadTargets();
+  const m = /^#(vm|volume|page)\/(.+)$/.exec(location.hash);
+  if (m) Cairn.open(m[1], decodeURIComponent(m[2]));
 }
 
 document.addEventListener('DOMContentLoaded', () => {
