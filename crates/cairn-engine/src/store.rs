@@ -28,7 +28,7 @@ use crate::journal::Journal;
 use crate::meta::{block_runs, DropStep, Meta};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -87,7 +87,7 @@ struct State {
     dropped: BTreeMap<u64, DroppedTreeRecord>,
     // Fx, not SipHash: looked up on every read and write; names are few and validated.
     volume_ids: FxHashMap<String, u64>,
-    checkpoint_ids: HashMap<(u64, String), u64>,
+    checkpoint_ids: BTreeMap<(u64, String), u64>,
     dirty_records: BTreeSet<u64>,
     deleted_records: BTreeSet<u64>,
     /// When the oldest write not yet committed was linked (for commits by time).

@@ -110,7 +110,7 @@ impl Store {
             checkpoints: BTreeMap::new(),
             dropped: BTreeMap::new(),
             volume_ids: FxHashMap::default(),
-            checkpoint_ids: HashMap::new(),
+            checkpoint_ids: BTreeMap::new(),
             dirty_records: BTreeSet::new(),
             deleted_records: BTreeSet::new(),
             unflushed_since: None,

@@ -153,7 +153,11 @@ impl State {
                 .parent
                 .and_then(|p| self.checkpoints.get(&p))
                 .map(|c| c.name.clone()),
-            checkpoints: self.checkpoints.values().filter(|c| c.volume == id).count(),
+            // The names index is ordered by volume, so only this volume's checkpoints are counted.
+            checkpoints: self
+                .checkpoint_ids
+                .range((id, String::new())..(id + 1, String::new()))
+                .count(),
             created_ms: v.created_ms,
             origin: v.origin.clone(),
         })

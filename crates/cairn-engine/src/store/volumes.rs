@@ -187,11 +187,14 @@ impl Store {
         self.heal()?;
         let st = self.state();
         let vid = st.volume_id(volume)?;
-        st.checkpoints
-            .values()
-            .filter(|c| c.volume == vid)
-            .map(|c| st.checkpoint_info(c.id))
-            .collect()
+        // This volume's checkpoints from the ordered names index, oldest (lowest id) first.
+        let mut ids: Vec<u64> = st
+            .checkpoint_ids
+            .range((vid, String::new())..(vid + 1, String::new()))
+            .map(|(_, id)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids.into_iter().map(|id| st.checkpoint_info(id)).collect()
     }
 
     /// Makes a volume's head the state of one of its checkpoints; the head's own changes are dropped
