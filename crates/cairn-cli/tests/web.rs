@@ -507,3 +507,162 @@ fn off_loopback_the_api_needs_tls_and_serves_https() {
         "{head}"
     );
 }
+
+/// Creates `n` checkpoints of `volume` in a chain from inside the page (the API, one by one).
+async fn many_checkpoints(c: &Client, volume: &str, n: usize) {
+    let script = r#"
+        const [volume, n, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
+        (async () => {
+          const h = { Authorization: 'Bearer ' + sessionStorage.getItem('cairn-token'), 'Content-Type': 'application/json' };
+          for (let i = 0; i < n; i++) {
+            const name = 'c' + String(i).padStart(5, '0');
+            const r = await fetch('/api/v1/targets/' + volume + '/checkpoints', { method: 'POST', headers: h, body: JSON.stringify({ name }) });
+            if (!r.ok) return done('failed at ' + name + ': ' + (await r.text()));
+          }
+          done('ok');
+        })();"#;
+    c.update_timeouts(fantoccini::wd::TimeoutConfiguration::new(
+        Some(Duration::from_secs(300)),
+        Some(Duration::from_secs(300)),
+        Some(Duration::ZERO),
+    ))
+    .await
+    .expect("script timeout");
+    let r = c
+        .execute_async(
+            script,
+            vec![serde_json::json!(volume), serde_json::json!(n)],
+        )
+        .await
+        .expect("create checkpoints");
+    assert_eq!(r, serde_json::json!("ok"));
+}
+
+/// A tree row's indentation.
+async fn padding(c: &Client, name: &str) -> String {
+    let css = format!(".tree .row[data-name='{name}']");
+    wait_css(c, &css)
+        .await
+        .css_value("padding-left")
+        .await
+        .expect("padding")
+}
+
+#[test]
+fn the_ui_stays_usable_with_many_checkpoints_and_shows_policies_and_backups() {
+    let mut e = env();
+    e.daemon = Some(Daemon::start_with(&e, &["--http", "0"]));
+    let url = http_url(e.daemon.as_ref().expect("daemon"));
+    ok(&e, &["volume", "create", "big", "--size", "16M"]);
+    ok(
+        &e,
+        &[
+            "volume",
+            "write",
+            "big",
+            "--offset",
+            "0",
+            "--pattern",
+            "0x5a",
+            "--length",
+            "1M",
+        ],
+    );
+    ok(&e, &["checkpoint", "create", "big@base"]);
+    let repo = e.work.join("repo").display().to_string();
+    ok(&e, &["backup", "init", &repo, "--no-encryption"]);
+    ok(&e, &["backup", "repo", "add", "local", &repo]);
+    ok(&e, &["backup", "create", "big@base"]);
+    let token = ok(&e, &["token", "create", "ui-test"]).trim().to_string();
+    let browser = chromedriver();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let c = open_browser(&browser).await;
+        c.goto(&format!("{url}/")).await.expect("open the UI");
+        wait_css(&c, "#token").await.send_keys(&token).await.expect("token");
+        press(&c, "//form[@id='login-form']", "Sign in").await;
+        wait_css(&c, "#new-volume").await;
+        const N: usize = 1500;
+        many_checkpoints(&c, "big", N).await;
+
+        // The page by its address; the tree holds only the rows in view.
+        c.goto(&format!("{url}/#volume/big")).await.expect("open big");
+        wait_css(&c, ".tree .row[data-name='base']").await;
+        let in_dom = c.find_all(Locator::Css(".tree .row")).await.expect("rows").len();
+        assert!(in_dom < 100, "{in_dom} rows in the DOM for {N} checkpoints");
+        let first_pad = padding(&c, "base").await;
+        c.execute("const t = document.querySelector('.tree'); t.scrollTop = t.scrollHeight;", vec![])
+            .await
+            .expect("scroll");
+        let last = format!("c{:05}", N - 1);
+        // A chain stays in one column: the last checkpoint is not 1,500 steps to the right.
+        assert_eq!(padding(&c, &last).await, first_pad);
+        shot(&c, "11-many-checkpoints-bottom").await;
+        // Keyboard: the arrow keys move the current row.
+        wait_css(&c, &format!(".tree .row[data-name='{last}']")).await.click().await.expect("pick");
+        let tree = c.find(Locator::Css(".tree")).await.expect("tree");
+        tree.send_keys("\u{E013}").await.expect("arrow up");
+        let before = format!("c{:05}", N - 2);
+        wait_css(&c, &format!(".tree .row.current[data-name='{before}']")).await;
+
+        // A policy edited with the prune preview, then saved.
+        c.find(Locator::Css("nav [data-page='policies']")).await.expect("nav").click().await.expect("policies");
+        press(&c, "//section[@id='page']", "New policy…").await;
+        fill(&c, "VM, volume or \"default\"", "big").await;
+        fill(&c, "Keep last", "10").await;
+        c.find(Locator::XPath("//dialog[@open]//label[normalize-space(text())='Also prune checkpoints taken by name']/following-sibling::input"))
+            .await
+            .expect("checkbox")
+            .click()
+            .await
+            .expect("tick");
+        press(&c, "//dialog[@open]", "Preview what would be pruned").await;
+        let t = Instant::now();
+        let preview = loop {
+            let text = wait_css(&c, "dialog[open] .preview").await.text().await.unwrap_or_default();
+            if text.contains("would go") {
+                break text;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no preview: {text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let total = N + 1;
+        assert!(
+            preview.contains(&format!("{} of {total} checkpoints would go", total - 10)),
+            "{preview}"
+        );
+        shot(&c, "12-policy-preview").await;
+        confirm(&c).await;
+        let row = wait_css(&c, "#page table tbody tr").await.text().await.expect("text");
+        assert!(row.starts_with("big") && row.contains("last 10"), "{row}");
+        // Previewing deleted nothing.
+        let count = c
+            .execute("return fetch('/api/v1/volumes/big', {headers: {Authorization: 'Bearer ' + sessionStorage.getItem('cairn-token')}}).then(r => r.json()).then(v => v.checkpoints)", vec![])
+            .await
+            .expect("count");
+        assert_eq!(count, serde_json::json!(total));
+
+        // The backup, listed and verified from the UI.
+        c.find(Locator::Css("nav [data-page='backups']")).await.expect("nav").click().await.expect("backups");
+        press(&c, "//section[@id='page']", "List backups").await;
+        let row = wait_css(&c, "#page table tbody tr").await;
+        let text = row.text().await.expect("text");
+        assert!(text.contains("big@base"), "{text}");
+        press(&c, "//section[@id='page']//tbody", "Verify").await;
+        let t = Instant::now();
+        loop {
+            let s = c.find(Locator::Id("status")).await.expect("status").text().await.unwrap_or_default();
+            if s.starts_with("Verified 1 backup") {
+                break;
+            }
+            assert!(!s.contains("failed") && !s.contains("Damage"), "{s}");
+            assert!(t.elapsed() < Duration::from_secs(60), "no verify result: {s}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        shot(&c, "13-backups").await;
+        let _ = c.close().await;
+    });
+}

@@ -322,6 +322,11 @@ async function signIn() {
   document.getElementById('refresh').hidden = false;
   document.getElementById('logout').hidden = false;
   await Cairn.loadTargets();
+  openFromAddress();
+}
+
+// Opens the page the address names (#vm/NAME, #volume/NAME, #page/NAME), if any.
+function openFromAddress() {
   const m = /^#(vm|volume|page)\/(.+)$/.exec(location.hash);
   if (m) Cairn.open(m[1], decodeURIComponent(m[2]));
 }
@@ -343,6 +348,10 @@ document.addEventListener('DOMContentLoaded', () => {
   for (const b of document.querySelectorAll('nav [data-page]')) {
     b.onclick = () => Cairn.open('page', b.dataset.page);
   }
+  // A link or the back button changing the address opens that page.
+  window.addEventListener('hashchange', () => {
+    if (!document.getElementById('app').hidden) openFromAddress();
+  });
   if (sessionStorage.getItem(TOKEN_KEY)) signIn().catch((e) => signOut(e.message));
   else signOut('');
 });

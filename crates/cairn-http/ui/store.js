@@ -53,6 +53,7 @@
       const keeps = KEEPS.map((k) => Cairn.field('Keep ' + k, { type: 'number', min: 0, value: p && p.keep[k] ? p.keep[k] : '' }));
       const maxAge = Cairn.field('Max age (e.g. 30d)', { type: 'text', value: p ? showDuration(p.max_age_secs) : '' });
       const budget = Cairn.field('Budget (e.g. 50G)', { type: 'text', value: p && p.budget_bytes ? String(p.budget_bytes) : '' });
+      const manual = Cairn.field('Also prune checkpoints taken by name', { type: 'checkbox', checked: !!(p && p.include_manual) });
       const preview = el('div', { className: 'preview', 'aria-live': 'polite' });
       const policy = () => {
         const keep = {};
@@ -62,6 +63,7 @@
         if (maxAge.input.value.trim()) out.max_age_secs = parseDuration(maxAge.input.value);
         if (budget.input.value.trim()) out.budget_bytes = Cairn.parseSize(budget.input.value);
         if (p && p.schedule) out.schedule = p.schedule;
+        if (manual.input.checked) out.include_manual = true;
         return out;
       };
       const show = el('button', { type: 'button', onclick: async () => {
@@ -76,7 +78,7 @@
           clear(preview).append(el('p', { className: 'error' }, e.message));
         }
       } }, 'Preview what would be pruned');
-      await Cairn.dialog(p ? 'Edit the policy of ' + p.target : 'New policy', [target.node, every.node, ...keeps.map((k) => k.node), maxAge.node, budget.node, show, preview], 'Save', async () => {
+      await Cairn.dialog(p ? 'Edit the policy of ' + p.target : 'New policy', [target.node, every.node, ...keeps.map((k) => k.node), maxAge.node, budget.node, manual.node, show, preview], 'Save', async () => {
         const pol = policy();
         await api('PUT', '/policies/' + encodeURIComponent(pol.target), pol);
         say('Saved the policy of ' + pol.target);
@@ -111,7 +113,7 @@
       const bs = r.value.value.backups;
       list.append(bs.length ? table(['Backup', 'Of', 'Taken', 'Size', ''], bs.map((b) => el('tr', {},
         el('td', {}, b.id), el('td', {}, b.kind + ' ' + b.name + '@' + b.checkpoint), el('td', {}, time(b.time_ms)),
-        el('td', {}, bytes(b.size !== undefined ? b.size : b.bytes)),
+        el('td', {}, bytes(b.images.reduce((a, i) => a + i.size, 0))),
         el('td', {}, el('button', { type: 'button', onclick: () => verify(b.id) }, 'Verify'), ' ',
           el('button', { type: 'button', onclick: () => restore(b) }, 'Restore'), ' ',
           el('button', { type: 'button', onclick: () => mount(b) }, 'Mount'))))) : el('p', { className: 'muted' }, 'No backups in this repository.'));
@@ -120,7 +122,9 @@
       await Cairn.try('Verify', async () => {
         const r = await Cairn.job({ op: 'backup', backup: 'verify', repo: spec(), id, sample_percent: 100 }, 'Verifying');
         const v = r.value.value;
-        say(v.damaged && v.damaged.length ? 'Damage found: ' + v.damaged.length + ' chunks' : 'Verified: every chunk reads back and checks out', !!(v.damaged && v.damaged.length));
+        say(v.problems.length
+          ? 'Damage found: ' + v.problems.map((p) => p.object + ' (' + p.why + '; affects ' + p.affects.join(', ') + ')').join('; ')
+          : 'Verified ' + v.backups + ' backup(s): ' + v.chunks_checked + ' chunks read back and check out', v.problems.length > 0);
       });
     }
     async function restore(b) {

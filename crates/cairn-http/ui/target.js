@@ -9,7 +9,7 @@
   const enc = encodeURIComponent;
 
   // Tree rows from a checkpoint list: depth-first, children oldest first, with the "now" row
-  // under the checkpoint the current state came from.
+  // under the checkpoint the current state came from. Depth grows at branch points only.
   function rows(cps, headParent, collapsed) {
     const kids = new Map();
     const roots = [];
@@ -30,7 +30,10 @@
       const [n, depth] = stack.pop();
       const ch = n.now ? [] : kids.get(n.name) || [];
       out.push({ node: n, depth, children: ch.length });
-      if (!collapsed.has(n.name)) for (let i = ch.length - 1; i >= 0; i--) stack.push([ch[i], depth + 1]);
+      // A chain stays in its column (the usual history: each checkpoint the next one's parent);
+      // only a branch point moves its children right, so 10,000 in a row stay readable.
+      const next = ch.length > 1 ? depth + 1 : depth;
+      if (!collapsed.has(n.name)) for (let i = ch.length - 1; i >= 0; i--) stack.push([ch[i], next]);
     }
     return out;
   }
