@@ -29,6 +29,11 @@ pub struct ServeArgs {
     /// 60 s for it), or `stop` them (ACPI power-off, hard after 10 s).
     #[arg(long, value_enum, default_value = "leave")]
     vms_on_exit: VmsOnExit,
+    /// Do not run lifecycle policies (scheduled checkpoints, retention, the floor's reclaim of
+    /// automatic checkpoints) while this daemon runs; the policies stay set, and `cairn prune`
+    /// still applies retention when asked.
+    #[arg(long)]
+    no_lifecycle: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -85,6 +90,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<()> {
         options: store_options(),
         nbd_listen,
         http,
+        lifecycle: !args.no_lifecycle,
         nbd: cairn_nbd::ServerConfig {
             tls: tls.filter(|_| nbd_listen.is_some()),
             ..Default::default()

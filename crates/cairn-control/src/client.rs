@@ -1,9 +1,9 @@
 //! The client side of the control API: JSON over HTTP/1.1 on the store's unix socket.
 //!
-//! `POST /v1/ops` takes an [`Op`] and answers a [`Reply`] (HTTP 200) or an [`OpError`] (4xx/5xx);
-//! with `Accept: application/x-ndjson` it answers HTTP 200 at once and streams [`StreamLine`]s
-//! instead, progress first and the outcome last, so long work shows progress bars. `GET
-//! /v1/status` answers a [`DaemonStatus`]. The daemon serves the same routes.
+//! `POST /v1/ops` takes an [`Op`] and answers a [`Reply`] (HTTP 200) or an [`OpError`] (4xx/5xx).
+//! Long work goes to `POST /api/v1/jobs` instead, and its progress and outcome come from the
+//! job's server-sent events (`GET /api/v1/jobs/ID/events`, [`JobInfo`] in each), so long work
+//! shows progress bars. `GET /v1/status` answers a [`DaemonStatus`].
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ErrorKind, OpError};
+use crate::jobs::{JobInfo, JobState};
 use crate::ops::{Op, Reply};
 
 /// File name of the control socket inside the store directory.
@@ -39,23 +40,6 @@ pub struct DaemonStatus {
     pub nbd_tcp: Option<String>,
     /// Cairn version.
     pub version: String,
-}
-
-/// The media type of a streamed answer: one JSON [`StreamLine`] per line.
-pub const NDJSON: &str = "application/x-ndjson";
-
-/// One line of a streamed answer: any number of `{"progress": N}` (the operation's own measure,
-/// e.g. bytes done), then exactly one `{"reply": ...}` or `{"error": ...}`.
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StreamLine {
-    /// Work done so far.
-    Progress(u64),
-    /// The operation succeeded.
-    Reply(Box<Reply>),
-    /// The operation failed.
-    Error(OpError),
 }
 
 /// A connection point to a store's daemon.
@@ -90,7 +74,9 @@ impl Client {
         answer(status, &bytes)
     }
 
-    /// Runs `op` in the daemon, passing the progress it streams to `progress`.
+    /// Runs `op` in the daemon as a job, passing the progress its event stream reports to
+    /// `progress` (the web UI reads the same stream). The job runs to its end even if this
+    /// process goes away, so a closed terminal does not leave a delete half-done.
     pub fn call_with_progress(
         &self,
         op: &Op,
@@ -98,17 +84,26 @@ impl Client {
     ) -> Result<Reply, OpError> {
         let body = serde_json::to_vec(op).map_err(daemon_err)?;
         self.rt.block_on(async {
-            let resp = self.send("POST", "/v1/ops", body, Some(NDJSON)).await?;
+            let resp = self.send("POST", "/api/v1/jobs", body, None).await?;
             let status = resp.status().as_u16();
-            let streamed = resp
-                .headers()
-                .get(hyper::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(NDJSON.as_bytes()));
-            let mut body = resp.into_body();
-            if !streamed {
-                let bytes = body.collect().await.map_err(daemon_err)?.to_bytes();
-                return answer(status, &bytes);
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(daemon_err)?
+                .to_bytes();
+            if status != 202 {
+                return Err(answer(status, &bytes)
+                    .err()
+                    .unwrap_or_else(|| daemon_err(format!("HTTP {status} when starting a job"))));
             }
+            let job: JobInfo = serde_json::from_slice(&bytes).map_err(daemon_err)?;
+            let path = format!("/api/v1/jobs/{}/events", job.id);
+            let resp = self
+                .send("GET", &path, Vec::new(), Some("text/event-stream"))
+                .await?;
+            let mut body = resp.into_body();
+            let mut reported = 0;
             let mut pending: Vec<u8> = Vec::new();
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(daemon_err)?;
@@ -116,17 +111,33 @@ impl Client {
                     continue;
                 };
                 pending.extend_from_slice(data);
-                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    match serde_json::from_slice::<StreamLine>(&line).map_err(daemon_err)? {
-                        StreamLine::Progress(n) => progress(n),
-                        StreamLine::Reply(r) => return Ok(*r),
-                        StreamLine::Error(e) => return Err(e),
+                // Events end with a blank line; only their `data:` line matters here.
+                while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                    let event: Vec<u8> = pending.drain(..end + 2).collect();
+                    let text = String::from_utf8_lossy(&event);
+                    let Some(data) = text.lines().find_map(|l| l.strip_prefix("data:")) else {
+                        continue;
+                    };
+                    let info: JobInfo = serde_json::from_str(data.trim()).map_err(daemon_err)?;
+                    if info.progress > reported {
+                        reported = info.progress;
+                        progress(reported);
+                    }
+                    match info.status {
+                        JobState::Running => {}
+                        JobState::Done { reply } => return Ok(*reply),
+                        JobState::Failed { error } => return Err(error),
+                        JobState::Cancelled => {
+                            return Err(OpError::new(
+                                ErrorKind::State,
+                                format!("job {} ({}) was cancelled", info.id, info.op),
+                            ))
+                        }
                     }
                 }
             }
             Err(daemon_err(
-                "the daemon closed the answer before saying how the operation ended; see its log",
+                "the daemon closed the job's stream before saying how it ended; see its log",
             ))
         })
     }

@@ -10,6 +10,7 @@ mod error;
 mod execute;
 mod files;
 pub mod group;
+pub mod jobs;
 pub mod lifecycle;
 pub use cairn_engine::names;
 pub mod ops;
@@ -18,7 +19,7 @@ mod service;
 pub mod tokens;
 mod vm_ops;
 
-pub use client::{control_socket, Client, DaemonStatus, StreamLine, CONTROL_SOCKET, NDJSON};
+pub use client::{control_socket, Client, DaemonStatus, CONTROL_SOCKET};
 pub use error::{ErrorKind, OpError};
 pub use execute::execute;
 pub use ops::{Op, Reply, MAX_DATA};

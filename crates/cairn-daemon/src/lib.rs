@@ -46,6 +46,8 @@ pub struct DaemonConfig {
     pub nbd_listen: Option<SocketAddr>,
     /// NBD server tunables.
     pub nbd: ServerConfig,
+    /// Run the lifecycle policies (scheduled checkpoints, retention, the floor's reclaim).
+    pub lifecycle: bool,
     /// Also serve the HTTP API and web UI on TCP.
     pub http: Option<cairn_http::HttpConfig>,
     /// Power running VMs off when the daemon stops, instead of leaving them running for the
@@ -178,11 +180,13 @@ async fn serve(
     ));
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let mut http_url = None;
+    // One set of jobs for both front ends: the web UI lists the CLI's long work too.
+    let http_state = cairn_http::AppState::new(service.clone(), status.clone());
     let http_task = match &config.http {
         Some(h) => {
             let server = cairn_http::bind(h).await?;
             http_url = Some(server.url());
-            let state = cairn_http::AppState::new(service.clone(), status.clone());
+            let state = http_state.clone();
             let mut stopped = http_stopped.clone();
             Some(tokio::spawn(server.serve(state, async move {
                 let _ = stopped.wait_for(|s| *s).await;
@@ -190,10 +194,22 @@ async fn serve(
         }
         None => None,
     };
-    let lifecycle = lifecycle::start(service.clone());
-    let api_task = tokio::spawn(api::serve(control_listener, service, status, async move {
-        let _ = api_stopped.await;
-    }));
+    let lifecycle = match config.lifecycle {
+        true => lifecycle::start(service.clone()),
+        false => {
+            info!("lifecycle policies are not run (--no-lifecycle)");
+            None
+        }
+    };
+    let api_task = tokio::spawn(api::serve(
+        control_listener,
+        service,
+        status,
+        http_state,
+        async move {
+            let _ = api_stopped.await;
+        },
+    ));
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
     let listening = Listening {

@@ -15,9 +15,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::{Extension, Json};
-use cairn_control::{ErrorKind, Op, OpError, Progress, Reply};
+use cairn_control::jobs::{JobInfo, JobState};
+use cairn_control::{ErrorKind, Op, OpError, Progress};
 use futures_util::Stream;
-use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::auth::Caller;
@@ -27,69 +27,18 @@ use crate::{ApiError, AppState, Body, Path};
 /// Finished jobs kept for listing.
 pub const KEPT: usize = 100;
 
-/// Where a job stands.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum JobState {
-    /// Working; `progress` is the operation's own measure (bytes done for copies and deletes).
-    Running {
-        /// How far it got.
-        progress: u64,
-    },
-    /// Finished; the operation's reply.
-    Done {
-        /// What the operation returned.
-        reply: Box<Reply>,
-    },
-    /// Failed.
-    Failed {
-        /// Why.
-        error: OpError,
-    },
-    /// Cancelled before it finished.
-    Cancelled,
-}
-
-impl JobState {
-    fn finished(&self) -> bool {
-        !matches!(self, JobState::Running { .. })
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            JobState::Running { .. } => "running",
-            JobState::Done { .. } => "done",
-            JobState::Failed { .. } => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// A job as listed.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct JobInfo {
-    /// Its id.
-    pub id: u64,
-    /// The operation's name (`backup`, `volume_defrag`...).
-    pub op: String,
-    /// Where it stands.
-    pub status: JobState,
-}
-
 struct Job {
-    id: u64,
-    op: String,
-    state: watch::Sender<JobState>,
+    state: watch::Sender<JobInfo>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Job {
     fn info(&self) -> JobInfo {
-        JobInfo {
-            id: self.id,
-            op: self.op.clone(),
-            status: self.state.borrow().clone(),
-        }
+        self.state.borrow().clone()
+    }
+
+    fn finished(&self) -> bool {
+        self.state.borrow().status.finished()
     }
 }
 
@@ -113,13 +62,13 @@ impl Jobs {
             })
     }
 
-    fn add(&self, job: Arc<Job>) {
+    fn add(&self, id: u64, job: Arc<Job>) {
         let mut m = cairn_engine::sync::lock(&self.map);
-        m.insert(job.id, job);
+        m.insert(id, job);
         let finished: Vec<u64> = m
-            .values()
-            .filter(|j| j.state.borrow().finished())
-            .map(|j| j.id)
+            .iter()
+            .filter(|(_, j)| j.finished())
+            .map(|(id, _)| *id)
             .collect();
         for id in finished.iter().take(finished.len().saturating_sub(KEPT)) {
             m.remove(id);
@@ -140,22 +89,26 @@ pub async fn start(
         .ok()
         .and_then(|v| v["op"].as_str().map(str::to_string))
         .unwrap_or_default();
-    let (tx, _) = watch::channel(JobState::Running { progress: 0 });
-    let job = Arc::new(Job {
-        id: st.jobs.next.fetch_add(1, Ordering::Relaxed) + 1,
+    let id = st.jobs.next.fetch_add(1, Ordering::Relaxed) + 1;
+    let (tx, _) = watch::channel(JobInfo {
+        id,
         op: name,
+        progress: 0,
+        status: JobState::Running,
+    });
+    let job = Arc::new(Job {
         state: tx,
         task: Mutex::new(None),
     });
     let progress: Progress = {
         let job = job.clone();
         Arc::new(move |n| {
-            job.state.send_if_modified(|s| match s {
-                JobState::Running { progress } => {
-                    *progress = n;
-                    true
+            job.state.send_if_modified(|i| {
+                if i.status.finished() {
+                    return false;
                 }
-                _ => false,
+                i.progress = n;
+                true
             });
         })
     };
@@ -166,17 +119,17 @@ pub async fn start(
             Ok(r) => JobState::Done { reply: Box::new(r) },
             Err(error) => JobState::Failed { error },
         };
-        runner.state.send_if_modified(|s| {
+        runner.state.send_if_modified(|i| {
             // A cancel that raced the end keeps its word.
-            if s.finished() {
+            if i.status.finished() {
                 return false;
             }
-            *s = end;
+            i.status = end;
             true
         });
     });
     *cairn_engine::sync::lock(&job.task) = Some(task.abort_handle());
-    st.jobs.add(job.clone());
+    st.jobs.add(id, job.clone());
     Ok((StatusCode::ACCEPTED, Json(job.info())))
 }
 
@@ -210,11 +163,11 @@ pub async fn cancel(
 ) -> Result<Json<JobInfo>, ApiError> {
     caller.may_write("cancel a job")?;
     let job = st.jobs.get(id)?;
-    let cancelled = job.state.send_if_modified(|s| {
-        if s.finished() {
+    let cancelled = job.state.send_if_modified(|i| {
+        if i.status.finished() {
             return false;
         }
-        *s = JobState::Cancelled;
+        i.status = JobState::Cancelled;
         true
     });
     if cancelled {
@@ -238,34 +191,25 @@ pub async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let job = st.jobs.get(id)?;
     let rx = job.state.subscribe();
-    // (receiver, job, first event still to send, finished)
-    let stream = futures_util::stream::unfold(
-        (rx, job, true, false),
-        |(mut rx, job, first, done)| async move {
+    // (receiver, first event still to send, finished)
+    let stream =
+        futures_util::stream::unfold((rx, true, false), |(mut rx, first, done)| async move {
             if done {
                 return None;
             }
-            // Progress closer together than a tenth of a second is folded into the next event.
             if !first && rx.changed().await.is_err() {
                 return None;
             }
-            let info = {
-                let s = rx.borrow_and_update();
-                JobInfo {
-                    id: job.id,
-                    op: job.op.clone(),
-                    status: s.clone(),
-                }
-            };
-            if !info.status.finished() {
+            // Progress closer together than a tenth of a second is folded into the next event.
+            if !rx.borrow().status.finished() {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
+            let info = rx.borrow_and_update().clone();
             let finished = info.status.finished();
             let ev = SseEvent::default()
                 .event(info.status.name())
                 .data(serde_json::to_string(&info).unwrap_or_default());
-            Some((Ok(ev), (rx, job, false, finished)))
-        },
-    );
+            Some((Ok(ev), (rx, false, finished)))
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -148,10 +148,28 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async {
             ApiError::new(ErrorKind::NotFound, "no such route; see /api/openapi.json")
         })
-        // An operation carries at most MAX_DATA bytes, base64-encoded in JSON.
-        .layer(axum::extract::DefaultBodyLimit::max(
-            (cairn_control::MAX_DATA as usize) * 4 / 3 + (64 << 10),
-        ))
+        .layer(body_limit())
+}
+
+/// The same routes for the store's owner on the daemon's control socket: no token (only the
+/// owner can open that socket, mode 0600), so the CLI runs long work as jobs and reads their
+/// progress from the same stream as the web UI.
+pub fn owner_router(state: AppState) -> Router {
+    let owner = auth::Caller(cairn_control::tokens::TokenInfo {
+        name: "the store's owner".into(),
+        read_only: false,
+        created_ms: 0,
+        expires_ms: None,
+    });
+    routes::api()
+        .layer(axum::Extension(owner))
+        .layer(body_limit())
+        .with_state(state)
+}
+
+/// An operation carries at most MAX_DATA bytes, base64-encoded in JSON.
+fn body_limit() -> axum::extract::DefaultBodyLimit {
+    axum::extract::DefaultBodyLimit::max((cairn_control::MAX_DATA as usize) * 4 / 3 + (64 << 10))
 }
 
 /// A JSON body whose rejection is an [`ApiError`] (JSON, like every other error).

@@ -153,7 +153,7 @@ Cairn.job = async function (op, label) {
   let last = job;
   await Cairn.stream('/jobs/' + job.id + '/events', (name, info) => {
     last = info;
-    if (name === 'running') Cairn.say(label + '… ' + Cairn.bytes(info.status.progress));
+    if (name === 'running') Cairn.say(label + '… ' + Cairn.bytes(info.progress));
   });
   if (last.status.state === 'failed') {
     throw new ApiError(last.status.error.kind, last.status.error.message);
