@@ -27,6 +27,7 @@ use crate::format::{
     CHUNK_BLOCKS, FORMAT, PACK_TARGET, RECORD_COMPRESSED,
 };
 use crate::map::{Piece, VolumeMap};
+use crate::progress::{step, Progress};
 use crate::repo::{now_ms, Repository};
 use crate::session::Session;
 
@@ -129,7 +130,7 @@ fn plan(backups: &[Manifest], src: &Source, volume: &str) -> Result<ImagePlan> {
 }
 
 /// Backs up `src` into `repo`; `progress` hears the fraction done in millionths.
-pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) -> Result<Manifest> {
+pub fn create(repo: &Repository, src: &Source, progress: &mut dyn Progress) -> Result<Manifest> {
     let began = Instant::now();
     let store = src.store;
     // The session first: a GC that condemns anything after this waits for it; what was
@@ -225,7 +226,7 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
                     .iter()
                     .map(|u| u64::from(u.blocks) * BLOCK)
                     .sum::<u64>();
-                progress(millionths(done, total));
+                step(progress, millionths(done, total))?;
             }
             maps.push(map);
         }
@@ -282,7 +283,7 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn FnMut(u64)) ->
     session.check_fresh()?;
     repo.put_manifest(&manifest)?;
     drop(session);
-    progress(1_000_000);
+    progress.report(1_000_000);
     Ok(manifest)
 }
 

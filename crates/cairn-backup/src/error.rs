@@ -120,6 +120,9 @@ pub enum BackupError {
     /// A request that makes no sense (bad option values, wrong kind of source).
     #[error("{0}")]
     Invalid(String),
+    /// The work was cancelled before it finished; nothing half-made is kept.
+    #[error("cancelled before it finished; nothing half-made is kept")]
+    Cancelled,
 }
 
 impl BackupError {

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{BackupError, Result};
 use crate::format::{new_name, pack_key, IndexSegment};
+use crate::progress::{step, Progress};
 use crate::repo::{now_ms, Repository};
 use crate::session;
 
@@ -95,7 +96,7 @@ pub fn condemned_packs(repo: &Repository) -> Result<HashSet<String>> {
 
 /// Runs GC: deletes what earlier runs condemned and may now go, and condemns what is unused
 /// now. `grace_ms` is how long a condemnation waits at least.
-pub fn gc(repo: &Repository, grace_ms: u64, progress: &mut dyn FnMut(u64)) -> Result<GcReport> {
+pub fn gc(repo: &Repository, grace_ms: u64, progress: &mut dyn Progress) -> Result<GcReport> {
     let _lock = session::gc_lock(repo)?;
     let mut report = GcReport::default();
     let (live, dead) = session::list(repo, "sessions")?;
@@ -125,7 +126,7 @@ pub fn gc(repo: &Repository, grace_ms: u64, progress: &mut dyn FnMut(u64)) -> Re
             }
         }
     }
-    progress(300_000);
+    step(progress, 300_000)?;
     // Which packs hold a used chunk, per index segment.
     let mut segments: Vec<(String, IndexSegment)> = Vec::new();
     for o in repo.backend().list("index/")? {
@@ -195,7 +196,7 @@ pub fn gc(repo: &Repository, grace_ms: u64, progress: &mut dyn FnMut(u64)) -> Re
     // Unused now: packs no used chunk is in (indexed or not), maps no manifest names.
     let unused_packs: HashSet<&String> = packs.keys().filter(|p| !pack_used.contains(p)).collect();
     let unused_maps: HashSet<&String> = maps.keys().filter(|m| !maps_used.contains(*m)).collect();
-    progress(600_000);
+    step(progress, 600_000)?;
 
     // Sweep what earlier runs condemned, where allowed: first the index segments are rewritten
     // without the packs to delete (a reader in between sees entries twice, which is harmless),
@@ -279,7 +280,7 @@ pub fn gc(repo: &Repository, grace_ms: u64, progress: &mut dyn FnMut(u64)) -> Re
         }
     }
     report.pending = still_pending.len();
-    progress(900_000);
+    step(progress, 900_000)?;
 
     // Condemn what is unused now and not already waiting.
     let condemned = Condemned {
@@ -303,6 +304,6 @@ pub fn gc(repo: &Repository, grace_ms: u64, progress: &mut dyn FnMut(u64)) -> Re
         let json = serde_json::to_vec(&condemned).expect("lists serialize");
         repo.put_sealed(&key, &condemned_aad(&key), &json)?;
     }
-    progress(1_000_000);
+    progress.report(1_000_000);
     Ok(report)
 }

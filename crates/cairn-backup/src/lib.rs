@@ -6,7 +6,8 @@
 //!   [`map`]: which chunk holds each block of a backed-up volume.
 //! - [`prune`]: which backups a retention policy keeps; [`session`] and [`gc`]: freeing unused
 //!   data while other hosts write.
-//! - [`repo`]: an open repository; [`create`], [`restore`], [`verify`]: what runs on it;
+//! - [`repo`]: an open repository; [`create`], [`restore`], [`verify`]: what runs on it, telling
+//!   a [`progress::Progress`] how far it got and stopping when it is cancelled;
 //!   [`reader`]: one image read at any offset, for serving a backup where it lies.
 //!
 //! A backup's threads run at the lowest CPU priority ([`background`]), so the VMs beside it keep
@@ -22,6 +23,7 @@ pub mod format;
 pub mod gc;
 pub mod location;
 pub mod map;
+pub mod progress;
 pub mod prune;
 pub mod reader;
 pub mod repo;
@@ -33,4 +35,5 @@ pub mod verify;
 pub use error::{BackupError, Result};
 pub use format::Manifest;
 pub use location::{Access, Location, S3Options, Secret};
+pub use progress::Progress;
 pub use repo::Repository;

@@ -19,6 +19,7 @@ use crate::format::{
     pack_key, record_aad, Image, Location, Manifest, BLOCK, CHUNK_SIZE, RECORD_COMPRESSED,
 };
 use crate::map::{Piece, VolumeMap};
+use crate::progress::{step, Progress};
 use crate::repo::{ChunkIndex, Repository};
 
 /// Volume bytes restored per window.
@@ -45,7 +46,7 @@ pub fn restore(
     m: &Manifest,
     image: usize,
     sink: &mut (dyn Sink + Send),
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn Progress,
 ) -> Result<()> {
     let img = m
         .images
@@ -96,9 +97,8 @@ pub fn restore(
                     return Ok(());
                 }
                 start = end;
-                progress(
-                    u64::try_from(u128::from(start) * 1_000_000 / u128::from(blocks)).unwrap_or(0),
-                );
+                let at = u128::from(start) * 1_000_000 / u128::from(blocks);
+                step(progress, u64::try_from(at).unwrap_or(0))?;
             }
             Ok(())
         })();
@@ -108,7 +108,7 @@ pub fn restore(
             .map_err(|_| BackupError::Invalid("the restore's writer thread panicked".into()))?;
         read.and(written)
     })?;
-    progress(1_000_000);
+    progress.report(1_000_000);
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{hex, ChunkId};
 use crate::error::Result;
 use crate::format::{pack_key, Location, BLOCK};
+use crate::progress::{step, Progress};
 use crate::repo::Repository;
 use crate::restore::open_record;
 
@@ -55,7 +56,7 @@ pub fn verify(
     repo: &Repository,
     only: Option<&str>,
     sample_percent: f64,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn Progress,
 ) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let manifests = match only {
@@ -160,9 +161,9 @@ pub fn verify(
             }
         }
         done += group.len() as u64;
-        progress(done * 1_000_000 / total);
+        step(progress, done * 1_000_000 / total)?;
     }
-    progress(1_000_000);
+    progress.report(1_000_000);
     Ok(report)
 }
 

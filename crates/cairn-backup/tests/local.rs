@@ -1,15 +1,17 @@
 //! Backups into a local repository, end to end on a real store: full and incremental backups
 //! restore byte-identical, an incremental reads only what changed, and bad input (a wrong
-//! passphrase, a damaged or missing pack, a newer format) gets a clear error and loses nothing.
+//! passphrase, a damaged or missing pack, a newer format) gets a clear error and loses nothing;
+//! cancelled work stops at its next batch and keeps nothing half-made.
 #![allow(missing_docs)]
 
 use std::path::Path;
 
 use cairn_backup::create::{create, Source};
+use cairn_backup::gc::gc;
 use cairn_backup::restore::restore;
 use cairn_backup::sink::VolumeSink;
 use cairn_backup::verify::verify;
-use cairn_backup::{Access, BackupError, Location, Repository, S3Options, Secret};
+use cairn_backup::{Access, BackupError, Location, Progress, Repository, S3Options, Secret};
 use cairn_engine::{Options, Store, Target};
 
 const MIB: u64 = 1 << 20;
@@ -278,4 +280,74 @@ fn unencrypted_repositories_detect_damage_too() {
     std::fs::write(&victim, &bytes).expect("damage");
     let report = verify(&repo, None, 100.0, &mut |_| {}).expect("verify");
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+}
+
+/// Counts reports and asks to stop once it has heard `at` of them.
+struct CancelAfter {
+    reports: u32,
+    at: u32,
+}
+
+impl Progress for CancelAfter {
+    fn report(&mut self, _: u64) {
+        self.reports += 1;
+    }
+    fn cancelled(&self) -> bool {
+        self.reports >= self.at
+    }
+}
+
+#[test]
+fn cancelled_work_stops_at_its_next_batch_and_keeps_nothing_half_made() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = store(dir.path());
+    let size = 96 * MIB;
+    s.create_volume("web", size).expect("vol");
+    fill(&s, "web", size, 11);
+    s.create_checkpoint("web", "one", None).expect("cp");
+    let repo = Repository::init(&access(dir.path(), "pw"), true).expect("init");
+    let src = Source::volume(&s, "st1", "web", "one");
+
+    // A backup cancelled after its first batch: no manifest, so no backup.
+    let mut p = CancelAfter { reports: 0, at: 1 };
+    let e = create(&repo, &src, &mut p).expect_err("a cancelled backup");
+    assert!(matches!(e, BackupError::Cancelled), "{e}");
+    assert_eq!(
+        p.reports, 1,
+        "it stopped at the batch that heard the cancel"
+    );
+    assert!(repo.backups().expect("list").is_empty());
+
+    // The repository works on as before; a restore and a verify stop the same way.
+    let full = create(&repo, &src, &mut |_| {}).expect("backup");
+    let m = repo.manifest(&full.id).expect("manifest");
+    s.create_volume("back", size).expect("target");
+    let mut sink = VolumeSink {
+        store: &s,
+        volume: "back".into(),
+    };
+    let mut p = CancelAfter { reports: 0, at: 1 };
+    let e = restore(&repo, &m, 0, &mut sink, &mut p).expect_err("a cancelled restore");
+    assert!(matches!(e, BackupError::Cancelled), "{e}");
+    let mut p = CancelAfter { reports: 0, at: 1 };
+    let e = verify(&repo, None, 100.0, &mut p).expect_err("a cancelled verify");
+    assert!(matches!(e, BackupError::Cancelled), "{e}");
+
+    // What the cancelled backup uploaded is garbage GC frees; the finished one stays whole.
+    let first = gc(&repo, 0, &mut |_| {}).expect("gc condemns");
+    let second = gc(&repo, 0, &mut |_| {}).expect("gc sweeps");
+    assert_eq!(second.backups, 1);
+    assert_eq!(
+        second.packs_deleted, first.condemned,
+        "{first:?} {second:?}"
+    );
+    assert_eq!(second.condemned, 0, "nothing unused is left: {second:?}");
+    let report = verify(&repo, None, 100.0, &mut |_| {}).expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    restore_into(&repo, &s, &full.id, "again").expect("restore");
+    assert!(
+        read_all(&s, &Target::head("again"), size)
+            == read_all(&s, &Target::checkpoint("web", "one"), size),
+        "the restore differs from its checkpoint"
+    );
 }

@@ -530,6 +530,70 @@ fn a_killed_backup_or_restore_leaves_nothing_half_made() {
     fsck_clean(&e);
 }
 
+/// The daemon's jobs, as its control socket lists them.
+fn daemon_jobs(e: &Env) -> serde_json::Value {
+    let socket = e.store.join("control.sock");
+    let out = run(
+        "curl",
+        &[
+            "-sf",
+            "--unix-socket",
+            &socket.display().to_string(),
+            "http://cairn/api/v1/jobs",
+        ],
+    );
+    serde_json::from_str(&out).expect("jobs JSON")
+}
+
+/// Ctrl-C on `cairn backup create` run by a daemon cancels the daemon's job: the command says
+/// so and fails, no backup is listed, the checkpoint it read is free at once, and the
+/// repository verifies clean.
+#[test]
+fn ctrl_c_cancels_a_backup_the_daemon_runs() {
+    // Incompressible data, written before the daemon starts (writing is quicker without it),
+    // so the backup copies for a while.
+    let mut e = env();
+    let r = volume_and_repo(&e, "big", "384M", &noise(384 << 20, 29));
+    let k = ["--key-file", r.key.as_str()];
+    ok(&e, &["backup", "repo", "add", "r", &r.dir]);
+    e.daemon = Some(Daemon::start(&e));
+    let child = command(&e, &["backup", "create", "big@a", k[0], k[1]])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = std::time::Instant::now();
+    loop {
+        let jobs = daemon_jobs(&e);
+        let job = jobs.as_array().and_then(|j| j.last()).cloned();
+        if let Some(job) = job.filter(|j| j["op"] == "backup") {
+            assert_eq!(
+                job["status"]["state"], "running",
+                "it ended too soon: {job}"
+            );
+            if job["progress"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{jobs}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run("kill", &["-INT", &child.id().to_string()]);
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cancelled"), "{err}");
+    let jobs = daemon_jobs(&e);
+    let last = jobs.as_array().and_then(|j| j.last()).expect("a job");
+    assert_eq!(last["status"]["state"], "cancelled", "{last}");
+    let list = json(&e, &["backup", "list", k[0], k[1]]);
+    assert_eq!(list, serde_json::json!([]), "{list}");
+    let v = json(&e, &["backup", "verify", k[0], k[1]]);
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
+    ok(&e, &["checkpoint", "delete", "big@a", "--yes"]);
+    fsck_clean(&e);
+}
+
 /// Unmounts a test file system when dropped.
 struct Mount(std::path::PathBuf);
 

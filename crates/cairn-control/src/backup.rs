@@ -370,6 +370,7 @@ impl ErrorKind {
             B::Busy(_) => ErrorKind::Busy,
             B::NoSpace { .. } => ErrorKind::NoSpace,
             B::Store { .. } => ErrorKind::Remote,
+            B::Cancelled => ErrorKind::Cancelled,
         }
     }
 }
@@ -385,7 +386,7 @@ pub fn run(
     store: &Store,
     guards: &BackupGuards,
     op: BackupOp,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn cairn_backup::Progress,
 ) -> Result<Reply, OpError> {
     let dir = store
         .dir()

@@ -75,7 +75,8 @@ impl Client {
     }
 
     /// Runs `op` in the daemon as a job, passing the progress its event stream reports to
-    /// `progress` (the web UI reads the same stream). The job runs to its end even if this
+    /// `progress` (the web UI reads the same stream). Ctrl-C cancels the job and waits for it to
+    /// stop (a second Ctrl-C stops waiting); otherwise the job runs to its end even if this
     /// process goes away, so a closed terminal does not leave a delete half-done.
     pub fn call_with_progress(
         &self,
@@ -105,7 +106,23 @@ impl Client {
             let mut body = resp.into_body();
             let mut reported = 0;
             let mut pending: Vec<u8> = Vec::new();
-            while let Some(frame) = body.frame().await {
+            let mut interrupted = false;
+            loop {
+                let frame = tokio::select! {
+                    f = body.frame() => f,
+                    _ = tokio::signal::ctrl_c() => {
+                        if interrupted {
+                            return Err(cancelled_job(&job, "still stopping in the daemon"));
+                        }
+                        interrupted = true;
+                        // The cancel answers once the work has stopped; its end comes on the
+                        // stream as usual.
+                        let cancel = format!("/api/v1/jobs/{}", job.id);
+                        self.send("DELETE", &cancel, Vec::new(), None).await?;
+                        continue;
+                    }
+                };
+                let Some(frame) = frame else { break };
                 let frame = frame.map_err(daemon_err)?;
                 let Some(data) = frame.data_ref() else {
                     continue;
@@ -127,12 +144,7 @@ impl Client {
                         JobState::Running => {}
                         JobState::Done { reply } => return Ok(*reply),
                         JobState::Failed { error } => return Err(error),
-                        JobState::Cancelled => {
-                            return Err(OpError::new(
-                                ErrorKind::State,
-                                format!("job {} ({}) was cancelled", info.id, info.op),
-                            ))
-                        }
+                        JobState::Cancelled => return Err(cancelled_job(&info, "it stopped")),
                     }
                 }
             }
@@ -201,5 +213,16 @@ fn answer(status: u16, bytes: &[u8]) -> Result<Reply, OpError> {
         serde_json::from_slice::<OpError>(bytes).unwrap_or_else(|_| {
             daemon_err(format!("HTTP {status}: {}", String::from_utf8_lossy(bytes)))
         }),
+    )
+}
+
+/// The error a cancelled job ends the call with.
+fn cancelled_job(job: &JobInfo, how: &str) -> OpError {
+    OpError::new(
+        ErrorKind::Cancelled,
+        format!(
+            "job {} ({}) was cancelled and {how}; nothing half-made is kept",
+            job.id, job.op
+        ),
     )
 }

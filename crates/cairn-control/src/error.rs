@@ -39,6 +39,8 @@ pub enum ErrorKind {
     Forbidden,
     /// Too many failed attempts from the caller's address; try again later.
     Limited,
+    /// The work was cancelled (its job was) before it finished.
+    Cancelled,
 }
 
 /// A failed operation: a kind and the one-line message users see.
@@ -80,6 +82,7 @@ impl ErrorKind {
             ErrorKind::Remote => "remote",
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::Limited => "limited",
+            ErrorKind::Cancelled => "cancelled",
         }
     }
 
@@ -158,6 +161,7 @@ mod tests {
             K::Remote,
             K::Forbidden,
             K::Limited,
+            K::Cancelled,
         ] {
             assert_eq!(serde_json::to_value(k).expect("json"), k.name());
         }

@@ -374,9 +374,12 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             Reply::Done
         }
         // A caller without a Service has no other operation running that could hold a pin.
-        Op::Backup(b) => {
-            crate::backup::run(store, &crate::backup::BackupGuards::default(), b, progress)?
-        }
+        Op::Backup(b) => crate::backup::run(
+            store,
+            &crate::backup::BackupGuards::default(),
+            b,
+            &mut &mut *progress,
+        )?,
         Op::Lifecycle(_) => unreachable!("execute runs lifecycle operations before this"),
         Op::Group(g) => Reply::Group(crate::group::run(store, g)?),
         Op::Token(t) => {

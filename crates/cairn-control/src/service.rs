@@ -17,6 +17,7 @@ use crate::backup::{BackupGuards, BackupOp, LiveRestores, MountedExport};
 use crate::error::{ErrorKind, OpError};
 use crate::execute::execute;
 use crate::ops::{Op, Reply};
+use crate::progress::{no_progress, Progress};
 use crate::reports::{ApplyReport, VmCheckpointInfo};
 
 mod groups;
@@ -24,14 +25,6 @@ mod nbd_users;
 mod serving;
 
 use nbd_users::NbdUsers;
-
-/// Where an operation reports how far it got (its own measure, e.g. bytes done).
-pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
-
-/// A [`Progress`] that goes nowhere.
-pub fn no_progress() -> Progress {
-    Arc::new(|_| {})
-}
 
 /// What runs a store's operations.
 pub struct Service {
@@ -108,7 +101,7 @@ impl Service {
             return rt.block_on(self.run_group(g, op, &no_progress()));
         }
         match op {
-            Op::Backup(b) => crate::backup::run(&self.store, &self.backups, b, progress),
+            Op::Backup(b) => crate::backup::run(&self.store, &self.backups, b, &mut &mut *progress),
             Op::Lifecycle(l) => self.lifecycle(l, progress),
             op => execute(&self.store, op, progress),
         }
@@ -171,20 +164,21 @@ impl Service {
         if let Op::Lifecycle(l) = op {
             let (store, guards) = (self.store.clone(), self.backups.clone());
             return on_blocking_pool(move || {
-                Service::local_with(store, guards).lifecycle(l, &mut |n| progress(n))
+                Service::local_with(store, guards).lifecycle(l, &mut |n| progress.report(n))
             })
             .await;
         }
         if let Op::Backup(b) = op {
             let (store, guards) = (self.store.clone(), self.backups.clone());
             return on_blocking_pool(move || {
-                crate::backup::run(&store, &guards, b, &mut |n| progress(n))
+                crate::backup::run(&store, &guards, b, &mut progress.clone())
             })
             .await;
         }
         let Some((rt, nbd)) = &self.vms else {
             let store = self.store.clone();
-            return on_blocking_pool(move || execute(&store, op, &mut |n| progress(n))).await;
+            return on_blocking_pool(move || execute(&store, op, &mut |n| progress.report(n)))
+                .await;
         };
         let vms = rt.definitions();
         match &op {
@@ -250,18 +244,23 @@ impl Service {
                         .await?
                     }
                 };
-                let report = |n| progress(n);
-                let cp = rt
-                    .take_checkpoint(
-                        &self.store,
-                        &vm,
-                        &name,
-                        description,
-                        how,
-                        automatic,
-                        &report,
-                    )
-                    .await?;
+                let report = |n| progress.report(n);
+                let take = rt.take_checkpoint(
+                    &self.store,
+                    &vm,
+                    &name,
+                    description,
+                    how,
+                    automatic,
+                    &report,
+                );
+                // Dropping the take on a cancel abandons the half-made checkpoint.
+                let cp = tokio::select! {
+                    cp = take => cp?,
+                    () = progress.until_cancelled() => {
+                        return Err(crate::progress::cancelled(&format!("checkpoint '{name}' of VM '{vm}'")));
+                    }
+                };
                 Ok(Reply::VmCheckpoint(VmCheckpointInfo::of(
                     &self.store,
                     &cp,
@@ -284,7 +283,7 @@ impl Service {
                     force,
                     what: format!("{vm}@{name}"),
                 };
-                let report = |n| progress(n);
+                let report = |n| progress.report(n);
                 let applied = rt
                     .apply_checkpoint(&self.store, &vm, &name, &keep, &users, &report)
                     .await?;
@@ -318,11 +317,11 @@ impl Service {
                 use cairn_vm::checkpoint::DiskUsers;
                 let _fence = users.clear(&heads, None).await?;
                 let store = self.store.clone();
-                on_blocking_pool(move || execute(&store, op, &mut |n| progress(n))).await
+                on_blocking_pool(move || execute(&store, op, &mut |n| progress.report(n))).await
             }
             op => {
                 let store = self.store.clone();
-                on_blocking_pool(move || execute(&store, op, &mut |n| progress(n))).await
+                on_blocking_pool(move || execute(&store, op, &mut |n| progress.report(n))).await
             }
         }
     }

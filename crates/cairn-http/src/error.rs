@@ -19,6 +19,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::Auth => StatusCode::UNAUTHORIZED,
         ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         ErrorKind::Limited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Cancelled => StatusCode::CONFLICT,
     }
 }
 

@@ -2,9 +2,10 @@
 //! job's id; its progress and outcome stream as server-sent events; `DELETE` cancels it. The
 //! newest [`KEPT`] finished jobs stay listed.
 //!
-//! Cancelling drops the operation's future: async steps (a VM checkpoint's state save, whose
-//! guard abandons the half-made checkpoint) stop at once; a step already handed to the blocking
-//! pool (a backup's or restore's copy loop) runs to its end and its outcome is dropped.
+//! Cancelling asks the operation to stop (see `cairn_control::Progress`): copy loops (a backup,
+//! restore, verify or GC) stop at their next batch, a running VM's checkpoint where it waits, and
+//! the job ends `cancelled` once they have. Steps that cannot stop half-way (the engine's deletes,
+//! a prune) run to their end, and the job ends as they did: a job's state is always what happened.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -27,9 +28,14 @@ use crate::{ApiError, AppState, Body, Path};
 /// Finished jobs kept for listing.
 pub const KEPT: usize = 100;
 
+/// How long a cancel waits for the work to stop before it answers (with the job still running
+/// if it has not; its events tell the end).
+pub const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 struct Job {
     state: watch::Sender<JobInfo>,
-    task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The operation's progress, which also carries the cancel.
+    progress: Progress,
 }
 
 impl Job {
@@ -96,31 +102,29 @@ pub async fn start(
         progress: 0,
         status: JobState::Running,
     });
+    let state = tx.clone();
+    let progress = Progress::new(move |n| {
+        state.send_if_modified(|i| {
+            if i.status.finished() {
+                return false;
+            }
+            i.progress = n;
+            true
+        });
+    });
     let job = Arc::new(Job {
         state: tx,
-        task: Mutex::new(None),
+        progress: progress.clone(),
     });
-    let progress: Progress = {
-        let job = job.clone();
-        Arc::new(move |n| {
-            job.state.send_if_modified(|i| {
-                if i.status.finished() {
-                    return false;
-                }
-                i.progress = n;
-                true
-            });
-        })
-    };
     let service = st.service.clone();
     let runner = job.clone();
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         let end = match service.run(op, progress).await {
             Ok(r) => JobState::Done { reply: Box::new(r) },
+            Err(e) if e.kind == ErrorKind::Cancelled => JobState::Cancelled,
             Err(error) => JobState::Failed { error },
         };
         runner.state.send_if_modified(|i| {
-            // A cancel that raced the end keeps its word.
             if i.status.finished() {
                 return false;
             }
@@ -128,7 +132,6 @@ pub async fn start(
             true
         });
     });
-    *cairn_engine::sync::lock(&job.task) = Some(task.abort_handle());
     st.jobs.add(id, job.clone());
     Ok((StatusCode::ACCEPTED, Json(job.info())))
 }
@@ -152,7 +155,8 @@ pub async fn info(
     Ok(Json(st.jobs.get(id)?.info()))
 }
 
-/// Cancels a running job (a finished one stays as it ended).
+/// Cancels a running job and answers once it has stopped (a finished one stays as it ended;
+/// one that finished before it heard the cancel ends `done`).
 #[utoipa::path(delete, path = "/api/v1/jobs/{id}", tag = "jobs",
     params(("id" = u64, Path, description = "Job id")),
     responses((status = 200, body = JobInfo), (status = "default", body = OpError)))]
@@ -163,18 +167,12 @@ pub async fn cancel(
 ) -> Result<Json<JobInfo>, ApiError> {
     caller.may_write("cancel a job")?;
     let job = st.jobs.get(id)?;
-    let cancelled = job.state.send_if_modified(|i| {
-        if i.status.finished() {
-            return false;
-        }
-        i.status = JobState::Cancelled;
-        true
-    });
-    if cancelled {
-        if let Some(t) = cairn_engine::sync::lock(&job.task).take() {
-            t.abort();
-        }
+    if job.finished() {
+        return Ok(Json(job.info()));
     }
+    job.progress.cancel();
+    let mut rx = job.state.subscribe();
+    let _ = tokio::time::timeout(CANCEL_WAIT, rx.wait_for(|i| i.status.finished())).await;
     Ok(Json(job.info()))
 }
 

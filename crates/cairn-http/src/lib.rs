@@ -155,14 +155,8 @@ pub fn router(state: AppState) -> Router {
 /// owner can open that socket, mode 0600), so the CLI runs long work as jobs and reads their
 /// progress from the same stream as the web UI.
 pub fn owner_router(state: AppState) -> Router {
-    let owner = auth::Caller(cairn_control::tokens::TokenInfo {
-        name: "the store's owner".into(),
-        read_only: false,
-        created_ms: 0,
-        expires_ms: None,
-    });
     routes::api()
-        .layer(axum::Extension(owner))
+        .layer(axum::Extension(auth::Caller::Owner))
         .layer(body_limit())
         .with_state(state)
 }

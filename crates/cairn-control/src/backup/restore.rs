@@ -19,7 +19,7 @@ pub(super) fn restore_to(
     r: &Repository,
     m: &Manifest,
     to: RestoreTo,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn cairn_backup::Progress,
 ) -> Result<RestoreReport, OpError> {
     match (to, m.kind.as_str()) {
         (RestoreTo::Volume { name }, "vm") => {
@@ -83,7 +83,7 @@ pub(super) fn image_to_volume(
     m: &Manifest,
     image: usize,
     name: &str,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn cairn_backup::Progress,
 ) -> Result<(), OpError> {
     let partial = format!("{name}.restoring");
     let _claim = guards.claim_restore(&partial)?;

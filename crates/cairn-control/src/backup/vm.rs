@@ -141,7 +141,7 @@ pub(super) fn restore_vm(
     r: &Repository,
     m: &Manifest,
     new: &str,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn cairn_backup::Progress,
 ) -> Result<RestoreReport, OpError> {
     let plan = VmPlan::new(store, m, new)?;
     let vms = crate::execute::vm_store(store)?;
@@ -153,8 +153,11 @@ pub(super) fn restore_vm(
     let result = (|| -> Result<(), OpError> {
         for (i, t) in targets.iter().enumerate() {
             let size = m.images[i].size.max(1);
-            let mut part = |n: u64| {
-                progress((before * 1_000_000 + n * size) / total);
+            let mut part = Part {
+                whole: &mut *progress,
+                before,
+                size,
+                total,
             };
             super::restore::image_to_volume(store, guards, r, m, i, t, &mut part)?;
             made.push(t.clone());
@@ -195,4 +198,24 @@ pub(super) fn restore_vm(
         size: m.images.iter().map(|i| i.size).sum(),
         next: Some(next),
     })
+}
+
+/// One image's share of a VM restore's progress.
+struct Part<'a> {
+    whole: &'a mut dyn cairn_backup::Progress,
+    /// Bytes of the images restored before this one, of `total`.
+    before: u64,
+    size: u64,
+    total: u64,
+}
+
+impl cairn_backup::Progress for Part<'_> {
+    fn report(&mut self, millionths: u64) {
+        let n = (self.before * 1_000_000 + millionths * self.size) / self.total;
+        self.whole.report(n);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.whole.cancelled()
+    }
 }

@@ -237,7 +237,7 @@ impl Service {
         }
         let together = match &self.vms {
             Some((rt, _)) => {
-                let report = |n| progress(n);
+                let report = |n| progress.report(n);
                 rt.take_together(
                     &self.store,
                     &running,

@@ -364,7 +364,7 @@ async fn restore_vm_live(
                 if let Some(path) = &state {
                     let image = m.images.len() - 1;
                     let mut sink = FileSink::create(path, m.images[image].size)?;
-                    restore(&r, &m, image, &mut sink, &mut |n| progress(n))?;
+                    restore(&r, &m, image, &mut sink, &mut progress.clone())?;
                     sink.finish()?;
                     if let Some(len) = plan.checkpoint().state_len {
                         std::fs::File::options()
