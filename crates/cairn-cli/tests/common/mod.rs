@@ -2,7 +2,9 @@
 //! `cairn serve` daemon.
 #![allow(dead_code)]
 
+pub mod backups;
 pub mod guest;
+pub mod nbd_client;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -59,6 +61,24 @@ pub fn command(e: &Env, args: &[&str]) -> Command {
         .args(args)
         .env_remove("CAIRN_STORE");
     c
+}
+
+/// `len` bytes of `src` (a volume or `VOLUME@CHECKPOINT`) from `off`, read through the CLI.
+pub fn read_target(e: &Env, src: &str, off: u64, len: u64) -> Vec<u8> {
+    let o = cairn(
+        e,
+        &[
+            "volume",
+            "read",
+            src,
+            "--offset",
+            &off.to_string(),
+            "--length",
+            &len.to_string(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
 }
 
 pub fn cairn(e: &Env, args: &[&str]) -> Output {
