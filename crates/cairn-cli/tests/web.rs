@@ -538,6 +538,13 @@ async fn many_checkpoints(c: &Client, volume: &str, n: usize) {
     assert_eq!(r, serde_json::json!("ok"));
 }
 
+/// How many checkpoints volume `name` has, asked from the page with its token.
+async fn checkpoint_count(c: &Client, name: &str) -> usize {
+    let js = format!("return fetch('/api/v1/volumes/{name}', {{headers: {{Authorization: 'Bearer ' + sessionStorage.getItem('cairn-token')}}}}).then(r => r.json()).then(v => v.checkpoints)");
+    let n = c.execute(&js, vec![]).await.expect("count");
+    n.as_u64().expect("a count") as usize
+}
+
 /// A tree row's indentation.
 async fn padding(c: &Client, name: &str) -> String {
     let css = format!(".tree .row[data-name='{name}']");
@@ -635,15 +642,18 @@ fn the_ui_stays_usable_with_many_checkpoints_and_shows_policies_and_backups() {
             "{preview}"
         );
         shot(&c, "12-policy-preview").await;
+        // Previewing deleted nothing.
+        assert_eq!(checkpoint_count(&c, "big").await, total);
         confirm(&c).await;
         let row = wait_css(&c, "#page table tbody tr").await.text().await.expect("text");
         assert!(row.starts_with("big") && row.contains("last 10"), "{row}");
-        // Previewing deleted nothing.
-        let count = c
-            .execute("return fetch('/api/v1/volumes/big', {headers: {Authorization: 'Bearer ' + sessionStorage.getItem('cairn-token')}}).then(r => r.json()).then(v => v.checkpoints)", vec![])
-            .await
-            .expect("count");
-        assert_eq!(count, serde_json::json!(total));
+
+        // The daemon's scheduler applies the saved policy at once; the events page shows it.
+        c.find(Locator::Css("nav [data-page='events']")).await.expect("nav").click().await.expect("events");
+        let pruned = wait_css(&c, "ol.events li[data-kind='pruned']").await.text().await.expect("text");
+        assert!(pruned.contains("big"), "{pruned}");
+        shot(&c, "13-events").await;
+        assert_eq!(checkpoint_count(&c, "big").await, 10);
 
         // The backup, listed and verified from the UI.
         c.find(Locator::Css("nav [data-page='backups']")).await.expect("nav").click().await.expect("backups");
@@ -662,7 +672,7 @@ fn the_ui_stays_usable_with_many_checkpoints_and_shows_policies_and_backups() {
             assert!(t.elapsed() < Duration::from_secs(60), "no verify result: {s}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        shot(&c, "13-backups").await;
+        shot(&c, "14-backups").await;
         let _ = c.close().await;
     });
 }

@@ -7,7 +7,7 @@ use axum::{Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{checkpoints, lifecycle, ops, vms, volumes};
+use crate::routes::{checkpoints, console, lifecycle, ops, vms, volumes};
 
 /// The API's description.
 #[derive(OpenApi)]
@@ -17,7 +17,7 @@ use crate::routes::{checkpoints, lifecycle, ops, vms, volumes};
         ops::status, ops::run,
         volumes::list, volumes::create, volumes::info, volumes::delete,
         vms::list, vms::create, vms::info, vms::delete, vms::status, vms::start, vms::stop,
-        vms::kill, vms::console,
+        vms::kill, console::console, console::console_stream,
         checkpoints::list, checkpoints::create, checkpoints::apply, checkpoints::delete,
         checkpoints::edit, checkpoints::clone, checkpoints::space, checkpoints::freed,
         checkpoints::diff,

@@ -352,21 +352,24 @@
       const pre = el('pre', { className: 'console', tabIndex: 0, 'aria-label': 'Serial console of ' + name, 'aria-live': 'off' });
       body.append(el('p', { className: 'muted' }, 'Read-only, live.'), pre);
       let next = null;
-      let stopped = false;
-      async function poll() {
-        if (stopped) return;
-        const r = await api('GET', '/vms/' + enc(name) + '/console' + (next === null ? '' : '?from=' + next)).catch(() => null);
-        if (r) {
-          if (next !== null && r.offset < next) pre.textContent = ''; // a new run began a new log
-          pre.textContent += r.text;
-          if (pre.textContent.length > 200000) pre.textContent = pre.textContent.slice(-100000);
-          next = r.next;
-          pre.scrollTop = pre.scrollHeight;
+      const ctl = new AbortController();
+      // The stream pushes each piece of output as the guest prints it; if it ends (the daemon
+      // restarts), it is opened again from where it stopped.
+      async function follow() {
+        while (!ctl.signal.aborted) {
+          const from = next === null ? '' : '?from=' + next;
+          await Cairn.stream('/vms/' + enc(name) + '/console/stream' + from, (_, r) => {
+            if (next !== null && r.offset < next) pre.textContent = ''; // a new run began a new log
+            pre.textContent += r.text;
+            if (pre.textContent.length > 200000) pre.textContent = pre.textContent.slice(-100000);
+            next = r.next;
+            pre.scrollTop = pre.scrollHeight;
+          }, ctl.signal).catch(() => null);
+          if (!ctl.signal.aborted) await new Promise((ok) => setTimeout(ok, 1000));
         }
-        setTimeout(poll, 1000);
       }
-      poll();
-      leave = () => (stopped = true);
+      follow();
+      leave = () => ctl.abort();
     }
 
     await Cairn.try('Loading ' + name, loadInfo);

@@ -10,6 +10,7 @@ use cairn_control::{Op, Reply};
 use crate::{ApiError, AppState};
 
 pub mod checkpoints;
+pub mod console;
 pub mod lifecycle;
 pub mod ops;
 pub mod vms;
@@ -31,7 +32,11 @@ pub fn api() -> Router<AppState> {
         .route("/api/v1/vms/{name}/start", post(vms::start))
         .route("/api/v1/vms/{name}/stop", post(vms::stop))
         .route("/api/v1/vms/{name}/kill", post(vms::kill))
-        .route("/api/v1/vms/{name}/console", get(vms::console))
+        .route("/api/v1/vms/{name}/console", get(console::console))
+        .route(
+            "/api/v1/vms/{name}/console/stream",
+            get(console::console_stream),
+        )
         .route(
             "/api/v1/targets/{target}/checkpoints",
             get(checkpoints::list).post(checkpoints::create),

@@ -4,9 +4,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use cairn_control::ops::VmDefinition;
-use cairn_control::{ErrorKind, Op, OpError, Reply};
+use cairn_control::{Op, OpError, Reply};
 use cairn_vm::{VmSpec, VmStatus};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::{call, done, Answer};
 use crate::{ApiError, AppState, Body, Path, Query};
@@ -53,7 +53,7 @@ pub async fn delete(
     done(call(&st, Op::VmDelete { name }).await?)
 }
 
-async fn power(st: &AppState, op: Op) -> Answer<VmStatus> {
+pub(super) async fn power(st: &AppState, op: Op) -> Answer<VmStatus> {
     match call(st, op).await? {
         Reply::VmStatus(s) => Ok(Json(s)),
         _ => Err(ApiError::unexpected("a VM power operation")),
@@ -107,67 +107,4 @@ pub async fn stop(
     responses((status = 200, body = VmStatus), (status = "default", body = OpError)))]
 pub async fn kill(State(st): State<AppState>, Path(name): Path<String>) -> Answer<VmStatus> {
     power(&st, Op::VmKill { name }).await
-}
-
-/// Where to read the console log from.
-#[derive(Deserialize, utoipa::IntoParams)]
-pub struct ConsoleParams {
-    /// Byte offset to read from; the last 64 KiB when absent.
-    pub from: Option<u64>,
-}
-
-/// A piece of the serial console's log.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ConsoleText {
-    /// Offset of `text` in the log.
-    pub offset: u64,
-    /// Offset to ask for next (the log's length now).
-    pub next: u64,
-    /// What the guest printed (invalid UTF-8 replaced).
-    pub text: String,
-}
-
-/// Most a console read returns.
-const CONSOLE_CHUNK: u64 = 64 << 10;
-
-/// The serial console's log from an offset: poll with `from=next` to follow it.
-#[utoipa::path(get, path = "/api/v1/vms/{name}/console", tag = "vms",
-    params(("name" = String, Path, description = "VM name"), ConsoleParams),
-    responses((status = 200, body = ConsoleText), (status = "default", body = OpError)))]
-pub async fn console(
-    State(st): State<AppState>,
-    Path(name): Path<String>,
-    Query(p): Query<ConsoleParams>,
-) -> Answer<ConsoleText> {
-    let Json(status) = power(&st, Op::VmStatus { name }).await?;
-    let path = status.console;
-    let read = tokio::task::spawn_blocking(move || -> std::io::Result<ConsoleText> {
-        use std::io::{Read, Seek};
-        let mut f = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(ConsoleText {
-                    offset: 0,
-                    next: 0,
-                    text: String::new(),
-                })
-            }
-            Err(e) => return Err(e),
-        };
-        let len = f.metadata()?.len();
-        let offset = p.from.unwrap_or(len.saturating_sub(CONSOLE_CHUNK)).min(len);
-        let end = (offset + CONSOLE_CHUNK).min(len);
-        f.seek(std::io::SeekFrom::Start(offset))?;
-        let mut buf = vec![0u8; (end - offset) as usize];
-        f.read_exact(&mut buf)?;
-        Ok(ConsoleText {
-            offset,
-            next: end,
-            text: String::from_utf8_lossy(&buf).into_owned(),
-        })
-    })
-    .await
-    .map_err(|e| ApiError::new(ErrorKind::Daemon, format!("console read failed: {e}")))?;
-    read.map(Json)
-        .map_err(|e| ApiError::new(ErrorKind::Io, format!("cannot read the console log: {e}")))
 }
