@@ -448,7 +448,7 @@ fn off_loopback_the_api_needs_tls_and_serves_https() {
         "{err}"
     );
 
-    let (srv, cli) = common::make_certs(&e.work);
+    let (srv, cli) = cairn_test_peers::tls::make_certs(&e.work);
     let cert = srv.join("server-cert.pem").display().to_string();
     let key = srv.join("server-key.pem").display().to_string();
     let d = Daemon::start_with(

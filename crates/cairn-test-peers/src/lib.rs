@@ -1,9 +1,11 @@
 //! The real servers Cairn's tests run against, started on 127.0.0.1 by the tests themselves and
 //! stopped when dropped: [`s3s_fs`] (a one-process S3 server over a directory) and [`garage`] (a
-//! Garage cluster). `scripts/setup-tests.sh` installs both.
+//! Garage cluster). `scripts/setup-tests.sh` installs both. [`tls`] makes certificates for the
+//! TLS tests.
 
 pub mod garage;
 pub mod s3s_fs;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
