@@ -182,7 +182,8 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn Progress) -> R
         let mut done = 0u64;
         for plan in &plans {
             let target = Target::checkpoint(&plan.volume, &plan.cp.name);
-            let mut map = VolumeMap::new();
+            // One piece a unit, so the map never grows past what it holds.
+            let mut map = VolumeMap::with_capacity(plan.units.len());
             for batch in batches(&plan.units) {
                 if upload_error.lock().map(|e| e.is_some()).unwrap_or(true) {
                     break;
@@ -244,6 +245,8 @@ pub fn create(repo: &Repository, src: &Source, progress: &mut dyn Progress) -> R
         stats.stored_bytes += n;
         index_names.push(name);
     }
+    // Its 24 bytes a chunk are not needed while the maps are encoded and stored.
+    drop(segment);
     let mut images = Vec::new();
     for (plan, map) in plans.iter().zip(&maps) {
         let base_maps = plan.base.as_ref().map(|(m, i)| &m.images[*i].maps[..]);
@@ -518,9 +521,7 @@ fn store_map(
     let base_pieces = chain.first().map_or(0, |m| m.pieces);
     if chain.len() + 1 > MAX_CHAIN || delta_pieces > base_pieces.max(MIN_REBASE_PIECES) {
         let mut merged = repo.load_map(&chain)?;
-        for p in map.pieces() {
-            merged.overlay(*p, false);
-        }
+        merged.overlay_map(map, false);
         let (name, n) = repo.put_map(&merged)?;
         stats.stored_bytes += n;
         return Ok(vec![MapRef {

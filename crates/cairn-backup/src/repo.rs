@@ -380,7 +380,7 @@ impl Repository {
             let part = &cache[&r.name];
             match i {
                 0 => map = part.clone(),
-                _ => part.pieces().for_each(|p| map.overlay(*p, false)),
+                _ => map.overlay_map(part, false),
             }
         }
         Ok(map)
