@@ -32,7 +32,7 @@ use crate::repo::{now_ms, Repository};
 use crate::session::Session;
 
 /// Volume bytes read and sealed per batch.
-const BATCH_BYTES: u64 = 16 << 20;
+const BATCH_BYTES: u64 = 8 << 20;
 /// Packs being uploaded at once.
 const UPLOADERS: usize = 3;
 /// zstd level of chunk data: level 1 keeps up with the disk on two cores.
@@ -473,7 +473,9 @@ impl<'a> Packer<'a> {
             return;
         }
         let name = std::mem::replace(&mut self.name, new_name());
-        let records = std::mem::take(&mut self.records);
+        let mut records = std::mem::take(&mut self.records);
+        // The segment keeps these until the backup ends: without the room they grew into.
+        records.shrink_to_fit();
         let table = IndexSegment {
             packs: vec![(name.clone(), records.clone())],
         };
