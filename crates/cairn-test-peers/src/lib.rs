@@ -9,6 +9,7 @@ pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// A tool from `cargo install` (in `~/.cargo/bin`, or on the PATH).
@@ -36,4 +37,25 @@ pub(crate) fn wait_port(port: u16, what: &str) {
         assert!(Instant::now() < deadline, "{what} did not listen on {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs a peer tool (qemu-img, qemu-io, nbdinfo, nbdcopy, openssl...); it must succeed; returns
+/// its stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let o = output(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a peer tool and returns what happened.
+pub fn output(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is installed by scripts/setup-tests.sh: {e}"))
 }

@@ -2,20 +2,8 @@
 //! 127.0.0.1, laid out as QEMU's `tls-creds-x509` wants them.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// Runs openssl with `args`; it must succeed.
-fn openssl(args: &[&str]) {
-    let o = Command::new("openssl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("openssl is installed by scripts/setup.sh: {e}"));
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
+use crate::run;
 
 /// A CA and a server certificate for 127.0.0.1, made with openssl; returns (server dir, client dir).
 pub fn make_certs(dir: &Path) -> (PathBuf, PathBuf) {
@@ -47,7 +35,7 @@ pub fn make_certs(dir: &Path) -> (PathBuf, PathBuf) {
         "-addext",
         "keyUsage=critical,keyCertSign,cRLSign",
     ]);
-    openssl(&ca);
+    run("openssl", &ca);
     let (key, csr, cert, ext) = (
         p("server-key.pem"),
         p("server.csr"),
@@ -62,24 +50,27 @@ pub fn make_certs(dir: &Path) -> (PathBuf, PathBuf) {
     let mut req = vec!["req"];
     req.extend_from_slice(&ec);
     req.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", "/CN=127.0.0.1"]);
-    openssl(&req);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca_cert,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-out",
-        &cert,
-        "-days",
-        "2",
-        "-extfile",
-        &ext,
-    ]);
+    run("openssl", &req);
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_cert,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    );
     std::fs::copy(&cert, srv.join("server-cert.pem")).expect("copy");
     std::fs::copy(&key, srv.join("server-key.pem")).expect("copy");
     std::fs::copy(&ca_cert, cli.join("ca-cert.pem")).expect("copy");

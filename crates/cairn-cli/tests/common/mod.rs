@@ -293,24 +293,9 @@ fn unique() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs a peer tool (qemu-img, qemu-io, nbdinfo, nbdcopy); it must succeed.
-pub fn run(cmd: &str, args: &[&str]) -> String {
-    let o = output(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-pub fn output(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} is installed by scripts/setup.sh: {e}"))
-}
+// Not every test binary runs peer tools.
+#[allow(unused_imports)]
+pub use cairn_test_peers::{output, run};
 
 /// `len` bytes that no compressor shrinks (xorshift64 from `seed`).
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use cairn_engine::{Options, Store};
@@ -90,22 +89,6 @@ impl Drop for Served {
     }
 }
 
-/// Runs `cmd`; it must succeed; returns its stdout.
-pub fn run(cmd: &str, args: &[&str]) -> String {
-    let o = output(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs `cmd` and returns what happened.
-pub fn output(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} is installed by scripts/setup-tests.sh: {e}"))
-}
+// Not every test binary runs peer tools.
+#[allow(unused_imports)]
+pub use cairn_test_peers::{output, run};
