@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::nbd_client::nbdsh;
 use common::*;
 
 #[test]
@@ -25,16 +25,7 @@ for off in range(4 << 20, 8 << 20, 4096):
 print("written", flush=True)
 sys.stdin.readline()
 "#;
-    let mut client = Command::new("/usr/bin/python3")
-        .args(["-m", "nbd", "-u", &d.uri("v"), "-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn nbdsh");
-    let mut out = std::io::BufReader::new(client.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).expect("written");
+    let (mut client, _out, line) = nbdsh(&d.uri("v"), script);
     assert_eq!(line.trim(), "written");
     std::thread::sleep(Duration::from_millis(3500));
     let mut d = d;

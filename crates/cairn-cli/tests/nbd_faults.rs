@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use cairn_nbd::proto::*;
 
 mod common;
-use common::nbd_client::Raw;
+use common::nbd_client::{nbdsh, Raw};
 use common::*;
 
 #[test]
@@ -341,16 +341,7 @@ try:
 except nbd.Error as err:
     print("disconnected:", err, flush=True)
 "#;
-    let mut client = Command::new("/usr/bin/python3")
-        .args(["-m", "nbd", "-u", &d.uri("v"), "-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn nbdsh");
-    let mut out = std::io::BufReader::new(client.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).expect("first read");
+    let (mut client, mut out, mut line) = nbdsh(&d.uri("v"), script);
     assert_eq!(line.trim(), "22");
     // A reader of a checkpoint is no bother: that data does not change.
     let other = run("nbdinfo", &["--size", &d.uri("v@a")]);

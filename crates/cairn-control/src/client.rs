@@ -84,21 +84,14 @@ impl Client {
         progress: &mut dyn FnMut(u64),
     ) -> Result<Reply, OpError> {
         let body = serde_json::to_vec(op).map_err(daemon_err)?;
+        let (status, bytes) = self.request("POST", "/api/v1/jobs", body)?;
+        if status != 202 {
+            return Err(answer(status, &bytes)
+                .err()
+                .unwrap_or_else(|| daemon_err(format!("HTTP {status} when starting a job"))));
+        }
+        let job: JobInfo = serde_json::from_slice(&bytes).map_err(daemon_err)?;
         self.rt.block_on(async {
-            let resp = self.send("POST", "/api/v1/jobs", body, None).await?;
-            let status = resp.status().as_u16();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(daemon_err)?
-                .to_bytes();
-            if status != 202 {
-                return Err(answer(status, &bytes)
-                    .err()
-                    .unwrap_or_else(|| daemon_err(format!("HTTP {status} when starting a job"))));
-            }
-            let job: JobInfo = serde_json::from_slice(&bytes).map_err(daemon_err)?;
             let path = format!("/api/v1/jobs/{}/events", job.id);
             let resp = self
                 .send("GET", &path, Vec::new(), Some("text/event-stream"))

@@ -1,7 +1,9 @@
-//! A hand-written NBD client, for the input no real client sends.
+//! A hand-written NBD client, for the input no real client sends, and libnbd's nbdsh running a
+//! script that stays connected.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use cairn_nbd::proto::*;
@@ -97,4 +99,21 @@ impl Raw {
         let mut b = [0u8; 1];
         matches!(self.s.read(&mut b), Ok(0) | Err(_))
     }
+}
+
+/// libnbd's nbdsh on `uri` running `script`, its stdin and stdout piped, once it has printed its
+/// first line (returned with the child and the rest of its output). nbdsh is `python3 -m nbd`;
+/// Debian's python3 has the module, another one first on PATH may not.
+pub fn nbdsh(uri: &str, script: &str) -> (Child, BufReader<ChildStdout>, String) {
+    let mut client = Command::new("/usr/bin/python3")
+        .args(["-m", "nbd", "-u", uri, "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nbdsh");
+    let mut out = BufReader::new(client.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("nbdsh's first line");
+    (client, out, line)
 }
