@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use cairn_control::{Client, Op, OpError, Reply, Service};
+use cairn_control::group::GroupReply;
+use cairn_control::{Client, ErrorKind, Op, OpError, Reply, Service, MAX_CHECKPOINT_PAGE};
 use cairn_engine::{CheckpointInfo, Extent, VolumeInfo};
 
 /// The store or daemon commands talk to.
@@ -49,14 +50,38 @@ impl Backend {
         }
     }
 
+    /// Every checkpoint of a VM, volume or group, asked for a page at a time as the daemon
+    /// hands them out: one reply with every page's checkpoints, oldest first.
+    pub fn checkpoint_list(&self, target: &str) -> Result<Reply, OpError> {
+        let mut whole: Option<Reply> = None;
+        let mut after = None;
+        loop {
+            let page = self.call(Op::CheckpointList {
+                volume: target.to_string(),
+                after: after.take(),
+                limit: Some(MAX_CHECKPOINT_PAGE),
+            })?;
+            let next = match whole.as_mut() {
+                None => {
+                    whole = Some(page);
+                    take_next(whole.as_mut().expect("just set"))
+                }
+                Some(w) => append_page(w, page)?,
+            };
+            match next {
+                Some(n) => after = Some(n),
+                None => return Ok(whole.expect("one page at least")),
+            }
+        }
+    }
+
     /// A volume's checkpoints and its head's parent.
     pub fn checkpoints(&self, volume: &str) -> Result<(Vec<CheckpointInfo>, Option<String>)> {
-        match self.call(Op::CheckpointList {
-            volume: volume.to_string(),
-        })? {
+        match self.checkpoint_list(volume)? {
             Reply::Checkpoints {
                 checkpoints,
                 head_parent,
+                ..
             } => Ok((checkpoints, head_parent)),
             Reply::VmCheckpoints { .. } => {
                 bail!("'{volume}' is a VM; name one of its disks (VOLUME@CHECKPOINT)")
@@ -89,4 +114,39 @@ impl Backend {
 
 fn unexpected<T>(r: Reply) -> Result<T> {
     bail!("the store answered with an unexpected reply: {r:?}")
+}
+
+/// Takes the cursor out of a checkpoint list's page.
+fn take_next(page: &mut Reply) -> Option<String> {
+    match page {
+        Reply::Checkpoints { next, .. }
+        | Reply::VmCheckpoints { next, .. }
+        | Reply::Group(GroupReply::Checkpoints { next, .. }) => next.take(),
+        _ => None,
+    }
+}
+
+/// Adds a later page's checkpoints to `whole`; the later page's cursor.
+fn append_page(whole: &mut Reply, mut page: Reply) -> Result<Option<String>, OpError> {
+    let next = take_next(&mut page);
+    match (whole, page) {
+        (Reply::Checkpoints { checkpoints: w, .. }, Reply::Checkpoints { checkpoints: p, .. }) => {
+            w.extend(p)
+        }
+        (
+            Reply::VmCheckpoints { checkpoints: w, .. },
+            Reply::VmCheckpoints { checkpoints: p, .. },
+        ) => w.extend(p),
+        (
+            Reply::Group(GroupReply::Checkpoints { checkpoints: w, .. }),
+            Reply::Group(GroupReply::Checkpoints { checkpoints: p, .. }),
+        ) => w.extend(p),
+        (_, other) => {
+            return Err(OpError::new(
+                ErrorKind::Daemon,
+                format!("a later page of a checkpoint list came back as another kind of answer ({other:?}): list again"),
+            ))
+        }
+    }
+    Ok(next)
 }

@@ -197,9 +197,7 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
             }
         }
         CheckpointCmd::List { name, tree } => {
-            let reply = store.call(Op::CheckpointList {
-                volume: name.clone(),
-            })?;
+            let reply = store.checkpoint_list(&name)?;
             if let Reply::Group(g) = reply {
                 return crate::group::print_reply(&name, g, json);
             }
@@ -207,6 +205,7 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
                 Reply::Checkpoints {
                     checkpoints,
                     head_parent,
+                    ..
                 } => (
                     checkpoints.iter().map(Row::from).collect::<Vec<_>>(),
                     head_parent.clone(),
@@ -214,6 +213,7 @@ pub fn run(store: &Backend, cmd: CheckpointCmd, json: bool, yes: bool) -> Result
                 Reply::VmCheckpoints {
                     checkpoints,
                     head_parent,
+                    ..
                 } => (
                     checkpoints.iter().map(Row::from).collect(),
                     head_parent.clone(),

@@ -96,7 +96,9 @@ pub fn print_reply(target: &str, reply: GroupReply, json: bool) -> Result<()> {
     }
     match reply {
         GroupReply::Checkpoint(cp) => outln!("created {}", describe(target, &cp)),
-        GroupReply::Checkpoints { group, checkpoints } => {
+        GroupReply::Checkpoints {
+            group, checkpoints, ..
+        } => {
             if checkpoints.is_empty() {
                 outln!("group {group} has no checkpoints yet");
             }

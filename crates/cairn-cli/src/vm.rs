@@ -269,9 +269,7 @@ pub fn run(backend: &Backend, dir: &Path, cmd: VmCmd, json: bool, yes: bool) -> 
         }
         VmCmd::Delete { name } => {
             let v = vm(backend.call(Op::VmInfo { name: name.clone() })?)?;
-            let checkpoints = match backend.call(Op::CheckpointList {
-                volume: name.clone(),
-            })? {
+            let checkpoints = match backend.checkpoint_list(&name)? {
                 Reply::VmCheckpoints { checkpoints, .. } => checkpoints,
                 other => bail!("unexpected reply {other:?}"),
             };

@@ -9,6 +9,7 @@ use cairn_vm::{VmError, VmSpec, VmStatus, VmStore};
 
 use crate::error::{ErrorKind, OpError};
 use crate::ops::{Op, Reply, MAX_DATA};
+use crate::paging::Page;
 use crate::reports::{ApplyReport, KeptState};
 
 /// The VM definitions of the store.
@@ -202,10 +203,23 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             }
             Reply::Checkpoint(info)
         }
-        Op::CheckpointList { volume } => Reply::Checkpoints {
-            checkpoints: store.list_checkpoints(&volume)?,
-            head_parent: store.volume_info(&volume)?.parent,
-        },
+        Op::CheckpointList {
+            volume,
+            after,
+            limit,
+        } => {
+            let page = Page::new(&after, limit)?;
+            let (checkpoints, next) = if page.is_all() {
+                (store.list_checkpoints(&volume)?, None)
+            } else {
+                store.list_checkpoints_page(&volume, page.after_id()?, page.limit())?
+            };
+            Reply::Checkpoints {
+                checkpoints,
+                head_parent: store.volume_info(&volume)?.parent,
+                next: next.map(|id| id.to_string()),
+            }
+        }
         Op::CheckpointApply {
             volume,
             name,

@@ -111,8 +111,11 @@ pub enum GroupReply {
     Checkpoints {
         /// The group.
         group: String,
-        /// Its checkpoints, oldest first.
+        /// Its checkpoints (the page asked for), oldest first.
         checkpoints: Vec<GroupCheckpoint>,
+        /// When more remain after this page: the cursor to ask for the next with.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     /// What applying a group checkpoint did to each member.
     Applied(Vec<ApplyReport>),

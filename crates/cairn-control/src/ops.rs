@@ -14,6 +14,10 @@ use crate::backup::{BackupOp, BackupReply};
 use crate::lifecycle::{LifecycleOp, LifecycleReply};
 use crate::reports::{ApplyReport, VmCheckpointInfo, VmSpaceReport};
 
+/// The most checkpoints one page of a list holds over HTTP and the control socket: a volume's
+/// 10,000 checkpoints are 2 MB of JSON, and a page keeps every answer small and quick.
+pub const MAX_CHECKPOINT_PAGE: u32 = 1000;
+
 /// Largest data an `Op::VolumeWrite` carries or an `Op::VolumeRead` returns; bigger transfers
 /// are split by the caller (bulk data belongs on NBD, not in JSON).
 pub const MAX_DATA: u64 = 4 << 20;
@@ -105,6 +109,12 @@ pub enum Op {
     CheckpointList {
         /// Volume.
         volume: String,
+        /// Lists only what comes after this cursor: the `next` of the page before.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+        /// Lists at most this many (at least 1); all when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
     },
     /// Make the head (or a VM's disks, and memory) a checkpoint's state. The state it replaces
     /// is kept as a checkpoint first: named `save_current`, else, when it differs from every
@@ -274,19 +284,25 @@ pub enum Reply {
     Checkpoint(CheckpointInfo),
     /// A volume's checkpoints and which one its head came from.
     Checkpoints {
-        /// All checkpoints.
+        /// Its checkpoints (the page asked for), oldest first.
         checkpoints: Vec<CheckpointInfo>,
         /// The head's parent.
         head_parent: Option<String>,
+        /// When more remain after this page: the cursor to ask for the next with.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     /// One VM checkpoint.
     VmCheckpoint(VmCheckpointInfo),
     /// A VM's checkpoints and which one it was last taken or applied from.
     VmCheckpoints {
-        /// All of them, oldest first.
+        /// Its checkpoints (the page asked for), oldest first.
         checkpoints: Vec<VmCheckpointInfo>,
         /// The VM's parent checkpoint.
         head_parent: Option<String>,
+        /// When more remain after this page: the cursor to ask for the next with.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     /// Checkpoints deleted, in the order they went.
     Deleted(Vec<String>),
@@ -387,11 +403,32 @@ impl Op {
         }
     }
 
+    /// `self` with a checkpoint list's page limited to [`MAX_CHECKPOINT_PAGE`] (a larger or
+    /// missing limit becomes the maximum); other operations unchanged.
+    pub fn with_page_limit(self) -> Op {
+        match self {
+            Op::CheckpointList {
+                volume,
+                after,
+                limit,
+            } => Op::CheckpointList {
+                volume,
+                after,
+                limit: Some(
+                    limit
+                        .unwrap_or(MAX_CHECKPOINT_PAGE)
+                        .min(MAX_CHECKPOINT_PAGE),
+                ),
+            },
+            op => op,
+        }
+    }
+
     /// The VM, volume or group a checkpoint operation names (and the volume of a space query).
     pub fn checkpoint_target(&self) -> Option<&str> {
         match self {
             Op::CheckpointCreate { volume, .. }
-            | Op::CheckpointList { volume }
+            | Op::CheckpointList { volume, .. }
             | Op::CheckpointApply { volume, .. }
             | Op::CheckpointDelete { volume, .. }
             | Op::CheckpointEdit { volume, .. }

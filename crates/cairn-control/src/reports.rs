@@ -46,9 +46,7 @@ impl VmCheckpointInfo {
     pub fn of(store: &Store, cp: &VmCheckpoint, head: Option<&str>) -> VmCheckpointInfo {
         let referenced_on = |volume: &str| -> (u64, u64) {
             store
-                .list_checkpoints(volume)
-                .ok()
-                .and_then(|list| list.into_iter().find(|c| c.name == cp.name))
+                .checkpoint_info(volume, &cp.name)
                 .map_or((0, 0), |c| (c.size, c.referenced))
         };
         let (mut size, mut disks_referenced) = (0, 0);

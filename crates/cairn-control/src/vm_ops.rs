@@ -10,6 +10,7 @@ use cairn_vm::checkpoint::{self as ck, Keep};
 use crate::error::{ErrorKind, OpError};
 use crate::execute::{subtree_leaves_first, vm_store};
 use crate::ops::{Op, Reply};
+use crate::paging::Page;
 use crate::reports::{ApplyReport, VmCheckpointInfo, VmSpaceReport};
 
 /// Checkpoint operations whose target names a VM; `None` when it names a volume.
@@ -49,17 +50,20 @@ pub(crate) fn execute_vm_checkpoint(store: &Arc<Store>, op: &Op) -> Result<Optio
             let cp = ck::take_stopped(&vms, store, vm, &name, description.as_deref(), *automatic)?;
             Reply::VmCheckpoint(VmCheckpointInfo::of(store, &cp, Some(&cp.name)))
         }
-        Op::CheckpointList { .. } => {
+        Op::CheckpointList { after, limit, .. } => {
             let head = head()?;
-            let checkpoints = vms
-                .checkpoints(vm)?
+            let mut all = vms.checkpoints(vm)?;
+            all.retain(|c| !c.pending);
+            let (page, next) =
+                Page::new(after, *limit)?.of(all, |c| (c.created_ms, c.name.as_str()))?;
+            let checkpoints = page
                 .iter()
-                .filter(|c| !c.pending)
                 .map(|c| VmCheckpointInfo::of(store, c, head.as_deref()))
                 .collect();
             Reply::VmCheckpoints {
                 checkpoints,
                 head_parent: head,
+                next,
             }
         }
         Op::CheckpointApply {

@@ -90,7 +90,7 @@ pub async fn start(
     Extension(caller): Extension<Caller>,
     Body(op): Body<Op>,
 ) -> Result<(StatusCode, Json<JobInfo>), ApiError> {
-    admit(&caller, &op)?;
+    let op = admit(&caller, op)?;
     let name = serde_json::to_value(&op)
         .ok()
         .and_then(|v| v["op"].as_str().map(str::to_string))

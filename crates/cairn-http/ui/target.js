@@ -107,8 +107,15 @@
     Cairn.leave = () => leave && leave();
 
     async function loadCheckpoints() {
-      const r = await api('GET', base + '/checkpoints');
-      state.cps = r.value.checkpoints;
+      // The daemon hands a list out in pages of up to 1,000; the tree needs all of it.
+      const cps = [];
+      let r, after = null;
+      do {
+        r = await api('GET', base + '/checkpoints' + (after ? '?after=' + encodeURIComponent(after) : ''));
+        for (const c of r.value.checkpoints) cps.push(c);
+        after = r.value.next;
+      } while (after);
+      state.cps = cps;
       state.headParent = r.value.head_parent;
       for (const s of [...state.selected]) if (!state.cps.some((c) => c.name === s)) state.selected.delete(s);
       if (state.current && !state.cps.some((c) => c.name === state.current)) state.current = null;

@@ -9,6 +9,7 @@ use crate::error::{ErrorKind, OpError};
 use crate::execute::vm_store;
 use crate::group::{self, Group, GroupCheckpoint, GroupReply, MemberCheckpoint};
 use crate::ops::{Op, Reply};
+use crate::paging::Page;
 
 impl Service {
     /// The group a checkpoint operation names, if it names one (not a VM or volume).
@@ -45,10 +46,15 @@ impl Service {
                     .await?;
                 GroupReply::Checkpoint(cp)
             }
-            Op::CheckpointList { .. } => GroupReply::Checkpoints {
-                group: g.name.clone(),
-                checkpoints: g.checkpoints.clone(),
-            },
+            Op::CheckpointList { after, limit, .. } => {
+                let (checkpoints, next) = Page::new(&after, limit)?
+                    .of(g.checkpoints.clone(), |c| (c.created_ms, c.name.as_str()))?;
+                GroupReply::Checkpoints {
+                    group: g.name.clone(),
+                    checkpoints,
+                    next,
+                }
+            }
             Op::CheckpointApply {
                 name,
                 save_current,

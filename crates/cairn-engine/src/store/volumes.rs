@@ -197,6 +197,45 @@ impl Store {
         ids.into_iter().map(|id| st.checkpoint_info(id)).collect()
     }
 
+    /// Up to `limit` checkpoints of a volume, oldest first, after the one with catalog id
+    /// `after` (from the start when `None`), and the id to continue after when more remain.
+    /// Only the page's records are built, so a page costs what it holds, not what the volume
+    /// holds; ids are never reused, so a page boundary survives deletes and renames between calls.
+    pub fn list_checkpoints_page(
+        &self,
+        volume: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<CheckpointInfo>, Option<u64>)> {
+        let limit = limit.max(1);
+        self.heal()?;
+        let st = self.state();
+        let vid = st.volume_id(volume)?;
+        let mut ids: Vec<u64> = st
+            .checkpoint_ids
+            .range((vid, String::new())..(vid + 1, String::new()))
+            .map(|(_, id)| *id)
+            .filter(|id| after.is_none_or(|a| *id > a))
+            .collect();
+        ids.sort_unstable();
+        let next = (ids.len() > limit).then(|| ids[limit - 1]);
+        let page = ids
+            .into_iter()
+            .take(limit)
+            .map(|id| st.checkpoint_info(id))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((page, next))
+    }
+
+    /// One checkpoint of a volume, found through the names index.
+    pub fn checkpoint_info(&self, volume: &str, name: &str) -> Result<CheckpointInfo> {
+        self.heal()?;
+        let st = self.state();
+        let vid = st.volume_id(volume)?;
+        let id = st.checkpoint_id(vid, volume, name)?;
+        st.checkpoint_info(id)
+    }
+
     /// Makes a volume's head the state of one of its checkpoints; the head's own changes are dropped
     /// unless `save_current` names a checkpoint to keep them in first. Newer checkpoints remain.
     pub fn apply_checkpoint(

@@ -17,8 +17,8 @@ pub async fn status(State(st): State<AppState>) -> Json<DaemonStatus> {
 }
 
 /// Refuses what only the store's owner runs (tokens) to TCP clients, and writes by a
-/// read-only token.
-pub fn admit(caller: &Caller, op: &Op) -> Result<(), ApiError> {
+/// read-only token; a checkpoint list comes in pages (see [`Op::with_page_limit`]).
+pub fn admit(caller: &Caller, op: Op) -> Result<Op, ApiError> {
     if matches!(op, Op::Token(_)) && !matches!(caller, Caller::Owner) {
         return Err(ApiError::new(
             ErrorKind::Forbidden,
@@ -28,7 +28,7 @@ pub fn admit(caller: &Caller, op: &Op) -> Result<(), ApiError> {
     if !op.is_read_only() {
         caller.may_write("run this operation")?;
     }
-    Ok(())
+    Ok(op.with_page_limit())
 }
 
 /// Runs any operation the CLI can run and returns its reply. Long work is better started as a
@@ -40,6 +40,6 @@ pub async fn run(
     Extension(caller): Extension<Caller>,
     Body(op): Body<Op>,
 ) -> Answer<Reply> {
-    admit(&caller, &op)?;
+    let op = admit(&caller, op)?;
     Ok(Json(st.call(op).await?))
 }
