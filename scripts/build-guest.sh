@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${GUEST_DIR:-target/guest}
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ "$out/initrd.img" -nt scripts/build-guest.sh ]; then
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ "$out/initrd.img" -nt scripts/build-guest.sh ] \
+    && [ "$out/initrd.img" -nt scripts/guest-load.c ]; then
     exit 0
 fi
 mkdir -p "$out"
@@ -36,6 +37,8 @@ mkdir -p "$root/bin" "$root/sbin" "$root/lib/modules" "$root/lib64" "$root/lib/x
     "$root/dev" "$root/proc" "$root/sys" "$root/run" "$root/tmp" "$root/data"
 cp "$work/busybox/bin/busybox" "$root/bin/busybox"
 cp "$work/agent/usr/sbin/qemu-ga" "$root/sbin/qemu-ga"
+# The disk load generator of `cairn bench --guest-io`, static: fio's libraries would not fit.
+cc -O2 -static -pthread -o "$root/bin/cairn-load" scripts/guest-load.c
 for l in $agent_libs ld-linux-x86-64.so.2; do
     f=$(find "$work/agent" -name "$l" | head -1)
     [ -n "$f" ] || { echo "build-guest: $l not found in $agent_pkgs" >&2; exit 1; }
@@ -81,7 +84,19 @@ if [ -n "$datafs" ]; then
         datafs=
     fi
 fi
-disks=$(ls /dev/vd? 2>/dev/null | grep -vx "${datafs:-none}" | tr '\n' ' ')
+# `cairn.load=JOB,JOB,...` runs those disk jobs (scripts/guest-load.c: RW:BS:QD) on the last
+# disk, `cairn.loadsecs=S` seconds each after `cairn.loadramp=R`, and prints their results on the
+# console; that disk gets no counter writes.
+load= loadsecs=10 loadramp=2 loaddisk=
+for w in $cmdline; do
+    case "$w" in
+        cairn.load=*) load=${w#cairn.load=} ;;
+        cairn.loadsecs=*) loadsecs=${w#cairn.loadsecs=} ;;
+        cairn.loadramp=*) loadramp=${w#cairn.loadramp=} ;;
+    esac
+done
+[ -n "$load" ] && loaddisk=$(ls /dev/vd? 2>/dev/null | tail -1)
+disks=$(ls /dev/vd? 2>/dev/null | grep -vx "${datafs:-none}" | grep -vx "${loaddisk:-none}" | tr '\n' ' ')
 disks=${disks% }
 echo "cairn-guest: up, disks: ${disks:-none}"
 # The guest agent listens on the virtio-serial port QEMU names org.qemu.guest_agent.0, unless
@@ -102,6 +117,10 @@ esac
 case "$cmdline" in
     *" cairn.heartbeat "*) (while :; do echo -n .; done) & ;;
 esac
+if [ -n "$load" ]; then
+    # shellcheck disable=SC2046
+    (/bin/cairn-load "${loaddisk:-none}" "$loadsecs" "$loadramp" $(echo "$load" | tr , ' '); echo "cairn-load: done") &
+fi
 # A shell on the serial console for `cairn vm console --attach` (restarted if it exits). An
 # asynchronous list reads /dev/null unless told otherwise, hence the redirections.
 (while :; do sh -i </dev/console >/dev/console 2>&1; done) &

@@ -12,6 +12,9 @@ need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 # cpio packs the test guest's initramfs (scripts/build-guest.sh).
 command -v cpio >/dev/null 2>&1 || need_apt+=(cpio)
+# A C compiler and static libc: cargo links with cc, and the test guest's load generator is
+# built static.
+{ command -v cc >/dev/null 2>&1 && [ -e /usr/lib/x86_64-linux-gnu/libc.a ]; } || need_apt+=(gcc libc6-dev)
 apt_install ${need_apt[@]+"${need_apt[@]}"}
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 cd "$(dirname "$0")/.."

@@ -14,6 +14,7 @@ cargo build --release -q -p cairn-cli
 ./target/release/cairn bench --backup-large --quick
 ./target/release/cairn bench --lifecycle --quick
 ./target/release/cairn bench --api --quick
+./target/release/cairn bench --guest-io --quick
 ./scripts/fuzz.sh
 ./scripts/fuzz-api.sh
 log=$(mktemp)

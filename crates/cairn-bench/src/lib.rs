@@ -5,7 +5,8 @@
 //! test guest; [`backup`] backups against restic and borg; [`backup_large`] backups of a large
 //! volume: their memory, and the I/O latency the volume's user sees meanwhile; [`lifecycle`] the
 //! scheduler, pruning and group checkpoints; [`api`] the HTTP API and the web UI's first paint
-//! with 10,000 checkpoints. The `cairn bench` command parses its flags and
+//! with 10,000 checkpoints; [`guest_io`] disk I/O inside the test guest on Cairn against raw and
+//! qcow2 files. The `cairn bench` command parses its flags and
 //! prints what these return.
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ pub mod api;
 pub mod backup;
 pub mod backup_large;
 pub mod engine;
+pub mod guest_io;
 mod http;
 pub mod lifecycle;
 pub mod nbd;
@@ -54,6 +56,8 @@ pub enum Bench {
     Lifecycle,
     /// The HTTP API's reading calls and the web UI's first paint with 10,000 checkpoints.
     Api,
+    /// Disk I/O inside the test guest on Cairn, a raw file and a qcow2 file.
+    GuestIo,
 }
 
 /// Runs `bench` in a scratch directory removed afterwards; returns its Markdown report.
@@ -74,6 +78,7 @@ pub fn run(bench: Bench, settings: &Settings) -> Result<String> {
         Bench::BackupLarge => backup_large::run(&tmp.path, settings.quick, &settings.options),
         Bench::Lifecycle => lifecycle::run(&tmp.path, settings.quick),
         Bench::Api => api::run(&tmp.path, settings),
+        Bench::GuestIo => guest_io::run(&tmp.path, settings.quick, &settings.options),
     }
 }
 

@@ -349,7 +349,7 @@ fn ratio(a: &Result<f64>, b: &Result<f64>) -> String {
     }
 }
 
-fn random_file(path: &Path, bytes: u64) -> Result<()> {
+pub(crate) fn random_file(path: &Path, bytes: u64) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut rng = StdRng::seed_from_u64(42);
     let mut buf = vec![0u8; MIB as usize];

@@ -24,19 +24,7 @@ pub(crate) fn define_guest(
     memory: &str,
     extra: &str,
 ) -> Result<()> {
-    let guest =
-        PathBuf::from(std::env::var("CAIRN_GUEST_DIR").unwrap_or_else(|_| "target/guest".into()));
-    let (kernel, initrd) = (guest.join("vmlinuz"), guest.join("initrd.img"));
-    if !kernel.exists() || !initrd.exists() {
-        bail!(
-            "the test guest is missing in {}; run ./scripts/build-guest.sh (or set CAIRN_GUEST_DIR)",
-            guest.display()
-        );
-    }
-    let (k, i) = (
-        std::fs::canonicalize(&kernel)?,
-        std::fs::canonicalize(&initrd)?,
-    );
+    let (k, i) = guest_files()?;
     cairn(
         store,
         &[
@@ -56,6 +44,23 @@ pub(crate) fn define_guest(
         ],
     )?;
     Ok(())
+}
+
+/// The test guest's kernel and initramfs (scripts/build-guest.sh, or `CAIRN_GUEST_DIR`).
+pub(crate) fn guest_files() -> Result<(PathBuf, PathBuf)> {
+    let guest =
+        PathBuf::from(std::env::var("CAIRN_GUEST_DIR").unwrap_or_else(|_| "target/guest".into()));
+    let (kernel, initrd) = (guest.join("vmlinuz"), guest.join("initrd.img"));
+    if !kernel.exists() || !initrd.exists() {
+        bail!(
+            "the test guest is missing in {}; run ./scripts/build-guest.sh (or set CAIRN_GUEST_DIR)",
+            guest.display()
+        );
+    }
+    Ok((
+        std::fs::canonicalize(&kernel)?,
+        std::fs::canonicalize(&initrd)?,
+    ))
 }
 
 /// Waits until running VM `name` has booted (its second counter on the console).

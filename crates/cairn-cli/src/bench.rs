@@ -41,6 +41,11 @@ pub struct BenchArgs {
     /// Chromium, with 10,000 checkpoints on one volume.
     #[arg(long, conflicts_with_all = ["nbd", "vm", "backup", "backup_large", "lifecycle"])]
     pub api: bool,
+    /// Benchmark disk I/O inside the test guest (cairn-load, O_DIRECT, virtio-blk) with its disk
+    /// on Cairn through QEMU's NBD client, on a raw file and on a qcow2 file with as many
+    /// internal snapshots as the volume has checkpoints.
+    #[arg(long, conflicts_with_all = ["nbd", "vm", "backup", "backup_large", "lifecycle", "api"])]
+    pub guest_io: bool,
 }
 
 /// Runs the benchmark and prints its report (Markdown, or `{"report": ...}` with `--json`).
@@ -48,6 +53,7 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     let which = match (args.nbd, args.vm, args.backup, args.backup_large) {
         _ if args.lifecycle => cairn_bench::Bench::Lifecycle,
         _ if args.api => cairn_bench::Bench::Api,
+        _ if args.guest_io => cairn_bench::Bench::GuestIo,
         (true, ..) => cairn_bench::Bench::Nbd,
         (_, true, ..) => cairn_bench::Bench::Vm,
         (_, _, true, _) => cairn_bench::Bench::Backup,
