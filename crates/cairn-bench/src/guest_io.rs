@@ -133,7 +133,10 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
             }
             io.push(qcow2_s.clone());
             crate::tool_ok("qemu-img", &["snapshot", "-c", &format!("s{s}"), &qcow2_s])?;
-            crate::tool_ok("qemu-io", &io.iter().map(String::as_str).collect::<Vec<_>>())?;
+            crate::tool_ok(
+                "qemu-io",
+                &io.iter().map(String::as_str).collect::<Vec<_>>(),
+            )?;
         }
         store.flush()?;
     }
@@ -270,7 +273,8 @@ fn boot(
             .context("starting QEMU")?,
     );
     let console = vm_dir.join("console.log");
-    let limit = Duration::from_secs(120 + plan.jobs.len() as u64 * (plan.seconds + plan.ramp + 30) as u64);
+    let limit =
+        Duration::from_secs(120 + plan.jobs.len() as u64 * (plan.seconds + plan.ramp + 30) as u64);
     let t = Instant::now();
     loop {
         let text = std::fs::read_to_string(&console).unwrap_or_default();
@@ -278,7 +282,10 @@ fn boot(
             return parse(&text, plan);
         }
         if t.elapsed() > limit {
-            bail!("the guest did not finish its jobs within {} s", limit.as_secs());
+            bail!(
+                "the guest did not finish its jobs within {} s",
+                limit.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }

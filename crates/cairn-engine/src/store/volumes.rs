@@ -184,17 +184,7 @@ impl Store {
 
     /// Every checkpoint of a volume, oldest first.
     pub fn list_checkpoints(&self, volume: &str) -> Result<Vec<CheckpointInfo>> {
-        self.heal()?;
-        let st = self.state();
-        let vid = st.volume_id(volume)?;
-        // This volume's checkpoints from the ordered names index, oldest (lowest id) first.
-        let mut ids: Vec<u64> = st
-            .checkpoint_ids
-            .range((vid, String::new())..(vid + 1, String::new()))
-            .map(|(_, id)| *id)
-            .collect();
-        ids.sort_unstable();
-        ids.into_iter().map(|id| st.checkpoint_info(id)).collect()
+        Ok(self.list_checkpoints_page(volume, None, usize::MAX)?.0)
     }
 
     /// Up to `limit` checkpoints of a volume, oldest first, after the one with catalog id
@@ -211,6 +201,7 @@ impl Store {
         self.heal()?;
         let st = self.state();
         let vid = st.volume_id(volume)?;
+        // This volume's checkpoints from the ordered names index, oldest (lowest id) first.
         let mut ids: Vec<u64> = st
             .checkpoint_ids
             .range((vid, String::new())..(vid + 1, String::new()))
