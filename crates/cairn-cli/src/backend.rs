@@ -150,3 +150,76 @@ fn append_page(whole: &mut Reply, mut page: Reply) -> Result<Option<String>, OpE
     }
     Ok(next)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_control::group::GroupCheckpoint;
+
+    fn volume_page(names: &[&str], next: Option<&str>) -> Reply {
+        let checkpoints = names
+            .iter()
+            .map(|n| CheckpointInfo {
+                volume: "v".into(),
+                name: (*n).into(),
+                id: 0,
+                size: 0,
+                referenced: 0,
+                parent: None,
+                created_ms: 0,
+                description: None,
+                is_head_parent: false,
+                automatic: false,
+                pinned: false,
+            })
+            .collect();
+        Reply::Checkpoints {
+            checkpoints,
+            head_parent: Some("a".into()),
+            next: next.map(String::from),
+        }
+    }
+
+    #[test]
+    fn pages_are_put_together_in_order_and_their_cursors_taken() {
+        let mut whole = volume_page(&["a", "b"], Some("2"));
+        assert_eq!(take_next(&mut whole).as_deref(), Some("2"));
+        let next = append_page(&mut whole, volume_page(&["c"], Some("3"))).expect("append");
+        assert_eq!(next.as_deref(), Some("3"));
+        assert_eq!(
+            append_page(&mut whole, volume_page(&["d"], None)).expect("append"),
+            None
+        );
+        match whole {
+            Reply::Checkpoints {
+                checkpoints,
+                head_parent,
+                next,
+            } => {
+                let names: Vec<_> = checkpoints.iter().map(|c| c.name.as_str()).collect();
+                assert_eq!(names, ["a", "b", "c", "d"]);
+                assert_eq!(head_parent.as_deref(), Some("a"));
+                assert_eq!(next, None, "the whole list carries no cursor");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_page_of_another_kind_is_an_error() {
+        let mut whole = volume_page(&["a"], Some("1"));
+        take_next(&mut whole);
+        let group = Reply::Group(GroupReply::Checkpoints {
+            group: "g".into(),
+            checkpoints: vec![GroupCheckpoint {
+                name: "x".into(),
+                created_ms: 0,
+                description: None,
+                members: Vec::new(),
+            }],
+            next: None,
+        });
+        let err = append_page(&mut whole, group).expect_err("refused");
+        assert_eq!(err.kind, ErrorKind::Daemon);
+    }
+}
