@@ -344,7 +344,7 @@ pub fn check_not_pinned(store: &Store, volume: &str, name: &str) -> Result<(), O
         return Ok(());
     };
     for p in parts {
-        if pinned_on(store, &p).contains(name) {
+        if store.checkpoint_info(&p, name).is_ok_and(|c| c.pinned) {
             return Err(OpError::new(
                 ErrorKind::State,
                 format!("checkpoint '{volume}@{name}' is pinned; `cairn checkpoint unpin {volume}@{name}` first"),

@@ -131,9 +131,7 @@ impl Service {
             Ok(match vms.exists(&m) {
                 true => vms.checkpoint(&m, &name).is_ok_and(|c| !c.pending),
                 // A member deleted since has nothing to apply or delete.
-                false => store
-                    .list_checkpoints(&m)
-                    .is_ok_and(|l| l.iter().any(|c| c.name == name)),
+                false => store.checkpoint_info(&m, &name).is_ok(),
             })
         })
         .await

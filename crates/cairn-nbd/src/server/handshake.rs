@@ -38,17 +38,10 @@ impl Server {
                 false,
             ),
             Some(c) => {
-                let cps = self
+                let cp = self
                     .store
-                    .list_checkpoints(&target.volume)
+                    .checkpoint_info(&target.volume, c)
                     .map_err(|e| e.to_string())?;
-                let cp = cps.iter().find(|x| &x.name == c).ok_or_else(|| {
-                    EngineError::UnknownCheckpoint {
-                        volume: target.volume.clone(),
-                        name: c.clone(),
-                    }
-                    .to_string()
-                })?;
                 (cp.size, true)
             }
         };

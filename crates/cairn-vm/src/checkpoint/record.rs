@@ -281,12 +281,9 @@ pub fn check_applicable(vms: &VmStore, store: &Store, cp: &VmCheckpoint) -> Resu
     let spec = vms.get(&cp.vm)?;
     let target = format!("{}@{}", cp.vm, cp.name);
     for part in cp.parts() {
-        let has = store
-            .list_checkpoints(&part)
-            .map(|list| list.iter().any(|c| c.name == cp.name));
-        match has {
-            Ok(true) => {}
-            Ok(false) | Err(EngineError::UnknownVolume(_)) => {
+        match store.checkpoint_info(&part, &cp.name) {
+            Ok(_) => {}
+            Err(EngineError::UnknownCheckpoint { .. } | EngineError::UnknownVolume(_)) => {
                 return Err(VmError::State(format!(
                     "cannot apply {target}: its part '{part}@{}' is missing, so the checkpoint is damaged; nothing was changed (delete it with `cairn checkpoint delete {target}`)",
                     cp.name
@@ -383,16 +380,15 @@ pub fn begin(
     }
     // Fail before touching anything if a disk already has a checkpoint of that name.
     for d in &spec.disks {
-        if store
-            .list_checkpoints(d)
-            .map_err(engine)?
-            .iter()
-            .any(|c| c.name == name)
-        {
-            return Err(VmError::Engine(EngineError::CheckpointExists {
-                volume: d.clone(),
-                name: name.to_string(),
-            }));
+        match store.checkpoint_info(d, name) {
+            Err(EngineError::UnknownCheckpoint { .. }) => {}
+            Ok(_) => {
+                return Err(VmError::Engine(EngineError::CheckpointExists {
+                    volume: d.clone(),
+                    name: name.to_string(),
+                }))
+            }
+            Err(e) => return Err(engine(e)),
         }
     }
     let cp = VmCheckpoint {
