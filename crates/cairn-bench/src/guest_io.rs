@@ -97,7 +97,8 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
     let started = Instant::now();
 
     // The same data three ways: a Cairn volume, a raw file, a qcow2 file; then the same
-    // number of checkpoints / internal snapshots, each after the same 16 random 4 KiB writes.
+    // number of checkpoints / internal snapshots, each followed by the same 16 random 4 KiB
+    // writes.
     let raw = dir.join("disk.raw");
     random_file(&raw, plan.data)?;
     let qcow2 = dir.join("disk.qcow2");

@@ -209,11 +209,8 @@ fn execute_store(store: &Store, op: Op, progress: &mut dyn FnMut(u64)) -> Result
             limit,
         } => {
             let page = Page::new(&after, limit)?;
-            let (checkpoints, next) = if page.is_all() {
-                (store.list_checkpoints(&volume)?, None)
-            } else {
-                store.list_checkpoints_page(&volume, page.after_id()?, page.limit())?
-            };
+            let (checkpoints, next) =
+                store.list_checkpoints_page(&volume, page.after_id()?, page.limit())?;
             Reply::Checkpoints {
                 checkpoints,
                 head_parent: store.volume_info(&volume)?.parent,

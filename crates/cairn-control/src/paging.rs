@@ -27,11 +27,6 @@ impl<'a> Page<'a> {
         })
     }
 
-    /// Whether the whole list was asked for.
-    pub fn is_all(&self) -> bool {
-        self.after.is_none() && self.limit.is_none()
-    }
-
     /// The limit as a count (all when absent).
     pub fn limit(&self) -> usize {
         self.limit.map_or(usize::MAX, |l| l as usize)
