@@ -104,15 +104,8 @@ struct ImagePlan {
 fn plan(backups: &[Manifest], src: &Source, volume: &str) -> Result<ImagePlan> {
     let store = src.store;
     let vinfo = store.volume_info(volume)?;
+    let cp = store.checkpoint_info(volume, &src.checkpoint)?;
     let checkpoints = store.list_checkpoints(volume)?;
-    let cp = checkpoints
-        .iter()
-        .find(|c| c.name == src.checkpoint)
-        .ok_or_else(|| cairn_engine::Error::UnknownCheckpoint {
-            volume: volume.into(),
-            name: src.checkpoint.clone(),
-        })?
-        .clone();
     let base = find_base(backups, src.store_id, &vinfo, &checkpoints);
     let target = Target::checkpoint(volume, &cp.name);
     let extents = match &base {
@@ -299,15 +292,16 @@ fn find_base(
     vinfo: &VolumeInfo,
     checkpoints: &[CheckpointInfo],
 ) -> Option<(Manifest, usize, CheckpointInfo)> {
+    let by_id: HashMap<_, &CheckpointInfo> = checkpoints.iter().map(|c| (c.id, c)).collect();
     let mut best: Option<(&Manifest, usize, &CheckpointInfo)> = None;
     for m in backups.iter().filter(|m| m.store == store_id) {
         for (i, img) in m.images.iter().enumerate() {
             if img.volume_id != vinfo.id || img.volume_created_ms != vinfo.created_ms {
                 continue;
             }
-            let Some(cp) = checkpoints
-                .iter()
-                .find(|c| c.id == img.checkpoint_id && c.created_ms == img.checkpoint_created_ms)
+            let Some(&cp) = by_id
+                .get(&img.checkpoint_id)
+                .filter(|c| c.created_ms == img.checkpoint_created_ms)
             else {
                 continue;
             };
@@ -411,7 +405,7 @@ fn read_unit(
     let len = u64::from(u.blocks) * BLOCK;
     let mut buf = vec![0u8; usize::try_from(len).expect("a unit is at most a chunk")];
     let avail = usize::try_from(len.min(size - off)).expect("at most a chunk");
-    store.read(target, off, &mut buf[..avail])?;
+    store.read_background(target, off, &mut buf[..avail])?;
     if buf.iter().all(|&b| b == 0) {
         return Ok(None);
     }

@@ -427,14 +427,7 @@ pub fn run(
                 .map(|v| guards.pin(v, checkpoint))
                 .collect();
             for v in &src.volumes {
-                store
-                    .list_checkpoints(v)?
-                    .iter()
-                    .find(|c| &c.name == checkpoint)
-                    .ok_or_else(|| cairn_engine::Error::UnknownCheckpoint {
-                        volume: v.clone(),
-                        name: checkpoint.clone(),
-                    })?;
+                store.checkpoint_info(v, checkpoint)?;
             }
             let r = open(dir, &repo)?;
             let m = create(&r, &src, progress)?;

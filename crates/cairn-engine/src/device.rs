@@ -9,8 +9,10 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+mod background;
 mod direct;
 mod mapping;
+use background::BackgroundReader;
 use direct::DirectWriter;
 pub(crate) use direct::LONG_WRITE;
 use mapping::ReadMapping;
@@ -29,6 +31,12 @@ pub trait Device: Send + Sync {
     /// blocks the caller found in the host's cache or has just hinted with [`Device::prefetch`]:
     /// a device may serve somewhat longer runs from its mapping.
     fn read_fragment_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_data_at(buf, offset)
+    }
+    /// [`Device::read_data_at`] for background work that reads data once (a backup): a device
+    /// may read what is not in the host's cache in exactly the requested size, without readahead,
+    /// and leave nothing of it in the cache (`device/background.rs` says why).
+    fn read_background_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_data_at(buf, offset)
     }
     /// Writes all of `buf` at `offset`, growing the device if needed.
@@ -74,6 +82,7 @@ pub struct FileDevice {
     file: File,
     mapping: Option<ReadMapping>,
     direct: Option<DirectWriter>,
+    background: Option<BackgroundReader>,
 }
 
 impl FileDevice {
@@ -83,6 +92,7 @@ impl FileDevice {
             file,
             mapping: None,
             direct: None,
+            background: None,
         }
     }
 
@@ -94,6 +104,7 @@ impl FileDevice {
             file,
             mapping,
             direct: None,
+            background: None,
         }
     }
 
@@ -102,6 +113,14 @@ impl FileDevice {
     /// wraps; unchanged if the file system cannot do that.
     pub fn with_direct_writes(mut self, path: &Path) -> Self {
         self.direct = DirectWriter::open(path);
+        self
+    }
+
+    /// Also reads for background work ([`Device::read_background_at`]) through a handle of their
+    /// own on `path`, the file this device wraps (`device/background.rs` says why); unchanged if
+    /// it cannot be opened.
+    pub fn with_background_reads(mut self, path: &Path) -> Self {
+        self.background = BackgroundReader::open(path);
         self
     }
 
@@ -135,6 +154,13 @@ impl Device for FileDevice {
             return Ok(());
         }
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_background_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match &self.background {
+            Some(b) if self.is_cached(offset) != Some(true) => b.read(buf, offset),
+            _ => self.read_data_at(buf, offset),
+        }
     }
 
     fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -65,7 +65,7 @@ pub(crate) fn open_file(path: &Path, create: bool, access: FileAccess) -> Result
         .open(path)
         .map_err(Error::io("open", path.display().to_string()))?;
     let mut dev = if access.mapped_reads {
-        FileDevice::with_read_mapping(f)
+        FileDevice::with_read_mapping(f).with_background_reads(path)
     } else {
         FileDevice::new(f)
     };

@@ -169,7 +169,15 @@ impl Store {
 
     /// Reads `buf.len()` bytes at `offset` from a head or checkpoint; unwritten ranges read as zeros.
     pub fn read(&self, target: &Target, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_into(target, offset, buf, None)
+        self.read_into(target, offset, buf, None, false)
+    }
+
+    /// [`Store::read`] for background work that reads a checkpoint once, beside VMs using the
+    /// same disk (a backup): what is not in the host's cache is read in exactly the requested
+    /// size, without readahead, and does not stay in the cache, so the VMs' requests do not queue
+    /// behind long reads and keep their cached data (`device/background.rs` says why).
+    pub fn read_background(&self, target: &Target, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_into(target, offset, buf, None, true)
     }
 
     /// [`Store::read`] that also says which parts of `buf` are holes (read as zeros, no data
@@ -182,7 +190,7 @@ impl Store {
         buf: &mut [u8],
     ) -> Result<Vec<(u64, bool)>> {
         let mut runs = Vec::new();
-        self.read_into(target, offset, buf, Some(&mut runs))?;
+        self.read_into(target, offset, buf, Some(&mut runs), false)?;
         Ok(runs)
     }
 
@@ -192,6 +200,7 @@ impl Store {
         offset: u64,
         buf: &mut [u8],
         runs: Option<&mut Vec<(u64, bool)>>,
+        background: bool,
     ) -> Result<()> {
         let len = buf.len() as u64;
         if len == 0 {
@@ -223,11 +232,15 @@ impl Store {
                 }
             }
         }
+        let read_blocks = |out: &mut [u8]| match background {
+            true => self.read_blocks_background(&phys, out),
+            false => self.read_blocks(&phys, out),
+        };
         if offset.is_multiple_of(BS) && len.is_multiple_of(BS) {
-            return self.read_blocks(&phys, buf);
+            return read_blocks(buf);
         }
         let mut tmp = vec![0u8; nblocks as usize * BLOCK_SIZE];
-        self.read_blocks(&phys, &mut tmp)?;
+        read_blocks(&mut tmp)?;
         let skip = (offset - first * BS) as usize;
         buf.copy_from_slice(&tmp[skip..skip + len as usize]);
         Ok(())
@@ -254,6 +267,19 @@ impl Store {
             }
             if let Some(n) = ahead.next() {
                 hint(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Store::read_blocks`] for background work: one device read a run, each with
+    /// [`crate::device::Device::read_background_at`], and no hints (they would fill the cache).
+    fn read_blocks_background(&self, phys: &[u64], out: &mut [u8]) -> Result<()> {
+        for r in block_runs(phys) {
+            let dst = &mut out[r.start * BLOCK_SIZE..r.end * BLOCK_SIZE];
+            match phys[r.start] {
+                0 => dst.fill(0),
+                b => self.data_read_result(b, self.data.read_background_at(dst, b * BS))?,
             }
         }
         Ok(())

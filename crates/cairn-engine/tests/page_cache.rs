@@ -1,8 +1,9 @@
-//! Long copies-on-write go straight to the disk with `O_DIRECT` (`device/direct.rs`), everything
-//! else through the page cache. These tests check both halves on a real file: that the data written
-//! either way reads back the same, from the head and from checkpoints, before and after a reopen,
-//! and that the direct path is really taken (its blocks are not left in the page cache, which a
-//! buffered write always leaves behind).
+//! What the engine leaves in the host's page cache, on a real file. Long copies-on-write go
+//! straight to the disk with `O_DIRECT` (`device/direct.rs`), everything else through the page
+//! cache: the data written either way reads back the same, from the head and from checkpoints,
+//! before and after a reopen, and the direct path is really taken (its blocks are not left in the
+//! page cache, which a buffered write always leaves behind). Background reads (a backup's,
+//! `device/background.rs`) return what plain reads do and leave nothing cached either.
 
 #![allow(missing_docs)]
 
@@ -146,4 +147,61 @@ fn long_copies_on_write_go_past_the_page_cache_and_read_back() {
 #[test]
 fn with_direct_writes_off_the_same_writes_are_cached_and_read_back() {
     write_and_check(false);
+}
+
+/// A backup's reads (`Store::read_background`) return what `Store::read` does, holes and
+/// rewritten blocks included, and what they fetch from the disk stays out of the page cache.
+#[test]
+fn background_reads_match_reads_and_leave_the_page_cache_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_file = dir.path().join("cairn.data");
+    let s = Store::init(dir.path(), opts(true)).expect("init");
+    s.create_volume("v", 64 * MIB as u64).expect("create");
+    // 16 MiB of data, a 1 MiB hole at 4 MiB, then a checkpoint and every 7th block rewritten.
+    let mut want = pattern(16 * MIB, 3);
+    want[4 * MIB..5 * MIB].fill(0);
+    for (i, chunk) in want.chunks(MIB).enumerate() {
+        if i != 4 {
+            s.write("v", (i * MIB) as u64, chunk).expect("write");
+        }
+    }
+    s.create_checkpoint("v", "c", None).expect("checkpoint");
+    for b in (0..16 * MIB / 4096).step_by(7) {
+        s.write("v", (b * 4096) as u64, &pattern(4096, 500 + b as u64))
+            .expect("rewrite");
+    }
+    s.flush().expect("flush");
+    // Out of the page cache, as a volume larger than memory is when a backup reaches it.
+    let f = File::open(&data_file).expect("open data file");
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+    let before = cached_bytes(&data_file);
+    let cp = Target::checkpoint("v", "c");
+    let mut got = vec![0u8; 16 * MIB];
+    for (i, chunk) in got.chunks_mut(64 << 10).enumerate() {
+        s.read_background(&cp, (i * (64 << 10)) as u64, chunk)
+            .expect("background read");
+    }
+    assert!(got == want, "a background read of the checkpoint differs");
+    let added = cached_bytes(&data_file).saturating_sub(before);
+    if on_tmpfs(dir.path()) {
+        eprintln!("the test directory is on tmpfs: page-cache check skipped");
+    } else {
+        assert!(
+            added < 2 * MIB as u64,
+            "{added} bytes of the data file cached after background reads of 15 MiB"
+        );
+    }
+    // Cached blocks, unaligned ranges and the head (rewritten blocks) read the same either way.
+    let head = Target::head("v");
+    for (t, off, len) in [
+        (&cp, 100, 9000),
+        (&head, 0, MIB),
+        (&head, 4 * MIB - 300, 5000),
+    ] {
+        let plain = read(&s, t, off, len);
+        let mut bg = vec![0u8; len];
+        s.read_background(t, off as u64, &mut bg)
+            .expect("background read");
+        assert!(bg == plain, "{t:?} at {off}+{len} differs");
+    }
 }
