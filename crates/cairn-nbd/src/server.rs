@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 use crate::proto::*;
 
 mod attached;
+mod buffers;
 mod clients;
 mod handshake;
 mod requests;
@@ -149,6 +150,8 @@ struct Session {
     peer: String,
     /// Set while the head this session writes is still being filled.
     backfill: Option<Arc<dyn Backfill>>,
+    /// Long payloads and replies, reused.
+    buffers: buffers::Buffers,
 }
 
 /// Why a connection ended early; logged once.
@@ -324,10 +327,12 @@ impl Server {
         let (rd, wr) = tokio::io::split(stream);
         let mut rd = BufReader::with_capacity(256 << 10, rd);
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let replies = sess.clone();
         let writer = tokio::spawn(async move {
             let mut wr = BufWriter::with_capacity(256 << 10, wr);
             while let Some(buf) = rx.recv().await {
                 wr.write_all(&buf).await?;
+                replies.buffers.give(buf);
                 if rx.is_empty() {
                     wr.flush().await?;
                 }
@@ -379,7 +384,7 @@ impl Server {
                 let _ = tx.send(sess.error_reply(&req, EINVAL, "payload over the limit"));
                 continue;
             }
-            let mut payload = vec![0u8; plen as usize];
+            let mut payload = sess.buffers.take(plen as usize);
             if let Err(e) = rd.read_exact(&mut payload).await {
                 break Err(ConnError::Closed(format!(
                     "client went away in the middle of a request's payload ({e})"
@@ -395,7 +400,7 @@ impl Server {
             let (tx, sess) = (tx.clone(), sess.clone());
             tokio::task::spawn_blocking(move || {
                 let reply = guarded(
-                    || sess.execute(&req, payload),
+                    || sess.execute(&req, &payload),
                     |why| {
                         error!(
                             "nbd: {}: request type {} at {}+{} on '{}' crashed: {why}; it gets EIO",
@@ -405,6 +410,7 @@ impl Server {
                     },
                 );
                 let _ = tx.send(reply);
+                sess.buffers.give(payload);
                 drop(permit);
             });
         };

@@ -249,6 +249,45 @@ print("ok")
     assert!(out.status.success() && text.contains("ok"), "{text}");
 }
 
+/// A connection reuses its long payload and reply buffers: whatever a buffer held for one
+/// request must never show in another's reply. Data, then holes in the same-sized buffer (as one
+/// chunk with DF, and with simple replies), then differing payloads of the same length.
+#[test]
+fn reused_buffers_never_carry_one_request_into_another() {
+    let d = Served::new(&[("v", 16 * MIB)]);
+    let script = r#"
+import nbd
+h.set_strict_mode(0)
+M = 1 << 20
+for i in range(4):
+    h.pwrite(bytes([0x10 + i]) * M, i * M)
+for i in range(4):
+    assert h.pread(M, i * M) == bytes([0x10 + i]) * M, f"data at {i} MiB"
+    assert h.pread(M, 8 * M, nbd.CMD_FLAG_DF) == bytes(M), "a hole after data (DF)"
+    assert h.pread(M, 8 * M) == bytes(M), "a hole after data"
+half = h.pread(M, 3 * M + M // 2, nbd.CMD_FLAG_DF)
+assert half == bytes([0x13]) * (M // 2) + bytes(M // 2), "half data, half hole (DF)"
+print("ok")
+"#;
+    for structured in ["True", "False"] {
+        let script = format!(
+            "h.set_request_structured_replies({structured})\nh.connect_uri({:?})\n{script}",
+            d.uri("v")
+        );
+        let out = output("/usr/bin/python3", &["-m", "nbd", "-c", &script]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("ok"),
+            "structured replies {structured}: {text}"
+        );
+    }
+    d.fsck_clean();
+}
+
 #[test]
 fn tcp_with_tls_serves_qemu_and_refuses_plain_clients() {
     let certs = tempfile::tempdir().expect("tempdir");

@@ -396,6 +396,7 @@ impl Server {
             contexts,
             max_payload: self.config.max_payload,
             peer: n.peer,
+            buffers: Default::default(),
         }
     }
 }

@@ -36,7 +36,7 @@ type Outcome = Result<Option<Vec<u8>>, RequestError>;
 
 impl Session {
     /// Runs one request and returns its complete reply.
-    pub(super) fn execute(&self, req: &Request, payload: Vec<u8>) -> Vec<u8> {
+    pub(super) fn execute(&self, req: &Request, payload: &[u8]) -> Vec<u8> {
         match self.run(req, payload) {
             Ok(Some(reply)) => reply,
             Ok(None) => {
@@ -144,7 +144,7 @@ impl Session {
         self.export.image.is_some() || self.backfill.as_ref().is_some_and(|b| !b.is_complete())
     }
 
-    fn run(&self, req: &Request, payload: Vec<u8>) -> Outcome {
+    fn run(&self, req: &Request, payload: &[u8]) -> Outcome {
         let vol = &self.export.target.volume;
         if req.kind != CMD_WRITE && !payload.is_empty() {
             return Err(RequestError::new(
@@ -179,7 +179,7 @@ impl Session {
                 self.check(req, 0, true)?;
                 self.fill(req)?;
                 self.store
-                    .write(vol, req.offset, &payload)
+                    .write(vol, req.offset, payload)
                     .map_err(RequestError::from)?;
                 self.flush_if_fua(req)?;
                 Ok(None)
@@ -247,7 +247,7 @@ impl Session {
         let t = &self.export.target;
         self.fill(req)?;
         if !self.structured {
-            let mut out = vec![0u8; 16 + len];
+            let mut out = self.buffers.take(16 + len);
             match &self.export.image {
                 Some(image) => image
                     .read(req.offset, &mut out[16..])
@@ -265,7 +265,7 @@ impl Session {
         // The data goes straight after room for one chunk header, so the common all-data case
         // needs no copy.
         let hs = chunk_header_size(self.extended) + 8;
-        let mut out = vec![0u8; hs + len];
+        let mut out = self.buffers.take(hs + len);
         let runs = match &self.export.image {
             Some(image) => {
                 image
@@ -329,6 +329,7 @@ impl Session {
             }
             at += l as usize;
         }
+        self.buffers.give(out);
         Ok(rep)
     }
 
