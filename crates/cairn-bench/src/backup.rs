@@ -6,7 +6,7 @@
 //! encrypts (its default), restic always does, borg runs unencrypted with its default lz4.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -23,6 +23,10 @@ const PASS: &str = "bench passphrase";
 #[derive(Debug, Clone, Copy, Default)]
 struct Round {
     full_s: f64,
+    /// CPU seconds of Cairn and of the S3 server (if any) during the full backup.
+    full_cpu: (f64, f64),
+    /// The same during the restore.
+    restore_cpu: (f64, f64),
     repo_full: u64,
     inc_s: f64,
     growth: u64,
@@ -50,10 +54,43 @@ fn timed(cmd: &mut Command, what: &str) -> Result<f64> {
     Ok(measured(cmd, what)?.0)
 }
 
+/// CPU seconds process `pid` has used so far (user and system), from `/proc/PID/stat`.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+/// [`measured`], plus the CPU seconds the command used (sampled with its memory, so up to 10 ms
+/// short) and those process `server` used meanwhile (0 without one).
+fn measured_cpu(
+    cmd: &mut Command,
+    what: &str,
+    server: Option<u32>,
+) -> Result<(f64, u64, (f64, f64))> {
+    let before = server.and_then(cpu_secs).unwrap_or(0.0);
+    let mut own = 0.0;
+    let (secs, peak) = measured_with(cmd, what, &mut |pid| {
+        own = cpu_secs(pid).unwrap_or(own);
+    })?;
+    let used = server
+        .and_then(cpu_secs)
+        .map_or(0.0, |after| after - before);
+    Ok((secs, peak, (own, used)))
+}
+
 /// Runs a command to completion; returns seconds taken and its peak anonymous resident memory in
 /// KiB, sampled every 10 ms (file pages are left out: Cairn reads volumes through a mapping of
 /// the store's data file, and those pages are the host's page cache, shared and reclaimable).
 pub(crate) fn measured(cmd: &mut Command, what: &str) -> Result<(f64, u64)> {
+    measured_with(cmd, what, &mut |_| {})
+}
+
+/// [`measured`], calling `sample` with the process id at every memory sample.
+fn measured_with(cmd: &mut Command, what: &str, sample: &mut dyn FnMut(u32)) -> Result<(f64, u64)> {
     let t = Instant::now();
     let mut child = cmd
         .stdout(Stdio::null())
@@ -79,6 +116,7 @@ pub(crate) fn measured(cmd: &mut Command, what: &str) -> Result<(f64, u64)> {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
             peak = peak.max(anon.unwrap_or(0));
         }
+        sample(child.id());
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
     let secs = t.elapsed().as_secs_f64();
@@ -187,6 +225,8 @@ struct CairnRepo {
     env: Vec<(String, String)>,
     /// Whose size is the repository's (a local repository's directory).
     disk: Option<PathBuf>,
+    /// The S3 server's process, whose CPU time is counted.
+    server: Option<u32>,
 }
 
 /// `cairn --store STORE ARGS` with the benchmark's passphrase.
@@ -229,12 +269,14 @@ fn round_cairn(
         .env("CAIRN_BACKUP_PASSPHRASE", PASS)
         .envs(repo.env.iter().map(|(k, v)| (k, v)));
     timed(&mut c, "cairn backup init")?;
-    let (full_s, peak_rss_kib) = measured(
+    let (full_s, peak_rss_kib, full_cpu) = measured_cpu(
         &mut cairn(store, repo, &["backup", "create", "disk@full"])?,
         "cairn backup create",
+        repo.server,
     )?;
     let mut r = Round {
         full_s,
+        full_cpu,
         peak_rss_kib,
         ..Round::default()
     };
@@ -262,13 +304,14 @@ fn round_cairn(
         .context("a backup id")?
         .to_string();
     let out_s = out.to_str().context("utf-8")?;
-    r.restore_s = timed(
+    (r.restore_s, _, r.restore_cpu) = measured_cpu(
         &mut cairn(
             store,
             repo,
             &["--yes", "backup", "restore", &id, "--to-file", out_s],
         )?,
         "cairn backup restore",
+        repo.server,
     )?;
     std::fs::remove_file(out)?;
     if let Some(d) = &repo.disk {
@@ -384,6 +427,7 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
             ("AWS_REGION".into(), "garage".into()),
         ],
         disk: None,
+        server: garage.nodes[0].child.as_ref().map(Child::id),
     };
     let local = |round: u64| {
         let d = dir.join(format!("cairn-repo-{round}"));
@@ -392,6 +436,7 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
             flags: vec![],
             env: vec![],
             disk: Some(d),
+            server: None,
         }
     };
     let restored = dir.join("cairn-restore.raw");
@@ -518,6 +563,23 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
         m(3, |r| r.full_s) / m(0, |r| r.full_s),
         m(3, |r| r.inc_s) / m(0, |r| r.inc_s),
         m(3, |r| r.restore_s) / m(0, |r| r.restore_s)
+    );
+    // What bounds the S3 rows: the two cores Cairn and Garage share.
+    let cpu = |i: usize, wall: fn(&Round) -> f64, c: fn(&Round) -> (f64, f64)| {
+        let of = |f: &dyn Fn(&Round) -> f64| median(results[i].1.iter().map(f).collect());
+        let (w, own, server) = (of(&wall), of(&|r| c(r).0), of(&|r| c(r).1));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        format!(
+            "Cairn {own:.1} s + Garage {server:.1} s of CPU in {w:.1} s ({:.0}% of {cores:.0} cores)",
+            100.0 * (own + server) / (w * cores)
+        )
+    };
+    out += &format!(
+        "CPU time to Garage: full backup {}; restore {}. To the local directory: full backup {}; restore {}.\n",
+        cpu(3, |r| r.full_s, |r| r.full_cpu),
+        cpu(3, |r| r.restore_s, |r| r.restore_cpu),
+        cpu(0, |r| r.full_s, |r| r.full_cpu),
+        cpu(0, |r| r.restore_s, |r| r.restore_cpu)
     );
     Ok(out)
 }
