@@ -108,10 +108,10 @@ fn plan(backups: &[Manifest], src: &Source, volume: &str) -> Result<ImagePlan> {
     let checkpoints = store.list_checkpoints(volume)?;
     let base = find_base(backups, src.store_id, &vinfo, &checkpoints);
     let target = Target::checkpoint(volume, &cp.name);
-    let extents = match &base {
-        Some((_, _, base_cp)) => store.diff(&Target::checkpoint(volume, &base_cp.name), &target)?,
-        None => store.mapped_extents(&target)?,
-    };
+    let base_target = base
+        .as_ref()
+        .map(|(_, _, b)| Target::checkpoint(volume, &b.name));
+    let extents = store.extents_to_back_up(base_target.as_ref(), &target)?;
     let units = units(&extents, cp.size, base.is_none());
     Ok(ImagePlan {
         volume: volume.into(),

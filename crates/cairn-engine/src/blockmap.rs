@@ -64,7 +64,9 @@ impl Meta {
         Ok(())
     }
 
-    /// Appends the data block of each of `count` blocks from `vbn` (0 where unmapped).
+    /// Appends the data block of each of `count` blocks from `vbn` (0 where unmapped). With
+    /// `transient` (background work) the leaves read do not enter the cache
+    /// ([`crate::cache::PageCache::get_transient`]).
     pub fn lookup_range(
         &mut self,
         root: u64,
@@ -72,6 +74,7 @@ impl Meta {
         mut vbn: u64,
         count: u64,
         out: &mut Vec<u64>,
+        transient: bool,
     ) -> Result<()> {
         let end = vbn + count;
         while vbn < end {
@@ -80,6 +83,9 @@ impl Meta {
             let leaf = self.leaf_of(root, depth, vbn)?;
             if leaf == 0 {
                 out.extend(std::iter::repeat_n(0, crate::format::slot(stop - vbn)));
+            } else if transient {
+                let page = self.cache.get_transient(&*self.dev, leaf, PageKind::Tree)?;
+                out.extend((vbn..stop).map(|v| entry(&page, v % FANOUT)));
             } else {
                 let page = self.cache.get(&*self.dev, leaf, PageKind::Tree)?;
                 out.extend((vbn..stop).map(|v| entry(page, v % FANOUT)));
@@ -394,6 +400,20 @@ impl Meta {
         limit: u64,
         out: &mut Vec<(u64, u64)>,
     ) -> Result<()> {
+        self.diff_walk(a, b, start, limit, out, false)
+    }
+
+    /// [`Meta::diff_range`]; with `transient` (background work) the leaves it reads do not
+    /// enter the cache ([`crate::cache::PageCache::get_transient`]).
+    pub fn diff_walk(
+        &mut self,
+        a: (u64, u32),
+        b: (u64, u32),
+        start: u64,
+        limit: u64,
+        out: &mut Vec<(u64, u64)>,
+        transient: bool,
+    ) -> Result<()> {
         if start >= limit {
             return Ok(());
         }
@@ -410,13 +430,23 @@ impl Meta {
                 }
             }
         };
-        self.diff_node(node(a), node(b), depth - 1, 0, start..limit, out)
+        let walk = Walk {
+            range: start..limit,
+            transient,
+        };
+        self.diff_node(node(a), node(b), depth - 1, 0, &walk, out)
     }
 
-    fn child(&mut self, n: Node, level: u32, idx: u64) -> Result<Node> {
+    fn child(&mut self, n: Node, level: u32, idx: u64, transient: bool) -> Result<Node> {
+        let e = |m: &mut Meta, p: u64| -> Result<u64> {
+            Ok(match transient && level == 0 {
+                true => entry(&*m.cache.get_transient(&*m.dev, p, PageKind::Tree)?, idx),
+                false => entry(m.cache.get(&*m.dev, p, PageKind::Tree)?, idx),
+            })
+        };
         Ok(match n {
             Node::Null => Node::Null,
-            Node::Page(p) => match entry(self.cache.get(&*self.dev, p, PageKind::Tree)?, idx) {
+            Node::Page(p) => match e(self, p)? {
                 0 => Node::Null,
                 e => Node::Page(e),
             },
@@ -438,9 +468,10 @@ impl Meta {
         b: Node,
         level: u32,
         base: u64,
-        range: std::ops::Range<u64>,
+        walk: &Walk,
         out: &mut Vec<(u64, u64)>,
     ) -> Result<()> {
+        let range = &walk.range;
         if a == b || base >= range.end {
             return Ok(());
         }
@@ -452,8 +483,8 @@ impl Meta {
             if cbase >= range.end {
                 break;
             }
-            let ca = self.child(a, level, idx)?;
-            let cb = self.child(b, level, idx)?;
+            let ca = self.child(a, level, idx, walk.transient)?;
+            let cb = self.child(b, level, idx, walk.transient)?;
             if ca == cb {
                 continue;
             }
@@ -463,7 +494,7 @@ impl Meta {
                     _ => out.push((cbase, 1)),
                 }
             } else {
-                self.diff_node(ca, cb, level - 1, cbase, range.clone(), out)?;
+                self.diff_node(ca, cb, level - 1, cbase, walk, out)?;
             }
         }
         Ok(())
@@ -516,4 +547,10 @@ impl Meta {
 /// A tree level as its page header stores it; trees are at most a few levels deep.
 fn tree_level(level: u32) -> u8 {
     u8::try_from(level).expect("block map trees are far shallower than 256 levels")
+}
+
+/// What a diff walks: a range of blocks, and whether its leaves enter the cache.
+struct Walk {
+    range: std::ops::Range<u64>,
+    transient: bool,
 }

@@ -1,6 +1,11 @@
 //! A bounded cache of metadata pages. Dirty pages stay until the next commit writes them; clean ones
 //! are evicted in insertion order once the cache is over its budget, which bounds memory whatever the
 //! store holds.
+//!
+//! Background work that reads a volume once (a backup) looks pages up without caching them
+//! ([`PageCache::get_transient`]): they go into a handful of slots of their own, so a backup of a
+//! large volume neither evicts the pages the VMs use nor grows a one-shot process to the cache's
+//! whole budget.
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -27,7 +32,13 @@ pub struct PageCache {
     dirty: usize,
     epoch: u64,
     path: String,
+    /// Pages read for background work, newest last, at most [`TRANSIENT_SLOTS`]; never dirty, and
+    /// never also in `map` (a page loaded or changed there is dropped here).
+    transient: VecDeque<(u64, Arc<Page>)>,
 }
+
+/// Pages kept for background lookups: a few leaves, each serving 2 MiB of a volume.
+const TRANSIENT_SLOTS: usize = 8;
 
 impl PageCache {
     /// A cache holding at most `capacity` clean pages (dirty pages may exceed it until commit).
@@ -39,17 +50,48 @@ impl PageCache {
             dirty: 0,
             epoch: 0,
             path: path.into(),
+            transient: VecDeque::new(),
         }
+    }
+
+    fn read_page(&self, dev: &dyn Device, b: u64, kind: PageKind) -> Result<Box<Page>> {
+        let mut page = Box::new([0u8; BLOCK_SIZE]);
+        dev.read_at(&mut page[..], b * BLOCK_SIZE as u64)
+            .map_err(Error::io("metadata read", &self.path))?;
+        verify(&page, b, kind)?;
+        Ok(page)
+    }
+
+    /// Forgets a transient copy of block `b`: the cache's own copy is the one that counts now.
+    fn forget_transient(&mut self, b: u64) {
+        if !self.transient.is_empty() {
+            self.transient.retain(|(t, _)| *t != b);
+        }
+    }
+
+    /// The page in block `b` for background work: the cached one if there is one, else read
+    /// (and verified) into a few slots of its own without entering the cache.
+    pub fn get_transient(&mut self, dev: &dyn Device, b: u64, kind: PageKind) -> Result<Arc<Page>> {
+        if let Some(c) = self.map.get(&b) {
+            return Ok(c.page.clone());
+        }
+        if let Some((_, p)) = self.transient.iter().find(|(t, _)| *t == b) {
+            return Ok(p.clone());
+        }
+        let page: Arc<Page> = Arc::from(self.read_page(dev, b, kind)?);
+        if self.transient.len() >= TRANSIENT_SLOTS {
+            self.transient.pop_front();
+        }
+        self.transient.push_back((b, page.clone()));
+        Ok(page)
     }
 
     fn load(&mut self, dev: &dyn Device, b: u64, kind: PageKind) -> Result<()> {
         if self.map.contains_key(&b) {
             return Ok(());
         }
-        let mut page = Box::new([0u8; BLOCK_SIZE]);
-        dev.read_at(&mut page[..], b * BLOCK_SIZE as u64)
-            .map_err(Error::io("metadata read", &self.path))?;
-        verify(&page, b, kind)?;
+        let page = self.read_page(dev, b, kind)?;
+        self.forget_transient(b);
         self.evict();
         self.map.insert(
             b,
@@ -89,6 +131,7 @@ impl PageCache {
     /// The page in block `b` for modification; it becomes dirty.
     pub fn get_mut(&mut self, dev: &dyn Device, b: u64, kind: PageKind) -> Result<&mut Page> {
         self.load(dev, b, kind)?;
+        self.forget_transient(b);
         let c = self
             .map
             .get_mut(&b)
@@ -103,6 +146,7 @@ impl PageCache {
 
     /// Installs a freshly built page for block `b`, dirty.
     pub fn insert(&mut self, b: u64, page: Box<Page>) {
+        self.forget_transient(b);
         self.evict();
         let c = Cached {
             page: Arc::from(page),
@@ -123,6 +167,7 @@ impl PageCache {
 
     /// Forgets block `b` (it was freed).
     pub fn remove(&mut self, b: u64) {
+        self.forget_transient(b);
         if let Some(c) = self.map.remove(&b) {
             if c.dirty {
                 self.dirty -= 1;
@@ -181,5 +226,59 @@ impl PageCache {
             c.dirty = false;
         }
         self.dirty = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{PowerSupply, SimDevice};
+    use crate::format::{new_page, seal};
+
+    /// A disk whose blocks 1..=n hold tree pages, each with its number at byte 16.
+    fn disk(n: u64) -> Arc<SimDevice> {
+        let mut img = vec![0u8; (n as usize + 1) * BLOCK_SIZE];
+        for b in 1..=n {
+            let mut p = new_page(PageKind::Tree, 0);
+            p[16..24].copy_from_slice(&b.to_le_bytes());
+            seal(&mut p);
+            img[b as usize * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(&p[..]);
+        }
+        SimDevice::new(img, Arc::new(PowerSupply::default()))
+    }
+
+    fn tag(p: &Page) -> u64 {
+        u64::from_le_bytes(p[16..24].try_into().expect("8 bytes"))
+    }
+
+    #[test]
+    fn transient_reads_do_not_fill_the_cache_and_never_go_stale() {
+        let dev = disk(40);
+        let mut c = PageCache::new(64, "test");
+        for b in 1..=40 {
+            assert_eq!(
+                tag(&c.get_transient(&*dev, b, PageKind::Tree).expect("read")),
+                b
+            );
+        }
+        assert_eq!(c.map.len(), 0, "transient reads stay out of the cache");
+        assert!(c.transient.len() <= TRANSIENT_SLOTS);
+        // Block 40 sits in a transient slot; once changed through the cache, the change is what
+        // a transient read sees.
+        c.get_mut(&*dev, 40, PageKind::Tree).expect("load")[16] = 99;
+        assert_eq!(
+            c.get_transient(&*dev, 40, PageKind::Tree).expect("read")[16],
+            99
+        );
+        // A block freed and reused for another page: the new page, not the slot's old copy.
+        let _ = c.get_transient(&*dev, 39, PageKind::Tree).expect("read");
+        c.remove(39);
+        let mut fresh = new_page(PageKind::Tree, 0);
+        fresh[16] = 7;
+        c.insert(39, fresh);
+        assert_eq!(
+            c.get_transient(&*dev, 39, PageKind::Tree).expect("read")[16],
+            7
+        );
     }
 }

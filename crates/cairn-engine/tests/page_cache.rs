@@ -205,3 +205,36 @@ fn background_reads_match_reads_and_leave_the_page_cache_alone() {
         assert!(bg == plain, "{t:?} at {off}+{len} differs");
     }
 }
+
+/// What a backup reads (`Store::extents_to_back_up`, walked without filling the metadata cache)
+/// is exactly what `mapped_extents` and `diff` say, across several leaves and levels.
+#[test]
+fn extents_to_back_up_match_the_diff_and_the_mapped_extents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::init(dir.path(), opts(true)).expect("init");
+    s.create_volume("v", 1 << 34).expect("create");
+    for i in 0..300u64 {
+        // Scattered over 16 GiB: many leaves, more than one interior page.
+        let off = (i * 7919 % 4096) * (4 << 20) + (i % 5) * 4096;
+        s.write("v", off, &pattern(4096 * (1 + i as usize % 3), i))
+            .expect("write");
+    }
+    s.create_checkpoint("v", "a", None).expect("checkpoint");
+    for i in 0..40u64 {
+        s.write("v", i * (400 << 20), &pattern(8192, 900 + i))
+            .expect("rewrite");
+    }
+    s.create_checkpoint("v", "b", None).expect("checkpoint");
+    let (a, b) = (Target::checkpoint("v", "a"), Target::checkpoint("v", "b"));
+    assert_eq!(
+        s.extents_to_back_up(None, &b).expect("full"),
+        s.mapped_extents(&b).expect("mapped")
+    );
+    let changed = s.extents_to_back_up(Some(&a), &b).expect("incremental");
+    assert_eq!(changed, s.diff(&a, &b).expect("diff"));
+    assert!(!changed.is_empty());
+    let e = s
+        .extents_to_back_up(Some(&Target::checkpoint("w", "a")), &b)
+        .expect_err("another volume");
+    assert!(e.to_string().contains("'w'"), "{e}");
+}

@@ -219,7 +219,8 @@ impl Store {
             let (root, depth, size) = st.resolve_id(vid, target)?;
             check_range("read", target, offset, len, size)?;
             let mut v = Vec::with_capacity(nblocks as usize);
-            st.meta.lookup_range(root, depth, first, nblocks, &mut v)?;
+            st.meta
+                .lookup_range(root, depth, first, nblocks, &mut v, background)?;
             v
         };
         if let Some(runs) = runs {

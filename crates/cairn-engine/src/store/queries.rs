@@ -11,28 +11,7 @@ impl Store {
 
     /// [`Store::diff`] limited to the bytes `offset..offset + len` (extents are clipped to it).
     pub fn diff_range(&self, a: &Target, b: &Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.heal()?;
-        self.wait_for_head(a)?;
-        self.wait_for_head(b)?;
-        {
-            let st = self.state();
-            st.resolve(a)?;
-            st.resolve(b)?;
-        }
-        if a.volume != b.volume {
-            return Err(Error::Invalid(format!(
-                "diff compares two states of one volume; got '{}' and '{}'",
-                a.volume, b.volume
-            )));
-        }
-        let mut st = self.state();
-        let (ra, da, sa) = st.resolve(a)?;
-        let (rb, db, sb) = st.resolve(b)?;
-        let end = sa.max(sb).min(offset.saturating_add(len));
-        let mut runs = Vec::new();
-        st.meta
-            .diff_range((ra, da), (rb, db), offset / BS, end.div_ceil(BS), &mut runs)?;
-        Ok(clip_runs(runs, offset, end))
+        self.walk_diff(Some(a), b, offset, len, false)
     }
 
     /// Byte ranges of a head or checkpoint that hold data (everything else reads as zeros without
@@ -43,18 +22,59 @@ impl Store {
 
     /// [`Store::mapped_extents`] limited to the bytes `offset..offset + len`.
     pub fn mapped_range(&self, target: &Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.walk_diff(None, target, offset, len, false)
+    }
+
+    /// What a backup of `target` reads: the ranges that differ from `base` (a checkpoint of the
+    /// same volume backed up before), or without one every range that holds data. Walked as
+    /// [`Store::diff`] and [`Store::mapped_extents`] are, except that the leaves read do not enter
+    /// the metadata cache: a backup walks a volume once, and the cache is the VMs'.
+    pub fn extents_to_back_up(
+        &self,
+        base: Option<&Target>,
+        target: &Target,
+    ) -> Result<Vec<Extent>> {
+        self.walk_diff(base, target, 0, u64::MAX, true)
+    }
+
+    /// The ranges of `b` that differ from `a` (from nothing: `None`) within `offset..offset +
+    /// len`, walking only the parts of the two trees that are not shared.
+    fn walk_diff(
+        &self,
+        a: Option<&Target>,
+        b: &Target,
+        offset: u64,
+        len: u64,
+        transient: bool,
+    ) -> Result<Vec<Extent>> {
         self.heal()?;
-        self.wait_for_head(target)?;
+        if let Some(a) = a {
+            self.wait_for_head(a)?;
+            if a.volume != b.volume {
+                self.state().resolve(a)?;
+                self.state().resolve(b)?;
+                return Err(Error::Invalid(format!(
+                    "diff compares two states of one volume; got '{}' and '{}'",
+                    a.volume, b.volume
+                )));
+            }
+        }
+        self.wait_for_head(b)?;
         let mut st = self.state();
-        let (root, depth, size) = st.resolve(target)?;
-        let end = size.min(offset.saturating_add(len));
+        let (rb, db, sb) = st.resolve(b)?;
+        let (ra, da, sa) = match a {
+            Some(a) => st.resolve(a)?,
+            None => (0, db, 0),
+        };
+        let end = sa.max(sb).min(offset.saturating_add(len));
         let mut runs = Vec::new();
-        st.meta.diff_range(
-            (0, depth),
-            (root, depth),
+        st.meta.diff_walk(
+            (ra, da),
+            (rb, db),
             offset / BS,
             end.div_ceil(BS),
             &mut runs,
+            transient,
         )?;
         Ok(clip_runs(runs, offset, end))
     }
