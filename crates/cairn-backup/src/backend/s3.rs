@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
@@ -17,6 +17,20 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryC
 use super::{Backend, ObjectInfo};
 use crate::error::{BackupError, Result};
 use crate::location::{Access, Location};
+
+/// Longest range one GET asks for; a longer one is split.
+const GET_PART: u64 = 2 << 20;
+/// GETs of one `get_ranges` call in flight at once.
+const PARALLEL_GETS: usize = 8;
+
+/// `r` in consecutive pieces of at most `part` bytes (none for an empty range).
+fn split_range(r: Range<u64>, part: u64) -> impl Iterator<Item = Range<u64>> {
+    let n = (r.end - r.start).div_ceil(part);
+    (0..n).map(move |k| {
+        let from = r.start + k * part;
+        from..(from + part).min(r.end)
+    })
+}
 
 /// A bucket prefix holding a repository.
 pub struct S3Bucket {
@@ -130,11 +144,32 @@ impl Backend for S3Bucket {
 
     fn get_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>> {
         let path = self.key(key);
-        let r = self.runtime.block_on(self.store.get_ranges(&path, ranges));
-        match r {
-            Ok(parts) => Ok(parts.into_iter().map(|b| b.to_vec()).collect()),
-            Err(e) => Err(self.err("GET", key, e)),
+        // Long ranges go as several GETs at once: one stream from one server is bound by its
+        // latency, not the network (a restore from Garage on loopback ran at 247 MiB/s with
+        // whole-range GETs, at 46% of the two cores).
+        let parts: Vec<(usize, Range<u64>)> = ranges
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| split_range(r.clone(), GET_PART).map(move |p| (i, p)))
+            .collect();
+        let fetched: std::result::Result<Vec<_>, _> = self.runtime.block_on(
+            futures::stream::iter(
+                parts
+                    .iter()
+                    .map(|(_, r)| self.store.get_range(&path, r.clone())),
+            )
+            .buffered(PARALLEL_GETS)
+            .try_collect(),
+        );
+        let fetched = fetched.map_err(|e| self.err("GET", key, e))?;
+        let mut out: Vec<Vec<u8>> = ranges
+            .iter()
+            .map(|r| Vec::with_capacity(usize::try_from(r.end - r.start).unwrap_or(0)))
+            .collect();
+        for ((i, _), bytes) in parts.iter().zip(fetched) {
+            out[*i].extend_from_slice(&bytes);
         }
+        Ok(out)
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
@@ -171,5 +206,19 @@ impl Backend for S3Bucket {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("DELETE", key, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_range;
+
+    #[test]
+    fn ranges_split_into_consecutive_parts() {
+        let parts = |r, p| split_range(r, p).collect::<Vec<_>>();
+        assert_eq!(parts(10..35, 10), vec![10..20, 20..30, 30..35]);
+        assert_eq!(parts(0..20, 10), vec![0..10, 10..20]);
+        assert_eq!(parts(5..6, 10), vec![5..6]);
+        assert!(parts(7..7, 10).is_empty());
     }
 }
