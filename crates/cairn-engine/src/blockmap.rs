@@ -388,23 +388,12 @@ impl Meta {
         limit: u64,
         out: &mut Vec<(u64, u64)>,
     ) -> Result<()> {
-        self.diff_range(a, b, 0, limit, out)
+        self.diff_walk(a, b, 0, limit, out, false)
     }
 
-    /// [`Meta::diff`] restricted to blocks `start..limit` (runs are clipped to that range).
-    pub fn diff_range(
-        &mut self,
-        a: (u64, u32),
-        b: (u64, u32),
-        start: u64,
-        limit: u64,
-        out: &mut Vec<(u64, u64)>,
-    ) -> Result<()> {
-        self.diff_walk(a, b, start, limit, out, false)
-    }
-
-    /// [`Meta::diff_range`]; with `transient` (background work) the leaves it reads do not
-    /// enter the cache ([`crate::cache::PageCache::get_transient`]).
+    /// [`Meta::diff`] restricted to blocks `start..limit` (runs are clipped to that range); with
+    /// `transient` (background work) the leaves it reads do not enter the cache
+    /// ([`crate::cache::PageCache::get_transient`]).
     pub fn diff_walk(
         &mut self,
         a: (u64, u32),

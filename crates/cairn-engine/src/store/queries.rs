@@ -61,11 +61,10 @@ impl Store {
         }
         self.wait_for_head(b)?;
         let mut st = self.state();
+        // `a` first, so that an unknown name is reported in the order the caller gave them.
+        let resolved_a = a.map(|a| st.resolve(a)).transpose()?;
         let (rb, db, sb) = st.resolve(b)?;
-        let (ra, da, sa) = match a {
-            Some(a) => st.resolve(a)?,
-            None => (0, db, 0),
-        };
+        let (ra, da, sa) = resolved_a.unwrap_or((0, db, 0));
         let end = sa.max(sb).min(offset.saturating_add(len));
         let mut runs = Vec::new();
         st.meta.diff_walk(
