@@ -16,6 +16,10 @@ mod s3;
 pub use local::LocalDir;
 pub use s3::S3Bucket;
 
+/// Longest range a backend reads with one request. Callers that can, ask for ranges no longer
+/// than this: each is then one request whose reply becomes the returned buffer without a copy.
+pub const READ_PART: u64 = 2 << 20;
+
 /// One listed object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -35,7 +39,7 @@ pub trait Backend: Send + Sync {
     fn put(&self, key: &str, data: Vec<u8>) -> Result<()>;
     /// The whole object, or `None` if there is none.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
-    /// Byte ranges of one object, in the order asked.
+    /// Byte ranges of one object, in the order asked (see [`READ_PART`]).
     fn get_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>>;
     /// Every object whose key starts with `prefix`.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;

@@ -10,6 +10,8 @@
 //! An unencrypted repository keeps its id key in the config and seals with a keyed BLAKE3
 //! checksum instead of a tag: damage is still found, by anyone.
 
+use std::ops::Range;
+
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine as _;
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
@@ -106,13 +108,13 @@ impl WrappedKey {
     /// The master key, or `None` if `passphrase` is wrong (or the config is damaged).
     pub fn unwrap(&self, passphrase: &[u8]) -> Option<[u8; 32]> {
         let kek = self.kdf.derive(passphrase)?;
-        let sealed = unb64(&self.wrapped)?;
+        let mut sealed = unb64(&self.wrapped)?;
         let plain = open_aead(
             &XChaCha20Poly1305::new(Key::from_slice(&kek)),
             WRAP_AAD,
-            &sealed,
+            &mut sealed,
         )?;
-        plain.try_into().ok()
+        sealed[plain].try_into().ok()
     }
 }
 
@@ -172,12 +174,23 @@ impl Keys {
     /// The plaintext of a sealed message, or `None` if it was changed or sealed for another
     /// place.
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        let mut buf = sealed.to_vec();
+        let plain = self.open_in_place(aad, &mut buf)?;
+        buf.truncate(plain.end);
+        buf.drain(..plain.start);
+        Some(buf)
+    }
+
+    /// Opens a sealed message where it lies, without a copy: on success `sealed[range]` is the
+    /// plaintext (the rest of `sealed` is left as nonce and tag); `None` as for [`Keys::open`],
+    /// with `sealed` then in an unspecified state.
+    pub fn open_in_place(&self, aad: &[u8], sealed: &mut [u8]) -> Option<Range<usize>> {
         match &self.cipher {
             Some(c) => open_aead(c, aad, sealed),
             None => {
                 let split = sealed.len().checked_sub(PLAIN_CHECK)?;
                 let (plain, check) = sealed.split_at(split);
-                (check == self.check(aad, plain)).then(|| plain.to_vec())
+                (check == self.check(aad, plain)).then_some(0..split)
             }
         }
     }
@@ -205,21 +218,13 @@ fn seal_aead(c: &XChaCha20Poly1305, aad: &[u8], plain: &[u8]) -> Vec<u8> {
     out
 }
 
-fn open_aead(c: &XChaCha20Poly1305, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-    if sealed.len() < NONCE + TAG {
-        return None;
-    }
-    let (nonce, rest) = sealed.split_at(NONCE);
-    let (ct, tag) = rest.split_at(rest.len() - TAG);
-    let mut buf = ct.to_vec();
-    c.decrypt_in_place_detached(
-        XNonce::from_slice(nonce),
-        aad,
-        &mut buf,
-        Tag::from_slice(tag),
-    )
-    .ok()?;
-    Some(buf)
+fn open_aead(c: &XChaCha20Poly1305, aad: &[u8], sealed: &mut [u8]) -> Option<Range<usize>> {
+    let ct_end = sealed.len().checked_sub(TAG).filter(|&e| e >= NONCE)?;
+    let (head, tag) = sealed.split_at_mut(ct_end);
+    let (nonce, ct) = head.split_at_mut(NONCE);
+    c.decrypt_in_place_detached(XNonce::from_slice(nonce), aad, ct, Tag::from_slice(tag))
+        .ok()?;
+    Some(NONCE..ct_end)
 }
 
 /// Base64 (standard alphabet).
@@ -251,6 +256,13 @@ mod tests {
             bad[3] ^= 1;
             assert!(keys.open(b"here", &bad).is_none(), "a flipped bit");
             assert!(keys.open(b"here", &s[..5]).is_none(), "truncated");
+            let mut in_place = s.clone();
+            let plain = keys.open_in_place(b"here", &mut in_place).expect("opens");
+            assert_eq!(&in_place[plain], b"hello world", "opened where it lies");
+            for short in 0..s.len() - b"hello world".len() {
+                let mut cut = s[..short].to_vec();
+                assert!(keys.open_in_place(b"here", &mut cut).is_none(), "{short} bytes");
+            }
         }
         let enc = Keys::encrypted(&[7; 32]);
         let s = enc.seal(b"", b"secret text");

@@ -134,10 +134,10 @@ impl ImageReader {
             let img = &self.manifest.images[self.image];
             let read = read_chunks(&self.repo, &self.manifest, img, &self.index, &missing)?;
             let mut cache = lock(&self.cache);
-            for (id, data) in read {
-                let data = Arc::new(data);
-                cache.insert(id, data.clone());
-                have.insert(id, data);
+            for (id, data) in read.iter() {
+                let data = Arc::new(data.to_vec());
+                cache.insert(*id, data.clone());
+                have.insert(*id, data);
             }
         }
         for p in &pieces {

@@ -13,6 +13,7 @@ use std::sync::mpsc::sync_channel;
 
 use rayon::prelude::*;
 
+use crate::backend::READ_PART;
 use crate::crypto::{hex, ChunkId};
 use crate::error::{BackupError, Result};
 use crate::format::{
@@ -24,11 +25,15 @@ use crate::repo::{ChunkIndex, Repository};
 
 /// Volume bytes restored per window.
 const WINDOW: u64 = 32 << 20;
+/// Alignment of a window in its buffer: what `O_DIRECT` asks on common devices.
+const WINDOW_ALIGN: usize = 4096;
 /// Ranges of one pack closer than this are read as one.
 const MERGE_GAP: u64 = 1 << 20;
 
-/// A record opened, or why it would not open.
-type Opened = (ChunkId, Result<Vec<u8>, String>);
+/// A record opened (where its data is), or why it would not open.
+type Opened = (ChunkId, Result<Place, String>);
+/// A record opened (the buffer and range its data is in), or why it would not open.
+type Placed = (ChunkId, Result<(usize, Range<usize>), String>);
 /// One read of a pack and the records in it.
 type Span = (Range<u64>, Vec<(ChunkId, Location)>);
 
@@ -58,12 +63,12 @@ pub fn restore(
     let window_blocks = WINDOW / BLOCK;
     // Windows are read and opened here while a writer thread writes the previous one out: the
     // copy into the page cache takes a core of its own. Two window buffers go round.
-    let (to_writer, windows) = sync_channel::<(u64, Vec<u8>, usize)>(1);
+    let (to_writer, windows) = sync_channel::<(u64, Vec<u8>, Range<usize>)>(1);
     let (give_back, buffers) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| -> Result<()> {
         let writer = s.spawn(move || -> Result<()> {
             for (base, buf, valid) in windows {
-                write_nonzero(sink, base, &buf[..valid])?;
+                write_nonzero(sink, base, &buf[valid])?;
                 let _ = give_back.send(buf);
             }
             Ok(())
@@ -76,11 +81,18 @@ pub fn restore(
                 let data = read_chunks(repo, m, img, &index, &pieces)?;
                 let len = usize::try_from((end - start) * BLOCK).expect("a window");
                 let mut buf = buffers.try_recv().unwrap_or_default();
-                buf.clear();
-                buf.resize(len, 0);
+                // The window starts at a 4 KiB boundary of its buffer, so a sink writing with
+                // O_DIRECT takes it as it is.
+                buf.resize(len + WINDOW_ALIGN, 0);
+                let skew = buf.as_ptr().align_offset(WINDOW_ALIGN);
+                let window = &mut buf[skew..skew + len];
+                // A reused window is zeroed only where no chunk lands.
+                let mut zero_from = 0;
                 for p in &pieces {
                     let Some((id, skip)) = p.data else { continue };
-                    let chunk = &data[&id];
+                    let chunk = data
+                        .get(&id)
+                        .expect("read_chunks reads every piece's chunk");
                     let from = usize::try_from(u64::from(skip) * BLOCK).expect("in a chunk");
                     let n = usize::try_from(u64::from(p.blocks) * BLOCK).expect("in a chunk");
                     let at = usize::try_from((p.start - start) * BLOCK).expect("in the window");
@@ -88,11 +100,14 @@ pub fn restore(
                         let why = "it is shorter than the map says";
                         return Err(bad_chunk(repo, m, img, &id, p, why));
                     };
-                    buf[at..at + n].copy_from_slice(src);
+                    window[zero_from..at].fill(0);
+                    window[at..at + n].copy_from_slice(src);
+                    zero_from = at + n;
                 }
+                window[zero_from..].fill(0);
                 let base = start * BLOCK;
                 let valid = usize::try_from(img.size.min(end * BLOCK) - base).expect("a window");
-                if to_writer.send((base, buf, valid)).is_err() {
+                if to_writer.send((base, buf, skew..skew + valid)).is_err() {
                     // The writer stopped on an error, which its join reports.
                     return Ok(());
                 }
@@ -165,14 +180,39 @@ pub fn write_nonzero(sink: &mut (dyn Sink + Send), base: u64, buf: &[u8]) -> Res
     Ok(())
 }
 
-/// Reads and opens the chunks `pieces` need: per pack, merged ranges; packs in parallel.
+/// Chunks read for a set of pieces, opened where they were read: the buffers the packs were read
+/// into (and the decompressed chunks), and where each chunk's data lies in them.
+#[derive(Default)]
+pub(crate) struct ReadChunks {
+    buffers: Vec<Vec<u8>>,
+    at: HashMap<ChunkId, (usize, Range<usize>)>,
+}
+
+impl ReadChunks {
+    /// Chunk `id`'s data, if it was read.
+    pub(crate) fn get(&self, id: &ChunkId) -> Option<&[u8]> {
+        let (b, r) = self.at.get(id)?;
+        Some(&self.buffers[*b][r.clone()])
+    }
+
+    /// Every chunk read, with its data.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&ChunkId, &[u8])> + '_ {
+        self.at
+            .iter()
+            .map(|(id, (b, r))| (id, &self.buffers[*b][r.clone()]))
+    }
+}
+
+/// Reads and opens the chunks `pieces` need: per pack, merged ranges; packs in parallel. Records
+/// are decrypted in the buffers they were read into, so a chunk's bytes are copied once, into
+/// the restored volume.
 pub(crate) fn read_chunks(
     repo: &Repository,
     m: &Manifest,
     img: &Image,
     index: &ChunkIndex,
     pieces: &[Piece],
-) -> Result<HashMap<ChunkId, Vec<u8>>> {
+) -> Result<ReadChunks> {
     let mut by_pack: HashMap<u32, Vec<(ChunkId, Location)>> = HashMap::new();
     let mut wanted: HashMap<ChunkId, &Piece> = HashMap::new();
     for p in pieces {
@@ -184,44 +224,95 @@ pub(crate) fn read_chunks(
         }
     }
     let packs: Vec<(u32, Vec<(ChunkId, Location)>)> = by_pack.into_iter().collect();
-    let opened: Vec<Vec<Opened>> = packs
+    let opened: Vec<(Vec<Vec<u8>>, Vec<Placed>)> = packs
         .into_par_iter()
         .map(|(pack, mut recs)| {
             recs.sort_by_key(|(_, l)| l.offset);
             let ranges = merged_ranges(&recs);
             let key = pack_key(&index.packs[pack as usize]);
             let spans: Vec<Range<u64>> = ranges.iter().map(|(r, _)| r.clone()).collect();
-            let got = repo.backend().get_ranges(&key, &spans)?;
-            let mut out = Vec::new();
-            for ((span, members), bytes) in ranges.iter().zip(got) {
+            let mut buffers = repo.backend().get_ranges(&key, &spans)?;
+            let mut out: Vec<Opened> = Vec::new();
+            for (i, (span, members)) in ranges.iter().enumerate() {
+                // Records of a pack never overlap; an index that says otherwise gets its later
+                // records opened from copies, so one record's opening cannot spoil another's.
+                let mut free_from = 0;
                 for (id, loc) in members {
                     let from = usize::try_from(u64::from(loc.offset) - span.start).expect("inside");
-                    let rec = bytes.get(from..from + loc.len as usize).unwrap_or(&[]);
-                    out.push((*id, open_record(repo, id, rec)));
+                    let to = from + loc.len as usize;
+                    let opened = match buffers[i].get_mut(from..to) {
+                        Some(rec) if from >= free_from => {
+                            open_record_in_place(repo, id, rec).map(|d| match d {
+                                ChunkData::Within(r) => {
+                                    Place::Read(i, from + r.start..from + r.end)
+                                }
+                                ChunkData::Owned(v) => Place::Own(v),
+                            })
+                        }
+                        other => {
+                            let mut copy = other.map(|r| r.to_vec()).unwrap_or_default();
+                            open_record_in_place(repo, id, &mut copy).map(|d| match d {
+                                ChunkData::Within(r) => Place::Own(copy[r].to_vec()),
+                                ChunkData::Owned(v) => Place::Own(v),
+                            })
+                        }
+                    };
+                    free_from = free_from.max(to);
+                    out.push((*id, opened));
                 }
             }
-            Ok(out)
+            // Owned chunks go after the read buffers.
+            let mut placed = Vec::with_capacity(out.len());
+            for (id, r) in out {
+                placed.push((
+                    id,
+                    r.map(|p| match p {
+                        Place::Read(b, range) => (b, range),
+                        Place::Own(v) => {
+                            let len = v.len();
+                            buffers.push(v);
+                            (buffers.len() - 1, 0..len)
+                        }
+                    }),
+                ));
+            }
+            Ok((buffers, placed))
         })
         .collect::<Result<_>>()?;
-    let mut data = HashMap::new();
-    for (id, r) in opened.into_iter().flatten() {
-        match r {
-            Ok(d) => {
-                data.insert(id, d);
+    let mut read = ReadChunks::default();
+    for (buffers, placed) in opened {
+        let base = read.buffers.len();
+        read.buffers.extend(buffers);
+        for (id, r) in placed {
+            match r {
+                Ok((b, range)) => {
+                    read.at.insert(id, (base + b, range));
+                }
+                Err(why) => return Err(bad_chunk(repo, m, img, &id, wanted[&id], &why)),
             }
-            Err(why) => return Err(bad_chunk(repo, m, img, &id, wanted[&id], &why)),
         }
     }
-    Ok(data)
+    Ok(read)
 }
 
-/// Groups a pack's records (sorted by offset) into ranges to read.
+/// Where an opened chunk's data is while its pack's records are opened.
+enum Place {
+    /// In read buffer `.0`, at `.1`.
+    Read(usize, Range<usize>),
+    /// In a buffer of its own.
+    Own(Vec<u8>),
+}
+
+/// Groups a pack's records (sorted by offset) into ranges to read, each at most the backend's
+/// [`READ_PART`] unless one record is longer.
 fn merged_ranges(recs: &[(ChunkId, Location)]) -> Vec<Span> {
     let mut out: Vec<Span> = Vec::new();
     for (id, l) in recs {
         let r = u64::from(l.offset)..u64::from(l.offset) + u64::from(l.len);
         match out.last_mut() {
-            Some((span, members)) if r.start <= span.end + MERGE_GAP => {
+            Some((span, members))
+                if r.start <= span.end + MERGE_GAP && r.end - span.start <= READ_PART =>
+            {
                 span.end = span.end.max(r.end);
                 members.push((*id, *l));
             }
@@ -234,17 +325,45 @@ fn merged_ranges(recs: &[(ChunkId, Location)]) -> Vec<Span> {
 /// A record's chunk data, checked: authentication (or checksum), decompression, and the id
 /// recomputed from the data.
 pub fn open_record(repo: &Repository, id: &ChunkId, rec: &[u8]) -> Result<Vec<u8>, String> {
-    let (&flags, sealed) = rec.split_first().ok_or("the record is empty")?;
-    let payload = repo
+    let mut copy = rec.to_vec();
+    Ok(match open_record_in_place(repo, id, &mut copy)? {
+        ChunkData::Within(r) => copy[r].to_vec(),
+        ChunkData::Owned(v) => v,
+    })
+}
+
+/// Where [`open_record_in_place`] left a chunk's data.
+pub(crate) enum ChunkData {
+    /// In the record's own bytes, at this range.
+    Within(Range<usize>),
+    /// Decompressed into a buffer of its own.
+    Owned(Vec<u8>),
+}
+
+/// [`open_record`] without copying the record: it is decrypted where it lies.
+pub(crate) fn open_record_in_place(
+    repo: &Repository,
+    id: &ChunkId,
+    rec: &mut [u8],
+) -> Result<ChunkData, String> {
+    let (&mut flags, sealed) = rec.split_first_mut().ok_or("the record is empty")?;
+    let plain = repo
         .keys()
-        .open(&record_aad(id, flags), sealed)
+        .open_in_place(&record_aad(id, flags), sealed)
         .ok_or("it fails authentication")?;
+    let payload = &sealed[plain.clone()];
     let data = match flags & RECORD_COMPRESSED != 0 {
-        true => zstd::bulk::decompress(&payload, usize::try_from(CHUNK_SIZE).expect("64 KiB"))
-            .map_err(|_| "it does not decompress")?,
-        false => payload,
+        true => ChunkData::Owned(
+            zstd::bulk::decompress(payload, usize::try_from(CHUNK_SIZE).expect("64 KiB"))
+                .map_err(|_| "it does not decompress")?,
+        ),
+        false => ChunkData::Within(plain.start + 1..plain.end + 1),
     };
-    if repo.keys().chunk_id(&data) != *id {
+    let bytes = match &data {
+        ChunkData::Within(r) => &rec[r.clone()],
+        ChunkData::Owned(v) => v.as_slice(),
+    };
+    if repo.keys().chunk_id(bytes) != *id {
         return Err("its data does not hash to its id".into());
     }
     Ok(data)

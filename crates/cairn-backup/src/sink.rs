@@ -71,13 +71,19 @@ impl Sink for FileSink {
         let mut done = 0;
         if let Some(direct) = &self.direct {
             if offset.is_multiple_of(ALIGN as u64) && whole > 0 {
-                // An aligned copy: the allocator gives no alignment guarantee.
-                if self.aligned.len() < whole + ALIGN {
-                    self.aligned.resize(whole + ALIGN, 0);
-                }
-                let skew = self.aligned.as_ptr().align_offset(ALIGN);
-                let buf = &mut self.aligned[skew..skew + whole];
-                buf.copy_from_slice(&data[..whole]);
+                let buf = match data.as_ptr().align_offset(ALIGN) {
+                    0 => &data[..whole],
+                    _ => {
+                        // An aligned copy: this caller's buffer is not aligned.
+                        if self.aligned.len() < whole + ALIGN {
+                            self.aligned.resize(whole + ALIGN, 0);
+                        }
+                        let skew = self.aligned.as_ptr().align_offset(ALIGN);
+                        let buf = &mut self.aligned[skew..skew + whole];
+                        buf.copy_from_slice(&data[..whole]);
+                        buf
+                    }
+                };
                 match direct.write_all_at(buf, offset) {
                     Ok(()) => done = whole,
                     // A file system that takes O_DIRECT at open but not for this write: go

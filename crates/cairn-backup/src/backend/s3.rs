@@ -19,7 +19,7 @@ use crate::error::{BackupError, Result};
 use crate::location::{Access, Location};
 
 /// Longest range one GET asks for; a longer one is split.
-const GET_PART: u64 = 2 << 20;
+const GET_PART: u64 = super::READ_PART;
 /// GETs of one `get_ranges` call in flight at once.
 const PARALLEL_GETS: usize = 8;
 
@@ -162,12 +162,13 @@ impl Backend for S3Bucket {
             .try_collect(),
         );
         let fetched = fetched.map_err(|e| self.err("GET", key, e))?;
-        let mut out: Vec<Vec<u8>> = ranges
-            .iter()
-            .map(|r| Vec::with_capacity(usize::try_from(r.end - r.start).unwrap_or(0)))
-            .collect();
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); ranges.len()];
         for ((i, _), bytes) in parts.iter().zip(fetched) {
-            out[*i].extend_from_slice(&bytes);
+            match out[*i].is_empty() {
+                // The reply's own buffer, when nothing else holds it (no copy).
+                true => out[*i] = Vec::from(bytes),
+                false => out[*i].extend_from_slice(&bytes),
+            }
         }
         Ok(out)
     }
