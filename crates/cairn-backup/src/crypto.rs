@@ -261,7 +261,10 @@ mod tests {
             assert_eq!(&in_place[plain], b"hello world", "opened where it lies");
             for short in 0..s.len() - b"hello world".len() {
                 let mut cut = s[..short].to_vec();
-                assert!(keys.open_in_place(b"here", &mut cut).is_none(), "{short} bytes");
+                assert!(
+                    keys.open_in_place(b"here", &mut cut).is_none(),
+                    "{short} bytes"
+                );
             }
         }
         let enc = Keys::encrypted(&[7; 32]);

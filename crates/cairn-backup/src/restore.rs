@@ -30,8 +30,6 @@ const WINDOW_ALIGN: usize = 4096;
 /// Ranges of one pack closer than this are read as one.
 const MERGE_GAP: u64 = 1 << 20;
 
-/// A record opened (where its data is), or why it would not open.
-type Opened = (ChunkId, Result<Place, String>);
 /// A record opened (the buffer and range its data is in), or why it would not open.
 type Placed = (ChunkId, Result<(usize, Range<usize>), String>);
 /// One read of a pack and the records in it.
@@ -232,7 +230,7 @@ pub(crate) fn read_chunks(
             let key = pack_key(&index.packs[pack as usize]);
             let spans: Vec<Range<u64>> = ranges.iter().map(|(r, _)| r.clone()).collect();
             let mut buffers = repo.backend().get_ranges(&key, &spans)?;
-            let mut out: Vec<Opened> = Vec::new();
+            let mut placed: Vec<Placed> = Vec::new();
             for (i, (span, members)) in ranges.iter().enumerate() {
                 // Records of a pack never overlap; an index that says otherwise gets its later
                 // records opened from copies, so one record's opening cannot spoil another's.
@@ -240,41 +238,34 @@ pub(crate) fn read_chunks(
                 for (id, loc) in members {
                     let from = usize::try_from(u64::from(loc.offset) - span.start).expect("inside");
                     let to = from + loc.len as usize;
-                    let opened = match buffers[i].get_mut(from..to) {
+                    let (opened, copy) = match buffers[i].get_mut(from..to) {
                         Some(rec) if from >= free_from => {
-                            open_record_in_place(repo, id, rec).map(|d| match d {
-                                ChunkData::Within(r) => {
-                                    Place::Read(i, from + r.start..from + r.end)
-                                }
-                                ChunkData::Owned(v) => Place::Own(v),
-                            })
+                            (open_record_in_place(repo, id, rec), None)
                         }
-                        other => {
-                            let mut copy = other.map(|r| r.to_vec()).unwrap_or_default();
-                            open_record_in_place(repo, id, &mut copy).map(|d| match d {
-                                ChunkData::Within(r) => Place::Own(copy[r].to_vec()),
-                                ChunkData::Owned(v) => Place::Own(v),
-                            })
+                        _ => {
+                            let got = buffers[i].get(from..to);
+                            let mut copy = got.map(<[u8]>::to_vec).unwrap_or_default();
+                            (open_record_in_place(repo, id, &mut copy), Some(copy))
                         }
                     };
                     free_from = free_from.max(to);
-                    out.push((*id, opened));
+                    // Data opened in a read buffer stays there; any other gets a buffer of its own.
+                    let at = opened.map(|data| {
+                        let (own, range) = match (data, copy) {
+                            (ChunkData::Within(r), None) => {
+                                return (i, from + r.start..from + r.end)
+                            }
+                            (ChunkData::Within(r), Some(copy)) => (copy, r),
+                            (ChunkData::Owned(v), _) => {
+                                let n = v.len();
+                                (v, 0..n)
+                            }
+                        };
+                        buffers.push(own);
+                        (buffers.len() - 1, range)
+                    });
+                    placed.push((*id, at));
                 }
-            }
-            // Owned chunks go after the read buffers.
-            let mut placed = Vec::with_capacity(out.len());
-            for (id, r) in out {
-                placed.push((
-                    id,
-                    r.map(|p| match p {
-                        Place::Read(b, range) => (b, range),
-                        Place::Own(v) => {
-                            let len = v.len();
-                            buffers.push(v);
-                            (buffers.len() - 1, 0..len)
-                        }
-                    }),
-                ));
             }
             Ok((buffers, placed))
         })
@@ -293,14 +284,6 @@ pub(crate) fn read_chunks(
         }
     }
     Ok(read)
-}
-
-/// Where an opened chunk's data is while its pack's records are opened.
-enum Place {
-    /// In read buffer `.0`, at `.1`.
-    Read(usize, Range<usize>),
-    /// In a buffer of its own.
-    Own(Vec<u8>),
 }
 
 /// Groups a pack's records (sorted by offset) into ranges to read, each at most the backend's

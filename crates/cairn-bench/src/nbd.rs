@@ -400,37 +400,49 @@ pub fn run(dir: &Path, quick: bool, options: &Options) -> Result<String> {
     let _ = std::fs::read(&qcow2).map(drop); // both importers start from a cached source
 
     // Import: qemu-img convert to a raw file with the flags Cairn's import uses (parallel
-    // out-of-order writes, flushed at the end) against cairn volume import.
+    // out-of-order writes, flushed at the end) against cairn volume import, in turn for
+    // `plan.rounds` rounds, each started with nothing left to write back; medians. The last
+    // round's store is the one the jobs run on.
     eprintln!("bench: import of a {} MiB qcow2", plan.data / MIB);
     let peer_out = dir.join("convert-out.raw");
-    let peer = time_it(|| {
-        crate::tool_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-t",
-                "writeback",
-                "-W",
-                "-f",
-                "qcow2",
-                "-O",
-                "raw",
-                &qcow2.display().to_string(),
-                &peer_out.display().to_string(),
-            ],
-        )
-    });
-    let _ = std::fs::remove_file(&peer_out);
     let store_dir = dir.join("store");
-    Store::init(&store_dir, options.clone())?;
-    let ours = time_it(|| {
-        let file = qcow2.display().to_string();
-        crate::cairn(
-            &store_dir,
-            &["volume", "import", "bench", &file, "--format", "qcow2"],
-        )
-        .map(drop)
-    });
+    let (mut peer_s, mut ours_s) = (Vec::new(), Vec::new());
+    for _ in 0..plan.rounds {
+        crate::tool_ok("sync", &[])?;
+        peer_s.push(time_it(|| {
+            crate::tool_ok(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-t",
+                    "writeback",
+                    "-W",
+                    "-f",
+                    "qcow2",
+                    "-O",
+                    "raw",
+                    &qcow2.display().to_string(),
+                    &peer_out.display().to_string(),
+                ],
+            )
+        })?);
+        let _ = std::fs::remove_file(&peer_out);
+        if store_dir.exists() {
+            std::fs::remove_dir_all(&store_dir)?;
+        }
+        Store::init(&store_dir, options.clone())?;
+        crate::tool_ok("sync", &[])?;
+        ours_s.push(time_it(|| {
+            let file = qcow2.display().to_string();
+            crate::cairn(
+                &store_dir,
+                &["volume", "import", "bench", &file, "--format", "qcow2"],
+            )
+            .map(drop)
+        })?);
+    }
+    let (peer, ours): (Result<f64>, Result<f64>) =
+        (Ok(crate::median(peer_s)), Ok(crate::median(ours_s)));
     report.push_str("| import | qemu-img convert to raw | cairn volume import | cairn / qemu-img |\n|---|---|---|---|\n");
     let mbs = |r: &Result<f64>| match r {
         Ok(s) => Ok(plan.data as f64 / MIB as f64 / s),
