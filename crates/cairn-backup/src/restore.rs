@@ -305,14 +305,10 @@ fn merged_ranges(recs: &[(ChunkId, Location)]) -> Vec<Span> {
     out
 }
 
-/// A record's chunk data, checked: authentication (or checksum), decompression, and the id
-/// recomputed from the data.
-pub fn open_record(repo: &Repository, id: &ChunkId, rec: &[u8]) -> Result<Vec<u8>, String> {
-    let mut copy = rec.to_vec();
-    Ok(match open_record_in_place(repo, id, &mut copy)? {
-        ChunkData::Within(r) => copy[r].to_vec(),
-        ChunkData::Owned(v) => v,
-    })
+/// Checks a record as a restore opens it (authentication or checksum, decompression, the id
+/// recomputed from the data), on a copy, leaving `rec` as it is.
+pub fn check_record(repo: &Repository, id: &ChunkId, rec: &[u8]) -> Result<(), String> {
+    open_record_in_place(repo, id, &mut rec.to_vec()).map(drop)
 }
 
 /// Where [`open_record_in_place`] left a chunk's data.
@@ -323,7 +319,8 @@ pub(crate) enum ChunkData {
     Owned(Vec<u8>),
 }
 
-/// [`open_record`] without copying the record: it is decrypted where it lies.
+/// A record's chunk data, checked: authentication (or checksum), decompression, and the id
+/// recomputed from the data. The record is decrypted where it lies, without a copy.
 pub(crate) fn open_record_in_place(
     repo: &Repository,
     id: &ChunkId,

@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::format::{pack_key, Location, BLOCK};
 use crate::progress::{step, Progress};
 use crate::repo::Repository;
-use crate::restore::open_record;
+use crate::restore::check_record;
 
 /// A pack checked: records checked, bytes read, and each bad record with its pack and why.
 type PackCheck = (u64, u64, Vec<(ChunkId, String, String)>);
@@ -183,7 +183,7 @@ fn check_pack(repo: &Repository, pack: &str, recs: &[(ChunkId, Location)]) -> Pa
     for (id, loc) in recs {
         let from = loc.offset as usize;
         let rec = bytes.get(from..from + loc.len as usize).unwrap_or(&[]);
-        if let Err(why) = open_record(repo, id, rec) {
+        if let Err(why) = check_record(repo, id, rec) {
             bad.push((*id, pack.to_string(), why));
         }
     }
