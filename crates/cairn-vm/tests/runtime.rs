@@ -100,12 +100,30 @@ async fn a_standard_checkpoint_applied_to_the_running_guest_resumes_it_where_it_
     let console = rt.start("t").await.expect("start").console;
     wait_counter(&console, 0, 3).await;
 
-    // A standard checkpoint while the guest runs.
+    // A standard checkpoint while the guest runs. QEMU announces every stop and resume of the
+    // guest: one of each means the guest stayed paused from its disk checkpoints until QEMU had
+    // captured its memory. A guest resumed before QEMU's snapshot thread stopped it would be
+    // stopped and resumed a second time, and its memory saved later than its disks.
+    let mut events = rt.qmp("t").expect("qmp").events();
     let cp = rt
         .take_checkpoint(&store, "t", "one", None, Take::Standard, false, &|_| {})
         .await
         .expect("checkpoint");
     assert_eq!(cp.disks, ["disk"]);
+    let mut runstate = Vec::new();
+    loop {
+        match events.try_recv() {
+            Ok(e) if e.name == "STOP" || e.name == "RESUME" => runstate.push(e.name),
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
+            Err(e) => panic!("QMP events lost: {e}"),
+        }
+    }
+    assert_eq!(
+        runstate,
+        ["STOP", "RESUME"],
+        "the guest was paused once, from its disk checkpoints until QEMU captured its memory"
+    );
     let at = disk_counter(&store, &Target::checkpoint("disk", "one"));
     assert!(at >= 2, "the checkpoint holds the guest's disk ({at})");
     assert!(rt.is_running("t"), "the guest runs on");
