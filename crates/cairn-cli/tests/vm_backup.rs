@@ -134,6 +134,10 @@ fn a_vm_backup_restored_live_runs_before_its_disk_is_copied() {
     }
     let seen = ok(&e, &["vm", "console", "g3"]).len();
     let later = first_counter_after(&e, "g3", seen);
+    // The guest prints each counter before it writes and syncs it: once the next one is
+    // printed, this one is on the disk.
+    let seen = ok(&e, &["vm", "console", "g3"]).len();
+    first_counter_after(&e, "g3", seen);
     ok(&e, &["vm", "kill", "g3"]);
     assert!(
         counter_in(&e, "g3-d1") >= later,

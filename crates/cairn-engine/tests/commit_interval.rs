@@ -1,6 +1,6 @@
-//! Acknowledged writes reach the disk within the commit interval, flush or not: after a power
-//! cut that loses every write not synced, what was written an interval earlier is there; without
-//! the interval it is not (so the test can tell).
+//! Acknowledged writes and write-zeroes reach the disk within the commit interval, flush or not:
+//! after a power cut that loses every write not synced, what was written an interval earlier is
+//! there; without the interval it is not (so the test can tell).
 
 mod common;
 
@@ -50,6 +50,48 @@ fn writes_are_committed_by_time_without_a_flush() {
     let lost = written_then_cut(None, Duration::from_millis(800));
     assert!(
         lost.iter().all(|&b| b == 0),
+        "without the interval nothing was committed"
+    );
+}
+
+/// Writes 256 KiB and flushes, then zeroes 8 KiB of it without a flush, waits `wait`, cuts the
+/// power losing everything not synced, and returns those 8 KiB after recovery.
+fn zeroed_then_cut(interval: Option<Duration>, wait: Duration) -> Vec<u8> {
+    let power = PowerSupply::new();
+    let (data, journal) = common::sim_devices(power);
+    let opts = Options {
+        background_commits: true,
+        commit_interval: interval,
+        ..common::small_opts()
+    };
+    let s = Store::open_devices(data.clone(), journal.clone(), opts, "sim").expect("open");
+    s.create_volume("v", 4 * MIB as u64).expect("volume");
+    s.write("v", 0, &[7; 256 << 10]).expect("write");
+    s.flush().expect("flush");
+    s.write_zeroes("v", 64 << 10, 8192).expect("write-zeroes");
+    std::thread::sleep(wait);
+    let lose_all = &mut |_| 0;
+    let (d, j) = (data.crash_image(lose_all), journal.crash_image(lose_all));
+    drop(s);
+    let s = common::reopen_crashed(d, j, "after the cut");
+    let mut out = vec![1u8; 8192];
+    s.read(&Target::head("v"), 64 << 10, &mut out)
+        .expect("read");
+    let report = s.fsck().expect("fsck");
+    assert!(report.ok(), "{:?}", report.errors);
+    out
+}
+
+#[test]
+fn write_zeroes_are_committed_by_time_without_a_flush() {
+    let kept = zeroed_then_cut(Some(Duration::from_millis(200)), Duration::from_millis(800));
+    assert!(
+        kept.iter().all(|&b| b == 0),
+        "zeroed 600 ms past the interval, and lost"
+    );
+    let lost = zeroed_then_cut(None, Duration::from_millis(800));
+    assert!(
+        lost.iter().all(|&b| b == 7),
         "without the interval nothing was committed"
     );
 }

@@ -370,6 +370,9 @@ impl Store {
         let vm = st.volume_mut(id);
         vm.root = root;
         vm.mapped -= n;
+        // An acknowledged zeroing is due for a commit by time, as a write is.
+        st.unflushed_since
+            .get_or_insert_with(std::time::Instant::now);
         let handed_over = !st.meta.to_drop.is_empty();
         drop(st);
         if handed_over {
