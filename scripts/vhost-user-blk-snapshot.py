@@ -93,12 +93,17 @@ qsd = subprocess.Popen([
     "--nbd-server", f"addr.type=unix,addr.path={D}/nbd.sock",
     "--export", "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on",
     "--export", f"type=vhost-user-blk,id=e1,node-name=disk0,addr.type=unix,addr.path={D}/vub.sock,writable=on,num-queues=1"])
+children = [qsd]  # killed at the end, whatever happens
 try:
     while not os.path.exists("vub.sock"):
         time.sleep(0.1)
     vm = qemu("qmp.sock", ["-serial", f"file:{D}/console.log"])
+    children.append(vm)
     m = Qmp(f"{D}/qmp.sock")
+    booting = time.time()
     while "cairn-counter 00000002" not in open("console.log", errors="replace").read():
+        if time.time() - booting > 180:
+            sys.exit("the guest did not boot within 180 s")
         time.sleep(0.1)
     time.sleep(5)  # booted; the readers run
     m.cmd("migrate-set-capabilities", capabilities=[{"capability": "background-snapshot", "state": True}])
@@ -113,10 +118,11 @@ try:
         time.sleep(0.002)
     m.cmd("cont")
     r = m.migration()
-    print(f"snapshot: {r['status']}, downtime {r.get('downtime')} ms, setup {r.get('setup-time')} ms, ram fields {sorted(r['ram'])}")
+    print(f"snapshot: {r['status']}, downtime {r.get('downtime')} ms, setup {r.get('setup-time')} ms")
     vm.kill()
     vm.wait()
     helper = qemu("qmp2.sock", ["-S", "-serial", "null", "-incoming", "defer"])
+    children.append(helper)
     h = Qmp(f"{D}/qmp2.sock")
     h.cmd("migrate-incoming", uri=f"file:{D}/snap.bin")
     r = h.migration()
@@ -124,7 +130,9 @@ try:
     helper.kill()
     helper.wait()
 finally:
-    qsd.kill()
+    for child in children:
+        child.kill()
+        child.wait()
 with open("pause.mem", "rb") as a, open("loaded.mem", "rb") as b:
     x, y = a.read(), b.read()
 differ = [i for i in range(0, MEM, PAGE) if x[i:i + PAGE] != y[i:i + PAGE]]
