@@ -371,8 +371,7 @@ impl Store {
         vm.root = root;
         vm.mapped -= n;
         // An acknowledged zeroing is due for a commit by time, as a write is.
-        st.unflushed_since
-            .get_or_insert_with(std::time::Instant::now);
+        st.note_unflushed();
         let handed_over = !st.meta.to_drop.is_empty();
         drop(st);
         if handed_over {

@@ -309,6 +309,13 @@ impl State {
         Ok(plan)
     }
 
+    /// Starts the commit-by-time clock at the first change of a head's contents (a write or a
+    /// zeroing) since the last commit.
+    pub(super) fn note_unflushed(&mut self) {
+        self.unflushed_since
+            .get_or_insert_with(std::time::Instant::now);
+    }
+
     pub(super) fn link_write(&mut self, vid: u64, first: u64, plan: &[(u64, Fill)]) -> Result<()> {
         let links: Vec<(u64, u64)> = plan
             .iter()
@@ -323,8 +330,7 @@ impl State {
     /// ascending). After a failure the blocks not linked are given back.
     pub(super) fn link_blocks(&mut self, vid: u64, links: &[(u64, u64)]) -> Result<()> {
         self.meta.data_written = true;
-        self.unflushed_since
-            .get_or_insert_with(std::time::Instant::now);
+        self.note_unflushed();
         let v = &self.volumes[&vid];
         let (mut root, depth, mut mapped) = (v.root, tree_depth(v.size), v.mapped);
         let res = self.meta.link_writes(&mut root, depth, links, &mut mapped);
